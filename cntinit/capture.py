@@ -1,0 +1,208 @@
+"""The capture stage: stream calibration text through a model and sum each target's input statistics.
+
+Hooks sit on the first module of every group that reads one tensor (q/k/v, gate/up), so a
+shared input is summed once. Padding is dropped before the Gram update, so batching never
+changes the result beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import TextColumn
+from torch import nn
+
+from . import data as data_mod
+from . import models, store
+from .atomic import atomic_directory
+from .console import log, progress
+from .errors import CntinitError
+from .stats import InputStats
+
+ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """TF32 off: Σxxᵀ in TF32 keeps only 10 mantissa bits."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def shared_input_groups(root: nn.Module, modules: dict[str, nn.Module], probe: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Group target modules that read the very same tensor in one forward pass.
+
+    A short probe forward records every target's input; tensors are kept alive until the
+    grouping is done, so equal (data_ptr, shape, stride, version) means the same tensor.
+    """
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in modules.items():
+        def record(mod, args, kwargs, name=name):
+            seen.setdefault(name, args[0] if args else next(iter(kwargs.values())))
+        handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        with torch.no_grad():  # not inference_mode: it hides the version counters used below
+            root(**probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: dict[tuple, list[str]] = {}
+    for name in modules:
+        x = seen.get(name)
+        identity = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version) if x is not None else name
+        groups.setdefault(identity, []).append(name)
+    return list(groups.values())
+
+
+class _Batch:
+    """Where the real tokens of the current batch are, for dropping padding in hooks."""
+
+    size = 0
+    length = 0
+    index: torch.Tensor | None = None  # flat indices of real tokens; None when unpadded
+    bucket = 0
+
+
+def _real_rows(x: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    dim = x.shape[-1]
+    if x.dim() == 3 and x.shape[:2] == (batch.size, batch.length):
+        flat = x.reshape(-1, dim)
+    elif x.dim() == 2 and x.shape[0] == batch.size * batch.length and batch.length > 1:
+        flat = x
+    else:  # one row per sequence (a pooler) or a layout without padding
+        return x.reshape(-1, dim)
+    return flat if batch.index is None else flat.index_select(0, batch.index)
+
+
+def capture(
+    model: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    targets: str | list[str] = models.ALL_LINEAR,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    buckets: int = 1,
+    pack: bool = False,
+    accumulate: str = "float32",
+    text_field: str = "text",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Capture input statistics of `targets` in `model` over `data`; write a store at `out`."""
+    for option, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--buckets", buckets)):
+        if value < 1:
+            raise CntinitError(f"{option} must be at least 1, got {value}")
+    if max_samples is not None and max_samples < 1:
+        raise CntinitError(f"--max-samples must be at least 1, got {max_samples}")
+    if accumulate not in ACCUMULATE:
+        raise CntinitError(f"--accumulate {accumulate} is not one of {', '.join(ACCUMULATE)}")
+    dev = models.resolve_device(device)
+    samples = data_mod.read_samples(data, text_field, max_samples)
+    started = time.perf_counter()
+    net, tokenizer = models.load(model, trust_remote_code)
+    modules = models.select_targets(net, targets)
+    model_fingerprint = models.fingerprint(modules)
+    store.check_out(out, model_fingerprint, overwrite)
+    run_dtype = models.resolve_dtype(dtype, net, dev)
+    net.to(dev, run_dtype)
+    log(f"loaded {type(net).__name__} from {model} ({len(modules)} targets, {run_dtype}, {dev}) in {time.perf_counter() - started:.1f}s")
+
+    sequences = data_mod.tokenize(samples, tokenizer, seq_len, pack)
+    if not sequences:
+        raise CntinitError(f"no sample of {data} has any token: give non-empty text")
+    per_bucket = data_mod.split_buckets(sequences, buckets)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    root = models.forward_root(net, list(modules))
+
+    probe_ids = torch.tensor([sequences[0][:8]], device=dev)
+    groups = shared_input_groups(root, modules, {"input_ids": probe_ids, "attention_mask": torch.ones_like(probe_ids)})
+    acc_dtype = ACCUMULATE[accumulate]
+    batch = _Batch()
+    stats: dict[str, InputStats] = {}
+    module_map: dict[str, dict] = {}
+    handles = []
+    for group in groups:
+        key = group[0]
+        in_features, _ = models.in_out_features(modules[key])
+        stats[key] = InputStats(in_features, buckets, acc_dtype, dev)
+        for name in group:
+            d_in, d_out = models.in_out_features(modules[name])
+            module_map[name] = {"key": key, "in_features": d_in, "out_features": d_out, "layer": type(modules[name]).__name__}
+
+        def hook(mod, args, kwargs, key=key):
+            x = args[0] if args else next(iter(kwargs.values()))
+            stats[key].add(_real_rows(x, batch), batch.bucket)
+
+        handles.append(modules[key].register_forward_pre_hook(hook, with_kwargs=True))
+
+    tokens = 0
+    rate = TextColumn("{task.fields[rate]}")
+    try:
+        with exact_float32(), torch.inference_mode(), progress(rate) as bar:
+            task = bar.add_task("capture", total=len(sequences), rate="")
+            for bucket, bucket_sequences in enumerate(per_bucket):
+                for ids, mask in data_mod.batches(bucket_sequences, batch_size, pad_id):
+                    batch.size, batch.length, batch.bucket = ids.shape[0], ids.shape[1], bucket
+                    flat_mask = mask.flatten()
+                    batch.index = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1).to(dev)
+                    root(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+                    _check_finite(stats, bucket, module_map)
+                    tokens += int(mask.sum())
+                    elapsed = bar.tasks[task].elapsed or 1e-9
+                    bar.update(task, advance=ids.shape[0], rate=f"{tokens / elapsed:,.0f} tok/s")
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    silent = [name for name, entry in module_map.items() if sum(stats[entry["key"]].count) == 0]
+    if silent:
+        raise CntinitError(f"targets never ran in the forward pass: {', '.join(silent[:5])}: drop them from --targets")
+    manifest = store.new_manifest(
+        model={"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": model_fingerprint},
+        data={
+            "fingerprint": data_mod.fingerprint(samples),
+            "sources": [str(data) if str(data) == "-" else str(Path(data).absolute())],
+            "samples": len(samples),
+            "sequences": len(sequences),
+            "tokens": tokens,
+        },
+        capture={
+            "targets": targets if isinstance(targets, str) else ",".join(targets),
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "max_samples": max_samples,
+            "pack": pack,
+            "buckets": buckets,
+            "dtype": str(run_dtype).removeprefix("torch."),
+            "accumulate": accumulate,
+            "device": str(dev),
+        },
+        modules=module_map,
+        stats={key: {"dim": s.dim, "count": sum(s.count), "modules": [n for n, e in module_map.items() if e["key"] == key]} for key, s in stats.items()},
+    )
+    with atomic_directory(out) as tmp:
+        store.write(tmp, manifest, {key: s.tensors(key) for key, s in stats.items()})
+    log(f"captured {tokens:,} tokens from {len(sequences):,} sequences into {len(stats)} statistics ({time.perf_counter() - started:.1f}s)")
+    return Path(out)
+
+
+def _check_finite(stats: dict[str, InputStats], bucket: int, module_map: dict[str, dict]) -> None:
+    """One device sync per batch: NaN/Inf in any input shows up in its running Σx."""
+    totals = torch.stack([s.sum[bucket].sum() for s in stats.values()])
+    if bool(torch.isfinite(totals).all()):
+        return
+    bad_key = list(stats)[int((~torch.isfinite(totals)).nonzero()[0])]
+    names = [n for n, e in module_map.items() if e["key"] == bad_key]
+    raise CntinitError(f"non-finite activations (NaN/Inf) entering {', '.join(names)}: run with --dtype float32")

@@ -1,0 +1,138 @@
+"""Loading a transformers model from a local path and finding its attachment points.
+
+An attachment point is a linear map y = W x (+ b): `nn.Linear`, or transformers' GPT-2
+`Conv1D`, which stores W transposed (in × out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import CntinitError
+
+ALL_LINEAR = "all-linear"
+
+
+def load(path: str | Path, trust_remote_code: bool = False):
+    """(model, tokenizer) from a local directory, in the checkpoint's own dtype, eval mode.
+
+    The class is the one config.json names (so module paths match what trainers load),
+    falling back to AutoModel.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CntinitError(f"model path {path} does not exist: give a local model directory (the Hub is not used)")
+    if not (path / "config.json").is_file():
+        raise CntinitError(f"{path} is not a transformers model directory (no config.json): give the folder save_pretrained wrote")
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        names = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, names[0], None) if names else None
+        model_class = model_class or transformers.AutoModel
+        model = model_class.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except CntinitError:
+        raise
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CntinitError(f"could not load the model at {path}: {first_line}") from None
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every attachment point by module path, in registration (≈ forward) order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+
+
+def select_targets(model: nn.Module, targets: str | list[str]) -> dict[str, nn.Module]:
+    """Modules whose path ends with one of the comma-separated suffixes, or `all-linear`
+    (every linear layer but the output head, as PEFT does)."""
+    linears = linear_modules(model)
+    wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    wanted = [t for t in wanted if t]
+    if wanted == [ALL_LINEAR]:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        chosen = {n: m for n, m in linears.items() if m is not head}
+    else:
+        chosen = {n: m for n, m in linears.items() if any(n == t or n.endswith("." + t) for t in wanted)}
+        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in chosen)]
+        if missing:
+            raise CntinitError(
+                f"--targets {','.join(missing)} matched no linear module; available: {', '.join(module_suffixes(linears))}"
+            )
+    if not chosen:
+        raise CntinitError("this model has no linear modules to attach adapters to")
+    return chosen
+
+
+def module_suffixes(modules: dict[str, nn.Module]) -> list[str]:
+    """Distinct module names with the layer index stripped, e.g. `self_attn.q_proj`."""
+    seen: dict[str, None] = {}
+    for name in modules:
+        seen[re.sub(r"^.*\.\d+\.", "", name)] = None
+    return list(seen)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """W as out × in (Conv1D stores it transposed)."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    out_features, in_features = weight_matrix(module).shape
+    return in_features, out_features
+
+
+def fingerprint(modules: dict[str, nn.Module]) -> str:
+    """sha256 over the names, shapes and float32 values of the target weights.
+
+    Float32 values make it independent of the dtype the model was run in.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        weight = weight_matrix(modules[name]).detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
+        digest.update(weight.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def forward_root(model: nn.Module, target_names: list[str]) -> nn.Module:
+    """The smallest module to run: the base model (skipping an LM or MLM head) when every
+    target lies inside it."""
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    if isinstance(base, nn.Module) and all(n.startswith(prefix + ".") for n in target_names):
+        return base
+    return model
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CntinitError("--device cuda but no CUDA GPU is visible: use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise CntinitError(f"--device {device} is not one of auto, cpu, cuda")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, model: nn.Module, device: torch.device) -> torch.dtype:
+    """`auto`: the checkpoint's dtype on GPU; float32 on CPU, where half precision is slow."""
+    if dtype == "auto":
+        return model.dtype if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise CntinitError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]

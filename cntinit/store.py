@@ -1,0 +1,187 @@
+"""The statistics store: the on-disk contract between capture and solve.
+
+    DIR/manifest.json             format, version, model, data, capture options, module map
+    DIR/stats-00001.safetensors   for each key: <key>.xxt (d×d), <key>.sum (d), <key>.count ()
+                                  and, when buckets K > 1, <key>.bucket_xxt (K×d×d),
+                                  <key>.bucket_sum (K×d), <key>.bucket_count (K)
+
+All sums are raw (never divided), float32 or float64. The README documents the format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .atomic import atomic_directory
+from .console import warn
+from .errors import CntinitError
+
+FORMAT = "cntinit.stats"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_BYTES = 2 * 1024**3
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def write(directory: Path, manifest: dict, tensors_by_key: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Write the shards and the manifest into `directory` (already a temporary one)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    files: dict[str, str] = {}
+    for key, tensors in tensors_by_key.items():
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1].update(tensors)
+        size += nbytes
+        files[key] = f"stats-{len(shards):05d}.safetensors"
+    manifest["files"] = {}
+    for index, shard in enumerate(shards, start=1):
+        name = f"stats-{index:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, directory / name, metadata={"format": "pt"})
+        manifest["files"][name] = {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+    for key, name in files.items():
+        manifest["stats"][key]["file"] = name
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def new_manifest(model: dict, data: dict, capture: dict, modules: dict, stats: dict) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "cntinit_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "data": data,
+        "capture": capture,
+        "modules": modules,
+        "stats": stats,
+    }
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    """The manifest of a store at `path`, or None when `path` is not a store."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+class Store:
+    """A statistics store opened for reading; payload checksums are verified on open."""
+
+    def __init__(self, path: str | Path, verify: bool = True):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CntinitError(f"{self.path} is not a directory: give the directory `cntinit capture` wrote")
+        manifest = read_manifest(self.path)
+        if manifest is None:
+            raise CntinitError(f"{self.path} is not a cntinit statistics store (no valid {MANIFEST}): give the directory `cntinit capture` wrote")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CntinitError(
+                f"{self.path} has store format version {manifest.get('format_version')}, this cntinit reads {FORMAT_VERSION}: capture again"
+            )
+        self.manifest = manifest
+        for name in manifest["files"]:
+            if Path(name).name != name:
+                raise CntinitError(f"{self.path}/{MANIFEST} names a payload outside the store ({name}): the manifest was edited")
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        for name, entry in self.manifest["files"].items():
+            file = self.path / name
+            if not file.is_file():
+                raise CntinitError(f"{file} is missing: the store is incomplete, capture again")
+            if sha256_file(file) != entry["sha256"]:
+                raise CntinitError(f"{file} does not match its checksum in {MANIFEST}: the store is corrupt, capture again")
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.manifest["stats"])
+
+    @property
+    def buckets(self) -> int:
+        return self.manifest["capture"]["buckets"]
+
+    def tensors(self, key: str) -> dict[str, torch.Tensor]:
+        """The stored tensors of one key, under their short names (xxt, sum, count, bucket_*)."""
+        entry = self.manifest["stats"].get(key)
+        if entry is None:
+            raise CntinitError(f"{self.path} holds no statistics key {key}")
+        prefix = key + "."
+        with safe_open(self.path / entry["file"], framework="pt") as handle:
+            return {name[len(prefix) :]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
+
+
+def check_out(out: str | Path, model_fingerprint: str, overwrite: bool) -> None:
+    """Refuse to replace anything but a store of the same model, unless --overwrite."""
+    out = Path(out)
+    if not out.exists() or overwrite:
+        return
+    manifest = read_manifest(out)
+    if manifest is None or manifest["model"]["fingerprint"] != model_fingerprint:
+        raise CntinitError(f"--out {out} exists and is not a statistics store of this model: choose another path or pass --overwrite")
+
+
+def merge(directories: list[str | Path], out: str | Path, overwrite: bool = False) -> Path:
+    """Sum stores of one model (shards of one calibration set) into a new store at `out`.
+
+    Bucket j of the result is the sum of bucket j of every input.
+    """
+    if len(directories) < 2:
+        raise CntinitError("merge needs at least two stores")
+    stores = [Store(d) for d in directories]
+    first = stores[0].manifest
+    for store in stores[1:]:
+        other = store.manifest
+        if other["modules"] != first["modules"]:
+            raise CntinitError(f"{store.path} has other target modules than {stores[0].path}: capture both with the same --targets")
+        if other["model"]["fingerprint"] != first["model"]["fingerprint"]:
+            raise CntinitError(f"{store.path} was captured from other model weights than {stores[0].path}: merge stores of one model only")
+        if other["capture"]["buckets"] != first["capture"]["buckets"]:
+            raise CntinitError(f"{store.path} has {other['capture']['buckets']} buckets, {stores[0].path} has {first['capture']['buckets']}: use one --buckets")
+        for option in ("seq_len", "pack", "dtype", "accumulate"):
+            if other["capture"].get(option) != first["capture"].get(option):
+                warn(f"merging stores captured with different {option}: {first['capture'].get(option)} and {other['capture'].get(option)}")
+    check_out(out, first["model"]["fingerprint"], overwrite)
+    tensors_by_key: dict[str, dict[str, torch.Tensor]] = {}
+    stats: dict[str, dict] = {}
+    for key in stores[0].keys:
+        parts = [s.tensors(key) for s in stores]
+        summed = {name: sum(p[name] for p in parts) for name in parts[0]}
+        tensors_by_key[key] = {f"{key}.{name}": t for name, t in summed.items()}
+        stats[key] = dict(first["stats"][key], count=int(summed["count"]))
+    digest = hashlib.sha256("\n".join(s.manifest["data"]["fingerprint"] for s in stores).encode()).hexdigest()
+    data = {
+        "fingerprint": "sha256:" + digest,
+        "sources": [src for s in stores for src in s.manifest["data"]["sources"]],
+        "samples": sum(s.manifest["data"]["samples"] for s in stores),
+        "sequences": sum(s.manifest["data"]["sequences"] for s in stores),
+        "tokens": sum(s.manifest["data"]["tokens"] for s in stores),
+        "merged_from": [str(s.path.absolute()) for s in stores],
+    }
+    manifest = new_manifest(first["model"], data, first["capture"], first["modules"], stats)
+    with atomic_directory(out) as tmp:
+        write(tmp, manifest, tensors_by_key)
+    return Path(out)

@@ -1,0 +1,65 @@
+"""Tiny models built from configs in the tests, saved with the real MiniLM tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from cntinit import embedded
+
+TEXTS = [
+    "In the beginning God created the heaven and the earth.",
+    "And the earth was without form, and void.",
+    "Let there be light.",
+    "And God saw the light, that it was good: and God divided the light from the darkness.",
+    "And the evening and the morning were the first day.",
+    "Day one.",
+    "And God called the firmament Heaven. And the evening and the morning were the second day.",
+    "Waters.",
+    "And God said, Let the waters under the heaven be gathered together unto one place, and let the dry land appear: and it was so.",
+    "Grass, herb yielding seed, and the fruit tree yielding fruit after his kind.",
+    "Lights in the firmament.",
+    "Two great lights; the greater light to rule the day, and the lesser light to rule the night.",
+]
+
+CONFIGS = {
+    "llama": lambda vocab: transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, architectures=["LlamaForCausalLM"],
+    ),
+    "bert": lambda vocab: transformers.BertConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, architectures=["BertModel"],
+    ),
+    "gpt2": lambda vocab: transformers.GPT2Config(
+        vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, architectures=["GPT2LMHeadModel"],
+    ),
+}
+
+
+def build_tiny(kind: str, directory, seed: int = 0):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(embedded.model_dir())
+    config = CONFIGS[kind](tokenizer.vocab_size)
+    torch.manual_seed(seed)
+    model = getattr(transformers, config.architectures[0])(config)
+    model.save_pretrained(directory)
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """kind -> directory of a saved tiny model (llama, bert, gpt2)."""
+    root = tmp_path_factory.mktemp("models")
+    return {kind: build_tiny(kind, root / kind) for kind in CONFIGS}
+
+
+@pytest.fixture()
+def text_jsonl(tmp_path):
+    path = tmp_path / "calib.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return path

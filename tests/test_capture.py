@@ -1,0 +1,135 @@
+"""Capture on tiny Llama-, BERT- and GPT-2-style models against an independent computation."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import cntinit
+from cntinit.errors import CntinitError
+from conftest import TEXTS, build_tiny
+
+
+def reference(model_dir, texts, seq_len, names):
+    """float64 model, one sequence at a time (no padding), inputs gathered by our own hooks."""
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    model = getattr(transformers, config.architectures[0]).from_pretrained(model_dir).double().eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    rows = {n: [] for n in names}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: rows[n].append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
+    with torch.no_grad():
+        for text in texts:
+            enc = tokenizer(text, truncation=True, max_length=seq_len, return_tensors="pt")
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(r) for n, r in rows.items()}
+
+
+def load_key(store, key):
+    return {name: t.double() for name, t in store.tensors(key).items()}
+
+
+def assert_stats_match(store, ref, name):
+    key = store.manifest["modules"][name]["key"]
+    got = load_key(store, key)
+    x = ref[name]
+    torch.testing.assert_close(got["xxt"], x.T @ x, rtol=1e-4, atol=1e-4 * float((x.T @ x).abs().max()))
+    torch.testing.assert_close(got["sum"], x.sum(0), rtol=1e-4, atol=1e-4 * float(x.abs().sum(0).max()))
+    assert int(got["count"]) == x.shape[0]
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert", "gpt2"])
+def test_statistics_equal_independent_computation(tiny, text_jsonl, tmp_path, kind):
+    out = cntinit.capture(tiny[kind], text_jsonl, tmp_path / "s", batch_size=5, seq_len=24)
+    store = cntinit.Store(out)
+    names = list(store.manifest["modules"])
+    ref = reference(tiny[kind], TEXTS, 24, names)
+    for name in names:
+        assert_stats_match(store, ref, name)
+    assert store.manifest["data"]["tokens"] == ref[names[0]].shape[0]
+
+
+def test_gpt2_conv1d_shapes_are_out_by_in(tiny, text_jsonl, tmp_path):
+    store = cntinit.Store(cntinit.capture(tiny["gpt2"], text_jsonl, tmp_path / "s", targets="c_attn,c_proj"))
+    entry = store.manifest["modules"]["transformer.h.0.attn.c_attn"]
+    assert (entry["in_features"], entry["out_features"], entry["layer"]) == (64, 192, "Conv1D")
+    assert store.manifest["modules"]["transformer.h.0.mlp.c_proj"]["in_features"] == 256
+
+
+def test_padding_never_counted(tiny, text_jsonl, tmp_path):
+    one = cntinit.Store(cntinit.capture(tiny["llama"], text_jsonl, tmp_path / "one", batch_size=1))
+    padded = cntinit.Store(cntinit.capture(tiny["llama"], text_jsonl, tmp_path / "pad", batch_size=12))
+    for key in one.keys:
+        a, b = load_key(one, key), load_key(padded, key)
+        assert int(a["count"]) == int(b["count"])
+        torch.testing.assert_close(b["xxt"], a["xxt"], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(b["sum"], a["sum"], rtol=1e-4, atol=1e-3)
+
+
+def test_shared_inputs_stored_once(tiny, text_jsonl, tmp_path):
+    store = cntinit.Store(cntinit.capture(tiny["llama"], text_jsonl, tmp_path / "s"))
+    modules = store.manifest["modules"]
+    attn, mlp = "model.layers.1.self_attn.", "model.layers.1.mlp."
+    assert {modules[attn + p]["key"] for p in ("q_proj", "k_proj", "v_proj")} == {attn + "q_proj"}
+    assert modules[attn + "o_proj"]["key"] == attn + "o_proj"
+    assert modules[mlp + "up_proj"]["key"] == modules[mlp + "gate_proj"]["key"] != modules[mlp + "down_proj"]["key"]
+    assert "lm_head" not in modules  # all-linear skips the output head, as PEFT does
+    assert len(store.keys) == 2 * 4  # qkv, o, gate/up, down per layer
+    with safe_open(store.path / "stats-00001.safetensors", "pt") as f:
+        assert len(list(f.keys())) == 3 * len(store.keys)
+
+
+def test_buckets_are_consecutive_slices(tiny, text_jsonl, tmp_path):
+    whole = cntinit.Store(cntinit.capture(tiny["bert"], text_jsonl, tmp_path / "w", buckets=3, targets="query"))
+    key = whole.keys[0]
+    t = load_key(whole, key)
+    torch.testing.assert_close(t["bucket_xxt"].sum(0), t["xxt"], rtol=1e-5, atol=1e-5)
+    assert int(t["bucket_count"].sum()) == int(t["count"])
+    middle = tmp_path / "middle.jsonl"
+    middle.write_text("".join(json.dumps({"text": s}) + "\n" for s in TEXTS[4:8]))
+    part = cntinit.Store(cntinit.capture(tiny["bert"], middle, tmp_path / "m", targets="query"))
+    torch.testing.assert_close(t["bucket_xxt"][1], load_key(part, key)["xxt"], rtol=1e-5, atol=1e-3)
+
+
+def test_merge_of_shards_equals_one_run(tiny, text_jsonl, tmp_path):
+    halves = []
+    for i, texts in enumerate((TEXTS[:5], TEXTS[5:])):
+        f = tmp_path / f"h{i}.jsonl"
+        f.write_text("".join(json.dumps({"text": s}) + "\n" for s in texts))
+        halves.append(cntinit.capture(tiny["llama"], f, tmp_path / f"h{i}", targets="q_proj,down_proj"))
+    merged = cntinit.Store(cntinit.merge(halves, tmp_path / "merged"))
+    whole = cntinit.Store(cntinit.capture(tiny["llama"], text_jsonl, tmp_path / "whole", targets="q_proj,down_proj"))
+    assert merged.manifest["data"]["tokens"] == whole.manifest["data"]["tokens"]
+    for key in whole.keys:
+        a, b = load_key(whole, key), load_key(merged, key)
+        assert int(a["count"]) == int(b["count"])
+        torch.testing.assert_close(b["xxt"], a["xxt"], rtol=1e-5, atol=1e-3)
+
+
+def test_merge_refuses_other_models_and_targets(tiny, text_jsonl, tmp_path):
+    a = cntinit.capture(tiny["llama"], text_jsonl, tmp_path / "a", targets="q_proj")
+    b = cntinit.capture(tiny["llama"], text_jsonl, tmp_path / "b", targets="o_proj")
+    other = build_tiny("llama", tmp_path / "llama-seed1", seed=1)
+    c = cntinit.capture(other, text_jsonl, tmp_path / "c", targets="q_proj")
+    with pytest.raises(CntinitError, match="other target modules"):
+        cntinit.merge([a, b], tmp_path / "ab")
+    with pytest.raises(CntinitError, match="other model weights"):
+        cntinit.merge([a, c], tmp_path / "ac")
+    assert not (tmp_path / "ab").exists() and not (tmp_path / "ac").exists()
+
+
+def test_chat_messages_pack_and_float64(tiny, tmp_path):
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "ok"}]}) + "\n" for t in TEXTS))
+    store = cntinit.Store(cntinit.capture(tiny["llama"], f, tmp_path / "s", targets="o_proj", pack=True, seq_len=16, accumulate="float64"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny["llama"])
+    rendered = [tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False) for line in f.read_text().splitlines()]
+    total = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in rendered)
+    assert store.manifest["data"]["tokens"] == total
+    assert store.manifest["data"]["sequences"] == -(-total // 16)
+    assert load_key(store, store.keys[0])["xxt"].shape == (64, 64)
+    assert store.tensors(store.keys[0])["xxt"].dtype == torch.float64

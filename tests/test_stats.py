@@ -1,0 +1,41 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cntinit.stats import InputStats, accumulate_upper, symmetrize
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), dim=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_triangular_gram_equals_full_product(rows, dim, seed):
+    x = torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    upper = torch.zeros(dim, dim, dtype=torch.float64)
+    accumulate_upper(upper, x)
+    accumulate_upper(upper, 2 * x)
+    torch.testing.assert_close(symmetrize(upper), 5 * x.T @ x)
+
+
+def test_input_stats_buckets_pool_to_the_whole():
+    x = torch.randn(30, 260, dtype=torch.float64)
+    stats = InputStats(260, buckets=3, dtype=torch.float64, device="cpu")
+    for bucket, part in enumerate((x[:7], x[7:19], x[19:])):
+        stats.add(part, bucket)
+    t = stats.tensors("k")
+    torch.testing.assert_close(t["k.xxt"], x.T @ x)
+    torch.testing.assert_close(t["k.sum"], x.sum(0))
+    assert int(t["k.count"]) == 30 and t["k.count"].dtype == torch.int64
+    torch.testing.assert_close(t["k.bucket_xxt"][1], x[7:19].T @ x[7:19])
+    assert t["k.bucket_count"].tolist() == [7, 12, 11]
+
+
+def test_half_precision_inputs_accumulate_in_float32():
+    x = torch.full((4096, 3), 1.0078125, dtype=torch.bfloat16)  # exactly representable
+    stats = InputStats(3, buckets=1, dtype=torch.float32, device="cpu")
+    for _ in range(8):
+        stats.add(x, 0)
+    t = stats.tensors("k")
+    assert "k.bucket_xxt" not in t
+    expected = 8 * 4096 * 1.0078125**2
+    assert t["k.xxt"].dtype == torch.float32
+    assert t["k.xxt"][0, 0].item() == pytest.approx(expected, rel=1e-4)  # bf16 sums would be off by >1%
