@@ -82,6 +82,52 @@ def _real_rows(x: torch.Tensor, batch: _Batch) -> torch.Tensor:
     return flat if batch.index is None else flat.index_select(0, batch.index)
 
 
+class Recorder:
+    """Forward hooks that sum each unique input's statistics while `root` runs batches.
+
+    Use as a context manager (hooks are installed inside it), calling `run` per batch.
+    """
+
+    def __init__(self, root: nn.Module, modules: dict[str, nn.Module], probe_ids: torch.Tensor, buckets: int,
+                 accumulate_dtype: torch.dtype, device: torch.device):
+        self.root, self.modules, self.device = root, modules, device
+        self.batch = _Batch()
+        self.stats: dict[str, InputStats] = {}
+        self.module_map: dict[str, dict] = {}
+        probe = {"input_ids": probe_ids, "attention_mask": torch.ones_like(probe_ids)}
+        for group in shared_input_groups(root, modules, probe):
+            key = group[0]
+            self.stats[key] = InputStats(models.in_out_features(modules[key])[0], buckets, accumulate_dtype, device)
+            for name in group:
+                d_in, d_out = models.in_out_features(modules[name])
+                self.module_map[name] = {"key": key, "in_features": d_in, "out_features": d_out, "layer": type(modules[name]).__name__}
+        self.handles: list = []
+
+    def __enter__(self) -> "Recorder":
+        for key, stats in self.stats.items():
+            def hook(mod, args, kwargs, stats=stats):
+                x = args[0] if args else next(iter(kwargs.values()))
+                stats.add(_real_rows(x, self.batch), self.batch.bucket)
+
+            self.handles.append(self.modules[key].register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def run(self, ids: torch.Tensor, mask: torch.Tensor, bucket: int) -> int:
+        """Forward one right-padded batch into bucket `bucket`; returns its real token count."""
+        batch = self.batch
+        batch.size, batch.length, batch.bucket = ids.shape[0], ids.shape[1], bucket
+        flat_mask = mask.flatten()
+        batch.index = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1).to(self.device)
+        self.root(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        _check_finite(self.stats, bucket, self.module_map)
+        return int(flat_mask.sum())
+
+
 def capture(
     model: str | Path,
     data: str | Path,
@@ -127,44 +173,17 @@ def capture(
     root = models.forward_root(net, list(modules))
 
     probe_ids = torch.tensor([sequences[0][:8]], device=dev)
-    groups = shared_input_groups(root, modules, {"input_ids": probe_ids, "attention_mask": torch.ones_like(probe_ids)})
-    acc_dtype = ACCUMULATE[accumulate]
-    batch = _Batch()
-    stats: dict[str, InputStats] = {}
-    module_map: dict[str, dict] = {}
-    handles = []
-    for group in groups:
-        key = group[0]
-        in_features, _ = models.in_out_features(modules[key])
-        stats[key] = InputStats(in_features, buckets, acc_dtype, dev)
-        for name in group:
-            d_in, d_out = models.in_out_features(modules[name])
-            module_map[name] = {"key": key, "in_features": d_in, "out_features": d_out, "layer": type(modules[name]).__name__}
-
-        def hook(mod, args, kwargs, key=key):
-            x = args[0] if args else next(iter(kwargs.values()))
-            stats[key].add(_real_rows(x, batch), batch.bucket)
-
-        handles.append(modules[key].register_forward_pre_hook(hook, with_kwargs=True))
-
+    recorder = Recorder(root, modules, probe_ids, buckets, ACCUMULATE[accumulate], dev)
     tokens = 0
     rate = TextColumn("{task.fields[rate]}")
-    try:
-        with exact_float32(), torch.inference_mode(), progress(rate) as bar:
-            task = bar.add_task("capture", total=len(sequences), rate="")
-            for bucket, bucket_sequences in enumerate(per_bucket):
-                for ids, mask in data_mod.batches(bucket_sequences, batch_size, pad_id):
-                    batch.size, batch.length, batch.bucket = ids.shape[0], ids.shape[1], bucket
-                    flat_mask = mask.flatten()
-                    batch.index = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1).to(dev)
-                    root(input_ids=ids.to(dev), attention_mask=mask.to(dev))
-                    _check_finite(stats, bucket, module_map)
-                    tokens += int(mask.sum())
-                    elapsed = bar.tasks[task].elapsed or 1e-9
-                    bar.update(task, advance=ids.shape[0], rate=f"{tokens / elapsed:,.0f} tok/s")
-    finally:
-        for handle in handles:
-            handle.remove()
+    with recorder, exact_float32(), torch.inference_mode(), progress(rate) as bar:
+        task = bar.add_task("capture", total=len(sequences), rate="")
+        for bucket, bucket_sequences in enumerate(per_bucket):
+            for ids, mask in data_mod.batches(bucket_sequences, batch_size, pad_id):
+                tokens += recorder.run(ids, mask, bucket)
+                elapsed = bar.tasks[task].elapsed or 1e-9
+                bar.update(task, advance=ids.shape[0], rate=f"{tokens / elapsed:,.0f} tok/s")
+    stats, module_map = recorder.stats, recorder.module_map
 
     silent = [name for name, entry in module_map.items() if sum(stats[entry["key"]].count) == 0]
     if silent:

@@ -148,9 +148,9 @@ def demo(
     typer.echo(str(stats_dir))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     try:
-        app()
+        app(args=argv)
     except CntinitError as exc:
         console.err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -1,0 +1,113 @@
+"""Capture time divided by plain forward time, same model, same batches, one run.
+
+    python benchmarks/capture_overhead.py                       # embedded MiniLM on KJV verses
+    python benchmarks/capture_overhead.py --model DIR --data calib.jsonl
+    python benchmarks/capture_overhead.py --synthetic llama-1b  # random weights, random tokens (GPU)
+
+Prints a table: forward seconds, capture seconds and their ratio, for attention targets
+(q/k/v/o) and for all-linear. Targets: ≤ 1.3× (attention), ≤ 2× (all-linear).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+
+from cntinit import data, embedded, models
+from cntinit.capture import ACCUMULATE, Recorder, exact_float32
+
+ATTENTION = {"q_proj": "q_proj,k_proj,v_proj,o_proj", "query": "query,key,value,attention.output.dense"}
+SYNTHETIC = {  # Llama shapes; weights are random, which does not change the timing
+    "llama-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+}
+
+
+def load(args, device):
+    if args.synthetic:
+        config = transformers.LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SYNTHETIC[args.synthetic])
+        torch.manual_seed(0)
+        with torch.device(device):
+            net = transformers.LlamaForCausalLM(config).to(models.DTYPES.get(args.dtype, torch.bfloat16)).eval()
+        rng = random.Random(0)
+        sequences = [[rng.randrange(32000) for _ in range(rng.randint(args.seq_len // 2, args.seq_len))] for _ in range(args.samples)]
+        return net.requires_grad_(False), sequences, 0
+    net, tokenizer = models.load(args.model or embedded.model_dir())
+    net.to(device, models.resolve_dtype(args.dtype, net, device))
+    samples = data.read_samples(args.data or embedded.data_file(), max_samples=args.samples)
+    sequences = data.tokenize(samples, tokenizer, args.seq_len)
+    return net, sequences, tokenizer.pad_token_id or 0
+
+
+def timed(fn, device, repeat):
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="local transformers model directory (default: embedded MiniLM)")
+    parser.add_argument("--data", help="calibration .jsonl/.txt (default: embedded KJV verses)")
+    parser.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="random-weight Llama of this shape with random tokens")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--accumulate", default="float32", choices=sorted(ACCUMULATE))
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported) after one warm-up")
+    args = parser.parse_args()
+    device = models.resolve_device(args.device)
+    net, sequences, pad_id = load(args, device)
+    batches = list(data.batches(sequences, args.batch_size, pad_id))
+    tokens = sum(len(s) for s in sequences)
+    root = models.forward_root(net, list(models.select_targets(net, models.ALL_LINEAR)))
+    suffixes = models.module_suffixes(models.linear_modules(net))
+    attention = next(v for k, v in ATTENTION.items() if any(s.endswith(k) for s in suffixes))
+
+    def forward():
+        with exact_float32(), torch.inference_mode():
+            for ids, mask in batches:
+                root(input_ids=ids.to(device), attention_mask=mask.to(device))
+
+    table = Table(title=f"capture / forward on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+                        f"{type(net).__name__} {next(net.parameters()).dtype}, {len(sequences)} seqs, {tokens:,} tokens")
+    for column in ("targets", "modules", "statistics", "forward s", "capture s", "ratio", "target"):
+        table.add_column(column)
+    for label, targets, goal in (("attention", attention, 1.3), ("all-linear", models.ALL_LINEAR, 2.0)):
+        modules = models.select_targets(net, targets)
+        probe = torch.tensor([sequences[0][:8]], device=device)
+        recorder = Recorder(root, modules, probe, 1, ACCUMULATE[args.accumulate], device)
+
+        def capture():
+            with recorder, exact_float32(), torch.inference_mode():
+                for ids, mask in batches:
+                    recorder.run(ids, mask, 0)
+
+        forward(), capture()  # warm-up
+        plain, captured = timed(forward, device, args.repeat), timed(capture, device, args.repeat)
+        ratio = captured / plain
+        table.add_row(label, str(len(modules)), str(len(recorder.stats)), f"{plain:.3f}", f"{captured:.3f}",
+                      f"{ratio:.2f}×", f"≤ {goal}× {'ok' if ratio <= goal else 'MISSED'}")
+        del recorder
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The command line: stdout carries only results, bad input gives one line on stderr, exit 2, nothing written."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from cntinit import cli
+from conftest import build_tiny
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
+
+
+def leftovers(directory):
+    return [p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_capture_prints_only_the_path_and_inspect_reads_it(tiny, text_jsonl, tmp_path, capsys):
+    code, out, err = run(capsys, "capture", tiny["llama"], "--data", text_jsonl, "--out", tmp_path / "s", "--targets", "q_proj,o_proj")
+    assert code == 0 and out == f"{tmp_path / 's'}\n"
+    assert "capture" in err and "tok/s" in err
+    code, out, _ = run(capsys, "inspect", tmp_path / "s")
+    assert code == 0 and "model.layers.0.self_attn.q_proj" in out and "q_proj, k_proj, v_proj" not in out
+    code, out, _ = run(capsys, "inspect", tmp_path / "s", "--json")
+    assert json.loads(out)["capture"]["targets"] == "q_proj,o_proj"
+
+
+def test_json_summary_and_quiet(tiny, text_jsonl, tmp_path, capsys):
+    code, out, err = run(capsys, "capture", tiny["bert"], "-d", text_jsonl, "-o", tmp_path / "s", "--json", "--quiet", "--buckets", "2")
+    summary = json.loads(out)
+    assert code == 0 and err == ""
+    assert summary["data"]["samples"] == 12 and summary["capture"]["buckets"] == 2 and summary["statistics"] == 9
+
+
+def test_merge_command(tiny, text_jsonl, tmp_path, capsys):
+    for name in ("a", "b"):
+        run(capsys, "capture", tiny["bert"], "-d", text_jsonl, "-o", tmp_path / name, "-t", "query", "-q")
+    code, out, _ = run(capsys, "merge", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "m", "--json")
+    assert code == 0 and json.loads(out)["data"]["tokens"] == 2 * json.loads(
+        run(capsys, "inspect", tmp_path / "a", "--json")[1])["data"]["tokens"]
+
+
+@pytest.fixture()
+def inf_model(tmp_path):
+    directory = build_tiny("bert", tmp_path / "inf")
+    model = transformers.BertModel.from_pretrained(directory)
+    with torch.no_grad():
+        model.encoder.layer[0].intermediate.dense.weight[0, 0] = float("inf")
+    model.save_pretrained(directory)
+    return directory
+
+
+def bad_cases(tiny, tmp_path, text_jsonl, inf_model):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "fine"}\n{"text": "fine"}\n{oops}\n')
+    no_field = tmp_path / "nofield.jsonl"
+    no_field.write_text('{"prompt": "x"}\n')
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    (tmp_path / "notmodel").mkdir()
+    llama = tiny["llama"]
+    return [
+        ([tmp_path / "nowhere", "-d", text_jsonl], "model path .*nowhere does not exist"),
+        ([tmp_path / "notmodel", "-d", text_jsonl], "not a transformers model directory"),
+        ([llama, "-d", text_jsonl, "-t", "query"], r"--targets query matched no linear module; available: self_attn.q_proj, self_attn.k_proj"),
+        ([llama, "-d", empty], "no samples in"),
+        ([llama, "-d", bad_json], r"bad.jsonl:3: not valid JSON"),
+        ([llama, "-d", no_field], r"nofield.jsonl:1: no string field 'text'"),
+        ([llama, "-d", text_jsonl, "--buckets", "0"], "--buckets must be at least 1"),
+        ([llama, "-d", text_jsonl, "--dtype", "int8"], "--dtype int8 is not one of"),
+        ([inf_model, "-d", text_jsonl], r"non-finite activations \(NaN/Inf\) entering encoder.layer.0.output.dense: run with --dtype float32"),
+    ]
+
+
+def test_bad_input_one_line_exit_2_nothing_written(tiny, text_jsonl, tmp_path, inf_model, capsys):
+    for args, message in bad_cases(tiny, tmp_path, text_jsonl, inf_model):
+        code, out, err = run(capsys, "capture", *args, "--out", tmp_path / "out")
+        assert code == 2, (args, err)
+        last = err.rstrip("\n").split("\n")[-1]
+        assert out == "" and last.startswith("error: ") and err.count("error") == 1, err
+        assert re.search(message, last), (message, err)
+        assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_out_policy(tiny, text_jsonl, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "capture", tiny["llama"], "-d", text_jsonl, "-o", foreign, "-t", "o_proj")
+    assert code == 2 and "exists and is not a statistics store of this model" in err and (foreign / "keep.txt").exists()
+    code, _, _ = run(capsys, "capture", tiny["llama"], "-d", text_jsonl, "-o", foreign, "-t", "o_proj", "--overwrite")
+    assert code == 0 and not (foreign / "keep.txt").exists() and (foreign / "manifest.json").exists()
+    first = json.loads((foreign / "manifest.json").read_text())["data"]["samples"]
+    code, _, _ = run(capsys, "capture", tiny["llama"], "-d", text_jsonl, "-o", foreign, "-t", "o_proj", "-n", "3")
+    assert code == 0 and json.loads((foreign / "manifest.json").read_text())["data"]["samples"] == 3 != first
+    other = build_tiny("llama", tmp_path / "other", seed=3)
+    code, _, err = run(capsys, "capture", other, "-d", text_jsonl, "-o", foreign, "-t", "o_proj")
+    assert code == 2 and "not a statistics store of this model" in err
+    assert leftovers(tmp_path) == []
+
+
+def test_corrupt_store_is_refused(tiny, text_jsonl, tmp_path, capsys):
+    run(capsys, "capture", tiny["bert"], "-d", text_jsonl, "-o", tmp_path / "s", "-t", "query", "-q")
+    payload = tmp_path / "s" / "stats-00001.safetensors"
+    payload.write_bytes(payload.read_bytes()[:-8])
+    code, _, err = run(capsys, "inspect", tmp_path / "s")
+    assert code == 2 and "does not match its checksum" in err
+
+
+def test_stdin_pipeline_as_a_subprocess(tiny, tmp_path):
+    """The real entry point: JSONL on stdin, path on stdout, exit 0; then a failing run exits 2."""
+    lines = "".join(json.dumps({"text": f"sample number {i}"}) + "\n" for i in range(6))
+    cmd = [sys.executable, "-m", "cntinit", "capture", str(tiny["bert"]), "--data", "-", "--out", str(tmp_path / "s"), "-t", "query"]
+    done = subprocess.run(cmd, input=lines, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{tmp_path / 's'}\n"
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["data"]["sources"] == ["-"]
+    failed = subprocess.run(cmd[:-2] + ["-t", "nope"], input=lines, capture_output=True, text=True)
+    assert failed.returncode == 2 and failed.stdout == "" and "matched no linear module" in failed.stderr
