@@ -23,6 +23,7 @@ from .errors import CntinitError
 from .stats import InputStats
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+FINITE_CHECK_EVERY = 8  # batches between NaN/Inf checks (each one syncs the device); also checked at the end
 
 
 @contextlib.contextmanager
@@ -102,6 +103,7 @@ class Recorder:
                 d_in, d_out = models.in_out_features(modules[name])
                 self.module_map[name] = {"key": key, "in_features": d_in, "out_features": d_out, "layer": type(modules[name]).__name__}
         self.handles: list = []
+        self.batches = 0
 
     def __enter__(self) -> "Recorder":
         for key, stats in self.stats.items():
@@ -124,8 +126,20 @@ class Recorder:
         flat_mask = mask.flatten()
         batch.index = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1).to(self.device)
         self.root(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-        _check_finite(self.stats, bucket, self.module_map)
+        if self.batches % FINITE_CHECK_EVERY == 0:
+            self.check_finite()
+        self.batches += 1
         return int(flat_mask.sum())
+
+    def check_finite(self) -> None:
+        """One device sync: NaN/Inf in any input shows up in its running Σx."""
+        keys = list(self.stats)
+        totals = torch.stack([self.stats[key].sum.sum() for key in keys])
+        if bool(torch.isfinite(totals).all()):
+            return
+        bad_key = keys[int((~torch.isfinite(totals)).nonzero()[0])]
+        names = [n for n, e in self.module_map.items() if e["key"] == bad_key]
+        raise CntinitError(f"non-finite activations (NaN/Inf) entering {', '.join(names)}: run with --dtype float32")
 
 
 def capture(
@@ -183,6 +197,7 @@ def capture(
                 tokens += recorder.run(ids, mask, bucket)
                 elapsed = bar.tasks[task].elapsed or 1e-9
                 bar.update(task, advance=ids.shape[0], rate=f"{tokens / elapsed:,.0f} tok/s")
+        recorder.check_finite()
     stats, module_map = recorder.stats, recorder.module_map
 
     silent = [name for name, entry in module_map.items() if sum(stats[entry["key"]].count) == 0]
@@ -216,12 +231,3 @@ def capture(
     log(f"captured {tokens:,} tokens from {len(sequences):,} sequences into {len(stats)} statistics ({time.perf_counter() - started:.1f}s)")
     return Path(out)
 
-
-def _check_finite(stats: dict[str, InputStats], bucket: int, module_map: dict[str, dict]) -> None:
-    """One device sync per batch: NaN/Inf in any input shows up in its running Σx."""
-    totals = torch.stack([s.sum[bucket].sum() for s in stats.values()])
-    if bool(torch.isfinite(totals).all()):
-        return
-    bad_key = list(stats)[int((~torch.isfinite(totals)).nonzero()[0])]
-    names = [n for n, e in module_map.items() if e["key"] == bad_key]
-    raise CntinitError(f"non-finite activations (NaN/Inf) entering {', '.join(names)}: run with --dtype float32")

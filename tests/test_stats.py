@@ -39,3 +39,14 @@ def test_half_precision_inputs_accumulate_in_float32():
     expected = 8 * 4096 * 1.0078125**2
     assert t["k.xxt"].dtype == torch.float32
     assert t["k.xxt"][0, 0].item() == pytest.approx(expected, rel=1e-4)  # bf16 sums would be off by >1%
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core path runs on CUDA only")
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_cuda_half_inputs_match_float64(half):
+    x = torch.randn(5000, 700, device="cuda").to(half)
+    stats = InputStats(700, buckets=1, dtype=torch.float32, device="cuda")
+    stats.add(x, 0)
+    exact = x.double().T @ x.double()
+    got = stats.tensors("k")["k.xxt"].double()
+    assert float((got - exact.cpu()).abs().max() / exact.abs().max()) < 1e-5  # float32 accumulation; bf16 sums give ~1e-3
