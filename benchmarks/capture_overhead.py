@@ -95,8 +95,7 @@ def main() -> None:
         table.add_column(column)
     for label, targets, goal in (("attention", attention, 1.3), ("all-linear", models.ALL_LINEAR, 2.0)):
         modules = models.select_targets(net, targets)
-        probe = torch.tensor([sequences[0][:8]], device=device)
-        recorder = Recorder(root, modules, probe, 1, ACCUMULATE[args.accumulate], device)
+        recorder = Recorder(root, modules, sequences[0], 1, ACCUMULATE[args.accumulate], device)
 
         def capture():
             with recorder, exact_float32(), torch.inference_mode():

@@ -89,12 +89,13 @@ class Recorder:
     Use as a context manager (hooks are installed inside it), calling `run` per batch.
     """
 
-    def __init__(self, root: nn.Module, modules: dict[str, nn.Module], probe_ids: torch.Tensor, buckets: int,
+    def __init__(self, root: nn.Module, modules: dict[str, nn.Module], first_sequence: list[int], buckets: int,
                  accumulate_dtype: torch.dtype, device: torch.device):
         self.root, self.modules, self.device = root, modules, device
         self.batch = _Batch()
         self.stats: dict[str, InputStats] = {}
         self.module_map: dict[str, dict] = {}
+        probe_ids = torch.tensor([first_sequence[:8]], device=device)
         probe = {"input_ids": probe_ids, "attention_mask": torch.ones_like(probe_ids)}
         for group in shared_input_groups(root, modules, probe):
             key = group[0]
@@ -186,8 +187,7 @@ def capture(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     root = models.forward_root(net, list(modules))
 
-    probe_ids = torch.tensor([sequences[0][:8]], device=dev)
-    recorder = Recorder(root, modules, probe_ids, buckets, ACCUMULATE[accumulate], dev)
+    recorder = Recorder(root, modules, sequences[0], buckets, ACCUMULATE[accumulate], dev)
     tokens = 0
     rate = TextColumn("{task.fields[rate]}")
     with recorder, exact_float32(), torch.inference_mode(), progress(rate) as bar:

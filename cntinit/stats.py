@@ -39,15 +39,12 @@ def accumulate_upper(xxt: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def symmetrize(upper: torch.Tensor) -> torch.Tensor:
-    """The full symmetric matrix from one whose block upper triangle (diagonal blocks whole) is valid."""
-    dim = upper.shape[-1]
-    block = gram_block(dim, upper.is_cuda)
-    full = upper.clone()
-    for start in range(0, dim, block):
-        end = min(dim, start + block)
-        # below the diagonal block row: mirror of the block column above
-        full[end:, start:end] = upper[start:end, end:].transpose(0, 1)
-    return full
+    """The full symmetric matrix from one whose upper triangle is valid.
+
+    Reads only the upper triangle, which every block size leaves whole, so it does not
+    depend on how (or on which device) the blocks were cut.
+    """
+    return upper.triu() + upper.triu(1).transpose(-2, -1)
 
 
 class InputStats:
