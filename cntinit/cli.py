@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -11,9 +12,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import console, embedded
+from . import console, embedded, models
 from .capture import capture as run_capture
 from .errors import CntinitError
+from .export import check_peft
+from .export import export as run_export
+from .solution import Solution
+from .solve import Options
+from .solve import solve as run_solve
 from .store import Store
 from .store import merge as run_merge
 
@@ -134,18 +140,178 @@ def print_store(store: Store, out: Console) -> None:
     out.print(f"{s['modules']} modules, {s['statistics']} statistics, {s['bytes'] / 2**20:.1f} MiB")
 
 
+def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise CntinitError(f"{option} {text} is not a comma-separated list of numbers, e.g. 1,1,0.5") from None
+
+
+@app.command()
+def solve(
+    capture_dir: Path = typer.Argument(..., help="A statistics store written by `cntinit capture`."),
+    mode: str = typer.Option(..., "--mode", "-m", help="cnt-x (Cross: WΣ⁺), cnt-s (Self: WD^-1/2Pᵀ), cnt-sh (Shift: c((I−Σ)Wᵀ)⁺)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Solve directory to write."),
+    rank: int = typer.Option(16, "--rank", "-r", help="Adapter rank per module (the base rank with --vas)."),
+    rcond: float = typer.Option(1e-4, "--rcond", help="Eigenvalue floor relative to the largest: below it, values count as zero (pseudo-inverse) or are clamped (inverse root)."),
+    centered: bool = typer.Option(False, "--centered", help="Use the centered covariance Σ − μμᵀ instead of the second moment Σ."),
+    self_form: str = typer.Option("paper", "--self-form", help="cnt-s only: paper (W D^-1/2 Pᵀ, eigenbasis-dependent) or zca (W Σ^-1/2)."),
+    shift_c: float = typer.Option(1.0, "--shift-c", help="cnt-sh only: the constant c in C = c·I."),
+    bucket_weights: Optional[str] = typer.Option(None, "--bucket-weights", help="Weights w_j of the robust average over the capture's buckets (eq. 18), comma-separated; default all 1."),
+    pooled: bool = typer.Option(False, "--pooled", help="Ignore the capture's buckets: one estimate from the pooled statistics."),
+    decompose: str = typer.Option("svd", "--decompose", help="Rank-r split of ΔW: svd (best rank-r approximation) or qr."),
+    split_p: float = typer.Option(0.5, "--split-p", help="svd only: B = U S^(1−p), A = S^p Vᵀ."),
+    init: str = typer.Option("offset", "--init", help="offset: base stays W, initial model W + BA (the paper's). residual: base becomes W − BA, initial model = pretrained."),
+    vas: bool = typer.Option(False, "--vas", help="Variable ranks from the pooled relative variances of ΔW's singular values."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="--vas: total rank over all modules (default rank × modules)."),
+    min_rank: int = typer.Option(0, "--min-rank", help="--vas: smallest rank per module; 0 lets a module go without adapter."),
+    max_rank: Optional[int] = typer.Option(None, "--max-rank", help="--vas: largest rank per module (default min(in, out))."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Read the weights from here instead of the path the capture recorded (they must be the same weights)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, or cuda."),
+    precision: str = typer.Option("float64", "--precision", help="Precision of the eigen/SVD work: float64 or float32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a solve directory of this model."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
+    quiet: bool = QUIET,
+    as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of the output path."),
+) -> None:
+    """Compute a ConsNoTrainLoRA initialization for every captured module; print a per-module report.
+
+    Examples:
+
+      cntinit solve stats/ --mode cnt-s --rank 16 --out init-s16/
+
+      cntinit solve stats/ --mode cnt-x --rank 8 --vas --budget 512 --out init-x-vas/
+    """
+    console.quiet = quiet
+    options = Options(
+        mode=mode, rank=rank, rcond=rcond, centered=centered, self_form=self_form, shift_c=shift_c,
+        bucket_weights=_floats(bucket_weights, "--bucket-weights"), pooled=pooled, decompose=decompose,
+        split_p=split_p, init=init, vas=vas, budget=budget, min_rank=min_rank, max_rank=max_rank, precision=precision,
+    )
+    path = run_solve(capture_dir, out, options, model=model, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code)
+    report = Solution(path).report
+    if not quiet:
+        print_report(report, console.err)
+    typer.echo(json.dumps(report, indent=2) if as_json else str(path))
+
+
+TABLE_ROWS = 48
+
+
+def print_report(report: dict, out: Console) -> None:
+    """Per module (or, for big models, per module kind): rank, ‖BA‖/‖W‖, ‖ΔW‖² kept, output change."""
+    rows = report["modules"]
+    grouped = len(rows) > TABLE_ROWS
+    groups: dict[str, list[dict]] = {}
+    for name, row in rows.items():
+        groups.setdefault(models.module_suffixes({name: None})[0] if grouped else name, []).append(row)
+    table = Table(title=f"{report['mode']} · {report['init']} init · rcond {report['rcond']:g}")
+    table.add_column("module kind (all layers)" if grouped else "module", overflow="fold")
+    for header in ("rank", "‖BA‖/‖W‖", "‖ΔW‖² kept", "output change", "floored"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for label, members in groups.items():
+        ranks = [m["rank"] for m in members]
+        rel = [m["update_norm"] / m["weight_norm"] if m["weight_norm"] else 0.0 for m in members]
+        table.add_row(
+            label,
+            _span(ranks, "{:d}"),
+            _span(rel, "{:.3g}"),
+            _span([100 * m["kept"] for m in members], "{:.1f}%"),
+            _span([m["output_change"] for m in members], "{:.3g}"),
+            _span([m["floored"] for m in members], "{:d}"),
+        )
+    out.print(table)
+    budget = f" of budget {report['budget']}" if report["budget"] else ""
+    out.print(f"{report['modules_with_adapter']}/{len(rows)} modules get an adapter, total rank {report['total_rank']}{budget}; "
+              f"‖ΔW‖² kept overall {100 * report['kept']:.1f}%; {report['floored_modules']} modules had values under the floor; "
+              f"solved in {report['seconds']:.1f}s" + ("  (min–max over layers; per module in report.json)" if grouped else ""),
+              highlight=False)
+
+
+def _span(values: list, fmt: str) -> str:
+    low, high = min(values), max(values)
+    return fmt.format(low) if low == high else f"{fmt.format(low)}–{fmt.format(high)}"
+
+
+@app.command()
+def export(
+    solve_dir: Path = typer.Argument(..., help="A solve directory written by `cntinit solve`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Adapter directory to write."),
+    format: str = typer.Option("peft", "--format", "-f", help="Adapter format: peft."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha (default: the solve's --rank, so the scale is 1). The scale is folded into the factors: the adapter adds exactly BA for any alpha."),
+    rslora: bool = typer.Option(False, "--rslora", help="Rank-stabilized scale α/√r."),
+    dora: bool = typer.Option(False, "--dora", help="DoRA: also write the magnitude vectors, as PEFT computes them (needs the model weights)."),
+    fixed_alpha: bool = typer.Option(False, "--fixed-alpha", help="Variable ranks: every module gets --alpha instead of an alpha pattern that keeps the scale α/r constant."),
+    module_prefix: str = typer.Option("", "--module-prefix", help="Prepend this to every module path, e.g. bert. when the capture ran BertModel and training loads BertForSequenceClassification."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Read the weights (for --dora or a residual base) from here instead of the recorded path."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not an export of this model."),
+    check: bool = typer.Option(False, "--check", help="Load the written adapter with PEFT and compare every module's output with (W + BA)x."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
+    quiet: bool = QUIET,
+) -> None:
+    """Write the solved initialization as adapter files a trainer loads (plus the residual base when the init needs one).
+
+    Examples:
+
+      cntinit export init-s16/ --format peft --out adapter/
+
+      cntinit export init-x-vas/ --out adapter/ --alpha 32 --rslora
+
+    Load it:  PeftModel.from_pretrained(base, "adapter/", is_trainable=True)
+    """
+    console.quiet = quiet
+    path = run_export(solve_dir, out, format=format, alpha=alpha, rslora=rslora, dora=dora, fixed_alpha=fixed_alpha,
+                      module_prefix=module_prefix, model=model, overwrite=overwrite, trust_remote_code=trust_remote_code)
+    if check:
+        _report_check(check_peft(path, solve_dir, model))
+    typer.echo(str(path))
+
+
+CHECK_TOLERANCE = 1e-4
+
+
+def _report_check(error: float) -> None:
+    """One line on how well PEFT reproduces the solve; fails the command when it does not."""
+    if error > CHECK_TOLERANCE:
+        raise CntinitError(f"PEFT's outputs differ from (W + BA)x by {error:.2e} (relative) — above {CHECK_TOLERANCE:g}; see the warnings above")
+    console.log(f"check: PEFT loads the adapter; every module's output equals (W + BA)x to {error:.1e} (relative)")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("cntinit-demo"), "--out", "-o", help="Directory for the demo's outputs."),
     samples: int = typer.Option(512, "--samples", "-n", help="Calibration verses to use."),
+    mode: str = typer.Option("cnt-s", "--mode", "-m", help="cnt-x, cnt-s or cnt-sh."),
+    rank: int = typer.Option(8, "--rank", "-r", help="Adapter rank."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
-    """Run the main job end to end on the embedded default: all-MiniLM-L6-v2 over KJV verses."""
-    stats_dir = out / "stats"
+    """Run the main job end to end on the embedded default: capture all-MiniLM-L6-v2 over KJV verses,
+    solve, export a PEFT adapter, and load it back with PEFT to check it."""
+    stats_dir, solve_dir, adapter_dir = out / "stats", out / f"solve-{mode}-r{rank}", out / "adapter"
+    times = {}
+    started = time.perf_counter()
     run_capture(embedded.model_dir(), embedded.data_file(), stats_dir, max_samples=samples, seq_len=128,
                 batch_size=32, device=device, overwrite=True)
+    times["capture"] = time.perf_counter() - started
     print_store(Store(stats_dir), console.err)
-    typer.echo(str(stats_dir))
+    started = time.perf_counter()
+    run_solve(stats_dir, solve_dir, Options(mode=mode, rank=rank), device=device, overwrite=True)
+    times["solve"] = time.perf_counter() - started
+    print_report(Solution(solve_dir).report, console.err)
+    started = time.perf_counter()
+    run_export(solve_dir, adapter_dir, overwrite=True)
+    times["export"] = time.perf_counter() - started
+    started = time.perf_counter()
+    error = check_peft(adapter_dir, solve_dir)
+    times["load with PEFT"] = time.perf_counter() - started
+    _report_check(error)
+    table = Table("stage", "seconds", "output", title="cntinit demo")
+    for (stage, seconds), path in zip(times.items(), (stats_dir, solve_dir, adapter_dir, f"max relative error {error:.1e}")):
+        table.add_row(stage, f"{seconds:.1f}", str(path))
+    console.err.print(table)
+    typer.echo(str(adapter_dir))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -75,8 +75,8 @@ def new_manifest(model: dict, data: dict, capture: dict, modules: dict, stats: d
     }
 
 
-def read_manifest(path: str | Path) -> dict | None:
-    """The manifest of a store at `path`, or None when `path` is not a store."""
+def read_manifest(path: str | Path, format: str = FORMAT) -> dict | None:
+    """The manifest of a `format` directory (a store by default) at `path`, or None when it is not one."""
     file = Path(path) / MANIFEST
     if not file.is_file():
         return None
@@ -84,7 +84,7 @@ def read_manifest(path: str | Path) -> dict | None:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == format else None
 
 
 class Store:
@@ -134,14 +134,14 @@ class Store:
             return {name[len(prefix) :]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
 
 
-def check_out(out: str | Path, model_fingerprint: str, overwrite: bool) -> None:
-    """Refuse to replace anything but a store of the same model, unless --overwrite."""
+def check_out(out: str | Path, model_fingerprint: str, overwrite: bool, format: str = FORMAT, what: str = "a statistics store") -> None:
+    """Refuse to replace anything but a `format` directory of the same model, unless --overwrite."""
     out = Path(out)
     if not out.exists() or overwrite:
         return
-    manifest = read_manifest(out)
-    if manifest is None or manifest["model"]["fingerprint"] != model_fingerprint:
-        raise CntinitError(f"--out {out} exists and is not a statistics store of this model: choose another path or pass --overwrite")
+    manifest = read_manifest(out, format)
+    if manifest is None or manifest.get("model", {}).get("fingerprint") != model_fingerprint:
+        raise CntinitError(f"--out {out} exists and is not {what} of this model: choose another path or pass --overwrite")
 
 
 def merge(directories: list[str | Path], out: str | Path, overwrite: bool = False) -> Path:

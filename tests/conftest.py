@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
 import transformers
 
-from cntinit import embedded
+from cntinit import capture, cli, embedded
 
 TEXTS = [
     "In the beginning God created the heaven and the earth.",
@@ -63,3 +64,33 @@ def text_jsonl(tmp_path):
     path = tmp_path / "calib.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     return path
+
+
+@pytest.fixture(scope="session")
+def calibration(tmp_path_factory):
+    """80 samples of random words from TEXTS: enough distinct tokens (≈1,300) for full-rank Σ at d = 64."""
+    words = " ".join(TEXTS).split()
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "calib.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choices(words, k=14))}) + "\n" for _ in range(80)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def captured(tiny, calibration, tmp_path_factory):
+    """kind -> statistics store of the tiny model over `calibration` (llama: 3 buckets)."""
+    root = tmp_path_factory.mktemp("stores")
+    return {kind: capture(tiny[kind], calibration, root / kind, buckets=3 if kind == "llama" else 1) for kind in CONFIGS}
+
+
+def run(capsys, *args):
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
+
+
+def leftovers(directory):
+    """Temporary or swapped-out directories an interrupted write would leave behind."""
+    return [p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name]

@@ -9,19 +9,7 @@ import pytest
 import torch
 import transformers
 
-from cntinit import cli
-from conftest import build_tiny
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code or 0, out, err
-
-
-def leftovers(directory):
-    return [p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+from conftest import build_tiny, leftovers, run
 
 
 def test_capture_prints_only_the_path_and_inspect_reads_it(tiny, text_jsonl, tmp_path, capsys):

@@ -1,0 +1,114 @@
+"""The ConsNoTrainLoRA formulas (METHODS.md), on batches of equal-shape matrices.
+
+Every function takes a leading batch dimension: W is (n, k, d), Σ is (n, d, d). Callers
+pass float32 or float64; nothing here casts down.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+MODES = ("cnt-x", "cnt-s", "cnt-sh")
+SELF_FORMS = ("paper", "zca")
+DECOMPOSE = ("svd", "qr")
+
+
+def second_moment(xxt: torch.Tensor, total: torch.Tensor, count: torch.Tensor, centered: bool) -> torch.Tensor:
+    """Σ = S/n, or the centered covariance Σ − μμᵀ with μ = m/n."""
+    n = count.reshape(*count.shape, 1, 1).to(xxt.dtype)
+    sigma = xxt / n
+    if centered:
+        mean = total / n[..., 0]
+        sigma = sigma - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    return sigma
+
+
+class Eigen(NamedTuple):
+    values: torch.Tensor  # (n, d), descending
+    vectors: torch.Tensor  # (n, d, d), columns; each column's largest-magnitude entry positive
+
+
+def eigen(sigma: torch.Tensor) -> Eigen:
+    """Eigendecomposition with a deterministic order and sign (the paper's self form depends on both)."""
+    values, vectors = torch.linalg.eigh(sigma)
+    values, vectors = values.flip(-1), vectors.flip(-1)
+    return Eigen(values, vectors * _sign_of_largest(vectors, dim=-2).unsqueeze(-2))
+
+
+def _sign_of_largest(vectors: torch.Tensor, dim: int) -> torch.Tensor:
+    """±1 per vector: the sign of its largest-magnitude entry along `dim`."""
+    index = vectors.abs().argmax(dim=dim, keepdim=True)
+    sign = torch.sign(vectors.gather(dim, index)).squeeze(dim)
+    return torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def floor(values: torch.Tensor, rcond: float) -> torch.Tensor:
+    """The eigenvalue floor rcond · λ_max, one per matrix, shaped to broadcast against `values`."""
+    return rcond * values[..., :1].clamp(min=0)
+
+
+def kept(values: torch.Tensor, rcond: float) -> torch.Tensor:
+    """Which eigenvalues (or singular values) are positive and at or above the floor."""
+    return (values > 0) & (values >= floor(values, rcond))
+
+
+def _inverse(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """1/λ where kept, 0 elsewhere (the pseudo-inverse's reciprocal)."""
+    return torch.where(keep, 1 / torch.where(keep, values, torch.ones_like(values)), torch.zeros_like(values))
+
+
+def cross(w: torch.Tensor, eig: Eigen, rcond: float) -> torch.Tensor:
+    """CNTLoRA-X (eq. 4): W Σ⁺, eigenvalues below the floor treated as zero."""
+    values, vectors = eig
+    inverse = _inverse(values, kept(values, rcond))
+    return ((w @ vectors) * inverse.unsqueeze(-2)) @ vectors.mT
+
+
+def self_(w: torch.Tensor, eig: Eigen, rcond: float, form: str) -> torch.Tensor:
+    """CNTLoRA-S (eq. 12): W D^{-1/2} Pᵀ (paper) or W P D^{-1/2} Pᵀ = W Σ^{-1/2} (zca);
+    eigenvalues below the floor are clamped to it."""
+    values, vectors = eig
+    root = values.clamp(min=floor(values, rcond)).clamp(min=torch.finfo(values.dtype).tiny).rsqrt()
+    if form == "paper":
+        return (w * root.unsqueeze(-2)) @ vectors.mT
+    return ((w @ vectors) * root.unsqueeze(-2)) @ vectors.mT
+
+
+def shift(w: torch.Tensor, sigma: torch.Tensor, rcond: float, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CNTLoRA-Sh (eq. 17): c · ((I − Σ) Wᵀ)⁺, singular values below rcond · s_max treated as zero.
+
+    Returns the target and the number of singular values floored per matrix.
+    """
+    eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
+    m = (eye - sigma) @ w.mT
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    keep = kept(s, rcond)
+    return c * ((vh.mT * _inverse(s, keep).unsqueeze(-2)) @ u.mT), (~keep).sum(-1)
+
+
+def robust_estimate(w: torch.Tensor, targets: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Eq. 18: (W + Σ_j w_j W_tar,j) / (B + 1), W_0 = W."""
+    total = w.clone()
+    for weight, target in zip(weights, targets):
+        total += weight * target
+    return total / (len(targets) + 1)
+
+
+def split(delta: torch.Tensor, rank: int, decompose: str, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors (B, A) of ΔW with signs fixed so the result is deterministic across devices.
+
+    svd: B = U_r S_r^{1−p}, A = S_r^p V_rᵀ.  qr: B = Q[:, :r], A = R[:r, :] with diag(R) ≥ 0.
+    """
+    if decompose == "svd":
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+        sign = _sign_of_largest(u, dim=-2)
+        u, vh = u * sign.unsqueeze(-2), vh * sign.unsqueeze(-1)
+        return u * s.pow(1 - p).unsqueeze(-2), s.pow(p).unsqueeze(-1) * vh
+    q, r = torch.linalg.qr(delta, mode="reduced")
+    sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    q, r = q * sign.unsqueeze(-2), r * sign.unsqueeze(-1)
+    return q[..., :rank], r[..., :rank, :]

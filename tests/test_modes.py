@@ -1,0 +1,149 @@
+"""Each formula of METHODS.md against an independent NumPy implementation on hand-built matrices."""
+
+import numpy as np
+import pytest
+import torch
+
+from cntinit import modes, vas
+
+RNG = np.random.default_rng(0)
+
+
+def spd(d, n=400, decay=1.0):
+    """A second moment from n random columns with a decaying spectrum."""
+    x = RNG.standard_normal((d, n)) * (np.arange(1, d + 1) ** -decay)[:, None]
+    return x @ x.T / n
+
+
+def t(a):
+    return torch.from_numpy(np.array(a, dtype=np.float64))
+
+
+def np_eigen(sigma):
+    values, vectors = np.linalg.eigh(sigma)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    for j in range(vectors.shape[1]):
+        if vectors[np.argmax(np.abs(vectors[:, j])), j] < 0:
+            vectors[:, j] = -vectors[:, j]
+    return values, vectors
+
+
+@pytest.mark.parametrize("rcond", [0.0, 1e-3])
+def test_cross_is_w_times_the_floored_pseudo_inverse(rcond):
+    w, sigma = RNG.standard_normal((5, 8)), spd(8, decay=2.0)
+    want = w @ np.linalg.pinv(sigma, rcond=rcond, hermitian=True)
+    got = modes.cross(t(w)[None], modes.eigen(t(sigma)[None]), rcond)[0]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-8, atol=1e-8 * np.abs(want).max())
+
+
+def test_whitened_inputs_leave_cross_unchanged():
+    w = RNG.standard_normal((6, 6))
+    target = modes.cross(t(w)[None], modes.eigen(torch.eye(6, dtype=torch.float64)[None]), 1e-4)
+    delta = modes.robust_estimate(t(w)[None], [target], [1.0]) - t(w)
+    assert delta.abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("form", ["paper", "zca"])
+def test_self_mode_formula_and_its_quadratic_constraint(form):
+    w, sigma = RNG.standard_normal((4, 7)), spd(7)
+    values, vectors = np_eigen(sigma)
+    root = np.diag(values**-0.5)
+    want = w @ root @ vectors.T if form == "paper" else w @ vectors @ root @ vectors.T
+    got = modes.self_(t(w)[None], modes.eigen(t(sigma)[None]), 0.0, form)[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got @ sigma @ got.T, w @ w.T, rtol=1e-9, atol=1e-9)  # W_tar Σ W_tarᵀ = W Wᵀ
+
+
+def test_self_mode_clamps_small_eigenvalues_to_the_floor():
+    sigma = np.diag([4.0, 1.0, 1e-9])
+    got = modes.self_(torch.eye(3, dtype=torch.float64)[None], modes.eigen(t(sigma)[None]), 1e-2, "zca")[0]
+    np.testing.assert_allclose(np.diag(got.numpy()), [0.5, 1.0, (4e-2) ** -0.5], rtol=1e-12)
+
+
+def test_eigenvectors_are_ordered_and_signed_deterministically():
+    sigma = spd(6)
+    eig = modes.eigen(t(sigma)[None])
+    assert torch.all(eig.values[0, :-1] >= eig.values[0, 1:])
+    biggest = eig.vectors[0].gather(0, eig.vectors[0].abs().argmax(0, keepdim=True))
+    assert torch.all(biggest > 0)
+    flipped = modes.eigen(t(sigma)[None].flip(-1).flip(-2))  # same matrix, coordinates reversed
+    np.testing.assert_allclose(flipped.vectors[0].flip(0).numpy(), eig.vectors[0].numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("c", [1.0, 0.3])
+def test_shift_formula_and_its_linear_constraint(c):
+    w, sigma = RNG.standard_normal((3, 6)), spd(6)
+    m = (np.eye(6) - sigma) @ w.T
+    want = c * np.linalg.pinv(m)
+    got, floored = modes.shift(t(w)[None], t(sigma)[None], 0.0, c)
+    np.testing.assert_allclose(got[0].numpy(), want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got[0].numpy() @ w.T - got[0].numpy() @ sigma @ w.T, c * np.eye(3), atol=1e-9)  # eq. 16
+    assert floored.tolist() == [0]
+
+
+def test_shift_floor_drops_small_singular_values():
+    w = np.diag([1.0, 1e-8])
+    got, floored = modes.shift(t(w)[None], torch.zeros(1, 2, 2, dtype=torch.float64), 1e-4, 1.0)
+    np.testing.assert_allclose(got[0].numpy(), np.diag([1.0, 0.0]), atol=1e-12)
+    assert floored.tolist() == [1]
+
+
+def test_robust_estimate_is_eq_18():
+    w = RNG.standard_normal((2, 3, 4))
+    targets = [RNG.standard_normal((2, 3, 4)) for _ in range(3)]
+    weights = [1.0, 0.5, 2.0]
+    got = modes.robust_estimate(t(w), [t(x) for x in targets], weights)
+    np.testing.assert_allclose(got.numpy(), (w + sum(a * x for a, x in zip(weights, targets))) / 4)
+
+
+def test_centered_second_moment():
+    x = RNG.standard_normal((5, 50)) + 3.0
+    s, m, n = x @ x.T, x.sum(1), torch.tensor(50)
+    np.testing.assert_allclose(modes.second_moment(t(s), t(m), n, False).numpy(), s / 50)
+    np.testing.assert_allclose(modes.second_moment(t(s), t(m), n, True).numpy(), np.cov(x, bias=True), atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.0, 1.0])
+def test_svd_split_is_the_truncated_svd_with_p_sharing(p):
+    delta = RNG.standard_normal((7, 5))
+    u, s, vh = np.linalg.svd(delta, full_matrices=False)
+    b, a = modes.split(t(delta)[None], 3, "svd", p)
+    np.testing.assert_allclose((b[0] @ a[0]).numpy(), u[:, :3] * s[:3] @ vh[:3], atol=1e-12)
+    np.testing.assert_allclose(b[0].norm(dim=0).numpy(), s[:3] ** (1 - p), rtol=1e-12)
+    np.testing.assert_allclose(a[0].norm(dim=1).numpy(), s[:3] ** p, rtol=1e-12)
+
+
+def test_qr_split_is_the_truncated_qr():
+    delta = RNG.standard_normal((4, 6))
+    q, r = np.linalg.qr(delta)
+    b, a = modes.split(t(delta)[None], 2, "qr", 0.5)
+    np.testing.assert_allclose((b[0] @ a[0]).numpy(), q[:, :2] @ r[:2], atol=1e-12)  # signs cancel in the product
+    np.testing.assert_allclose((b[0].T @ b[0]).numpy(), np.eye(2), atol=1e-12)
+    assert torch.all(torch.diagonal(a[0][:, :2]) > 0)
+
+
+def independent_allocation(singular_values, budget):
+    pooled = []
+    for name, s in singular_values.items():
+        energy = np.asarray(s, dtype=float) ** 2
+        pooled += [(v, name) for v in energy / energy.sum()]
+    order = sorted(range(len(pooled)), key=lambda i: (-pooled[i][0], i))
+    counts = {name: 0 for name in singular_values}
+    for i in order[:budget]:
+        counts[pooled[i][1]] += 1
+    return counts
+
+
+def test_vas_follows_pooled_relative_variances_and_spends_the_budget():
+    singular_values = {n: np.sort(RNG.gamma(1.0, size=12) * RNG.uniform(0.1, 10))[::-1] for n in "abcdef"}
+    want = independent_allocation(singular_values, budget=24)
+    got = vas.allocate({n: t(s) for n, s in singular_values.items()}, dict.fromkeys(singular_values, 12), 24)
+    assert got == want and sum(got.values()) == 24
+
+
+def test_vas_concentrated_spectra_get_small_ranks_and_clamps_apply():
+    singular_values = {"flat": t(np.ones(8)), "spiky": t([10.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])}
+    got = vas.allocate(singular_values, {"flat": 8, "spiky": 8}, budget=8)
+    assert got == {"flat": 7, "spiky": 1}
+    assert vas.allocate(singular_values, {"flat": 5, "spiky": 8}, budget=8, min_rank=2) == {"flat": 5, "spiky": 2}
+    assert vas.allocate({"zero": torch.zeros(3), "one": t([1.0, 0, 0])}, {"zero": 3, "one": 3}, budget=1) == {"zero": 0, "one": 1}

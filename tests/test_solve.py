@@ -1,0 +1,236 @@
+"""`cntinit solve` on tiny models against an independent NumPy computation of METHODS.md."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from cntinit import Store, modes
+from cntinit.solve import Options, solve
+from conftest import leftovers, run
+
+
+def weights(model_dir):
+    """module path -> W (out × in) as float64 NumPy, read through transformers."""
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    model = getattr(transformers, config.architectures[0]).from_pretrained(model_dir)
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            out[name] = module.weight.detach().double().numpy()
+        elif type(module).__name__ == "Conv1D":
+            out[name] = module.weight.detach().double().numpy().T
+    return out
+
+
+def sigmas(store_dir, key, centered, pooled):
+    """Σ per bucket (or pooled), straight from the safetensors payload."""
+    entry = Store(store_dir).manifest["stats"][key]
+    with safe_open(store_dir / entry["file"], "np") as f:
+        prefix = "" if pooled or f"{key}.bucket_xxt" not in f.keys() else "bucket_"
+        xxt, total, count = (f.get_tensor(f"{key}.{prefix}{n}").astype(np.float64) for n in ("xxt", "sum", "count"))
+    if not prefix:
+        xxt, total, count = xxt[None], total[None], count[None]
+    out = []
+    for s, m, n in zip(xxt, total, count):
+        sigma = s / n
+        out.append(sigma - np.outer(m / n, m / n) if centered else sigma)
+    return out
+
+
+def reference_target(w, sigma, mode, rcond, form="paper", c=1.0):
+    if mode == "cnt-x":
+        return w @ np.linalg.pinv(sigma, rcond=rcond, hermitian=True)
+    if mode == "cnt-sh":
+        return c * np.linalg.pinv((np.eye(len(sigma)) - sigma) @ w.T, rcond=rcond)
+    values, vectors = np.linalg.eigh(sigma)
+    values, vectors = values[::-1], vectors[:, ::-1].copy()
+    vectors *= np.sign(vectors[np.abs(vectors).argmax(0), range(len(values))])
+    root = np.diag(np.maximum(values, rcond * values[0]) ** -0.5)
+    return w @ root @ vectors.T if form == "paper" else w @ vectors @ root @ vectors.T
+
+
+def reference_delta(store_dir, model_dir, opts):
+    manifest = Store(store_dir).manifest
+    ws = weights(model_dir)
+    deltas = {}
+    for name, entry in manifest["modules"].items():
+        w = ws[name]
+        targets = [reference_target(w, s, opts.mode, opts.rcond, opts.self_form, opts.shift_c)
+                   for s in sigmas(store_dir, entry["key"], opts.centered, opts.pooled)]
+        bucket_weights = opts.bucket_weights or [1.0] * len(targets)
+        deltas[name] = (w + sum(a * t for a, t in zip(bucket_weights, targets))) / (len(targets) + 1) - w
+    return deltas
+
+
+def truncate(delta, rank, decompose):
+    if decompose == "qr":
+        q, r = np.linalg.qr(delta)
+        return q[:, :rank] @ r[:rank]
+    u, s, vh = np.linalg.svd(delta, full_matrices=False)
+    return u[:, :rank] * s[:rank] @ vh[:rank]
+
+
+def solved(directory):
+    manifest = json.loads((directory / "manifest.json").read_text())
+    with safe_open(directory / "adapter.safetensors", "np") as f:
+        return manifest, {n: (f.get_tensor(f"{n}.B").astype(np.float64), f.get_tensor(f"{n}.A").astype(np.float64))
+                          for n, e in manifest["modules"].items() if e["rank"]}
+
+
+CASES = [
+    ("llama", Options(mode="cnt-x", rank=4)),
+    ("llama", Options(mode="cnt-x", rank=3, pooled=True, rcond=1e-3)),
+    ("llama", Options(mode="cnt-s", rank=4, bucket_weights=[1.0, 0.5, 2.0])),
+    ("bert", Options(mode="cnt-s", rank=5, self_form="zca", centered=True)),
+    ("bert", Options(mode="cnt-sh", rank=4, shift_c=0.5)),
+    ("gpt2", Options(mode="cnt-s", rank=4, decompose="qr")),
+    ("gpt2", Options(mode="cnt-sh", rank=2, split_p=0.25, precision="float32")),
+]
+
+
+@pytest.mark.parametrize("kind,opts", CASES, ids=[f"{k}-{o.mode}-{i}" for i, (k, o) in enumerate(CASES)])
+def test_mode_equals_independent_computation(kind, opts, tiny, captured, tmp_path):
+    want = reference_delta(captured[kind], tiny[kind], opts)
+    solve(captured[kind], tmp_path / "s", opts)
+    manifest, factors = solved(tmp_path / "s")
+    tolerance = 2e-4 if opts.precision == "float32" else 1e-7
+    assert set(factors) == set(want) and manifest["mode"] == opts.mode and manifest["init"] == "offset"
+    for name, (b, a) in factors.items():
+        rank = manifest["modules"][name]["rank"]
+        assert b.shape == (want[name].shape[0], rank) and a.shape == (rank, want[name].shape[1])
+        expected = truncate(want[name], rank, opts.decompose)
+        assert np.linalg.norm(b @ a - expected) <= tolerance * np.linalg.norm(expected), name
+        if opts.decompose == "svd":  # B = U S^(1−p), A = S^p Vᵀ
+            s = np.linalg.svd(want[name], compute_uv=False)[:rank]
+            np.testing.assert_allclose(np.linalg.norm(a, axis=1), s**opts.split_p, rtol=100 * tolerance)
+
+
+def test_constraints_hold_on_the_captured_statistics(tiny, captured):
+    """Self: W_tar Σ W_tarᵀ = W Wᵀ; shift: W_tar (I − Σ) Wᵀ = c I (for k ≤ d); cross with Σ = I: ΔW = 0."""
+    store = Store(captured["llama"])
+    ws = weights(tiny["llama"])
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"):
+        key = store.manifest["modules"][name]["key"]
+        t = store.tensors(key)
+        sigma = modes.second_moment(t["xxt"].double(), t["sum"].double(), t["count"], False)[None]
+        w = torch.from_numpy(ws[name])[None]
+        for form in ("paper", "zca"):
+            target = modes.self_(w, modes.eigen(sigma), 0.0, form)
+            torch.testing.assert_close(target @ sigma @ target.mT, w @ w.mT, rtol=1e-8, atol=1e-8 * float(w.norm() ** 2))
+        if w.shape[1] <= w.shape[2]:
+            target, _ = modes.shift(w, sigma, 0.0, 0.7)
+            eye = torch.eye(w.shape[2], dtype=torch.float64)
+            torch.testing.assert_close(target @ (eye - sigma) @ w.mT, 0.7 * torch.eye(w.shape[1], dtype=torch.float64)[None], atol=1e-8, rtol=0)
+        identity = modes.eigen(torch.eye(w.shape[2], dtype=torch.float64)[None])
+        assert (modes.robust_estimate(w, [modes.cross(w, identity, 1e-4)], [1.0]) - w).abs().max() < 1e-12
+
+
+def test_vas_ranks_follow_pooled_variances_and_spend_the_budget(tiny, captured, tmp_path):
+    opts = Options(mode="cnt-s", rank=3, vas=True, budget=30, pooled=True)
+    want = reference_delta(captured["bert"], tiny["bert"], opts)
+    pooled = []
+    for name, delta in want.items():
+        energy = np.linalg.svd(delta, compute_uv=False) ** 2
+        pooled += [(v, name) for v in energy / energy.sum()]
+    kept = sorted(pooled, key=lambda p: -p[0])[:30]
+    expected = {name: sum(1 for _, n in kept if n == name) for name in want}
+    solve(captured["bert"], tmp_path / "s", opts)
+    manifest, factors = solved(tmp_path / "s")
+    ranks = {n: e["rank"] for n, e in manifest["modules"].items()}
+    assert ranks == expected and sum(ranks.values()) == 30 and len(set(ranks.values())) > 2
+    assert set(factors) == {n for n, r in ranks.items() if r}
+    for name, (b, a) in factors.items():
+        np.testing.assert_allclose(b @ a, truncate(want[name], ranks[name], "svd"), atol=1e-7 * np.abs(want[name]).max())
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["total_rank"] == 30 and report["budget"] == 30
+
+
+def test_vas_clamps_to_min_and_max_rank(captured, tmp_path):
+    solve(captured["bert"], tmp_path / "s", Options(mode="cnt-x", rank=2, vas=True, min_rank=1, max_rank=3))
+    ranks = [e["rank"] for e in solved(tmp_path / "s")[0]["modules"].values()]
+    assert min(ranks) >= 1 and max(ranks) <= 3
+
+
+def test_solve_is_deterministic(captured, tmp_path):
+    for name in ("a", "b"):
+        solve(captured["llama"], tmp_path / name, Options(mode="cnt-s", rank=4))
+    assert (tmp_path / "a" / "adapter.safetensors").read_bytes() == (tmp_path / "b" / "adapter.safetensors").read_bytes()
+
+
+def test_report_diagnostics_match_their_definitions(tiny, captured, tmp_path):
+    opts = Options(mode="cnt-x", rank=2, pooled=True)
+    solve(captured["llama"], tmp_path / "s", opts)
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    manifest, factors = solved(tmp_path / "s")
+    ws, want = weights(tiny["llama"]), reference_delta(captured["llama"], tiny["llama"], opts)
+    for name, (b, a) in factors.items():
+        row, w, update = report["modules"][name], ws[name], b @ a
+        sigma = sigmas(captured["llama"], manifest["modules"][name]["stats_key"], False, True)[0]
+        assert row["rank"] == 2
+        np.testing.assert_allclose(row["update_norm"], np.linalg.norm(update), rtol=1e-6)
+        np.testing.assert_allclose(row["kept"], np.linalg.norm(update) ** 2 / np.linalg.norm(want[name]) ** 2, rtol=1e-6)
+        np.testing.assert_allclose(row["output_change"], np.trace(update @ sigma @ update.T) / np.trace(w @ sigma @ w.T), rtol=1e-6)
+        values = np.linalg.eigvalsh(sigma)
+        assert row["floored"] == int(np.sum(values < 1e-4 * values.max()))
+
+
+def test_cli_solve_prints_the_table_and_the_path(captured, tmp_path, capsys):
+    code, out, err = run(capsys, "solve", captured["gpt2"], "--mode", "cnt-s", "--rank", "2", "--out", tmp_path / "s")
+    assert code == 0 and out == f"{tmp_path / 's'}\n"
+    assert "‖ΔW‖² kept" in err and "c_proj" in err and "total rank 16" in err
+    code, out, _ = run(capsys, "solve", captured["gpt2"], "-m", "cnt-x", "-o", tmp_path / "s", "--json", "-q")
+    assert code == 0 and json.loads(out)["mode"] == "cnt-x"
+
+
+def test_changed_weights_are_refused(tiny, captured, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny["bert"], copy)
+    code, _, _ = run(capsys, "solve", captured["bert"], "-m", "cnt-x", "-o", tmp_path / "ok", "--model", copy, "-q")
+    assert code == 0
+    model = transformers.BertModel.from_pretrained(copy)
+    with torch.no_grad():
+        model.encoder.layer[1].attention.self.query.weight[0, 0] += 1e-3
+    model.save_pretrained(copy)
+    code, out, err = run(capsys, "solve", captured["bert"], "-m", "cnt-x", "-o", tmp_path / "s", "--model", copy)
+    assert code == 2 and out == "" and "differ from the ones captured" in err and not (tmp_path / "s").exists()
+
+
+BAD = [
+    (["-m", "cnt-z"], "--mode cnt-z is not one of cnt-x, cnt-s, cnt-sh"),
+    (["-m", "cnt-x", "--rank", "0"], "--rank must be at least 1"),
+    (["-m", "cnt-x", "--rcond", "1.5"], r"--rcond must be in \[0, 1\)"),
+    (["-m", "cnt-s", "--self-form", "pca"], "--self-form pca is not one of paper, zca"),
+    (["-m", "cnt-x", "--split-p", "2"], r"--split-p must be in \[0, 1\]"),
+    (["-m", "cnt-x", "--init", "zero"], "--init zero is not one of offset, residual"),
+    (["-m", "cnt-x", "--budget", "10"], "add --vas"),
+    (["-m", "cnt-x", "--vas", "--min-rank", "3", "--max-rank", "2"], "--max-rank 2 must be at least 1 and at least --min-rank 3"),
+    (["-m", "cnt-x", "--bucket-weights", "1,1"], r"--bucket-weights has 2 value\(s\) but the capture has 3 bucket\(s\): give 3"),
+    (["-m", "cnt-x", "--bucket-weights", "1,x,2"], "not a comma-separated list of numbers"),
+    (["-m", "cnt-x", "--device", "tpu"], "--device tpu is not one of auto, cpu, cuda"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[b[1][:24] for b in BAD])
+def test_bad_solve_input_one_line_exit_2_nothing_written(args, message, captured, tmp_path, capsys):
+    code, out, err = run(capsys, "solve", captured["llama"], *args, "--out", tmp_path / "s")
+    last = err.rstrip("\n").split("\n")[-1]
+    assert code == 2 and out == "" and last.startswith("error: ") and re.search(message, last), err
+    assert not (tmp_path / "s").exists() and leftovers(tmp_path) == []
+
+
+def test_solve_refuses_what_is_not_a_store_and_foreign_outputs(captured, tmp_path, capsys):
+    code, _, err = run(capsys, "solve", tmp_path, "-m", "cnt-x", "-o", tmp_path / "s")
+    assert code == 2 and "is not a cntinit statistics store" in err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    code, _, err = run(capsys, "solve", captured["llama"], "-m", "cnt-x", "-o", foreign)
+    assert code == 2 and "is not a solve directory of this model" in err
+    run(capsys, "solve", captured["llama"], "-m", "cnt-x", "-o", tmp_path / "s", "-q")
+    code, _, _ = run(capsys, "solve", captured["llama"], "-m", "cnt-s", "-o", tmp_path / "s", "-q")
+    assert code == 0 and json.loads((tmp_path / "s" / "manifest.json").read_text())["mode"] == "cnt-s"
