@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import console, embedded, models
+from . import console, embedded, models, solution
 from .capture import capture as run_capture
 from .errors import CntinitError
 from .export import check_peft
@@ -20,7 +20,7 @@ from .export import export as run_export
 from .solution import Solution
 from .solve import Options
 from .solve import solve as run_solve
-from .store import Store
+from .store import Store, read_manifest
 from .store import merge as run_merge
 
 app = typer.Typer(
@@ -112,11 +112,18 @@ def merge(
 
 @app.command()
 def inspect(
-    directory: Path = typer.Argument(..., help="A statistics store."),
+    directory: Path = typer.Argument(..., help="A statistics store or a solve directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check payload checksums."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check payload checksums (stores; solve directories are always checked)."),
 ) -> None:
-    """Show what a store holds: model, data, options, and each statistics entry."""
+    """Show what a store holds (model, data, options, statistics) or a solve's report."""
+    if read_manifest(directory, solution.FORMAT) is not None:
+        sol = Solution(directory)
+        if as_json:
+            typer.echo(json.dumps(sol.manifest, indent=2))
+        else:
+            print_report(sol.report, Console())
+        return
     store = Store(directory, verify=verify)
     if as_json:
         typer.echo(json.dumps(store.manifest, indent=2))
@@ -226,7 +233,7 @@ def print_report(report: dict, out: Console) -> None:
     budget = f" of budget {report['budget']}" if report["budget"] else ""
     out.print(f"{report['modules_with_adapter']}/{len(rows)} modules get an adapter, total rank {report['total_rank']}{budget}; "
               f"‖ΔW‖² kept overall {100 * report['kept']:.1f}%; {report['floored_modules']} modules had values under the floor; "
-              f"solved in {report['seconds']:.1f}s" + ("  (min–max over layers; per module in report.json)" if grouped else ""),
+              f"solved in {report['solve_seconds']:.1f}s" + ("  (min–max over layers; per module in report.json)" if grouped else ""),
               highlight=False)
 
 

@@ -77,9 +77,13 @@ class Batch(NamedTuple):
     floored: list[int]  # eigen/singular values under the floor, worst bucket
 
 
-def solve(capture_dir: str | Path, out: str | Path, options: Options, *, model: str | Path | None = None,
-          device: str = "auto", overwrite: bool = False, trust_remote_code: bool = False) -> Path:
-    """Solve `options.mode` for every module of the store at `capture_dir`; write a solve directory at `out`."""
+def solve(capture_dir: str | Path, out: str | Path, options: Options | None = None, *, model: str | Path | None = None,
+          device: str = "auto", overwrite: bool = False, trust_remote_code: bool = False, **params) -> Path:
+    """Solve every module of the store at `capture_dir`; write a solve directory at `out`.
+
+    Parameters come as `Options` or as its fields: `solve("stats", "init", mode="cnt-s", rank=8)`.
+    """
+    options = options or Options(**params)
     options.check()
     started = time.perf_counter()
     stats = store.Store(capture_dir)
@@ -123,7 +127,7 @@ def solve(capture_dir: str | Path, out: str | Path, options: Options, *, model: 
             rows[name] = _diagnostics(batch.weight[i], batch.delta[i], update, batch.sigma[i], r, batch.floored[i])
             if r:
                 factors[name] = (b[i, :, :r].cpu(), a[i, :r].cpu())
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - loaded
 
     report = _report(options, rows, ranks, seconds, loaded)
     manifest = solution.new_manifest(
@@ -152,7 +156,7 @@ def solve(capture_dir: str | Path, out: str | Path, options: Options, *, model: 
     )
     with atomic_directory(out) as tmp:
         solution.write(tmp, manifest, factors, report)
-    log(f"solved {options.mode} for {len(factors)} modules (total rank {sum(ranks.values())}) in {seconds:.1f}s")
+    log(f"solved {options.mode} for {len(factors)} modules (total rank {sum(ranks.values())}) in {seconds:.1f}s after {loaded:.1f}s of loading")
     return Path(out)
 
 
@@ -275,7 +279,7 @@ def _report(options: Options, rows: dict, ranks: dict, seconds: float, loaded: f
         "kept": update_sq / delta_sq if delta_sq > 0 else 1.0,
         "rcond": options.rcond,
         "floored_modules": sum(1 for r in rows.values() if r["floored"]),
-        "seconds": round(seconds, 3),
+        "solve_seconds": round(seconds, 3),
         "load_seconds": round(loaded, 3),
         "modules": rows,
     }

@@ -1,16 +1,17 @@
 """The README's main job: the embedded MiniLM over real KJV verses, through the real entry point."""
 
+import json
 import subprocess
 import sys
 
 from cntinit import Store
 
 
-def test_demo_captures_the_embedded_model(tmp_path):
+def test_demo_runs_capture_solve_export_and_peft_check(tmp_path):
     done = subprocess.run([sys.executable, "-m", "cntinit", "demo", "--out", str(tmp_path), "--samples", "48"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"{tmp_path / 'stats'}\n"
+    assert done.stdout == f"{tmp_path / 'adapter'}\n"
     store = Store(tmp_path / "stats")
     m = store.manifest
     assert m["model"]["class"] == "BertModel" and m["data"]["samples"] == 48
@@ -18,4 +19,9 @@ def test_demo_captures_the_embedded_model(tmp_path):
     assert m["stats"]["pooler.dense"]["count"] == 48  # one row per sequence
     assert m["stats"]["encoder.layer.5.output.dense"]["dim"] == 1536
     assert m["stats"]["encoder.layer.0.attention.self.query"]["count"] == m["data"]["tokens"]
-    assert "statistics key" in done.stderr
+    report = json.loads((tmp_path / "solve-cnt-s-r8" / "report.json").read_text())
+    assert report["mode"] == "cnt-s" and report["total_rank"] == 8 * 37
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True and len(config["target_modules"]) == 37
+    for text in ("statistics key", "‖ΔW‖² kept", "check: PEFT loads the adapter", "cntinit demo", "load with PEFT"):
+        assert text in done.stderr, text

@@ -186,6 +186,10 @@ def test_cli_solve_prints_the_table_and_the_path(captured, tmp_path, capsys):
     assert "‖ΔW‖² kept" in err and "c_proj" in err and "total rank 16" in err
     code, out, _ = run(capsys, "solve", captured["gpt2"], "-m", "cnt-x", "-o", tmp_path / "s", "--json", "-q")
     assert code == 0 and json.loads(out)["mode"] == "cnt-x"
+    code, out, _ = run(capsys, "inspect", tmp_path / "s")
+    assert code == 0 and "cnt-x · offset init" in out and "‖ΔW‖² kept" in out
+    code, out, _ = run(capsys, "inspect", tmp_path / "s", "--json")
+    assert code == 0 and json.loads(out)["format"] == "cntinit.solve"
 
 
 def test_changed_weights_are_refused(tiny, captured, tmp_path, capsys):

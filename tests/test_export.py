@@ -1,0 +1,195 @@
+"""`cntinit export --format peft`, proven by loading the files with PEFT itself."""
+
+import json
+import math
+import re
+
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from cntinit.export import export
+from cntinit.solve import Options, solve
+from conftest import leftovers, run
+
+
+def load(model_dir, cls=None):
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    return (cls or getattr(transformers, config.architectures[0])).from_pretrained(model_dir).eval()
+
+
+def factors(solve_dir):
+    manifest = json.loads((solve_dir / "manifest.json").read_text())
+    with safe_open(solve_dir / "adapter.safetensors", "pt") as f:
+        return {n: (f.get_tensor(f"{n}.B").double(), f.get_tensor(f"{n}.A").double())
+                for n, e in manifest["modules"].items() if e["rank"]}
+
+
+def linear_weight(module):
+    w = module.weight.detach().double()
+    return w.T if type(module).__name__ == "Conv1D" else w
+
+
+def assert_modules_add_exactly_ba(wrapped, pretrained, solved, prefix="", residual=False):
+    """Every adapted module of the PEFT model computes (W + BA) x (residual: W x) for random x."""
+    adapted = dict(wrapped.base_model.model.named_modules())
+    original = dict(pretrained.named_modules())
+    generator = torch.Generator().manual_seed(1)
+    for name, (b, a) in solved.items():
+        module, w = adapted[prefix + name], linear_weight(original[name])
+        assert isinstance(module, peft.tuners.lora.LoraLayer), name
+        assert module.r["default"] == b.shape[1], name
+        x = torch.randn(3, w.shape[1], generator=generator, dtype=torch.float64)
+        bias = original[name].bias.detach().double() if original[name].bias is not None else 0
+        update = b @ a
+        want = x @ (w if residual else w + update).T + bias
+        with torch.no_grad():
+            got = module(x.float()).double()
+        # float32 weights: error scales with the larger of W and BA (the residual base stores W − BA)
+        scale = (x.norm(dim=1, keepdim=True) * (w.norm() + update.norm())).max()
+        assert (got - want).abs().max() <= 2e-6 * scale, (name, float((got - want).abs().max() / scale))
+
+
+VARIANTS = [
+    ("llama", Options(mode="cnt-s", rank=4), {}),
+    ("llama", Options(mode="cnt-x", rank=4, vas=True), {"alpha": 16}),
+    ("llama", Options(mode="cnt-sh", rank=4, vas=True, min_rank=1), {"rslora": True, "alpha": 8}),
+    ("llama", Options(mode="cnt-s", rank=3, vas=True), {"dora": True, "alpha": 6}),
+    ("bert", Options(mode="cnt-x", rank=4, vas=True), {"fixed_alpha": True, "alpha": 32}),
+    ("bert", Options(mode="cnt-s", rank=2), {"dora": True, "rslora": True}),
+    ("gpt2", Options(mode="cnt-s", rank=4, vas=True, self_form="zca"), {"dora": True}),
+]
+
+
+@pytest.mark.parametrize("kind,opts,flags", VARIANTS, ids=[f"{k}-{o.mode}-{'vas-' if o.vas else ''}{'-'.join(f) or 'plain'}"
+                                                            for k, o, f in VARIANTS])
+def test_peft_loads_the_offset_export_and_adds_exactly_ba(kind, opts, flags, tiny, captured, tmp_path):
+    solve(captured[kind], tmp_path / "s", opts)
+    export(tmp_path / "s", tmp_path / "e", **flags)
+    solved = factors(tmp_path / "s")
+    ranks = {n: b.shape[1] for n, (b, _) in solved.items()}
+    if opts.vas:
+        assert len(set(ranks.values())) > 1, "the variant should exercise variable ranks"
+    pretrained = load(tiny[kind])
+    wrapped = peft.PeftModel.from_pretrained(load(tiny[kind]), tmp_path / "e")
+    assert_modules_add_exactly_ba(wrapped, pretrained, solved)
+
+    config = json.loads((tmp_path / "e" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["use_rslora"] == bool(flags.get("rslora"))
+    assert config["use_dora"] == bool(flags.get("dora")) and config["r"] == opts.rank
+    assert all(key.startswith("^") for key in config["rank_pattern"]) and all(key.startswith("^") for key in config["alpha_pattern"])
+    alpha = flags.get("alpha", opts.rank)
+    adapted = dict(wrapped.base_model.model.named_modules())
+    for name, rank in ranks.items():
+        if flags.get("fixed_alpha"):
+            module_alpha = alpha
+        else:  # the scale α/r (α/√r with rsLoRA) is the same for every module
+            module_alpha = alpha * (math.sqrt(rank / opts.rank) if flags.get("rslora") else rank / opts.rank)
+        want_scale = module_alpha / (math.sqrt(rank) if flags.get("rslora") else rank)
+        assert adapted[name].scaling["default"] == pytest.approx(want_scale), name
+    with safe_open(tmp_path / "e" / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        name = next(iter(solved))
+        b = f.get_tensor(f"base_model.model.{name}.lora_B.weight").double()
+        assert torch.allclose(b * math.sqrt(adapted[name].scaling["default"]), solved[name][0], rtol=1e-6, atol=1e-7)
+
+
+def test_dora_magnitude_is_the_row_norm_peft_computes(tiny, captured, tmp_path):
+    solve(captured["llama"], tmp_path / "s", Options(mode="cnt-s", rank=4))
+    export(tmp_path / "s", tmp_path / "e", dora=True, alpha=8)
+    wrapped = peft.PeftModel.from_pretrained(load(tiny["llama"]), tmp_path / "e")
+    for name, (b, a) in factors(tmp_path / "s").items():
+        module = dict(wrapped.base_model.model.named_modules())[name]
+        lora_weight = module.lora_B["default"].weight @ module.lora_A["default"].weight
+        peft_norm = module.lora_magnitude_vector["default"].get_weight_norm(
+            module.get_base_layer().weight, lora_weight.detach(), module.scaling["default"])
+        torch.testing.assert_close(module.lora_magnitude_vector["default"].weight.detach(), peft_norm.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,mode,flags", [("llama", "cnt-s", {}), ("bert", "cnt-sh", {"dora": True}), ("gpt2", "cnt-s", {"rslora": True})])
+def test_residual_export_starts_at_the_pretrained_model(kind, mode, flags, tiny, captured, tmp_path):
+    solve(captured[kind], tmp_path / "s", Options(mode=mode, rank=4, init="residual", self_form="zca"))
+    export(tmp_path / "s", tmp_path / "e", **flags)
+    assert (tmp_path / "e" / "base" / "config.json").is_file() and (tmp_path / "e" / "base" / "tokenizer.json").is_file()
+    pretrained = load(tiny[kind])
+    wrapped = peft.PeftModel.from_pretrained(load(tmp_path / "e" / "base"), tmp_path / "e")
+    solved = factors(tmp_path / "s")
+    assert_modules_add_exactly_ba(wrapped, pretrained, solved, residual=True)
+    base = dict(load(tmp_path / "e" / "base").named_modules())
+    for name, (b, a) in solved.items():  # the shipped base is W − BA
+        torch.testing.assert_close(linear_weight(base[name]), linear_weight(dict(pretrained.named_modules())[name]) - b @ a,
+                                   rtol=0, atol=1e-6 * float((b @ a).abs().max() + 1))
+    ids = torch.randint(5, 500, (2, 9))
+    with torch.no_grad():
+        want, got = pretrained(input_ids=ids), wrapped(input_ids=ids)
+    key = "logits" if "logits" in want else "last_hidden_state"
+    torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+
+
+def test_trained_residual_adapter_converts_back_to_plain_lora(tiny, captured, tmp_path):
+    """The export directory works as PEFT's path_initial_model_for_weight_conversion."""
+    solve(captured["llama"], tmp_path / "s", Options(mode="cnt-s", rank=4, init="residual", self_form="zca"))
+    export(tmp_path / "s", tmp_path / "e", alpha=8)
+    trained = peft.PeftModel.from_pretrained(load(tmp_path / "e" / "base"), tmp_path / "e", is_trainable=True)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    trained.save_pretrained(tmp_path / "trained", path_initial_model_for_weight_conversion=str(tmp_path / "e"))
+    converted = peft.PeftModel.from_pretrained(load(tiny["llama"]), tmp_path / "trained")
+    ids = torch.randint(5, 500, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_module_prefix_targets_a_task_model(tiny, captured, tmp_path):
+    """Captured on BertModel (encoder.*), loaded into BertForSequenceClassification (bert.encoder.*)."""
+    solve(captured["bert"], tmp_path / "s", Options(mode="cnt-s", rank=3, vas=True))
+    export(tmp_path / "s", tmp_path / "e", module_prefix="bert")
+    task_model = load(tiny["bert"], transformers.BertForSequenceClassification)
+    wrapped = peft.PeftModel.from_pretrained(task_model, tmp_path / "e")
+    assert_modules_add_exactly_ba(wrapped, load(tiny["bert"]), factors(tmp_path / "s"), prefix="bert.")
+
+
+def test_cli_export_with_check(captured, tmp_path, capsys):
+    run(capsys, "solve", captured["bert"], "-m", "cnt-s", "-r", "2", "-o", tmp_path / "s", "-q")
+    code, out, err = run(capsys, "export", tmp_path / "s", "--out", tmp_path / "e", "--check", "--dora")
+    assert code == 0 and out == f"{tmp_path / 'e'}\n"
+    assert re.search(r"check: PEFT loads the adapter; every module's output equals \(W \+ BA\)x to \d\.\de-0[6-9]", err), err
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["init"] == "offset"
+
+
+def test_bad_export_input(captured, tmp_path, capsys):
+    run(capsys, "solve", captured["bert"], "-m", "cnt-s", "-r", "2", "-o", tmp_path / "s", "-q")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    cases = [
+        ([captured["bert"]], "is not a cntinit solve directory"),
+        ([tmp_path / "s", "--format", "onnx"], "--format onnx is not one of peft"),
+        ([tmp_path / "s", "--alpha", "0"], "--alpha must be positive"),
+        ([tmp_path / "s", "--out", foreign], "exists and is not an export of this model"),
+    ]
+    for args, message in cases:
+        out_args = [] if "--out" in args else ["--out", tmp_path / "e"]
+        code, out, err = run(capsys, "export", *args, *out_args)
+        assert code == 2 and out == "" and message in err.strip().split("\n")[-1], err
+    assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
+    payload = tmp_path / "s" / "adapter.safetensors"
+    payload.write_bytes(payload.read_bytes()[:-4] + b"\0\0\0\0")
+    code, _, err = run(capsys, "export", tmp_path / "s", "--out", tmp_path / "e")
+    assert code == 2 and "does not match its checksum" in err
+
+
+def test_vas_rank_zero_modules_get_no_adapter(tiny, captured, tmp_path):
+    solve(captured["llama"], tmp_path / "s", Options(mode="cnt-s", rank=1, vas=True, budget=3))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    zero = [n for n, e in manifest["modules"].items() if e["rank"] == 0]
+    assert zero
+    export(tmp_path / "s", tmp_path / "e")
+    wrapped = peft.PeftModel.from_pretrained(load(tiny["llama"]), tmp_path / "e")
+    adapted = dict(wrapped.base_model.model.named_modules())
+    assert not any(isinstance(adapted[n], peft.tuners.lora.LoraLayer) for n in zero)
+    assert np.sum([isinstance(m, peft.tuners.lora.LoraLayer) for m in adapted.values()]) == len(manifest["modules"]) - len(zero)
