@@ -107,14 +107,9 @@ def _anchored(name: str) -> str:
 
 
 def _load_solved_model(manifest: dict, model: str | Path | None, trust_remote_code: bool):
-    """The model the solve used, refusing other weights."""
+    """(model, tokenizer) the solve used, refusing other weights."""
     path = Path(model) if model is not None else Path(manifest["model"]["path"])
-    net, tokenizer = models.load(path, trust_remote_code)
-    named = dict(net.named_modules())
-    if any(name not in named for name in manifest["modules"]) or models.fingerprint(
-        {name: named[name] for name in manifest["modules"]}
-    ) != manifest["model"]["fingerprint"]:
-        raise CntinitError(f"the weights at {path} differ from the ones solved for: pass --model with the model the capture used")
+    net, tokenizer, _ = models.load_matching(path, list(manifest["modules"]), manifest["model"]["fingerprint"], trust_remote_code)
     return net, tokenizer
 
 
@@ -146,6 +141,8 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
     """
     sol = solution.Solution(solve_dir)
     exported = json.loads((Path(out) / store.MANIFEST).read_text())
+    if exported["module_prefix"]:
+        raise CntinitError("the check loads the captured model class, which has no module prefix: export without --module-prefix to check")
     pretrained, _ = _load_solved_model(sol.manifest, model, trust_remote_code=False)
     base_path = Path(out) / BASE_DIR
     base, _ = models.load(base_path) if exported["residual_base"] else (copy.deepcopy(pretrained), None)
@@ -154,9 +151,6 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
         wrapped = peft.PeftModel.from_pretrained(base, str(out))
     adapted = dict(wrapped.base_model.model.named_modules())
     original = dict(pretrained.named_modules())
-    prefix = exported["module_prefix"]
-    if prefix:
-        raise CntinitError("the check loads the captured model class, which has no module prefix: export without --module-prefix to check")
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     with torch.no_grad():
@@ -165,7 +159,7 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
             x = torch.randn(4, w.shape[1], generator=generator, dtype=torch.float64)
             bias = original[name].bias.double() if original[name].bias is not None else 0.0
             want = x @ (w if exported["residual_base"] else w + b.double() @ a.double()).T + bias
-            module = adapted[prefix + name]
+            module = adapted[name]
             got = module(x.to(module.weight.dtype)).double()
             worst = max(worst, float((got - want).norm() / want.norm().clamp(min=1e-30)))
     return worst

@@ -106,6 +106,22 @@ def fingerprint(modules: dict[str, nn.Module]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def load_matching(path: str | Path, names: list[str], expected: str, trust_remote_code: bool = False):
+    """(model, tokenizer, modules) from `path`, refusing weights whose fingerprint over `names` is not `expected`."""
+    net, tokenizer = load(path, trust_remote_code)
+    named = dict(net.named_modules())
+    missing = [name for name in names if name not in named]
+    if missing:
+        raise CntinitError(f"{path} has no module {missing[0]} that the capture recorded: pass --model with the captured model")
+    modules = {name: named[name] for name in names}
+    if fingerprint(modules) != expected:
+        raise CntinitError(
+            f"the weights at {path} differ from the ones captured (fingerprint mismatch): "
+            "capture again with these weights, or pass --model with the captured ones"
+        )
+    return net, tokenizer, modules
+
+
 def forward_root(model: nn.Module, target_names: list[str]) -> nn.Module:
     """The smallest module to run: the base model (skipping an LM or MLM head) when every
     target lies inside it."""

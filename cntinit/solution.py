@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .errors import CntinitError
-from .store import MANIFEST, read_manifest, sha256_file
+from .store import MANIFEST, read_manifest, sha256_file, verify_payloads
 
 FORMAT = "cntinit.solve"
 FORMAT_VERSION = 1
@@ -65,12 +65,7 @@ class Solution:
             raise CntinitError(f"{self.path} is not a cntinit solve directory (no valid {MANIFEST}): give the directory `cntinit solve` wrote")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CntinitError(f"{self.path} has solve format version {manifest.get('format_version')}, this cntinit reads {FORMAT_VERSION}: solve again")
-        for name, entry in manifest["files"].items():
-            file = self.path / name
-            if Path(name).name != name or not file.is_file():
-                raise CntinitError(f"{file} is missing: the solve directory is incomplete, solve again")
-            if sha256_file(file) != entry["sha256"]:
-                raise CntinitError(f"{file} does not match its checksum in {MANIFEST}: the solve directory is corrupt, solve again")
+        verify_payloads(self.path, manifest, "solve directory", "solve again")
         self.manifest = manifest
 
     @property

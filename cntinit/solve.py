@@ -8,7 +8,7 @@ the model itself.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -90,7 +90,7 @@ def solve(capture_dir: str | Path, out: str | Path, options: Options | None = No
     captured = stats.manifest
     bucket_weights = _bucket_weights(options, stats.buckets)
     model_path = Path(model) if model is not None else Path(captured["model"]["path"])
-    modules = _captured_modules(model_path, captured, trust_remote_code)
+    _, _, modules = models.load_matching(model_path, list(captured["modules"]), captured["model"]["fingerprint"], trust_remote_code)
     store.check_out(out, captured["model"]["fingerprint"], overwrite, solution.FORMAT, "a solve directory")
     dev = models.resolve_device(device)
     dtype = PRECISIONS[options.precision]
@@ -109,7 +109,7 @@ def solve(capture_dir: str | Path, out: str | Path, options: Options | None = No
         d, k = models.in_out_features(module)
         max_ranks[name] = min(k, d, options.max_rank or k)
     if options.vas:
-        options.budget = options.budget or options.rank * len(modules)
+        options = replace(options, budget=options.budget or options.rank * len(modules))
         singular_values = {}
         for batch in deltas("singular values"):
             singular_values.update(zip(batch.names, torch.linalg.svdvals(batch.delta).cpu()))
@@ -168,22 +168,6 @@ def _bucket_weights(options: Options, buckets: int) -> list[float]:
         what = "the pooled statistics take one weight" if options.pooled else f"the capture has {buckets} bucket(s)"
         raise CntinitError(f"--bucket-weights has {len(weights)} value(s) but {what}: give {count} comma-separated numbers")
     return [float(w) for w in weights]
-
-
-def _captured_modules(model_path: Path, captured: dict, trust_remote_code: bool) -> dict:
-    """The store's target modules in the model at `model_path`, refusing other weights."""
-    net, _ = models.load(model_path, trust_remote_code)
-    named = dict(net.named_modules())
-    missing = [name for name in captured["modules"] if name not in named]
-    if missing:
-        raise CntinitError(f"{model_path} has no module {missing[0]} that the capture recorded: pass --model with the captured model")
-    modules = {name: named[name] for name in captured["modules"]}
-    if models.fingerprint(modules) != captured["model"]["fingerprint"]:
-        raise CntinitError(
-            f"the weights at {model_path} differ from the ones captured (fingerprint mismatch): "
-            "capture again with these weights, or pass --model with the captured ones"
-        )
-    return modules
 
 
 def _sigmas(tensors: dict[str, torch.Tensor], key: str, options: Options, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:

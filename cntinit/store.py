@@ -87,6 +87,18 @@ def read_manifest(path: str | Path, format: str = FORMAT) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get("format") == format else None
 
 
+def verify_payloads(directory: Path, manifest: dict, what: str, fix: str, checksums: bool = True) -> None:
+    """Every payload the manifest lists lies inside `directory`, exists, and (with `checksums`) matches its sha256."""
+    for name, entry in manifest["files"].items():
+        file = directory / name
+        if Path(name).name != name:
+            raise CntinitError(f"{directory}/{MANIFEST} names a payload outside the {what} ({name}): the manifest was edited")
+        if not file.is_file():
+            raise CntinitError(f"{file} is missing: the {what} is incomplete, {fix}")
+        if checksums and sha256_file(file) != entry["sha256"]:
+            raise CntinitError(f"{file} does not match its checksum in {MANIFEST}: the {what} is corrupt, {fix}")
+
+
 class Store:
     """A statistics store opened for reading; payload checksums are verified on open."""
 
@@ -102,19 +114,7 @@ class Store:
                 f"{self.path} has store format version {manifest.get('format_version')}, this cntinit reads {FORMAT_VERSION}: capture again"
             )
         self.manifest = manifest
-        for name in manifest["files"]:
-            if Path(name).name != name:
-                raise CntinitError(f"{self.path}/{MANIFEST} names a payload outside the store ({name}): the manifest was edited")
-        if verify:
-            self.verify()
-
-    def verify(self) -> None:
-        for name, entry in self.manifest["files"].items():
-            file = self.path / name
-            if not file.is_file():
-                raise CntinitError(f"{file} is missing: the store is incomplete, capture again")
-            if sha256_file(file) != entry["sha256"]:
-                raise CntinitError(f"{file} does not match its checksum in {MANIFEST}: the store is corrupt, capture again")
+        verify_payloads(self.path, manifest, "store", "capture again", checksums=verify)
 
     @property
     def keys(self) -> list[str]:

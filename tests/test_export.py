@@ -193,3 +193,25 @@ def test_vas_rank_zero_modules_get_no_adapter(tiny, captured, tmp_path):
     adapted = dict(wrapped.base_model.model.named_modules())
     assert not any(isinstance(adapted[n], peft.tuners.lora.LoraLayer) for n in zero)
     assert np.sum([isinstance(m, peft.tuners.lora.LoraLayer) for m in adapted.values()]) == len(manifest["modules"]) - len(zero)
+
+
+def test_bfloat16_checkpoint_residual_base_keeps_its_dtype(tmp_path, calibration):
+    """Real LLM checkpoints are bf16: the solve works in float64, the base is saved back in bf16."""
+    from cntinit import capture
+    from conftest import build_tiny
+
+    directory = build_tiny("llama", tmp_path / "bf16")
+    load(directory).to(torch.bfloat16).save_pretrained(directory)
+    capture(directory, calibration, tmp_path / "stats", targets="q_proj,v_proj")
+    solve(tmp_path / "stats", tmp_path / "s", Options(mode="cnt-s", rank=2, init="residual", self_form="zca"))
+    export(tmp_path / "s", tmp_path / "e")
+    base = load(tmp_path / "e" / "base")
+    assert base.dtype == torch.bfloat16
+    pretrained = load(directory)
+    wrapped = peft.PeftModel.from_pretrained(load(tmp_path / "e" / "base"), tmp_path / "e")
+    for name, (b, a) in factors(tmp_path / "s").items():
+        w = linear_weight(dict(pretrained.named_modules())[name])
+        got = linear_weight(dict(base.named_modules())[name])
+        # one bf16 rounding of W − BA: relative error 2⁻⁸ of the larger of the two
+        assert (got - (w - b @ a)).abs().max() <= 2**-8 * float((w - b @ a).abs().max())
+        assert dict(wrapped.base_model.model.named_modules())[name].r["default"] == 2

@@ -238,3 +238,15 @@ def test_solve_refuses_what_is_not_a_store_and_foreign_outputs(captured, tmp_pat
     run(capsys, "solve", captured["llama"], "-m", "cnt-x", "-o", tmp_path / "s", "-q")
     code, _, _ = run(capsys, "solve", captured["llama"], "-m", "cnt-s", "-o", tmp_path / "s", "-q")
     assert code == 0 and json.loads((tmp_path / "s" / "manifest.json").read_text())["mode"] == "cnt-s"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA solve with the CPU one")
+@pytest.mark.parametrize("mode", ["cnt-x", "cnt-s", "cnt-sh"])
+def test_cuda_solve_equals_cpu_solve(mode, captured, tmp_path):
+    for device in ("cpu", "cuda"):
+        solve(captured["llama"], tmp_path / device, Options(mode=mode, rank=4, vas=True), device=device)
+    cpu_manifest, cpu = solved(tmp_path / "cpu")
+    cuda_manifest, cuda = solved(tmp_path / "cuda")
+    assert cpu_manifest["modules"] == cuda_manifest["modules"] and cuda_manifest["device"].startswith("cuda")
+    for name, (b, a) in cpu.items():
+        np.testing.assert_allclose(cuda[name][0] @ cuda[name][1], b @ a, rtol=0, atol=1e-6 * np.abs(b @ a).max())
