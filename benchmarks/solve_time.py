@@ -46,8 +46,10 @@ def main() -> None:
                                     device=args.device, overwrite=True)
                         sol = Solution(out)
                         times.append(sol.report["solve_seconds"])
-                    table.add_row(mode, precision, "VAS" if vas else "fixed", sol.manifest["device"], f"{statistics.median(times):.2f}",
-                                  " ".join(f"{t:.2f}" for t in times), f"{100 * sol.report['kept']:.1f}%")
+                    row = (mode, precision, "VAS" if vas else "fixed", sol.manifest["device"], f"{statistics.median(times):.2f}",
+                           " ".join(f"{t:.2f}" for t in times), f"{100 * sol.report['kept']:.1f}%")
+                    table.add_row(*row)
+                    console.err.print(" ".join(row), highlight=False)  # rows as they finish; the table comes at the end
         Console().print(table)
 
 

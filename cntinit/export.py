@@ -79,6 +79,10 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
         bias="none",
         base_model_name_or_path=str((Path(out) / BASE_DIR).absolute()) if residual else manifest["model"]["path"],
     )
+    if residual and (dora or (rslora and config.rank_pattern)):
+        warn("after training, PEFT's path_initial_model_for_weight_conversion " + (
+            "ignores DoRA magnitudes, so converting this adapter to a plain LoRA gives wrong weights" if dora
+            else "refuses rsLoRA with variable ranks") + ": keep training on the shipped residual base")
     with atomic_directory(out) as tmp:
         save_file(tensors, tmp / ADAPTER_FILE, metadata={"format": "pt"})
         config.save_pretrained(tmp)

@@ -110,9 +110,10 @@ def test_dora_magnitude_is_the_row_norm_peft_computes(tiny, captured, tmp_path):
 
 
 @pytest.mark.parametrize("kind,mode,flags", [("llama", "cnt-s", {}), ("bert", "cnt-sh", {"dora": True}), ("gpt2", "cnt-s", {"rslora": True})])
-def test_residual_export_starts_at_the_pretrained_model(kind, mode, flags, tiny, captured, tmp_path):
+def test_residual_export_starts_at_the_pretrained_model(kind, mode, flags, tiny, captured, tmp_path, capsys):
     solve(captured[kind], tmp_path / "s", Options(mode=mode, rank=4, init="residual", self_form="zca"))
     export(tmp_path / "s", tmp_path / "e", **flags)
+    assert ("ignores DoRA magnitudes" in capsys.readouterr().err) == bool(flags.get("dora"))
     assert (tmp_path / "e" / "base" / "config.json").is_file() and (tmp_path / "e" / "base" / "tokenizer.json").is_file()
     pretrained = load(tiny[kind])
     wrapped = peft.PeftModel.from_pretrained(load(tmp_path / "e" / "base"), tmp_path / "e")
@@ -131,8 +132,9 @@ def test_residual_export_starts_at_the_pretrained_model(kind, mode, flags, tiny,
 
 def test_trained_residual_adapter_converts_back_to_plain_lora(tiny, captured, tmp_path):
     """The export directory works as PEFT's path_initial_model_for_weight_conversion."""
-    solve(captured["llama"], tmp_path / "s", Options(mode="cnt-s", rank=4, init="residual", self_form="zca"))
+    solve(captured["llama"], tmp_path / "s", Options(mode="cnt-s", rank=4, init="residual", self_form="zca", vas=True))
     export(tmp_path / "s", tmp_path / "e", alpha=8)
+    assert json.loads((tmp_path / "e" / "adapter_config.json").read_text())["rank_pattern"]
     trained = peft.PeftModel.from_pretrained(load(tmp_path / "e" / "base"), tmp_path / "e", is_trainable=True)
     with torch.no_grad():
         for name, param in trained.named_parameters():
