@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -208,38 +211,39 @@ TABLE_ROWS = 48
 
 
 def print_report(report: dict, out: Console) -> None:
-    """Per module (or, for big models, per module kind): rank, ‖BA‖/‖W‖, ‖ΔW‖² kept, output change."""
+    """Per module — or, past TABLE_ROWS modules, per module kind (rank range, medians over layers,
+    floored max) — rank, ‖ΔW‖, ‖BA‖/‖W‖, kept share, output change, floored values."""
     rows = report["modules"]
     grouped = len(rows) > TABLE_ROWS
+    shared = os.path.commonprefix(list(rows))
+    shared = "" if grouped else shared[: shared.rfind(".") + 1]  # e.g. "model.layers.", left out of every row
     groups: dict[str, list[dict]] = {}
     for name, row in rows.items():
-        groups.setdefault(models.module_suffixes({name: None})[0] if grouped else name, []).append(row)
-    table = Table(title=f"{report['mode']} · {report['init']} init · rcond {report['rcond']:g}")
-    table.add_column("module kind (all layers)" if grouped else "module", overflow="fold")
-    for header in ("rank", "‖BA‖/‖W‖", "‖ΔW‖² kept", "output change", "floored"):
+        groups.setdefault(models.module_suffixes({name: None})[0] if grouped else name[len(shared):], []).append(row)
+    caption = "kept = ‖BA‖²/‖ΔW‖² · out Δ = tr(BA Σ (BA)ᵀ)/tr(W Σ Wᵀ) · floored = eigenvalues under rcond·λmax"
+    if grouped:
+        caption += " · per module kind: rank range, medians over layers, floored max; per module in report.json"
+    table = Table(title=f"{report['mode']} · {report['init']} init · rcond {report['rcond']:g}", box=box.SIMPLE_HEAD, caption=caption)
+    table.add_column("module kind" if grouped else f"module ({shared}…)" if shared else "module", overflow="fold", min_width=22)
+    for header in ("rank", "‖ΔW‖", "‖BA‖/‖W‖", "kept", "out Δ", "floored"):
         table.add_column(header, justify="right", no_wrap=True)
+    typical = statistics.median if grouped else max  # max of one value is the value
     for label, members in groups.items():
         ranks = [m["rank"] for m in members]
-        rel = [m["update_norm"] / m["weight_norm"] if m["weight_norm"] else 0.0 for m in members]
         table.add_row(
             label,
-            _span(ranks, "{:d}"),
-            _span(rel, "{:.3g}"),
-            _span([100 * m["kept"] for m in members], "{:.1f}%"),
-            _span([m["output_change"] for m in members], "{:.3g}"),
-            _span([m["floored"] for m in members], "{:d}"),
+            f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}–{max(ranks)}",
+            f"{typical(m['delta_norm'] for m in members):.3g}",
+            f"{typical(m['update_norm'] / m['weight_norm'] if m['weight_norm'] else 0.0 for m in members):.3g}",
+            f"{100 * typical(m['kept'] for m in members):.1f}%",
+            f"{typical(m['output_change'] for m in members):.3g}",
+            f"{max(m['floored'] for m in members)}",
         )
     out.print(table)
     budget = f" of budget {report['budget']}" if report["budget"] else ""
     out.print(f"{report['modules_with_adapter']}/{len(rows)} modules get an adapter, total rank {report['total_rank']}{budget}; "
               f"‖ΔW‖² kept overall {100 * report['kept']:.1f}%; {report['floored_modules']} modules had values under the floor; "
-              f"solved in {report['solve_seconds']:.1f}s" + ("  (min–max over layers; per module in report.json)" if grouped else ""),
-              highlight=False)
-
-
-def _span(values: list, fmt: str) -> str:
-    low, high = min(values), max(values)
-    return fmt.format(low) if low == high else f"{fmt.format(low)}–{fmt.format(high)}"
+              f"solved in {report['solve_seconds']:.1f}s", highlight=False)
 
 
 @app.command()
@@ -294,8 +298,10 @@ def demo(
     rank: int = typer.Option(8, "--rank", "-r", help="Adapter rank."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
-    """Run the main job end to end on the embedded default: capture all-MiniLM-L6-v2 over KJV verses,
-    solve, export a PEFT adapter, and load it back with PEFT to check it."""
+    """Run the main job end to end on the embedded default (all-MiniLM-L6-v2 over KJV verses).
+
+    Captures statistics, solves CNTLoRA, exports a PEFT adapter, loads it back with PEFT to check it.
+    """
     stats_dir, solve_dir, adapter_dir = out / "stats", out / f"solve-{mode}-r{rank}", out / "adapter"
     times = {}
     started = time.perf_counter()

@@ -183,11 +183,11 @@ def test_report_diagnostics_match_their_definitions(tiny, captured, tmp_path):
 def test_cli_solve_prints_the_table_and_the_path(captured, tmp_path, capsys):
     code, out, err = run(capsys, "solve", captured["gpt2"], "--mode", "cnt-s", "--rank", "2", "--out", tmp_path / "s")
     assert code == 0 and out == f"{tmp_path / 's'}\n"
-    assert "‖ΔW‖² kept" in err and "c_proj" in err and "total rank 16" in err
+    assert "‖BA‖²/‖ΔW‖²" in err and "c_proj" in err and "total rank 16" in err
     code, out, _ = run(capsys, "solve", captured["gpt2"], "-m", "cnt-x", "-o", tmp_path / "s", "--json", "-q")
     assert code == 0 and json.loads(out)["mode"] == "cnt-x"
     code, out, _ = run(capsys, "inspect", tmp_path / "s")
-    assert code == 0 and "cnt-x · offset init" in out and "‖ΔW‖² kept" in out
+    assert code == 0 and "cnt-x · offset init" in out and "out Δ" in out
     code, out, _ = run(capsys, "inspect", tmp_path / "s", "--json")
     assert code == 0 and json.loads(out)["format"] == "cntinit.solve"
 
@@ -250,3 +250,17 @@ def test_cuda_solve_equals_cpu_solve(mode, captured, tmp_path):
     assert cpu_manifest["modules"] == cuda_manifest["modules"] and cuda_manifest["device"].startswith("cuda")
     for name, (b, a) in cpu.items():
         np.testing.assert_allclose(cuda[name][0] @ cuda[name][1], b @ a, rtol=0, atol=1e-6 * np.abs(b @ a).max())
+
+
+def test_big_models_get_one_report_row_per_module_kind(captured, tmp_path, capsys, monkeypatch):
+    from cntinit import cli
+
+    monkeypatch.setattr(cli, "TABLE_ROWS", 4)
+    run(capsys, "solve", captured["llama"], "-m", "cnt-s", "-r", "3", "-o", tmp_path / "s", "-q")
+    code, out, _ = run(capsys, "inspect", tmp_path / "s")
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    q_rows = [row for name, row in report["modules"].items() if name.endswith("q_proj")]
+    line = next(line for line in out.splitlines() if "self_attn.q_proj" in line)
+    assert code == 0 and "medians over layers" in out and "layers.0" not in out
+    assert line.split()[1] == "3" and line.split()[-1] == str(max(r["floored"] for r in q_rows))
+    assert f"{100 * np.median([r['kept'] for r in q_rows]):.1f}%" in line
