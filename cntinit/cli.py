@@ -161,8 +161,8 @@ def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
 
 @app.command()
 def solve(
-    capture_dir: Path = typer.Argument(..., help="A statistics store written by `cntinit capture`."),
-    mode: str = typer.Option(..., "--mode", "-m", help="cnt-x (Cross: WΣ⁺), cnt-s (Self: WD^-1/2Pᵀ), cnt-sh (Shift: c((I−Σ)Wᵀ)⁺)."),
+    capture_dir: Optional[Path] = typer.Argument(None, help="A statistics store written by `cntinit capture` (data-free modes may give --model instead)."),
+    mode: str = typer.Option(..., "--mode", "-m", help="cnt-x (Cross: WΣ⁺), cnt-s (Self: WD^-1/2Pᵀ), cnt-sh (Shift: c((I−Σ)Wᵀ)⁺); baselines pissa, milora, olora (data-free)."),
     out: Path = typer.Option(..., "--out", "-o", help="Solve directory to write."),
     rank: int = typer.Option(16, "--rank", "-r", help="Adapter rank per module (the base rank with --vas)."),
     rcond: float = typer.Option(1e-4, "--rcond", help="Eigenvalue floor relative to the largest: below it, values count as zero (pseudo-inverse) or are clamped (inverse root)."),
@@ -171,14 +171,15 @@ def solve(
     shift_c: float = typer.Option(1.0, "--shift-c", help="cnt-sh only: the constant c in C = c·I."),
     bucket_weights: Optional[str] = typer.Option(None, "--bucket-weights", help="Weights w_j of the robust average over the capture's buckets (eq. 18), comma-separated; default all 1."),
     pooled: bool = typer.Option(False, "--pooled", help="Ignore the capture's buckets: one estimate from the pooled statistics."),
-    decompose: str = typer.Option("svd", "--decompose", help="Rank-r split of ΔW: svd (best rank-r approximation) or qr."),
+    decompose: Optional[str] = typer.Option(None, "--decompose", help="Rank-r split of ΔW: svd (best rank-r approximation; the default) or qr."),
     split_p: float = typer.Option(0.5, "--split-p", help="svd only: B = U S^(1−p), A = S^p Vᵀ."),
-    init: str = typer.Option("offset", "--init", help="offset: base stays W, initial model W + BA (the paper's). residual: base becomes W − BA, initial model = pretrained."),
+    init: Optional[str] = typer.Option(None, "--init", help="offset (CNT default): base stays W, initial model W + BA. residual (pissa/milora/olora default): base becomes W − BA, initial model = pretrained."),
     vas: bool = typer.Option(False, "--vas", help="Variable ranks from the pooled relative variances of ΔW's singular values."),
     budget: Optional[int] = typer.Option(None, "--budget", help="--vas: total rank over all modules (default rank × modules)."),
     min_rank: int = typer.Option(0, "--min-rank", help="--vas: smallest rank per module; 0 lets a module go without adapter."),
     max_rank: Optional[int] = typer.Option(None, "--max-rank", help="--vas: largest rank per module (default min(in, out))."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Read the weights from here instead of the path the capture recorded (they must be the same weights)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Read the weights from here instead of the path the capture recorded (they must be the same weights); without a capture, the model to solve."),
+    targets: Optional[str] = typer.Option(None, "--targets", "-t", help="Without a capture: module-name suffixes or all-linear (the default)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, or cuda."),
     precision: str = typer.Option("float64", "--precision", help="Precision of the eigen/SVD work: float64 or float32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a solve directory of this model."),
@@ -186,13 +187,15 @@ def solve(
     quiet: bool = QUIET,
     as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of the output path."),
 ) -> None:
-    """Compute a ConsNoTrainLoRA initialization for every captured module; print a per-module report.
+    """Compute an initialization (ConsNoTrainLoRA, or a PiSSA/MiLoRA/OLoRA baseline) per module; print a report.
 
     Examples:
 
       cntinit solve stats/ --mode cnt-s --rank 16 --out init-s16/
 
       cntinit solve stats/ --mode cnt-x --rank 8 --vas --budget 512 --out init-x-vas/
+
+      cntinit solve --model ./Llama-3.2-1B --mode pissa --targets q_proj,v_proj --rank 16 --out init-pissa/
     """
     console.quiet = quiet
     options = Options(
@@ -200,7 +203,8 @@ def solve(
         bucket_weights=_floats(bucket_weights, "--bucket-weights"), pooled=pooled, decompose=decompose,
         split_p=split_p, init=init, vas=vas, budget=budget, min_rank=min_rank, max_rank=max_rank, precision=precision,
     )
-    path = run_solve(capture_dir, out, options, model=model, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code)
+    path = run_solve(capture_dir, out, options, model=model, targets=targets, device=device, overwrite=overwrite,
+                     trust_remote_code=trust_remote_code)
     report = Solution(path).report
     if not quiet:
         print_report(report, console.err)
@@ -236,7 +240,7 @@ def print_report(report: dict, out: Console) -> None:
             f"{typical(m['delta_norm'] for m in members):.3g}",
             f"{typical(m['update_norm'] / m['weight_norm'] if m['weight_norm'] else 0.0 for m in members):.3g}",
             f"{100 * typical(m['kept'] for m in members):.1f}%",
-            f"{typical(m['output_change'] for m in members):.3g}",
+            "–" if members[0]["output_change"] is None else f"{typical(m['output_change'] for m in members):.3g}",
             f"{max(m['floored'] for m in members)}",
         )
     out.print(table)
@@ -286,8 +290,8 @@ CHECK_TOLERANCE = 1e-4
 def _report_check(error: float) -> None:
     """One line on how well PEFT reproduces the solve; fails the command when it does not."""
     if error > CHECK_TOLERANCE:
-        raise CntinitError(f"PEFT's outputs differ from (W + BA)x by {error:.2e} (relative) — above {CHECK_TOLERANCE:g}; see the warnings above")
-    console.log(f"check: PEFT loads the adapter; every module's output equals (W + BA)x to {error:.1e} (relative)")
+        raise CntinitError(f"PEFT's outputs differ from the initial layers by {error:.2e} (relative) — above {CHECK_TOLERANCE:g}; see the warnings above")
+    console.log(f"check: PEFT loads the adapter; every adapted module computes the initial layer (W + BA, or W for a residual init) to {error:.1e} (relative)")
 
 
 @app.command()

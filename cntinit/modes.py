@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 import torch
 
-MODES = ("cnt-x", "cnt-s", "cnt-sh")
+MODES = ("cnt-x", "cnt-s", "cnt-sh")  # need activation statistics
+WEIGHT_MODES = ("pissa", "milora", "olora")  # baselines that split W itself; always residual
 SELF_FORMS = ("paper", "zca")
 DECOMPOSE = ("svd", "qr")
 
@@ -96,14 +97,16 @@ def robust_estimate(w: torch.Tensor, targets: list[torch.Tensor], weights: list[
     return total / (len(targets) + 1)
 
 
-def split(delta: torch.Tensor, rank: int, decompose: str, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def split(delta: torch.Tensor, rank: int, decompose: str, p: float, minor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r factors (B, A) of ΔW with signs fixed so the result is deterministic across devices.
 
-    svd: B = U_r S_r^{1−p}, A = S_r^p V_rᵀ.  qr: B = Q[:, :r], A = R[:r, :] with diag(R) ≥ 0.
+    svd: B = U_r S_r^{1−p}, A = S_r^p V_rᵀ — the r largest singular triplets, or with `minor`
+    the r smallest (MiLoRA), largest first.  qr: B = Q[:, :r], A = R[:r, :] with diag(R) ≥ 0.
     """
     if decompose == "svd":
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+        keep = slice(s.shape[-1] - rank, None) if minor else slice(None, rank)
+        u, s, vh = u[..., keep], s[..., keep], vh[..., keep, :]
         sign = _sign_of_largest(u, dim=-2)
         u, vh = u * sign.unsqueeze(-2), vh * sign.unsqueeze(-1)
         return u * s.pow(1 - p).unsqueeze(-2), s.pow(p).unsqueeze(-1) * vh

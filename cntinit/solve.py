@@ -37,17 +37,29 @@ class Options:
     shift_c: float = 1.0
     bucket_weights: list[float] | None = None
     pooled: bool = False
-    decompose: str = "svd"
+    decompose: str | None = None  # svd, except qr for olora
     split_p: float = 0.5
-    init: str = "offset"
+    init: str | None = None  # offset for the CNT modes (the paper's), residual for pissa/milora/olora
     vas: bool = False
     budget: int | None = None
     min_rank: int = 0
     max_rank: int | None = None
     precision: str = "float64"
 
+    def resolved(self) -> "Options":
+        """These options with the mode's defaults filled in, checked."""
+        weight_mode = self.mode in modes.WEIGHT_MODES
+        natural = "qr" if self.mode == "olora" else "svd"
+        if weight_mode and self.decompose not in (None, natural):
+            raise CntinitError(f"--mode {self.mode} splits W by {natural}; --decompose {self.decompose} would make it another method")
+        if weight_mode and self.init == "offset":
+            raise CntinitError(f"--mode {self.mode} moves part of W into the adapter, so its base must be W − BA: use --init residual (the default)")
+        options = replace(self, decompose=self.decompose or natural, init=self.init or ("residual" if weight_mode else "offset"))
+        options.check()
+        return options
+
     def check(self) -> None:
-        choices = {"--mode": (self.mode, modes.MODES), "--self-form": (self.self_form, modes.SELF_FORMS),
+        choices = {"--mode": (self.mode, modes.MODES + modes.WEIGHT_MODES), "--self-form": (self.self_form, modes.SELF_FORMS),
                    "--decompose": (self.decompose, modes.DECOMPOSE), "--init": (self.init, INITS),
                    "--precision": (self.precision, tuple(PRECISIONS))}
         for option, (value, allowed) in choices.items():
@@ -72,35 +84,53 @@ class Options:
 class Batch(NamedTuple):
     names: list[str]
     weight: torch.Tensor  # (n, k, d)
-    delta: torch.Tensor  # (n, k, d): W_est − W
-    sigma: torch.Tensor  # (n, d, d): pooled uncentered second moment, for the report
+    delta: torch.Tensor  # (n, k, d): W_est − W for the CNT modes; W itself for pissa/milora/olora
+    sigma: torch.Tensor | None  # (n, d, d): pooled uncentered second moment, for the report; None without a capture
     floored: list[int]  # eigen/singular values under the floor, worst bucket
 
 
-def solve(capture_dir: str | Path, out: str | Path, options: Options | None = None, *, model: str | Path | None = None,
-          device: str = "auto", overwrite: bool = False, trust_remote_code: bool = False, **params) -> Path:
-    """Solve every module of the store at `capture_dir`; write a solve directory at `out`.
+def solve(capture_dir: str | Path | None, out: str | Path, options: Options | None = None, *, model: str | Path | None = None,
+          targets: str | None = None, device: str = "auto", overwrite: bool = False, trust_remote_code: bool = False,
+          **params) -> Path:
+    """Solve every module of the store at `capture_dir` (or, for a data-free mode, the `targets`
+    of `model`); write a solve directory at `out`.
 
     Parameters come as `Options` or as its fields: `solve("stats", "init", mode="cnt-s", rank=8)`.
     """
-    options = options or Options(**params)
-    options.check()
+    options = (options or Options(**params)).resolved()
     started = time.perf_counter()
-    stats = store.Store(capture_dir)
-    captured = stats.manifest
-    bucket_weights = _bucket_weights(options, stats.buckets)
-    model_path = Path(model) if model is not None else Path(captured["model"]["path"])
-    _, _, modules = models.load_matching(model_path, list(captured["modules"]), captured["model"]["fingerprint"], trust_remote_code)
-    store.check_out(out, captured["model"]["fingerprint"], overwrite, solution.FORMAT, "a solve directory")
+    if capture_dir is not None:
+        if targets is not None:
+            raise CntinitError("--targets picks modules only without a capture: the capture already fixed them")
+        stats = store.Store(capture_dir)
+        captured = stats.manifest
+        bucket_weights = _bucket_weights(options, stats.buckets)
+        model_path = Path(model) if model is not None else Path(captured["model"]["path"])
+        _, _, modules = models.load_matching(model_path, list(captured["modules"]), captured["model"]["fingerprint"], trust_remote_code)
+        model_info = dict(captured["model"], path=str(model_path.absolute()))
+        source = f"{model_path} and the statistics of {capture_dir}"
+    else:
+        if options.mode in modes.MODES:
+            raise CntinitError(f"--mode {options.mode} needs activation statistics: give the directory `cntinit capture` wrote")
+        if model is None:
+            raise CntinitError("give a capture directory, or --model MODEL for a data-free mode (pissa, milora, olora)")
+        stats, captured, bucket_weights = None, None, [1.0]
+        net, _ = models.load(model, trust_remote_code)
+        modules = models.select_targets(net, targets or models.ALL_LINEAR)
+        model_info = {"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": models.fingerprint(modules)}
+        source = str(model)
+    store.check_out(out, model_info["fingerprint"], overwrite, solution.FORMAT, "a solve directory")
     dev = models.resolve_device(device)
     dtype = PRECISIONS[options.precision]
     loaded = time.perf_counter() - started
-    log(f"loaded {len(modules)} modules of {model_path} and the statistics of {capture_dir} in {loaded:.1f}s")
+    log(f"loaded {len(modules)} modules of {source} in {loaded:.1f}s")
 
     def deltas(label: str) -> Iterator[Batch]:
         with progress() as bar:
             task = bar.add_task(label, total=len(modules))
-            for batch in _deltas(stats, modules, options, bucket_weights, dev, dtype):
+            batches = _weights(stats, modules, dev, dtype) if options.mode in modes.WEIGHT_MODES else \
+                _deltas(stats, modules, options, bucket_weights, dev, dtype)
+            for batch in batches:
                 yield batch
                 bar.update(task, advance=len(batch.names))
 
@@ -119,14 +149,17 @@ def solve(capture_dir: str | Path, out: str | Path, options: Options | None = No
 
     factors, rows = {}, {}
     for batch in deltas(f"solve {options.mode}"):
-        top = max(ranks[name] for name in batch.names)
-        b, a = modes.split(batch.delta, max(top, 1), options.decompose, options.split_p)
+        top = max(max(ranks[name] for name in batch.names), 1)
+        minor = options.mode == "milora"
+        b, a = modes.split(batch.delta, top, options.decompose, options.split_p, minor)
         for i, name in enumerate(batch.names):
             r = ranks[name]
-            update = b[i, :, :r] @ a[i, :r]
-            rows[name] = _diagnostics(batch.weight[i], batch.delta[i], update, batch.sigma[i], r, batch.floored[i])
+            keep = slice(top - r, top) if minor else slice(0, r)  # the r smallest of the top kept, for MiLoRA
+            update = b[i, :, keep] @ a[i, keep]
+            sigma = batch.sigma[i] if batch.sigma is not None else None
+            rows[name] = _diagnostics(batch.weight[i], batch.delta[i], update, sigma, r, batch.floored[i])
             if r:
-                factors[name] = (b[i, :, :r].cpu(), a[i, :r].cpu())
+                factors[name] = (b[i, :, keep].cpu(), a[i, keep].cpu())
     seconds = time.perf_counter() - started - loaded
 
     report = _report(options, rows, ranks, seconds, loaded)
@@ -134,21 +167,21 @@ def solve(capture_dir: str | Path, out: str | Path, options: Options | None = No
         mode=options.mode,
         init=options.init,
         params={k: v for k, v in asdict(options).items() if k not in ("mode", "init")} | {"bucket_weights": bucket_weights},
-        capture={
+        capture=None if captured is None else {
             "path": str(Path(capture_dir).absolute()),
             "manifest_sha256": store.sha256_file(Path(capture_dir) / store.MANIFEST),
             "data_fingerprint": captured["data"]["fingerprint"],
             "tokens": captured["data"]["tokens"],
             "buckets": stats.buckets,
         },
-        model=dict(captured["model"], path=str(model_path.absolute())),
+        model=model_info,
         device=str(dev),
         modules={
             name: {
                 "rank": ranks[name],
                 "in_features": models.in_out_features(module)[0],
                 "out_features": models.in_out_features(module)[1],
-                "stats_key": captured["modules"][name]["key"],
+                "stats_key": captured["modules"][name]["key"] if captured else None,
                 "fan_in_fan_out": isinstance(module, Conv1D),
             }
             for name, module in modules.items()
@@ -170,10 +203,15 @@ def _bucket_weights(options: Options, buckets: int) -> list[float]:
     return [float(w) for w in weights]
 
 
+def _pooled_sigma(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The pooled uncentered second moment (d, d), float64: what the report measures output energy with."""
+    return modes.second_moment(tensors["xxt"].double(), tensors["sum"].double(), tensors["count"], centered=False)
+
+
 def _sigmas(tensors: dict[str, torch.Tensor], key: str, options: Options, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ per bucket used by the mode (B, d, d), pooled uncentered Σ (d, d)), float64."""
     t = {name: value.to(torch.float64) for name, value in tensors.items()}
-    pooled = modes.second_moment(t["xxt"], t["sum"], t["count"], centered=False)
+    pooled = _pooled_sigma(t)
     if options.pooled or buckets == 1:
         return modes.second_moment(t["xxt"], t["sum"], t["count"], options.centered)[None], pooled
     empty = (t["bucket_count"] == 0).nonzero().flatten().tolist()
@@ -216,6 +254,25 @@ def _deltas(stats: store.Store, modules: dict, options: Options, bucket_weights:
                     yield _solve_group(group, modules, options, bucket_weights, sigma, pooled, eig, floored, index, dev, dtype)
 
 
+def _weights(stats: store.Store | None, modules: dict, dev: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
+    """W itself, for the modes that split the weight (pissa, milora, olora), in batches of equal shape;
+    with a capture, the pooled Σ of each module rides along for the report."""
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name, module in modules.items():
+        by_shape.setdefault(models.in_out_features(module), []).append(name)
+    for (d, k), names in by_shape.items():
+        per_batch = max(1, CHUNK_BYTES // (6 * k * d * 8))
+        for s in range(0, len(names), per_batch):
+            group = names[s : s + per_batch]
+            w = torch.stack([models.weight_matrix(modules[n]).detach() for n in group]).to(dev, dtype)
+            sigma = None
+            if stats is not None:
+                keys = [stats.manifest["modules"][n]["key"] for n in group]
+                pooled = {key: _pooled_sigma(stats.tensors(key)) for key in dict.fromkeys(keys)}
+                sigma = torch.stack([pooled[key] for key in keys]).to(dev, dtype)
+            yield Batch(group, w, w, sigma, [0] * len(group))
+
+
 def _solve_group(names, modules, options, bucket_weights, sigma, pooled, eig, floored, index, dev, dtype) -> Batch:
     w = torch.stack([models.weight_matrix(modules[n]).detach() for n in names]).to(dev, dtype)
     targets, shift_floored = [], []
@@ -237,15 +294,17 @@ def _diagnostics(w, delta, update, sigma, rank, floored) -> dict:
     """What the report shows for one module; output change is on the pooled uncentered Σ."""
     delta_sq = float(delta.square().sum())
     update_sq = float(update.square().sum())
-    base_energy = float(((w @ sigma) * w).sum())
-    update_energy = float(((update @ sigma) * update).sum())
+    output_change = None
+    if sigma is not None:
+        base_energy = float(((w @ sigma) * w).sum())
+        output_change = float(((update @ sigma) * update).sum()) / base_energy if base_energy > 0 else 0.0
     return {
         "rank": rank,
         "weight_norm": float(w.norm()),
         "delta_norm": delta_sq**0.5,
         "update_norm": update_sq**0.5,
         "kept": update_sq / delta_sq if delta_sq > 0 else 1.0,
-        "output_change": update_energy / base_energy if base_energy > 0 else 0.0,
+        "output_change": output_change,
         "floored": int(floored),
     }
 

@@ -160,7 +160,7 @@ def test_cli_export_with_check(captured, tmp_path, capsys):
     run(capsys, "solve", captured["bert"], "-m", "cnt-s", "-r", "2", "-o", tmp_path / "s", "-q")
     code, out, err = run(capsys, "export", tmp_path / "s", "--out", tmp_path / "e", "--check", "--dora")
     assert code == 0 and out == f"{tmp_path / 'e'}\n"
-    assert re.search(r"check: PEFT loads the adapter; every module's output equals \(W \+ BA\)x to \d\.\de-0[6-9]", err), err
+    assert re.search(r"check: PEFT loads the adapter; every adapted module computes the initial layer .* to \d\.\de-0[6-9]", err), err
     assert json.loads((tmp_path / "e" / "manifest.json").read_text())["init"] == "offset"
 
 
@@ -217,3 +217,19 @@ def test_bfloat16_checkpoint_residual_base_keeps_its_dtype(tmp_path, calibration
         # one bf16 rounding of W − BA: relative error 2⁻⁸ of the larger of the two
         assert (got - (w - b @ a)).abs().max() <= 2**-8 * float((w - b @ a).abs().max())
         assert dict(wrapped.base_model.model.named_modules())[name].r["default"] == 2
+
+
+def test_check_catches_a_tampered_adapter(captured, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cntinit.export import check_peft
+
+    solve(captured["bert"], tmp_path / "s", Options(mode="cnt-s", rank=2))
+    export(tmp_path / "s", tmp_path / "e")
+    assert check_peft(tmp_path / "e", tmp_path / "s") < 1e-5
+    path = tmp_path / "e" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key] = tensors[key] * 1.5
+    save_file(tensors, path, metadata={"format": "pt"})
+    assert check_peft(tmp_path / "e", tmp_path / "s") > 1e-2

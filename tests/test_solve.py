@@ -96,6 +96,7 @@ CASES = [
 
 @pytest.mark.parametrize("kind,opts", CASES, ids=[f"{k}-{o.mode}-{i}" for i, (k, o) in enumerate(CASES)])
 def test_mode_equals_independent_computation(kind, opts, tiny, captured, tmp_path):
+    opts = opts.resolved()
     want = reference_delta(captured[kind], tiny[kind], opts)
     solve(captured[kind], tmp_path / "s", opts)
     manifest, factors = solved(tmp_path / "s")

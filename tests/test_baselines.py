@@ -1,0 +1,90 @@
+"""The weight-splitting baselines (pissa, milora, olora) against PEFT's own inits and NumPy."""
+
+import json
+
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+from cntinit.export import export
+from cntinit.solve import Options, solve
+from conftest import leftovers, run
+from test_export import assert_modules_add_exactly_ba, factors, linear_weight, load
+
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
+
+
+TARGETS["bert"] = ["query", "intermediate.dense"]
+
+
+# PEFT 0.21's olora_init ignores fan_in_fan_out: on GPT-2's Conv1D it factors Wᵀ and gives lora_A/B the wrong shapes,
+# so OLoRA has no peer there; cntinit factors W (out × in) for every layer type.
+@pytest.mark.parametrize("kind,mode,rank", [("llama", "pissa", 4), ("gpt2", "pissa", 3), ("llama", "olora", 3), ("bert", "olora", 4)])
+def test_agrees_with_peft_own_init(kind, mode, rank, tiny, tmp_path):
+    """Same tiny model, PEFT's init_lora_weights=pissa/olora in-process: same s·BA and the same residual base."""
+    solve(None, tmp_path / "s", Options(mode=mode, rank=rank), model=tiny[kind], targets=",".join(TARGETS[kind]))
+    export(tmp_path / "s", tmp_path / "e")
+    ours = factors(tmp_path / "s")
+    base = dict(load(tmp_path / "e" / "base").named_modules())
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS[kind], init_lora_weights=mode,
+                             fan_in_fan_out=kind == "gpt2")
+    reference = peft.get_peft_model(load(tiny[kind]), config)
+    theirs = dict(reference.base_model.model.named_modules())
+    assert set(ours) == {n for n, m in theirs.items() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    for name, (b, a) in ours.items():
+        layer = theirs[name]
+        peft_update = layer.scaling["default"] * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().double()
+        torch.testing.assert_close(b @ a, peft_update, rtol=1e-5, atol=1e-5 * float(peft_update.abs().max()))  # signs cancel in BA
+        torch.testing.assert_close(linear_weight(base[name]), linear_weight(layer.get_base_layer()), rtol=1e-5, atol=1e-6)
+
+
+def test_olora_scale_differs_from_peft_only_when_alpha_is_not_rank(tiny, tmp_path):
+    """PEFT's OLoRA moves s·Q_r R_r (s = α/r) out of W; cntinit moves exactly Q_r R_r for any α (METHODS.md)."""
+    solve(None, tmp_path / "s", Options(mode="olora", rank=2), model=tiny["llama"], targets="q_proj")
+    reference = peft.get_peft_model(load(tiny["llama"]), peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="olora"))
+    for name, (b, a) in factors(tmp_path / "s").items():
+        layer = dict(reference.base_model.model.named_modules())[name]
+        torch.testing.assert_close(4 * b @ a, layer.scaling["default"] * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().double(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_milora_takes_the_smallest_triplets(tiny, captured, tmp_path):
+    solve(captured["bert"], tmp_path / "s", Options(mode="milora", rank=3, vas=True, min_rank=1))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["init"] == "residual" and manifest["params"]["decompose"] == "svd"
+    weights = dict(load(tiny["bert"]).named_modules())
+    solved = factors(tmp_path / "s")
+    assert len({b.shape[1] for b, _ in solved.values()}) > 1
+    for name, (b, a) in solved.items():
+        w = linear_weight(weights[name]).numpy()
+        u, s, vh = np.linalg.svd(w, full_matrices=False)
+        r = b.shape[1]
+        np.testing.assert_allclose((b @ a).numpy(), u[:, -r:] * s[-r:] @ vh[-r:], atol=1e-9)
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert all(row["output_change"] is not None for row in report["modules"].values())  # a capture gives out Δ
+
+
+def test_pissa_residual_export_starts_at_the_pretrained_model(tiny, tmp_path):
+    solve(None, tmp_path / "s", Options(mode="pissa", rank=4, vas=True), model=tiny["bert"])
+    export(tmp_path / "s", tmp_path / "e", alpha=16, dora=True)
+    wrapped = peft.PeftModel.from_pretrained(load(tmp_path / "e" / "base"), tmp_path / "e")
+    assert_modules_add_exactly_ba(wrapped, load(tiny["bert"]), factors(tmp_path / "s"), residual=True)
+
+
+def test_data_free_cli_and_its_errors(tiny, captured, tmp_path, capsys):
+    code, out, err = run(capsys, "solve", "--model", tiny["gpt2"], "-m", "pissa", "-r", "2", "-o", tmp_path / "s")
+    assert code == 0 and out == f"{tmp_path / 's'}\n" and "pissa · residual init" in err and "–" in err
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["capture"] is None and len(manifest["modules"]) == 8
+    for args, message in [
+        (["-m", "cnt-x", "--model", tiny["gpt2"]], "--mode cnt-x needs activation statistics"),
+        (["-m", "pissa"], "give a capture directory, or --model MODEL"),
+        (["-m", "pissa", "--model", tiny["gpt2"], "--init", "offset"], "its base must be W − BA: use --init residual"),
+        (["-m", "olora", "--model", tiny["gpt2"], "--decompose", "svd"], "--mode olora splits W by qr"),
+        ([captured["gpt2"], "-m", "pissa", "--targets", "c_fc"], "--targets picks modules only without a capture"),
+    ]:
+        code, out, err = run(capsys, "solve", *args, "-o", tmp_path / "bad")
+        assert code == 2 and out == "" and message in err.strip().split("\n")[-1], err
+    assert not (tmp_path / "bad").exists() and leftovers(tmp_path) == []
