@@ -99,26 +99,9 @@ def solve(capture_dir: str | Path | None, out: str | Path, options: Options | No
     """
     options = (options or Options(**params)).resolved()
     started = time.perf_counter()
-    if capture_dir is not None:
-        if targets is not None:
-            raise CntinitError("--targets picks modules only without a capture: the capture already fixed them")
-        stats = store.Store(capture_dir)
-        captured = stats.manifest
-        bucket_weights = _bucket_weights(options, stats.buckets)
-        model_path = Path(model) if model is not None else Path(captured["model"]["path"])
-        _, _, modules = models.load_matching(model_path, list(captured["modules"]), captured["model"]["fingerprint"], trust_remote_code)
-        model_info = dict(captured["model"], path=str(model_path.absolute()))
-        source = f"{model_path} and the statistics of {capture_dir}"
-    else:
-        if options.mode in modes.MODES:
-            raise CntinitError(f"--mode {options.mode} needs activation statistics: give the directory `cntinit capture` wrote")
-        if model is None:
-            raise CntinitError("give a capture directory, or --model MODEL for a data-free mode (pissa, milora, olora)")
-        stats, captured, bucket_weights = None, None, [1.0]
-        net, _ = models.load(model, trust_remote_code)
-        modules = models.select_targets(net, targets or models.ALL_LINEAR)
-        model_info = {"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": models.fingerprint(modules)}
-        source = str(model)
+    stats, modules, model_info, source = _open(capture_dir, model, targets, options, trust_remote_code)
+    captured = stats.manifest if stats is not None else None
+    bucket_weights = _bucket_weights(options, stats.buckets) if stats is not None else [1.0]
     store.check_out(out, model_info["fingerprint"], overwrite, solution.FORMAT, "a solve directory")
     dev = models.resolve_device(device)
     dtype = PRECISIONS[options.precision]
@@ -191,6 +174,27 @@ def solve(capture_dir: str | Path | None, out: str | Path, options: Options | No
         solution.write(tmp, manifest, factors, report)
     log(f"solved {options.mode} for {len(factors)} modules (total rank {sum(ranks.values())}) in {seconds:.1f}s after {loaded:.1f}s of loading")
     return Path(out)
+
+
+def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool):
+    """(store or None, target modules, model record, description): from a capture, whose recorded
+    (or --model) weights must match its fingerprint, or — data-free modes only — from --model and --targets."""
+    if capture_dir is not None:
+        if targets is not None:
+            raise CntinitError("--targets picks modules only without a capture: the capture already fixed them")
+        stats = store.Store(capture_dir)
+        captured = stats.manifest
+        model_path = Path(model) if model is not None else Path(captured["model"]["path"])
+        _, _, modules = models.load_matching(model_path, list(captured["modules"]), captured["model"]["fingerprint"], trust_remote_code)
+        return stats, modules, dict(captured["model"], path=str(model_path.absolute())), f"{model_path} and the statistics of {capture_dir}"
+    if options.mode in modes.MODES:
+        raise CntinitError(f"--mode {options.mode} needs activation statistics: give the directory `cntinit capture` wrote")
+    if model is None:
+        raise CntinitError("give a capture directory, or --model MODEL for a data-free mode (pissa, milora, olora)")
+    net, _ = models.load(model, trust_remote_code)
+    modules = models.select_targets(net, targets or models.ALL_LINEAR)
+    record = {"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": models.fingerprint(modules)}
+    return None, modules, record, str(model)
 
 
 def _bucket_weights(options: Options, buckets: int) -> list[float]:
