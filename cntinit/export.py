@@ -17,12 +17,13 @@ import peft
 import torch
 from safetensors.torch import save_file
 
-from . import __version__, models, solution, store
+from . import models, solution, store
 from .atomic import atomic_directory
 from .console import log, warn
 from .errors import CntinitError
 
 FORMAT = "cntinit.export"
+FORMAT_VERSION = 1
 FORMATS = ("peft",)
 BASE_DIR = "base"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -89,8 +90,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
         if residual:
             _write_residual_base(net, tokenizer, factors, sol.modules, tmp / BASE_DIR)
         (tmp / store.MANIFEST).write_text(json.dumps({
-            "format": FORMAT,
-            "cntinit_version": __version__,
+            **store.header(FORMAT, FORMAT_VERSION),
             "adapter_format": format,
             "init": manifest["init"],
             "mode": manifest["mode"],

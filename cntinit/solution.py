@@ -12,16 +12,13 @@ A module with rank 0 has no tensors. The README documents the format.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .errors import CntinitError
-from .store import MANIFEST, read_manifest, sha256_file, verify_payloads
+from .store import MANIFEST, file_entry, header, open_manifest
 
 FORMAT = "cntinit.solve"
 FORMAT_VERSION = 1
@@ -30,13 +27,7 @@ REPORT = "report.json"
 
 
 def new_manifest(**fields) -> dict:
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "cntinit_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **fields,
-    }
+    return {**header(FORMAT, FORMAT_VERSION), **fields}
 
 
 def write(directory: Path, manifest: dict, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], report: dict) -> None:
@@ -47,9 +38,7 @@ def write(directory: Path, manifest: dict, factors: dict[str, tuple[torch.Tensor
         tensors[f"{name}.B"] = b.to(torch.float32).contiguous()
     save_file(tensors, directory / ADAPTER, metadata={"format": "pt"})
     (directory / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    manifest["files"] = {
-        name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size} for name in (ADAPTER, REPORT)
-    }
+    manifest["files"] = {name: file_entry(directory / name) for name in (ADAPTER, REPORT)}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -58,15 +47,7 @@ class Solution:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise CntinitError(f"{self.path} is not a directory: give the directory `cntinit solve` wrote")
-        manifest = read_manifest(self.path, FORMAT)
-        if manifest is None:
-            raise CntinitError(f"{self.path} is not a cntinit solve directory (no valid {MANIFEST}): give the directory `cntinit solve` wrote")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise CntinitError(f"{self.path} has solve format version {manifest.get('format_version')}, this cntinit reads {FORMAT_VERSION}: solve again")
-        verify_payloads(self.path, manifest, "solve directory", "solve again")
-        self.manifest = manifest
+        self.manifest = open_manifest(self.path, FORMAT, FORMAT_VERSION, "solve directory", "solve")
 
     @property
     def modules(self) -> dict[str, dict]:

@@ -55,18 +55,30 @@ def write(directory: Path, manifest: dict, tensors_by_key: dict[str, dict[str, t
     for index, shard in enumerate(shards, start=1):
         name = f"stats-{index:05d}.safetensors"
         save_file({k: v.contiguous() for k, v in shard.items()}, directory / name, metadata={"format": "pt"})
-        manifest["files"][name] = {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+        manifest["files"][name] = file_entry(directory / name)
     for key, name in files.items():
         manifest["stats"][key]["file"] = name
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def new_manifest(model: dict, data: dict, capture: dict, modules: dict, stats: dict) -> dict:
+def header(format: str, version: int) -> dict:
+    """The fields every cntinit manifest starts with."""
     return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format": format,
+        "format_version": version,
         "cntinit_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def file_entry(path: Path) -> dict:
+    """A payload's manifest record: checksum and size."""
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def new_manifest(model: dict, data: dict, capture: dict, modules: dict, stats: dict) -> dict:
+    return {
+        **header(FORMAT, FORMAT_VERSION),
         "model": model,
         "data": data,
         "capture": capture,
@@ -87,16 +99,25 @@ def read_manifest(path: str | Path, format: str = FORMAT) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get("format") == format else None
 
 
-def verify_payloads(directory: Path, manifest: dict, what: str, fix: str, checksums: bool = True) -> None:
-    """Every payload the manifest lists lies inside `directory`, exists, and (with `checksums`) matches its sha256."""
+def open_manifest(path: Path, format: str, version: int, noun: str, command: str, checksums: bool = True) -> dict:
+    """The manifest of the `format` directory `path` that `cntinit {command}` wrote, after checking its
+    version and that every payload lies inside, exists, and (with `checksums`) matches its sha256."""
+    if not path.is_dir():
+        raise CntinitError(f"{path} is not a directory: give the directory `cntinit {command}` wrote")
+    manifest = read_manifest(path, format)
+    if manifest is None:
+        raise CntinitError(f"{path} is not a cntinit {noun} (no valid {MANIFEST}): give the directory `cntinit {command}` wrote")
+    if manifest.get("format_version") != version:
+        raise CntinitError(f"{path} has {noun} format version {manifest.get('format_version')}, this cntinit reads {version}: {command} again")
     for name, entry in manifest["files"].items():
-        file = directory / name
+        file = path / name
         if Path(name).name != name:
-            raise CntinitError(f"{directory}/{MANIFEST} names a payload outside the {what} ({name}): the manifest was edited")
+            raise CntinitError(f"{path}/{MANIFEST} names a payload outside the {noun} ({name}): the manifest was edited")
         if not file.is_file():
-            raise CntinitError(f"{file} is missing: the {what} is incomplete, {fix}")
+            raise CntinitError(f"{file} is missing: the {noun} is incomplete, {command} again")
         if checksums and sha256_file(file) != entry["sha256"]:
-            raise CntinitError(f"{file} does not match its checksum in {MANIFEST}: the {what} is corrupt, {fix}")
+            raise CntinitError(f"{file} does not match its checksum in {MANIFEST}: the {noun} is corrupt, {command} again")
+    return manifest
 
 
 class Store:
@@ -104,17 +125,7 @@ class Store:
 
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise CntinitError(f"{self.path} is not a directory: give the directory `cntinit capture` wrote")
-        manifest = read_manifest(self.path)
-        if manifest is None:
-            raise CntinitError(f"{self.path} is not a cntinit statistics store (no valid {MANIFEST}): give the directory `cntinit capture` wrote")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise CntinitError(
-                f"{self.path} has store format version {manifest.get('format_version')}, this cntinit reads {FORMAT_VERSION}: capture again"
-            )
-        self.manifest = manifest
-        verify_payloads(self.path, manifest, "store", "capture again", checksums=verify)
+        self.manifest = open_manifest(self.path, FORMAT, FORMAT_VERSION, "statistics store", "capture", checksums=verify)
 
     @property
     def keys(self) -> list[str]:
