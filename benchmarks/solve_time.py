@@ -22,6 +22,9 @@ from cntinit.solution import Solution
 from cntinit.solve import Options, solve
 
 
+NO_VAS = ("lora", "eva", "inilora", "inilora-alpha", "inilora-beta")  # modes that refuse --vas
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, help="statistics store (default: capture the embedded model)")
@@ -39,7 +42,7 @@ def main() -> None:
         table = Table("mode", "precision", "ranks", "device", "solve s (median)", "runs", "‖ΔW‖² kept", title=f"cntinit solve, rank {args.rank}, {store}")
         for mode in args.modes.split(","):
             for precision in args.precision.split(","):
-                for vas in (False, True):
+                for vas in (False,) if mode in NO_VAS else (False, True):
                     times = []
                     for _ in range(args.repeat):
                         out = solve(store, Path(scratch) / "solve", Options(mode=mode, rank=args.rank, precision=precision, vas=vas),
@@ -47,7 +50,7 @@ def main() -> None:
                         sol = Solution(out)
                         times.append(sol.report["solve_seconds"])
                     row = (mode, precision, "VAS" if vas else "fixed", sol.manifest["device"], f"{statistics.median(times):.2f}",
-                           " ".join(f"{t:.2f}" for t in times), f"{100 * sol.report['kept']:.1f}%")
+                           " ".join(f"{t:.2f}" for t in times), "–" if sol.report["kept"] is None else f"{100 * sol.report['kept']:.1f}%")
                     table.add_row(*row)
                     console.err.print(" ".join(row), highlight=False)  # rows as they finish; the table comes at the end
         Console().print(table)

@@ -72,15 +72,33 @@ class _Batch:
     bucket = 0
 
 
-def _real_rows(x: torch.Tensor, batch: _Batch) -> torch.Tensor:
+def _real_rows(x: torch.Tensor, batch: _Batch, samples: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the rows of real tokens, with `samples` the sequence each row belongs to — None when unknown)."""
     dim = x.shape[-1]
     if x.dim() == 3 and x.shape[:2] == (batch.size, batch.length):
         flat = x.reshape(-1, dim)
     elif x.dim() == 2 and x.shape[0] == batch.size * batch.length and batch.length > 1:
         flat = x
     else:  # one row per sequence (a pooler) or a layout without padding
-        return x.reshape(-1, dim)
-    return flat if batch.index is None else flat.index_select(0, batch.index)
+        rows = x.reshape(-1, dim)
+        known = samples and rows.shape[0] == batch.size
+        return rows, torch.arange(batch.size, device=rows.device) if known else None
+    rows = flat if batch.index is None else flat.index_select(0, batch.index)
+    if not samples:
+        return rows, None
+    return rows, (torch.arange(flat.shape[0], device=flat.device) if batch.index is None else batch.index) // batch.length
+
+
+def _per_sample_max_norm(rows: torch.Tensor, samples: torch.Tensor | None, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Each sequence's rows divided by |its largest entry| — `input / torch.max(input).abs()`, as
+    PEFT's CorDA preprocessing does per sample (max, not max-abs); rows of unknown origin as one sample."""
+    rows = rows.to(dtype)
+    if samples is None:
+        samples = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+    peak = torch.full((size,), -torch.inf, dtype=dtype, device=rows.device).scatter_reduce(0, samples, rows.amax(dim=1), "amax")
+    scale = peak.abs()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return rows / scale[samples, None]
 
 
 class Recorder:
@@ -90,8 +108,9 @@ class Recorder:
     """
 
     def __init__(self, root: nn.Module, modules: dict[str, nn.Module], first_sequence: list[int], buckets: int,
-                 accumulate_dtype: torch.dtype, device: torch.device):
+                 accumulate_dtype: torch.dtype, device: torch.device, sample_max_norm: bool = False):
         self.root, self.modules, self.device = root, modules, device
+        self.sample_max_norm, self.accumulate_dtype = sample_max_norm, accumulate_dtype
         self.batch = _Batch()
         self.stats: dict[str, InputStats] = {}
         self.module_map: dict[str, dict] = {}
@@ -110,7 +129,10 @@ class Recorder:
         for key, stats in self.stats.items():
             def hook(mod, args, kwargs, stats=stats):
                 x = args[0] if args else next(iter(kwargs.values()))
-                stats.add(_real_rows(x, self.batch), self.batch.bucket)
+                rows, samples = _real_rows(x, self.batch, samples=self.sample_max_norm)
+                if self.sample_max_norm:
+                    rows = _per_sample_max_norm(rows, samples, self.batch.size, self.accumulate_dtype)
+                stats.add(rows, self.batch.bucket)
 
             self.handles.append(self.modules[key].register_forward_pre_hook(hook, with_kwargs=True))
         return self
@@ -158,6 +180,7 @@ def capture(
     pack: bool = False,
     accumulate: str = "float32",
     text_field: str = "text",
+    sample_max_norm: bool = False,
     overwrite: bool = False,
     trust_remote_code: bool = False,
 ) -> Path:
@@ -187,7 +210,7 @@ def capture(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     root = models.forward_root(net, list(modules))
 
-    recorder = Recorder(root, modules, sequences[0], buckets, ACCUMULATE[accumulate], dev)
+    recorder = Recorder(root, modules, sequences[0], buckets, ACCUMULATE[accumulate], dev, sample_max_norm)
     tokens = 0
     rate = TextColumn("{task.fields[rate]}")
     with recorder, exact_float32(), torch.inference_mode(), progress(rate) as bar:
@@ -221,6 +244,7 @@ def capture(
             "buckets": buckets,
             "dtype": str(run_dtype).removeprefix("torch."),
             "accumulate": accumulate,
+            "sample_max_norm": sample_max_norm,
             "device": str(dev),
         },
         modules=module_map,

@@ -75,6 +75,7 @@ def capture(
     pack: bool = typer.Option(False, "--pack", help="Concatenate samples and cut them into --seq-len pieces instead of one sample per sequence."),
     accumulate: str = typer.Option("float32", "--accumulate", help="Precision of the sums: float32 or float64."),
     text_field: str = typer.Option("text", "--text-field", help="JSONL field holding the text."),
+    sample_max_norm: bool = typer.Option(False, "--sample-max-norm", help="Divide each sample's inputs by |its largest entry| before summing, as PEFT's CorDA preprocessing does (to reproduce PEFT's corda exactly)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a store of this model."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
     quiet: bool = QUIET,
@@ -92,7 +93,7 @@ def capture(
     path = run_capture(
         model, data, out, targets=targets, seq_len=seq_len, batch_size=batch_size, max_samples=max_samples,
         device=device, dtype=dtype, buckets=buckets, pack=pack, accumulate=accumulate, text_field=text_field,
-        overwrite=overwrite, trust_remote_code=trust_remote_code,
+        sample_max_norm=sample_max_norm, overwrite=overwrite, trust_remote_code=trust_remote_code,
     )
     _finish(path, as_json)
 
@@ -162,7 +163,7 @@ def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
 @app.command()
 def solve(
     capture_dir: Optional[Path] = typer.Argument(None, help="A statistics store written by `cntinit capture` (data-free modes may give --model instead)."),
-    mode: str = typer.Option(..., "--mode", "-m", help="cnt-x (Cross: WΣ⁺), cnt-s (Self: WD^-1/2Pᵀ), cnt-sh (Shift: c((I−Σ)Wᵀ)⁺); baselines pissa, milora, olora (data-free)."),
+    mode: str = typer.Option(..., "--mode", "-m", help="cnt-x (Cross: WΣ⁺), cnt-s (Self: WD^-1/2Pᵀ), cnt-sh (Shift: c((I−Σ)Wᵀ)⁺); from a capture also eva, corda; data-free lora, pissa, milora, olora, inilora, inilora-alpha, inilora-beta."),
     out: Path = typer.Option(..., "--out", "-o", help="Solve directory to write."),
     rank: int = typer.Option(16, "--rank", "-r", help="Adapter rank per module (the base rank with --vas)."),
     rcond: float = typer.Option(1e-4, "--rcond", help="Eigenvalue floor relative to the largest: below it, values count as zero (pseudo-inverse) or are clamped (inverse root)."),
@@ -173,21 +174,28 @@ def solve(
     pooled: bool = typer.Option(False, "--pooled", help="Ignore the capture's buckets: one estimate from the pooled statistics."),
     decompose: Optional[str] = typer.Option(None, "--decompose", help="Rank-r split of ΔW: svd (best rank-r approximation; the default) or qr."),
     split_p: float = typer.Option(0.5, "--split-p", help="svd only: B = U S^(1−p), A = S^p Vᵀ."),
-    init: Optional[str] = typer.Option(None, "--init", help="offset (CNT default): base stays W, initial model W + BA. residual (pissa/milora/olora default): base becomes W − BA, initial model = pretrained."),
+    init: Optional[str] = typer.Option(None, "--init", help="offset (CNT, lora, eva): base stays W, initial model W + BA. residual (pissa, milora, olora, corda, inilora*; optional for CNT): base becomes W − BA, initial model = pretrained."),
     vas: bool = typer.Option(False, "--vas", help="Variable ranks from the pooled relative variances of ΔW's singular values."),
     budget: Optional[int] = typer.Option(None, "--budget", help="--vas: total rank over all modules (default rank × modules)."),
     min_rank: int = typer.Option(0, "--min-rank", help="--vas: smallest rank per module; 0 lets a module go without adapter."),
     max_rank: Optional[int] = typer.Option(None, "--max-rank", help="--vas: largest rank per module (default min(in, out))."),
+    niter: Optional[int] = typer.Option(None, "--niter", help="pissa: randomized SVD with N subspace iterations (PEFT's pissa_niter_N) instead of the full SVD."),
+    lora_init: Optional[str] = typer.Option(None, "--lora-init", help="lora: kaiming (PEFT's default, A ~ U(±1/√in)) or gaussian (A ~ N(0, 1/r²)); B = 0."),
+    rho: Optional[float] = typer.Option(None, "--rho", help="eva: a module may get up to round(rank·rho) of the redistributed rank (default 2; 1 = fixed ranks)."),
+    corda_mode: Optional[str] = typer.Option(None, "--corda-mode", help="corda: ipm (principal components of WC, the default) or kpm (minor ones, knowledge-preserving)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="inilora*: run exactly N Adam steps (default: inilora stops early, at most 20000; alpha/beta only draw, no steps)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random draws (lora, pissa --niter, inilora*)."),
     model: Optional[Path] = typer.Option(None, "--model", help="Read the weights from here instead of the path the capture recorded (they must be the same weights); without a capture, the model to solve."),
     targets: Optional[str] = typer.Option(None, "--targets", "-t", help="Without a capture: module-name suffixes or all-linear (the default)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, or cuda."),
-    precision: str = typer.Option("float64", "--precision", help="Precision of the eigen/SVD work: float64 or float32."),
+    precision: str = typer.Option("float64", "--precision", help="Precision of the eigen/SVD work: float64 or float32 (IniLoRA's Adam always runs in float32, as the authors' code)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a solve directory of this model."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
     quiet: bool = QUIET,
     as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of the output path."),
 ) -> None:
-    """Compute an initialization (ConsNoTrainLoRA, or a PiSSA/MiLoRA/OLoRA baseline) per module; print a report.
+    """Compute an initialization per module — ConsNoTrainLoRA, IniLoRA, or a baseline it is compared
+    with (LoRA, PiSSA, MiLoRA, OLoRA, EVA, CorDA) — and print a report.
 
     Examples:
 
@@ -195,13 +203,16 @@ def solve(
 
       cntinit solve stats/ --mode cnt-x --rank 8 --vas --budget 512 --out init-x-vas/
 
-      cntinit solve --model ./Llama-3.2-1B --mode pissa --targets q_proj,v_proj --rank 16 --out init-pissa/
+      cntinit solve stats/ --mode eva --rank 16 --out init-eva/
+
+      cntinit solve --model ./Llama-3.2-1B --mode inilora --targets q_proj,v_proj --rank 8 --out init-ini/
     """
     console.quiet = quiet
     options = Options(
         mode=mode, rank=rank, rcond=rcond, centered=centered, self_form=self_form, shift_c=shift_c,
         bucket_weights=_floats(bucket_weights, "--bucket-weights"), pooled=pooled, decompose=decompose,
         split_p=split_p, init=init, vas=vas, budget=budget, min_rank=min_rank, max_rank=max_rank, precision=precision,
+        seed=seed, niter=niter, lora_init=lora_init, rho=rho, corda_mode=corda_mode, steps=steps,
     )
     path = run_solve(capture_dir, out, options, model=model, targets=targets, device=device, overwrite=overwrite,
                      trust_remote_code=trust_remote_code)
@@ -216,20 +227,26 @@ TABLE_ROWS = 48
 
 def print_report(report: dict, out: Console) -> None:
     """Per module — or, past TABLE_ROWS modules, per module kind (rank range, medians over layers,
-    floored max) — rank, ‖ΔW‖, ‖BA‖/‖W‖, kept share, output change, floored values."""
+    floored max) — rank, ‖ΔW‖, ‖BA‖/‖W‖, kept share, output change, floored values (IniLoRA:
+    the fit's error over the Eckart–Young optimum instead)."""
     rows = report["modules"]
     grouped = len(rows) > TABLE_ROWS
+    fitted = "fit_error" in next(iter(rows.values()))
     shared = os.path.commonprefix(list(rows))
     shared = "" if grouped else shared[: shared.rfind(".") + 1]  # e.g. "model.layers.", left out of every row
     groups: dict[str, list[dict]] = {}
     for name, row in rows.items():
         groups.setdefault(models.module_suffixes({name: None})[0] if grouped else name[len(shared):], []).append(row)
-    caption = "kept = ‖BA‖²/‖ΔW‖² · out Δ = tr(BA Σ (BA)ᵀ)/tr(W Σ Wᵀ) · floored = eigenvalues under rcond·λmax"
+    caption = {"eva": "kept = explained variance of the kept eigenvectors (B = 0, so BA = 0)",
+               "lora": "B = 0: the adapter starts as zero"}.get(
+        report["mode"], "kept = ‖BA‖²/‖ΔW‖² · out Δ = tr(BA Σ (BA)ᵀ)/tr(W Σ Wᵀ) · floored = eigenvalues under rcond·λmax")
+    if fitted:
+        caption += " · fit ÷ opt = ‖W − BA‖ / ‖W − W_r‖ (Eckart–Young optimum)"
     if grouped:
         caption += " · per module kind: rank range, medians over layers, floored max; per module in report.json"
     table = Table(title=f"{report['mode']} · {report['init']} init · rcond {report['rcond']:g}", box=box.SIMPLE_HEAD, caption=caption)
     table.add_column("module kind" if grouped else f"module ({shared}…)" if shared else "module", overflow="fold", min_width=22)
-    for header in ("rank", "‖ΔW‖", "‖BA‖/‖W‖", "kept", "out Δ", "floored"):
+    for header in ("rank", "‖ΔW‖", "‖BA‖/‖W‖", "kept", "out Δ", "fit ÷ opt" if fitted else "floored"):
         table.add_column(header, justify="right", no_wrap=True)
     typical = statistics.median if grouped else max  # max of one value is the value
     for label, members in groups.items():
@@ -239,15 +256,21 @@ def print_report(report: dict, out: Console) -> None:
             f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}–{max(ranks)}",
             f"{typical(m['delta_norm'] for m in members):.3g}",
             f"{typical(m['update_norm'] / m['weight_norm'] if m['weight_norm'] else 0.0 for m in members):.3g}",
-            f"{100 * typical(m['kept'] for m in members):.1f}%",
+            "–" if members[0]["kept"] is None else f"{100 * typical(m['kept'] for m in members):.1f}%",
             "–" if members[0]["output_change"] is None else f"{typical(m['output_change'] for m in members):.3g}",
-            f"{max(m['floored'] for m in members)}",
+            f"{typical(_fit_ratio(m) for m in members):.4f}" if fitted else f"{max(m['floored'] for m in members)}",
         )
     out.print(table)
     budget = f" of budget {report['budget']}" if report["budget"] else ""
+    kept = "" if report["kept"] is None else f"‖ΔW‖² kept overall {100 * report['kept']:.1f}%; "
+    steps = f"; Adam ran {max(m['steps'] for m in rows.values())} steps at most" if fitted else ""
     out.print(f"{report['modules_with_adapter']}/{len(rows)} modules get an adapter, total rank {report['total_rank']}{budget}; "
-              f"‖ΔW‖² kept overall {100 * report['kept']:.1f}%; {report['floored_modules']} modules had values under the floor; "
-              f"solved in {report['solve_seconds']:.1f}s", highlight=False)
+              f"{kept}{report['floored_modules']} modules had values under the floor; "
+              f"solved in {report['solve_seconds']:.1f}s{steps}", highlight=False)
+
+
+def _fit_ratio(row: dict) -> float:
+    return row["fit_error"] / row["optimal_error"] if row["optimal_error"] > 0 else 1.0
 
 
 @app.command()

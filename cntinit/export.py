@@ -1,7 +1,8 @@
 """`cntinit export`: turn a solve directory into adapter files that real trainers load.
 
 PEFT format (METHODS.md "Export formats"): the LoRA scale s is folded into the factors
-(B/√s, A/√s) so the adapter adds exactly B @ A whatever α, rank pattern or rsLoRA.
+(B/√s, A/√s) so the adapter adds exactly B @ A whatever α, rank pattern or rsLoRA — except
+where B = 0 (lora, eva): the update is zero anyway and A keeps the scale its method gave it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import peft
 import torch
 from safetensors.torch import save_file
 
-from . import models, solution, store
+from . import models, modes, solution, store
 from .atomic import atomic_directory
 from .console import log, warn
 from .errors import CntinitError
@@ -51,14 +52,16 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
     weights = dict(net.named_modules()) if net is not None else {}
     factors = sol.factors()
 
+    zero_b = manifest["mode"] in modes.ZERO_B  # BA = 0 for any scale: A is written as drawn (its scale is the method's)
     tensors, ranks, alphas = {}, {}, {}
     for name, (b, a) in factors.items():
         rank = manifest["modules"][name]["rank"]
         module_alpha = alpha if fixed_alpha else alpha * (math.sqrt(rank / base_rank) if rslora else rank / base_rank)
         scale = module_alpha / (math.sqrt(rank) if rslora else rank)
+        fold = 1.0 if zero_b else math.sqrt(scale)
         key = f"base_model.model.{prefix}{name}"
-        tensors[f"{key}.lora_A.weight"] = (a / math.sqrt(scale)).contiguous()
-        tensors[f"{key}.lora_B.weight"] = (b / math.sqrt(scale)).contiguous()
+        tensors[f"{key}.lora_A.weight"] = (a / fold).contiguous()
+        tensors[f"{key}.lora_B.weight"] = (b / fold).contiguous()
         if dora:
             w = models.weight_matrix(weights[name]).detach().to(torch.float64)
             combined = w if residual else w + b.double() @ a.double()

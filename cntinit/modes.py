@@ -1,4 +1,4 @@
-"""The ConsNoTrainLoRA formulas (METHODS.md), on batches of equal-shape matrices.
+"""The ConsNoTrainLoRA formulas (METHODS.md) and the rank-r split, on batches of equal-shape matrices.
 
 Every function takes a leading batch dimension: W is (n, k, d), Σ is (n, d, d). Callers
 pass float32 or float64; nothing here casts down.
@@ -10,8 +10,14 @@ from typing import NamedTuple
 
 import torch
 
-MODES = ("cnt-x", "cnt-s", "cnt-sh")  # need activation statistics
-WEIGHT_MODES = ("pissa", "milora", "olora")  # baselines that split W itself; always residual
+MODES = ("cnt-x", "cnt-s", "cnt-sh")  # ConsNoTrainLoRA: need activation statistics
+WEIGHT_MODES = ("pissa", "milora", "olora")  # baselines that split W itself
+INILORA_MODES = ("inilora", "inilora-alpha", "inilora-beta")  # fit (or draw) BA ≈ W
+DATA_BASELINES = ("eva", "corda")  # baselines that need activation statistics
+ALL_MODES = MODES + ("lora",) + WEIGHT_MODES + INILORA_MODES + DATA_BASELINES
+NEED_STATISTICS = MODES + DATA_BASELINES
+RESIDUAL_ONLY = WEIGHT_MODES + INILORA_MODES + ("corda",)  # BA is a piece of W: the base must be W − BA
+ZERO_B = ("lora", "eva")  # B = 0: the update is zero and A keeps its own scale (export folds nothing)
 SELF_FORMS = ("paper", "zca")
 DECOMPOSE = ("svd", "qr")
 
@@ -97,14 +103,19 @@ def robust_estimate(w: torch.Tensor, targets: list[torch.Tensor], weights: list[
     return total / (len(targets) + 1)
 
 
-def split(delta: torch.Tensor, rank: int, decompose: str, p: float, minor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def split(delta: torch.Tensor, rank: int, decompose: str, p: float, minor: bool = False, niter: int | None = None,
+          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r factors (B, A) of ΔW with signs fixed so the result is deterministic across devices.
 
     svd: B = U_r S_r^{1−p}, A = S_r^p V_rᵀ — the r largest singular triplets, or with `minor`
-    the r smallest (MiLoRA), largest first.  qr: B = Q[:, :r], A = R[:r, :] with diag(R) ≥ 0.
+    the r smallest (MiLoRA), largest first; with `niter`, the randomized SVD PEFT's
+    `pissa_niter_N` uses.  qr: B = Q[:, :r], A = R[:r, :] with diag(R) ≥ 0.
     """
     if decompose == "svd":
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        if niter is not None:
+            u, s, vh = randomized_svd(delta, rank, niter, generator)
+        else:
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         keep = slice(s.shape[-1] - rank, None) if minor else slice(None, rank)
         u, s, vh = u[..., keep], s[..., keep], vh[..., keep, :]
         sign = _sign_of_largest(u, dim=-2)
@@ -115,3 +126,15 @@ def split(delta: torch.Tensor, rank: int, decompose: str, p: float, minor: bool 
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     q, r = q * sign.unsqueeze(-2), r * sign.unsqueeze(-1)
     return q[..., :rank], r[..., :rank, :]
+
+
+def randomized_svd(m: torch.Tensor, rank: int, niter: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.svd_lowrank's algorithm (Halko et al. 2009, q = rank, `niter` subspace iterations), batched;
+    the Gaussian test matrix is drawn on the CPU from `generator`, so every device gets the same one."""
+    test = torch.randn(*m.shape[:-2], m.shape[-1], rank, generator=generator, dtype=m.dtype).to(m.device)
+    q = torch.linalg.qr(m @ test).Q
+    for _ in range(niter):
+        q = torch.linalg.qr(m.mT @ q).Q
+        q = torch.linalg.qr(m @ q).Q
+    u, s, vh = torch.linalg.svd(q.mT @ m, full_matrices=False)
+    return q @ u, s, vh

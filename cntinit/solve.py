@@ -12,10 +12,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from rich.progress import Progress
+
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from . import models, modes, solution, store, vas
+from . import baselines, inilora, models, modes, solution, store, vas
 from .atomic import atomic_directory
 from .console import log, progress
 from .errors import CntinitError
@@ -27,7 +29,8 @@ INITS = ("offset", "residual")
 
 @dataclass
 class Options:
-    """Every parameter of a solve; recorded in the solve manifest."""
+    """Every parameter of a solve; recorded in the solve manifest. None means the mode's default
+    (or, for mode-specific options, that the mode does not use it)."""
 
     mode: str
     rank: int = 16
@@ -39,29 +42,64 @@ class Options:
     pooled: bool = False
     decompose: str | None = None  # svd, except qr for olora
     split_p: float = 0.5
-    init: str | None = None  # offset for the CNT modes (the paper's), residual for pissa/milora/olora
+    init: str | None = None  # offset for the CNT modes (the paper's) and lora/eva; residual where BA is a piece of W
     vas: bool = False
     budget: int | None = None
     min_rank: int = 0
     max_rank: int | None = None
     precision: str = "float64"
+    seed: int = 0  # random draws: lora, pissa --niter, inilora*
+    niter: int | None = None  # pissa: randomized SVD with this many subspace iterations
+    lora_init: str | None = None  # lora: kaiming (PEFT's default) or gaussian
+    rho: float | None = None  # eva: a module may get up to round(rank × rho) (PEFT's default 2)
+    corda_mode: str | None = None  # corda: ipm (principal) or kpm (minor)
+    steps: int | None = None  # inilora*: exact Adam step count (default: inilora early-stops, alpha/beta draw only)
 
     def resolved(self) -> "Options":
         """These options with the mode's defaults filled in, checked."""
-        weight_mode = self.mode in modes.WEIGHT_MODES
-        natural = "qr" if self.mode == "olora" else "svd"
-        if weight_mode and self.decompose not in (None, natural):
-            raise CntinitError(f"--mode {self.mode} splits W by {natural}; --decompose {self.decompose} would make it another method")
-        if weight_mode and self.init == "offset":
-            raise CntinitError(f"--mode {self.mode} moves part of W into the adapter, so its base must be W − BA: use --init residual (the default)")
-        options = replace(self, decompose=self.decompose or natural, init=self.init or ("residual" if weight_mode else "offset"))
+        mode = self.mode
+        if mode not in modes.ALL_MODES:
+            raise CntinitError(f"--mode {mode} is not one of {', '.join(modes.ALL_MODES)}")
+        specific = {"--niter": (self.niter, ("pissa",)), "--lora-init": (self.lora_init, ("lora",)), "--rho": (self.rho, ("eva",)),
+                    "--corda-mode": (self.corda_mode, ("corda",)), "--steps": (self.steps, modes.INILORA_MODES)}
+        for option, (value, owners) in specific.items():
+            if value is not None and mode not in owners:
+                raise CntinitError(f"{option} applies to --mode {' or '.join(owners)}, not {mode}")
+        if (self.bucket_weights is not None or self.pooled) and mode not in modes.MODES:
+            raise CntinitError(f"--bucket-weights and --pooled shape the robust CNT estimate; --mode {mode} uses the pooled statistics")
+        natural = "qr" if mode == "olora" else "svd"
+        splits_delta = mode in modes.MODES + modes.WEIGHT_MODES + ("corda",)
+        if self.decompose not in (None, natural) and (mode not in modes.MODES):
+            what = f"splits W by {natural}" if splits_delta else "does not split a matrix"
+            raise CntinitError(f"--mode {mode} {what}; --decompose {self.decompose} would make it another method")
+        if mode in modes.RESIDUAL_ONLY and self.init == "offset":
+            raise CntinitError(f"--mode {mode} moves part of W into the adapter, so its base must be W − BA: use --init residual (the default)")
+        if mode in modes.ZERO_B and self.init == "residual":
+            raise CntinitError(f"--mode {mode} starts with B = 0, so there is nothing to subtract from W: leave out --init")
+        if self.vas and mode in modes.ZERO_B + modes.INILORA_MODES:
+            hint = {"eva": "eva redistributes ranks itself (see --rho)", "lora": "B = 0 leaves no spectrum to allocate by"}.get(
+                mode, "a fit of one rank cannot be cut to another; use pissa for the rank-r optimum")
+            raise CntinitError(f"--vas does not apply to --mode {mode}: {hint}")
+        options = replace(
+            self,
+            decompose=self.decompose or (natural if splits_delta else None),
+            init=self.init or ("residual" if mode in modes.RESIDUAL_ONLY else "offset"),
+            lora_init=self.lora_init or ("kaiming" if mode == "lora" else None),
+            rho=self.rho if self.rho is not None else (2.0 if mode == "eva" else None),
+            corda_mode=self.corda_mode or ("ipm" if mode == "corda" else None),
+        )
         options.check()
         return options
 
     def check(self) -> None:
-        choices = {"--mode": (self.mode, modes.MODES + modes.WEIGHT_MODES), "--self-form": (self.self_form, modes.SELF_FORMS),
-                   "--decompose": (self.decompose, modes.DECOMPOSE), "--init": (self.init, INITS),
+        choices = {"--self-form": (self.self_form, modes.SELF_FORMS), "--init": (self.init, INITS),
                    "--precision": (self.precision, tuple(PRECISIONS))}
+        if self.decompose is not None:
+            choices["--decompose"] = (self.decompose, modes.DECOMPOSE)
+        if self.lora_init is not None:
+            choices["--lora-init"] = (self.lora_init, baselines.LORA_INITS)
+        if self.corda_mode is not None:
+            choices["--corda-mode"] = (self.corda_mode, baselines.CORDA_MODES)
         for option, (value, allowed) in choices.items():
             if value not in allowed:
                 raise CntinitError(f"{option} {value} is not one of {', '.join(allowed)}")
@@ -79,14 +117,21 @@ class Options:
             raise CntinitError(f"--max-rank {self.max_rank} must be at least 1 and at least --min-rank {self.min_rank}")
         if not self.vas and (self.budget is not None or self.min_rank or self.max_rank is not None):
             raise CntinitError("--budget, --min-rank and --max-rank shape variable ranks: add --vas")
+        if self.niter is not None and self.niter < 0:
+            raise CntinitError(f"--niter must be at least 0, got {self.niter}")
+        if self.rho is not None and self.rho < 1:
+            raise CntinitError(f"--rho must be at least 1 (1 = no redistribution), got {self.rho}")
+        if self.steps is not None and self.steps < 0:
+            raise CntinitError(f"--steps must be at least 0, got {self.steps}")
 
 
 class Batch(NamedTuple):
     names: list[str]
     weight: torch.Tensor  # (n, k, d)
-    delta: torch.Tensor  # (n, k, d): W_est − W for the CNT modes; W itself for pissa/milora/olora
+    delta: torch.Tensor  # (n, k, d): W_est − W for the CNT modes; W itself for the residual modes; 0 for lora
     sigma: torch.Tensor | None  # (n, d, d): pooled uncentered second moment, for the report; None without a capture
     floored: list[int]  # eigen/singular values under the floor, worst bucket
+    metric: tuple[torch.Tensor, torch.Tensor] | None = None  # corda: (C, C⁻¹), split ΔW C then A ← A C⁻¹
 
 
 def solve(capture_dir: str | Path | None, out: str | Path, options: Options | None = None, *, model: str | Path | None = None,
@@ -101,51 +146,35 @@ def solve(capture_dir: str | Path | None, out: str | Path, options: Options | No
     started = time.perf_counter()
     stats, modules, model_info, source = _open(capture_dir, model, targets, options, trust_remote_code)
     captured = stats.manifest if stats is not None else None
-    bucket_weights = _bucket_weights(options, stats.buckets) if stats is not None else [1.0]
+    bucket_weights = _bucket_weights(options, stats.buckets) if stats is not None and options.mode in modes.MODES else None
     store.check_out(out, model_info["fingerprint"], overwrite, solution.FORMAT, "a solve directory")
     dev = models.resolve_device(device)
     dtype = PRECISIONS[options.precision]
     loaded = time.perf_counter() - started
     log(f"loaded {len(modules)} modules of {source} in {loaded:.1f}s")
 
-    def deltas(label: str) -> Iterator[Batch]:
-        with progress() as bar:
-            task = bar.add_task(label, total=len(modules))
-            batches = _weights(stats, modules, dev, dtype) if options.mode in modes.WEIGHT_MODES else \
-                _deltas(stats, modules, options, bucket_weights, dev, dtype)
-            for batch in batches:
-                yield batch
-                bar.update(task, advance=len(batch.names))
-
+    generator = torch.Generator().manual_seed(options.seed)
     max_ranks = {}
     for name, module in modules.items():
         d, k = models.in_out_features(module)
         max_ranks[name] = min(k, d, options.max_rank or k)
-    if options.vas:
-        options = replace(options, budget=options.budget or options.rank * len(modules))
-        singular_values = {}
-        for batch in deltas("singular values"):
-            singular_values.update(zip(batch.names, torch.linalg.svdvals(batch.delta).cpu()))
-        ranks = vas.allocate(singular_values, max_ranks, options.budget, options.min_rank)
-    else:
-        ranks = {name: min(options.rank, limit) for name, limit in max_ranks.items()}
 
-    factors, rows = {}, {}
-    for batch in deltas(f"solve {options.mode}"):
-        top = max(max(ranks[name] for name in batch.names), 1)
-        minor = options.mode == "milora"
-        b, a = modes.split(batch.delta, top, options.decompose, options.split_p, minor)
-        for i, name in enumerate(batch.names):
-            r = ranks[name]
-            keep = slice(top - r, top) if minor else slice(0, r)  # the r smallest of the top kept, for MiLoRA
-            update = b[i, :, keep] @ a[i, keep]
-            sigma = batch.sigma[i] if batch.sigma is not None else None
-            rows[name] = _diagnostics(batch.weight[i], batch.delta[i], update, sigma, r, batch.floored[i])
-            if r:
-                factors[name] = (b[i, :, keep].cpu(), a[i, keep].cpu())
+    def batches(label: str) -> Iterator[tuple[Batch, Progress]]:
+        with progress() as bar:
+            task = bar.add_task(label, total=len(modules))
+            source = _deltas(stats, modules, options, bucket_weights, dev, dtype) if options.mode in modes.MODES else \
+                _weights(stats, modules, options, dev, dtype)
+            for batch in source:
+                yield batch, bar
+                bar.update(task, advance=len(batch.names))
+
+    if options.mode == "eva":
+        ranks, factors, rows = _eva(stats, modules, options, dev, dtype)
+    else:
+        options, ranks, factors, rows = _split_all(batches, modules, options, max_ranks, generator)
     seconds = time.perf_counter() - started - loaded
 
-    report = _report(options, rows, ranks, seconds, loaded)
+    report = _report(options, {name: rows[name] for name in modules}, ranks, seconds, loaded)  # model order
     manifest = solution.new_manifest(
         mode=options.mode,
         init=options.init,
@@ -176,6 +205,39 @@ def solve(capture_dir: str | Path | None, out: str | Path, options: Options | No
     return Path(out)
 
 
+def _split_all(batches, modules: dict, options: Options, max_ranks: dict, generator: torch.Generator):
+    """(options with the VAS budget filled in, ranks, factors, report rows) for every mode but eva:
+    ranks first (VAS needs every module's singular values), then each batch's factors."""
+    if options.vas:
+        options = replace(options, budget=options.budget or options.rank * len(modules))
+        singular_values = {}
+        for batch, _ in batches("singular values"):
+            split_input = batch.delta if batch.metric is None else batch.delta @ batch.metric[0]
+            singular_values.update(zip(batch.names, torch.linalg.svdvals(split_input).cpu()))
+        ranks = vas.allocate(singular_values, max_ranks, options.budget, options.min_rank)
+    else:
+        ranks = {name: min(options.rank, limit) for name, limit in max_ranks.items()}
+    spread = _mean_weight_std(modules) if options.mode == "inilora" else 0.0
+    minor = options.mode == "milora" or options.corda_mode == "kpm"
+    factors, rows = {}, {}
+    for batch, bar in batches(f"solve {options.mode}"):
+        top = max(max(ranks[name] for name in batch.names), 1)
+        b, a, steps = _factor(batch, top, options, generator, spread, bar)
+        for i, name in enumerate(batch.names):
+            r = ranks[name]
+            keep = slice(top - r, top) if minor else slice(0, r)  # the r smallest of the top kept, for MiLoRA/kpm
+            update = b[i, :, keep] @ a[i, keep]
+            sigma = batch.sigma[i] if batch.sigma is not None else None
+            rows[name] = _diagnostics(batch.weight[i], batch.delta[i], update, sigma, r, batch.floored[i])
+            if options.mode == "lora":
+                rows[name]["kept"] = None  # B = 0: no change wanted, none kept
+            if steps is not None:
+                rows[name] |= _fit_errors(batch.weight[i], update, r) | {"steps": steps}
+            if r:
+                factors[name] = (b[i, :, keep].cpu(), a[i, keep].cpu())
+    return options, ranks, factors, rows
+
+
 def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool):
     """(store or None, target modules, model record, description): from a capture, whose recorded
     (or --model) weights must match its fingerprint, or — data-free modes only — from --model and --targets."""
@@ -187,10 +249,10 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
         model_path = Path(model) if model is not None else Path(captured["model"]["path"])
         _, _, modules = models.load_matching(model_path, list(captured["modules"]), captured["model"]["fingerprint"], trust_remote_code)
         return stats, modules, dict(captured["model"], path=str(model_path.absolute())), f"{model_path} and the statistics of {capture_dir}"
-    if options.mode in modes.MODES:
+    if options.mode in modes.NEED_STATISTICS:
         raise CntinitError(f"--mode {options.mode} needs activation statistics: give the directory `cntinit capture` wrote")
     if model is None:
-        raise CntinitError("give a capture directory, or --model MODEL for a data-free mode (pissa, milora, olora)")
+        raise CntinitError("give a capture directory, or --model MODEL for a data-free mode (lora, pissa, milora, olora, inilora*)")
     net, _ = models.load(model, trust_remote_code)
     modules = models.select_targets(net, targets or models.ALL_LINEAR)
     record = {"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": models.fingerprint(modules)}
@@ -258,9 +320,9 @@ def _deltas(stats: store.Store, modules: dict, options: Options, bucket_weights:
                     yield _solve_group(group, modules, options, bucket_weights, sigma, pooled, eig, floored, index, dev, dtype)
 
 
-def _weights(stats: store.Store | None, modules: dict, dev: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
-    """W itself, for the modes that split the weight (pissa, milora, olora), in batches of equal shape;
-    with a capture, the pooled Σ of each module rides along for the report."""
+def _weights(stats: store.Store | None, modules: dict, options: Options, dev: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
+    """W itself, in batches of equal shape, for every mode but the CNT ones and eva. With a capture,
+    the pooled Σ of each module rides along for the report; corda also gets its metric (C, C⁻¹)."""
     by_shape: dict[tuple[int, int], list[str]] = {}
     for name, module in modules.items():
         by_shape.setdefault(models.in_out_features(module), []).append(name)
@@ -269,12 +331,87 @@ def _weights(stats: store.Store | None, modules: dict, dev: torch.device, dtype:
         for s in range(0, len(names), per_batch):
             group = names[s : s + per_batch]
             w = torch.stack([models.weight_matrix(modules[n]).detach() for n in group]).to(dev, dtype)
-            sigma = None
+            sigma, metric = None, None
             if stats is not None:
                 keys = [stats.manifest["modules"][n]["key"] for n in group]
-                pooled = {key: _pooled_sigma(stats.tensors(key)) for key in dict.fromkeys(keys)}
-                sigma = torch.stack([pooled[key] for key in keys]).to(dev, dtype)
-            yield Batch(group, w, w, sigma, [0] * len(group))
+                tensors = {key: {t: v.double() for t, v in stats.tensors(key).items()} for key in dict.fromkeys(keys)}
+                sigma = torch.stack([_pooled_sigma(tensors[key]) for key in keys]).to(dev, dtype)
+                if options.mode == "corda":
+                    own = {key: modes.second_moment(t["xxt"], t["sum"], t["count"], options.centered) for key, t in tensors.items()}
+                    metric = baselines.corda_metric(torch.stack([own[key] for key in keys]).to(dev, dtype))
+            delta = torch.zeros_like(w) if options.mode == "lora" else w
+            yield Batch(group, w, delta, sigma, [0] * len(group), metric)
+
+
+def _factor(batch: Batch, top: int, options: Options, generator: torch.Generator, spread: float, bar: Progress):
+    """(B, A, Adam steps run or None) of rank `top` for one batch; see METHODS.md for each mode."""
+    count, k, d = batch.weight.shape
+    dev, dtype = batch.weight.device, batch.weight.dtype
+    if options.mode == "lora":
+        a = baselines.lora_a(count, top, d, options.lora_init, generator)
+        return torch.zeros(count, k, top, device=dev, dtype=dtype), a.to(dev, dtype), None
+    if options.mode in modes.INILORA_MODES:
+        b, a = inilora.start(count, k, d, top, options.mode, spread, generator)
+        steps = options.steps if options.steps is not None else (None if options.mode == "inilora" else 0)
+        done = 0
+        if steps != 0:
+            task = bar.add_task(f"Adam × {count} of {k}×{d}", total=steps or inilora.MAX_STEPS)
+            b, a, done = inilora.fit(batch.weight.float(), b, a, steps, on_step=lambda: bar.advance(task))
+            bar.remove_task(task)
+        return b.to(dev, dtype), a.to(dev, dtype), done
+    if batch.metric is None:
+        b, a = modes.split(batch.delta, top, options.decompose, options.split_p, options.mode == "milora", options.niter, generator)
+        return b, a, None
+    metric, inverse = batch.metric  # corda: split W C, then A ← A C⁻¹
+    b, a = modes.split(batch.delta @ metric, top, "svd", options.split_p, options.corda_mode == "kpm")
+    return b, a @ inverse, None
+
+
+def _mean_weight_std(modules: dict) -> float:
+    """IniLoRA's σ: the mean over target modules of each weight's standard deviation."""
+    return float(torch.stack([models.weight_matrix(m).detach().double().std() for m in modules.values()]).mean())
+
+
+def _fit_errors(w: torch.Tensor, update: torch.Tensor, rank: int) -> dict:
+    """‖W − BA‖/‖W‖ and the Eckart–Young optimum ‖W − W_r‖/‖W‖ (truncated SVD)."""
+    w = w.double()
+    norm = float(w.norm()) or 1.0
+    tail = torch.linalg.svdvals(w)[rank:]
+    return {"fit_error": float((w - update.double()).norm()) / norm, "optimal_error": float(tail.square().sum().sqrt()) / norm}
+
+
+def _eva(stats: store.Store, modules: dict, options: Options, dev: torch.device, dtype: torch.dtype):
+    """EVA: A = the top eigenvectors of each input's Σ, B = 0; ranks redistributed as PEFT's
+    `get_eva_state_dict` does: every module offers its first round(r·ρ) explained-variance
+    ratios λ_i / tr Σ, the r × modules largest of the pool are kept (ties to the earlier module)."""
+    cap = round(options.rank * options.rho)
+    readers: dict[str, list[str]] = {}
+    for name in modules:
+        readers.setdefault(stats.manifest["modules"][name]["key"], []).append(name)
+    components, shares, explained = {}, {}, {}
+    with progress() as bar:
+        task = bar.add_task("eigenvectors", total=len(readers))
+        for key, names in readers.items():
+            t = {name: value.double() for name, value in stats.tensors(key).items()}
+            sigma = modes.second_moment(t["xxt"], t["sum"], t["count"], options.centered)
+            values, vectors = modes.eigen(sigma.to(dev, dtype)[None])
+            keep = min(cap, sigma.shape[-1])
+            components[key] = vectors[0, :, :keep].mT.cpu()
+            explained[key] = values[0].clamp(min=0).cumsum(0) / values[0].clamp(min=0).sum().clamp(min=torch.finfo(dtype).tiny)
+            for name in names:
+                shares[name] = baselines.eva_shares(values[0], keep).cpu()
+            bar.update(task, advance=1)
+    ranks = vas.top_counts(shares, options.rank * len(modules))
+    factors, rows = {}, {}
+    for name, module in modules.items():
+        key = stats.manifest["modules"][name]["key"]
+        r = ranks[name]
+        w = models.weight_matrix(module).detach()
+        rows[name] = {"rank": r, "weight_norm": float(w.double().norm()), "delta_norm": 0.0, "update_norm": 0.0,
+                      "kept": float(explained[key][r - 1]) if r else 0.0, "output_change": 0.0, "floored": 0}
+        if r:
+            factors[name] = (torch.zeros(w.shape[0], r), components[key][:r])
+    return ranks, factors, rows
 
 
 def _solve_group(names, modules, options, bucket_weights, sigma, pooled, eig, floored, index, dev, dtype) -> Batch:
@@ -323,7 +460,7 @@ def _report(options: Options, rows: dict, ranks: dict, seconds: float, loaded: f
         "budget": options.budget,
         "total_rank": sum(ranks.values()),
         "modules_with_adapter": sum(1 for r in ranks.values() if r),
-        "kept": update_sq / delta_sq if delta_sq > 0 else 1.0,
+        "kept": None if options.mode in modes.ZERO_B else update_sq / delta_sq if delta_sq > 0 else 1.0,  # B = 0 keeps nothing to measure
         "rcond": options.rcond,
         "floored_modules": sum(1 for r in rows.values() if r["floored"]),
         "solve_seconds": round(seconds, 3),

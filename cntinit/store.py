@@ -172,6 +172,8 @@ def merge(directories: list[str | Path], out: str | Path, overwrite: bool = Fals
             raise CntinitError(f"{store.path} was captured from other model weights than {stores[0].path}: merge stores of one model only")
         if other["capture"]["buckets"] != first["capture"]["buckets"]:
             raise CntinitError(f"{store.path} has {other['capture']['buckets']} buckets, {stores[0].path} has {first['capture']['buckets']}: use one --buckets")
+        if other["capture"].get("sample_max_norm", False) != first["capture"].get("sample_max_norm", False):
+            raise CntinitError(f"{store.path} and {stores[0].path} differ in --sample-max-norm: their sums measure different things; capture both alike")
         for option in ("seq_len", "pack", "dtype", "accumulate"):
             if other["capture"].get(option) != first["capture"].get(option):
                 warn(f"merging stores captured with different {option}: {first['capture'].get(option)} and {other['capture'].get(option)}")

@@ -91,6 +91,13 @@ def run(capsys, *args):
     return exit_info.value.code or 0, out, err
 
 
+def assert_refused(capsys, args, message, out):
+    """The CLI call exits 2 with a one-line error containing `message` and writes nothing at `out`."""
+    code, _, err = run(capsys, *args, "-o", out)
+    assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+    assert not out.exists()
+
+
 def leftovers(directory):
     """Temporary or swapped-out directories an interrupted write would leave behind."""
     return [p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name]

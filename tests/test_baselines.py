@@ -10,7 +10,7 @@ import transformers
 
 from cntinit.export import export
 from cntinit.solve import Options, solve
-from conftest import leftovers, run
+from conftest import assert_refused, leftovers, run
 from test_export import assert_modules_add_exactly_ba, factors, linear_weight, load
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
@@ -88,3 +88,86 @@ def test_data_free_cli_and_its_errors(tiny, captured, tmp_path, capsys):
         code, out, err = run(capsys, "solve", *args, "-o", tmp_path / "bad")
         assert code == 2 and out == "" and message in err.strip().split("\n")[-1], err
     assert not (tmp_path / "bad").exists() and leftovers(tmp_path) == []
+
+
+def spectral_model(source, directory, decay, seed=0):
+    """The tiny model at `source` with every linear weight replaced by U diag(decay^i) Vᵀ (random U, V):
+    a spectrum with gaps, so low-rank approximations are meaningful."""
+    model = load(source)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.shape[0] < 1000:  # not the vocabulary head
+                k, d = module.weight.shape
+                u = torch.linalg.qr(torch.randn(k, k, generator=generator, dtype=torch.float64)).Q[:, : min(k, d)]
+                v = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64)).Q[:, : min(k, d)]
+                s = decay ** torch.arange(min(k, d), dtype=torch.float64)
+                module.weight.copy_((u * s) @ v.T)
+    model.save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(source).save_pretrained(directory)
+    return directory
+
+
+def test_pissa_niter_agrees_with_peft_randomized_pissa(tiny, tmp_path):
+    """PEFT's pissa_niter_4 and cntinit's --niter 4 draw different Gaussian test matrices (PEFT uses the global RNG);
+    with a spectral gap both land on the exact truncated SVD, which is what they must agree on."""
+    model = spectral_model(tiny["llama"], tmp_path / "m", decay=0.2)
+    solve(None, tmp_path / "s", Options(mode="pissa", rank=4, niter=4), model=model, targets="q_proj,v_proj")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["params"]["niter"] == 4 and manifest["params"]["seed"] == 0
+    torch.manual_seed(0)
+    reference = peft.get_peft_model(load(model), peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                                 init_lora_weights="pissa_niter_4"))
+    theirs = dict(reference.base_model.model.named_modules())
+    weights = dict(load(model).named_modules())
+    for name, (b, a) in factors(tmp_path / "s").items():
+        layer = theirs[name]
+        peft_update = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().double()
+        torch.testing.assert_close(b @ a, peft_update, rtol=0, atol=1e-6)
+        u, s, vh = torch.linalg.svd(linear_weight(weights[name]))
+        torch.testing.assert_close(b @ a, (u[:, :4] * s[:4]) @ vh[:4], rtol=0, atol=1e-7)
+
+
+def test_lora_draws_a_as_peft_does_and_export_keeps_it(tiny, tmp_path):
+    """B = 0; A ~ U(±1/√d) (PEFT's kaiming_uniform_(a=√5)) or N(0, 1/r²) (gaussian); export does not fold the
+    LoRA scale into A, so a trainer starts from the same A as PEFT's own init."""
+    targets = ["q_proj", "v_proj", "down_proj"]
+    for how, rank in (("kaiming", 8), ("gaussian", 8)):
+        solve(None, tmp_path / how, Options(mode="lora", rank=rank, lora_init=how), model=tiny["llama"], targets=",".join(targets))
+        torch.manual_seed(0)
+        reference = peft.get_peft_model(load(tiny["llama"]), peft.LoraConfig(
+            r=rank, target_modules=targets, init_lora_weights=True if how == "kaiming" else "gaussian"))
+        theirs = dict(reference.base_model.model.named_modules())
+        for name, (b, a) in factors(tmp_path / how).items():
+            peft_a = theirs[name].lora_A["default"].weight.detach().double()
+            assert not b.any() and a.shape == peft_a.shape
+            if how == "kaiming":
+                assert a.abs().max() <= a.shape[1] ** -0.5 and peft_a.abs().max() <= a.shape[1] ** -0.5
+            assert abs(float(a.std() / peft_a.std()) - 1) < 0.15, (name, float(a.std()), float(peft_a.std()))
+            assert abs(float(a.mean())) < 4 * float(a.std()) / a.numel() ** 0.5
+    export(tmp_path / "gaussian", tmp_path / "e", alpha=32)  # scale 4
+    wrapped = peft.PeftModel.from_pretrained(load(tiny["llama"]), tmp_path / "e")
+    adapted = dict(wrapped.base_model.model.named_modules())
+    for name, (_, a) in factors(tmp_path / "gaussian").items():
+        torch.testing.assert_close(adapted[name].lora_A["default"].weight.detach().double(), a)
+    assert_modules_add_exactly_ba(wrapped, load(tiny["llama"]), factors(tmp_path / "gaussian"))
+
+
+def test_random_draws_follow_the_seed(tiny, tmp_path):
+    for seed, out in ((0, "a"), (0, "b"), (1, "c")):
+        solve(None, tmp_path / out, Options(mode="lora", rank=2, seed=seed), model=tiny["bert"], targets="query")
+    same, other = factors(tmp_path / "a"), factors(tmp_path / "c")
+    assert all(torch.equal(same[n][1], factors(tmp_path / "b")[n][1]) for n in same)
+    assert not any(torch.equal(same[n][1], other[n][1]) for n in same)
+
+
+def test_lora_and_pissa_errors(tiny, tmp_path, capsys):
+    for args, message in [
+        (["-m", "lora", "--vas"], "B = 0 leaves no spectrum"),
+        (["-m", "lora", "--lora-init", "xavier"], "--lora-init xavier is not one of kaiming, gaussian"),
+        (["-m", "pissa", "--lora-init", "gaussian"], "--lora-init applies to --mode lora"),
+        (["-m", "olora", "--niter", "2"], "--niter applies to --mode pissa"),
+        (["-m", "pissa", "--niter", "-1"], "--niter must be at least 0"),
+        (["-m", "lora", "--decompose", "qr"], "does not split a matrix"),
+    ]:
+        assert_refused(capsys, ("solve", "--model", tiny["bert"], *args), message, tmp_path / "s")
