@@ -35,9 +35,9 @@ def corda_metric(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         damp = torch.where(bad, 2 * damp, damp)
 
 
-def eva_shares(values: torch.Tensor, cap: int) -> torch.Tensor:
-    """Explained-variance ratios λ_i / tr Σ of the first `cap` eigenvalues (descending), as EVA
-    pools them for its rank redistribution; tiny negative eigenvalues count as zero."""
+def explained_variance(values: torch.Tensor) -> torch.Tensor:
+    """Explained-variance ratios λ_i / tr Σ of descending eigenvalues, float64, as EVA pools them
+    for its rank redistribution; tiny negative eigenvalues count as zero."""
     values = values.clamp(min=0).to(torch.float64)
     total = values.sum()
-    return values[:cap] / total if total > 0 else torch.zeros_like(values[:cap])
+    return values / total if total > 0 else torch.zeros_like(values)

@@ -385,30 +385,24 @@ def _eva(stats: store.Store, modules: dict, options: Options, dev: torch.device,
     `get_eva_state_dict` does: every module offers its first round(r·ρ) explained-variance
     ratios λ_i / tr Σ, the r × modules largest of the pool are kept (ties to the earlier module)."""
     cap = round(options.rank * options.rho)
-    readers: dict[str, list[str]] = {}
-    for name in modules:
-        readers.setdefault(stats.manifest["modules"][name]["key"], []).append(name)
-    components, shares, explained = {}, {}, {}
+    keys = {name: stats.manifest["modules"][name]["key"] for name in modules}
+    components, explained = {}, {}
     with progress() as bar:
-        task = bar.add_task("eigenvectors", total=len(readers))
-        for key, names in readers.items():
+        task = bar.add_task("eigenvectors", total=len(set(keys.values())))
+        for key in dict.fromkeys(keys.values()):
             t = {name: value.double() for name, value in stats.tensors(key).items()}
             sigma = modes.second_moment(t["xxt"], t["sum"], t["count"], options.centered)
             values, vectors = modes.eigen(sigma.to(dev, dtype)[None])
-            keep = min(cap, sigma.shape[-1])
-            components[key] = vectors[0, :, :keep].mT.cpu()
-            explained[key] = values[0].clamp(min=0).cumsum(0) / values[0].clamp(min=0).sum().clamp(min=torch.finfo(dtype).tiny)
-            for name in names:
-                shares[name] = baselines.eva_shares(values[0], keep).cpu()
+            components[key] = vectors[0, :, :cap].mT.cpu()
+            explained[key] = baselines.explained_variance(values[0]).cpu()
             bar.update(task, advance=1)
-    ranks = vas.top_counts(shares, options.rank * len(modules))
+    ranks = vas.top_counts({name: explained[key][:cap] for name, key in keys.items()}, options.rank * len(modules))
     factors, rows = {}, {}
     for name, module in modules.items():
-        key = stats.manifest["modules"][name]["key"]
-        r = ranks[name]
+        r, key = ranks[name], keys[name]
         w = models.weight_matrix(module).detach()
         rows[name] = {"rank": r, "weight_norm": float(w.double().norm()), "delta_norm": 0.0, "update_norm": 0.0,
-                      "kept": float(explained[key][r - 1]) if r else 0.0, "output_change": 0.0, "floored": 0}
+                      "kept": float(explained[key][:r].sum()), "output_change": 0.0, "floored": 0}
         if r:
             factors[name] = (torch.zeros(w.shape[0], r), components[key][:r])
     return ranks, factors, rows
