@@ -24,6 +24,7 @@ def corda_metric(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     damp starts at 0.01 and doubles, per matrix, until the inverse is accurate."""
     eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
     scale = torch.diagonal(sigma, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # Σ = 0 (an input that is always zero): C = damp · I
     damp = torch.full_like(scale, CORDA_DAMP)
     while True:
         metric = sigma + damp * scale * eye

@@ -52,8 +52,11 @@ def _sign_of_largest(vectors: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def floor(values: torch.Tensor, rcond: float) -> torch.Tensor:
-    """The eigenvalue floor rcond · λ_max, one per matrix, shaped to broadcast against `values`."""
-    return rcond * values[..., :1].clamp(min=0)
+    """The eigenvalue floor max(rcond, n·ε) · λ_max, one per matrix, shaped to broadcast against `values`
+    (n values, ε of their dtype): below n·ε · λ_max an eigenvalue is rounding noise — torch's own
+    pinv cutoff — so even rcond = 0 never inverts it."""
+    relative = max(rcond, values.shape[-1] * torch.finfo(values.dtype).eps)
+    return relative * values[..., :1].clamp(min=0)
 
 
 def kept(values: torch.Tensor, rcond: float) -> torch.Tensor:
@@ -75,9 +78,11 @@ def cross(w: torch.Tensor, eig: Eigen, rcond: float) -> torch.Tensor:
 
 def self_(w: torch.Tensor, eig: Eigen, rcond: float, form: str) -> torch.Tensor:
     """CNTLoRA-S (eq. 12): W D^{-1/2} Pᵀ (paper) or W P D^{-1/2} Pᵀ = W Σ^{-1/2} (zca);
-    eigenvalues below the floor are clamped to it."""
+    eigenvalues below the floor are clamped to it. Where even the floor is zero (Σ = 0: an
+    input that never varies) a direction gets 0, as in a pseudo-inverse, not 1/√0."""
     values, vectors = eig
-    root = values.clamp(min=floor(values, rcond)).clamp(min=torch.finfo(values.dtype).tiny).rsqrt()
+    clamped = values.clamp(min=floor(values, rcond))
+    root = torch.where(clamped > 0, clamped.clamp(min=torch.finfo(values.dtype).tiny).rsqrt(), torch.zeros_like(clamped))
     if form == "paper":
         return (w * root.unsqueeze(-2)) @ vectors.mT
     return ((w @ vectors) * root.unsqueeze(-2)) @ vectors.mT
