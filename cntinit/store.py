@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -146,8 +147,15 @@ class Store:
 
 
 def check_out(out: str | Path, model_fingerprint: str, overwrite: bool, format: str = FORMAT, what: str = "a statistics store") -> None:
-    """Refuse to replace anything but a `format` directory of the same model, unless --overwrite."""
-    out = Path(out)
+    """Refuse, before any work, an `out` that cannot be written, and to replace anything but a
+    `format` directory of the same model unless --overwrite."""
+    out = Path(out).absolute()
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CntinitError(f"cannot write in {ancestor} ({'not a directory' if not ancestor.is_dir() else 'permission denied'}): "
+                           "choose an --out in a writable place")
     if not out.exists() or overwrite:
         return
     manifest = read_manifest(out, format)
