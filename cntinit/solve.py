@@ -158,6 +158,12 @@ def solve(capture_dir: str | Path | None, out: str | Path, options: Options | No
     for name, module in modules.items():
         d, k = models.in_out_features(module)
         max_ranks[name] = min(k, d, options.max_rank or k)
+    too_small = [name for name, module in modules.items() if min(models.in_out_features(module)) < options.rank]
+    if too_small and not options.vas:
+        smallest = min(models.in_out_features(modules[too_small[0]]))
+        more = f" (and {len(too_small) - 1} more)" if len(too_small) > 1 else ""
+        raise CntinitError(f"--rank {options.rank} exceeds min(in, out) = {smallest} of {too_small[0]}{more}: lower --rank, "
+                           "or use --vas, which caps each module at its own size")
 
     def batches(label: str) -> Iterator[tuple[Batch, Progress]]:
         with progress() as bar:

@@ -127,6 +127,9 @@ class Store:
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
         self.manifest = open_manifest(self.path, FORMAT, FORMAT_VERSION, "statistics store", "capture", checksums=verify)
+        for entry in self.manifest["stats"].values():
+            if entry.get("file") not in self.manifest["files"]:  # read only payloads open_manifest checked
+                raise CntinitError(f"{self.path}/{MANIFEST} names a payload outside the statistics store ({entry.get('file')}): the manifest was edited")
 
     @property
     def keys(self) -> list[str]:
