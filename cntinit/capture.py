@@ -18,7 +18,7 @@ from torch import nn
 from . import data as data_mod
 from . import models, store
 from .atomic import atomic_directory
-from .console import log, progress
+from .console import log, progress, warn
 from .errors import CntinitError
 from .stats import InputStats
 
@@ -203,6 +203,10 @@ def capture(
     net.to(dev, run_dtype)
     log(f"loaded {type(net).__name__} from {model} ({len(modules)} targets, {run_dtype}, {dev}) in {time.perf_counter() - started:.1f}s")
 
+    context = models.context_length(net, tokenizer)
+    if context is not None and seq_len > context:
+        warn(f"--seq-len {seq_len} is longer than the model's context ({context} tokens): using {context}")
+        seq_len = context
     sequences = data_mod.tokenize(samples, tokenizer, seq_len, pack)
     if not sequences:
         raise CntinitError(f"no sample of {data} has any token: give non-empty text")

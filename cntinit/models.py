@@ -132,6 +132,19 @@ def forward_root(model: nn.Module, target_names: list[str]) -> nn.Module:
     return model
 
 
+def context_length(model: nn.Module, tokenizer) -> int | None:
+    """The longest sequence the model takes: its position table (RoBERTa-style models lose two
+    slots to their padding offset) or the tokenizer's limit, whichever is smaller; None if neither says."""
+    config = model.config
+    model_type = getattr(config, "model_type", "") or ""
+    offset = 2 if "roberta" in model_type or model_type == "camembert" else 0
+    limits = [getattr(config, name) - offset for name in ("max_position_embeddings", "n_positions")
+              if isinstance(getattr(config, name, None), int)]
+    if isinstance(getattr(tokenizer, "model_max_length", None), int) and tokenizer.model_max_length < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    return min(limits) if limits else None
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 import cntinit
 from cntinit.errors import CntinitError
-from conftest import TEXTS, build_tiny
+from conftest import TEXTS, build_tiny, run
 
 
 def reference(model_dir, texts, seq_len, names):
@@ -133,3 +133,23 @@ def test_chat_messages_pack_and_float64(tiny, tmp_path):
     assert store.manifest["data"]["sequences"] == -(-total // 16)
     assert load_key(store, store.keys[0])["xxt"].shape == (64, 64)
     assert store.tensors(store.keys[0])["xxt"].dtype == torch.float64
+
+
+def test_samples_longer_than_the_model_context_are_truncated_to_it(tiny, tmp_path, capsys):
+    """The tiny models have 256 positions: --seq-len 512 would crash the forward pass, so capture uses 256 and says so."""
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": " ".join(["light"] * 400)}) + "\n" + json.dumps({"text": "Day one."}) + "\n")
+    for kind in ("bert", "gpt2"):
+        code, out, err = run(capsys, "capture", tiny[kind], "-d", tmp_path / "long.jsonl", "-o", tmp_path / kind)
+        assert code == 0 and "--seq-len 512 is longer than the model's context (256 tokens): using 256" in err
+        assert "1 of 2 samples are longer than --seq-len 256 tokens and were truncated" in err
+        manifest = json.loads((tmp_path / kind / "manifest.json").read_text())
+        short = len(transformers.AutoTokenizer.from_pretrained(tiny[kind])("Day one.")["input_ids"])
+        assert manifest["capture"]["seq_len"] == 256 and manifest["data"]["tokens"] == 256 + short
+
+
+def test_context_length_knows_the_roberta_padding_offset():
+    from cntinit.models import context_length
+
+    roberta = transformers.RobertaModel(transformers.RobertaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=130))
+    assert context_length(roberta, tokenizer=None) == 128
