@@ -29,14 +29,14 @@ TEXTS = [
 CONFIGS = {
     "llama": lambda vocab: transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, architectures=["LlamaForCausalLM"],
+        num_key_value_heads=2, max_position_embeddings=512, architectures=["LlamaForCausalLM"],
     ),
     "bert": lambda vocab: transformers.BertConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=256, architectures=["BertModel"],
+        max_position_embeddings=512, architectures=["BertModel"],
     ),
     "gpt2": lambda vocab: transformers.GPT2Config(
-        vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, architectures=["GPT2LMHeadModel"],
+        vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512, architectures=["GPT2LMHeadModel"],
     ),
 }
 

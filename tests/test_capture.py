@@ -136,15 +136,15 @@ def test_chat_messages_pack_and_float64(tiny, tmp_path):
 
 
 def test_samples_longer_than_the_model_context_are_truncated_to_it(tiny, tmp_path, capsys):
-    """The tiny models have 256 positions: --seq-len 512 would crash the forward pass, so capture uses 256 and says so."""
-    (tmp_path / "long.jsonl").write_text(json.dumps({"text": " ".join(["light"] * 400)}) + "\n" + json.dumps({"text": "Day one."}) + "\n")
+    """The tiny models have 512 positions: --seq-len 600 would crash the forward pass, so capture uses 512 and says so."""
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": " ".join(["light"] * 700)}) + "\n" + json.dumps({"text": "Day one."}) + "\n")
     for kind in ("bert", "gpt2"):
-        code, out, err = run(capsys, "capture", tiny[kind], "-d", tmp_path / "long.jsonl", "-o", tmp_path / kind)
-        assert code == 0 and "--seq-len 512 is longer than the model's context (256 tokens): using 256" in err
-        assert "1 of 2 samples are longer than --seq-len 256 tokens and were truncated" in err
+        code, out, err = run(capsys, "capture", tiny[kind], "-d", tmp_path / "long.jsonl", "-o", tmp_path / kind, "--seq-len", "600")
+        assert code == 0 and "--seq-len 600 is longer than the model's context (512 tokens): using 512" in err
+        assert "1 of 2 samples are longer than --seq-len 512 tokens and were truncated" in err
         manifest = json.loads((tmp_path / kind / "manifest.json").read_text())
         short = len(transformers.AutoTokenizer.from_pretrained(tiny[kind])("Day one.")["input_ids"])
-        assert manifest["capture"]["seq_len"] == 256 and manifest["data"]["tokens"] == 256 + short
+        assert manifest["capture"]["seq_len"] == 512 and manifest["data"]["tokens"] == 512 + short
 
 
 def test_context_length_knows_the_roberta_padding_offset():
