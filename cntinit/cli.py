@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     except CntinitError as exc:
         console.err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.err.print("[bold red]interrupted[/]")
-        sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # Typer turns Ctrl-C into exit 130 without a word
+            console.err.print("[bold red]interrupted:[/] nothing was written", highlight=False)
+        raise

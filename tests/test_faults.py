@@ -52,3 +52,32 @@ def test_an_unwritable_place_is_refused_before_any_work(captured, tmp_path, caps
     blocker.write_text("not a directory")
     code, _, err = run(capsys, "solve", captured["bert"], "-m", "cnt-s", "-o", blocker / "sub" / "s")
     assert code == 2 and err == f"error: cannot write in {blocker} (not a directory): choose an --out in a writable place\n"
+
+
+def test_sigint_during_capture_stops_cleanly(tiny, tmp_path):
+    """Ctrl-C (SIGINT) mid-capture: exit 130, one line saying so, no partial store, the previous one untouched."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps({"text": f"And the evening and the morning were day {i}."}) + "\n" for i in range(20000)))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "cntinit", "capture", str(tiny["bert"]), "-d", str(data), "-o", str(out), "-b", "1"]
+    subprocess.run(command[:-2] + ["-b", "8", "-n", "16"], check=True, capture_output=True)
+    before = contents(out)
+    process = subprocess.Popen(command + ["--overwrite"], stderr=subprocess.PIPE, text=True, env=os.environ | {"COLUMNS": "200"})
+    started = time.monotonic()
+    while time.monotonic() - started < 60:
+        line = process.stderr.readline()
+        if line.startswith("loaded"):
+            break
+    time.sleep(2)  # inside the capture loop
+    process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == 130
+    assert rest.strip().splitlines()[-1] == "interrupted: nothing was written" and "Traceback" not in rest
+    assert contents(out) == before and leftovers(tmp_path) == []
