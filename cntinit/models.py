@@ -44,7 +44,8 @@ def load(path: str | Path, trust_remote_code: bool = False):
         raise
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CntinitError(f"could not load the model at {path}: {first_line}") from None
+        raise CntinitError(f"could not load the model at {path}: {first_line} — give a complete save_pretrained directory "
+                           "of an architecture this transformers knows (custom code needs --trust-remote-code)") from None
     model.eval().requires_grad_(False)
     return model, tokenizer
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -59,6 +60,8 @@ def bad_cases(tiny, tmp_path, text_jsonl, inf_model):
     return [
         ([tmp_path / "nowhere", "-d", text_jsonl], "model path .*nowhere does not exist"),
         ([tmp_path / "notmodel", "-d", text_jsonl], "not a transformers model directory"),
+        ([unknown_architecture(tiny["bert"], tmp_path), "-d", text_jsonl],
+         r"could not load the model at .*: The checkpoint .* model type `nosuchtype` .* — give a complete save_pretrained directory"),
         ([llama, "-d", text_jsonl, "-t", "query"], r"--targets query matched no linear module; available: self_attn.q_proj, self_attn.k_proj"),
         ([llama, "-d", empty], "no samples in"),
         ([llama, "-d", bad_json], r"bad.jsonl:3: not valid JSON"),
@@ -67,6 +70,14 @@ def bad_cases(tiny, tmp_path, text_jsonl, inf_model):
         ([llama, "-d", text_jsonl, "--dtype", "int8"], "--dtype int8 is not one of"),
         ([inf_model, "-d", text_jsonl], r"non-finite activations \(NaN/Inf\) entering encoder.layer.0.output.dense: run with --dtype float32"),
     ]
+
+
+def unknown_architecture(model, tmp_path):
+    """A copy of `model` whose config names a model type transformers does not know."""
+    copy = shutil.copytree(model, tmp_path / "unknown-arch")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"model_type": "nosuchtype", "architectures": ["NoSuchModel"]}))
+    return copy
 
 
 def test_bad_input_one_line_exit_2_nothing_written(tiny, text_jsonl, tmp_path, inf_model, capsys):

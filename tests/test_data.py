@@ -96,3 +96,15 @@ def test_fingerprint_depends_on_content_only(tmp_path):
     a = data.read_samples(write(tmp_path / "a.txt", "x\ny\n"))
     b = data.read_samples(write(tmp_path / "b.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in "xy")))
     assert data.fingerprint(a) == data.fingerprint(b) != data.fingerprint(a[:1])
+
+
+def test_zero_token_samples_are_skipped_with_a_warning(tokenizer, capsys):
+    """A tokenizer that adds no special tokens turns whitespace-like text into no ids: such samples are left out, said so."""
+    class NoSpecials:
+        def __call__(self, text, add_special_tokens=True, **kwargs):
+            return tokenizer(text, add_special_tokens=False, **kwargs)
+
+    samples = [data.Sample(content, f"x:{i}") for i, content in enumerate(["Let there be light.", "\u200b", "Waters."])]
+    sequences = data.tokenize(samples, NoSpecials(), seq_len=64)
+    assert len(sequences) == 2 and all(sequences)
+    assert "1 samples tokenize to zero tokens and were skipped" in capsys.readouterr().err
