@@ -68,3 +68,36 @@ def test_rank_larger_than_a_module_is_refused_before_any_work(captured, tmp_path
     assert "solve cnt-s" not in err and not (tmp_path / "s").exists()
     code, _, _ = run(capsys, "solve", captured["bert"], "-m", "cnt-s", "-r", "65", "--vas", "-o", tmp_path / "s", "-q")
     assert code == 0
+
+
+def test_model_code_never_runs_without_trust_remote_code(tiny, text_jsonl, tmp_path, capsys):
+    """A model directory shipping its own Python (auto_map) is refused unless --trust-remote-code; its code never runs."""
+    import shutil
+
+    model = shutil.copytree(tiny["bert"], tmp_path / "custom")
+    marker = tmp_path / "code-ran"
+    (model / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import BertModel as CustomModel\n")
+    (model / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import BertConfig as CustomConfig\n")
+    config = json.loads((model / "config.json").read_text())
+    config |= {"model_type": "custombert", "architectures": ["CustomModel"],
+               "auto_map": {"AutoConfig": "configuration_custom.CustomConfig", "AutoModel": "modeling_custom.CustomModel"}}
+    (model / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "capture", model, "-d", text_jsonl, "-o", tmp_path / "s")
+    assert code == 2 and "contains custom code" in err and "--trust-remote-code" in err and err.count("\n") == 1, err
+    assert not marker.exists() and not (tmp_path / "s").exists()
+    run(capsys, "capture", model, "-d", text_jsonl, "-o", tmp_path / "s", "--trust-remote-code")
+    assert marker.exists()  # the flag, and only the flag, lets the directory's code run
+
+
+def test_the_package_never_unpickles():
+    """Policy: safetensors and JSON only; torch.load only with weights_only=True; no pickle, no yaml.load."""
+    import re
+    from pathlib import Path
+
+    import cntinit
+
+    for source in Path(cntinit.__file__).parent.rglob("*.py"):
+        text = source.read_text()
+        assert not re.search(r"\bimport pickle\b|\bpickle\.|\bdill\b|yaml\.load\(|yaml\.unsafe_load", text), source
+        for call in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in call.group(1), (source, call.group(0))
