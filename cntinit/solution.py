@@ -33,9 +33,9 @@ def new_manifest(**fields) -> dict:
 def write(directory: Path, manifest: dict, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], report: dict) -> None:
     """Write tensors, report and manifest into `directory` (already a temporary one)."""
     tensors = {}
-    for name, (b, a) in factors.items():
-        tensors[f"{name}.A"] = a.to(torch.float32).contiguous()
-        tensors[f"{name}.B"] = b.to(torch.float32).contiguous()
+    for name, (b, a) in factors.items():  # clone: modules that read one input may hold views of one tensor (eva)
+        tensors[f"{name}.A"] = a.to(torch.float32).clone(memory_format=torch.contiguous_format)
+        tensors[f"{name}.B"] = b.to(torch.float32).clone(memory_format=torch.contiguous_format)
     save_file(tensors, directory / ADAPTER, metadata={"format": "pt"})
     (directory / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     manifest["files"] = {name: file_entry(directory / name) for name in (ADAPTER, REPORT)}

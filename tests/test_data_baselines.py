@@ -48,6 +48,15 @@ def test_eva_agrees_with_peft_get_eva_state_dict(tiny, calibration, tmp_path):
         torch.testing.assert_close(a, signs * peft_a, atol=2e-5, rtol=0)  # measured 3.5e-6: PEFT in float32
 
 
+def test_eva_with_fixed_ranks_gives_modules_of_one_input_the_same_components(captured, tmp_path):
+    """ρ = 1: every module gets rank r; query/key/value read one input, so their A are equal (and saved apart)."""
+    solve(captured["bert"], tmp_path / "s", Options(mode="eva", rank=4, rho=1.0))
+    solved = factors(tmp_path / "s")
+    assert {b.shape[1] for b, _ in solved.values()} == {4}
+    layer = "encoder.layer.0.attention.self."
+    torch.testing.assert_close(solved[layer + "query"][1], solved[layer + "value"][1], rtol=0, atol=0)
+
+
 def test_eva_export_keeps_unit_components_and_starts_at_the_pretrained_model(tiny, captured, tmp_path):
     solve(captured["bert"], tmp_path / "s", Options(mode="eva", rank=4, rho=1.5))
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())

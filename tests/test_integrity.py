@@ -76,8 +76,11 @@ def test_model_code_never_runs_without_trust_remote_code(tiny, text_jsonl, tmp_p
 
     model = shutil.copytree(tiny["bert"], tmp_path / "custom")
     marker = tmp_path / "code-ran"
-    (model / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import BertModel as CustomModel\n")
-    (model / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import BertConfig as CustomConfig\n")
+    # subclasses: loading remote code marks its classes for auto-saving, which must not leak into BertModel itself
+    (model / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import BertConfig\n"
+                                                   "class CustomConfig(BertConfig):\n    model_type = 'custombert'\n")
+    (model / "modeling_custom.py").write_text("from transformers import BertModel\nfrom .configuration_custom import CustomConfig\n"
+                                              "class CustomModel(BertModel):\n    config_class = CustomConfig\n")
     config = json.loads((model / "config.json").read_text())
     config |= {"model_type": "custombert", "architectures": ["CustomModel"],
                "auto_map": {"AutoConfig": "configuration_custom.CustomConfig", "AutoModel": "modeling_custom.CustomModel"}}

@@ -1,0 +1,170 @@
+"""cntinit against PEFT's own data-driven and SVD inits, side by side on one model and one data set.
+
+    python benchmarks/speed.py                                   # embedded MiniLM, 256 KJV verses, CPU or GPU
+    python benchmarks/speed.py --model DIR --data calib.jsonl --device cuda --targets q_proj,v_proj
+
+Every step runs in its own fresh process (so each has its own peak memory: max RSS on CPU,
+peak allocated on CUDA) and reports its own wall time, model loading excluded. cntinit
+captures once and solves cnt-x, corda and eva from that one capture; PEFT runs
+`preprocess_corda` (one sample per forward, as it requires) and `get_eva_state_dict` (batches)
+on the same tokenized samples, and times `init_lora_weights="pissa"` / `"pissa_niter_4"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+STEPS = ["forward", "capture", "solve cnt-x", "solve corda", "solve eva", "solve pissa",
+         "peft corda", "peft eva", "peft pissa", "peft pissa_niter_4"]
+
+
+def run_step(step: str, args, scratch: Path) -> dict:
+    """One step, timed in this process: {seconds, peak_mb}."""
+    import peft
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+    from peft.tuners.lora.eva import get_eva_state_dict
+
+    from cntinit import capture, console, data, embedded, models, solve
+    from cntinit.capture import exact_float32
+
+    console.quiet = True
+    device = models.resolve_device(args.device)
+    model_dir = args.model or embedded.model_dir()
+    stats = scratch / "stats"
+    targets = None if args.targets == models.ALL_LINEAR else args.targets.split(",")
+
+    def fresh_model():
+        net, tokenizer = models.load(model_dir)
+        return net.to(device, models.resolve_dtype(args.dtype, net, device)), tokenizer
+
+    def tokenized(tokenizer):
+        samples = data.read_samples(args.data or embedded.data_file(), max_samples=args.samples)
+        return data.tokenize(samples, tokenizer, args.seq_len)
+
+    def lora_config(**kwargs):
+        return peft.LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=targets or "all-linear", **kwargs)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    work = None
+    if step == "forward":
+        net, tokenizer = fresh_model()
+        sequences = tokenized(tokenizer)
+        root = models.forward_root(net, list(models.select_targets(net, args.targets)))
+
+        def work():
+            with exact_float32(), torch.inference_mode():
+                for ids, mask in data.batches(sequences, args.batch_size, tokenizer.pad_token_id or 0):
+                    root(input_ids=ids.to(device), attention_mask=mask.to(device))
+    elif step == "capture":
+        def work():
+            capture(model_dir, args.data or embedded.data_file(), stats, targets=args.targets, seq_len=args.seq_len,
+                    batch_size=args.batch_size, max_samples=args.samples, device=args.device, overwrite=True)
+    elif step.startswith("solve"):
+        mode = step.split()[1]
+        source = (None, {"model": model_dir, "targets": args.targets}) if mode == "pissa" else (stats, {})
+
+        def work():
+            solve(source[0], scratch / f"solve-{mode}", mode=mode, rank=args.rank, precision=args.precision,
+                  device=args.device, overwrite=True, **source[1])
+    else:
+        net, tokenizer = fresh_model()
+        sequences = tokenized(tokenizer)
+        pad = tokenizer.pad_token_id or 0
+        if step == "peft corda":
+            def work():
+                config = lora_config(init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"))
+
+                def run_model():
+                    for sequence in sequences:
+                        net(input_ids=torch.tensor([sequence], device=device))
+                preprocess_corda(net, config, run_model=run_model)
+                peft.get_peft_model(net, config)
+        elif step == "peft eva":
+            def work():
+                batches = [{"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+                           for ids, mask in data.batches(sequences, args.batch_size, pad)]
+                config = lora_config(init_lora_weights="eva", eva_config=peft.EvaConfig(rho=2.0))
+                get_eva_state_dict(net, batches, config, show_progress_bar=False)
+        else:
+            def work():
+                peft.get_peft_model(net, lora_config(init_lora_weights=step.split()[1]))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": time.perf_counter() - started, "peak_mb": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="local transformers model directory (default: embedded MiniLM)")
+    parser.add_argument("--data", help="calibration .jsonl/.txt (default: embedded KJV verses)")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--targets", default="all-linear")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--precision", default="float32", help="cntinit's solve precision (PEFT works in float32)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)  # internal: run one step, print JSON
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.step:
+        print(json.dumps(run_step(args.step, args, Path(args.scratch))))
+        return
+    passthrough = [a for a in sys.argv[1:]]
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for step in STEPS:
+            done = subprocess.run([sys.executable, __file__, *passthrough, "--step", step, "--scratch", scratch],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{step} failed:\n{done.stderr[-2000:]}")
+            results[step] = json.loads(done.stdout.strip().splitlines()[-1])
+            Console(stderr=True).print(f"{step}: {results[step]['seconds']:.2f} s, peak {results[step]['peak_mb']:.0f} MB", highlight=False)
+    s = {step: r["seconds"] for step, r in results.items()}
+    table = Table("what", "cntinit s", "PEFT / plain s", "ratio", "peak MB (cntinit / other)",
+                  title=f"speed: {args.model or 'embedded MiniLM'}, {args.samples} samples × ≤{args.seq_len} tokens, "
+                        f"{args.targets}, rank {args.rank}, {args.device}")
+
+    def peak(*steps):
+        return f"{max(results[x]['peak_mb'] for x in steps):.0f}"
+
+    table.add_row("capture vs plain forward", f"{s['capture']:.2f}", f"{s['forward']:.2f}",
+                  f"{s['capture'] / s['forward']:.2f}× (target ≤ 1.3×)", f"{peak('capture')} / {peak('forward')}")
+    ours = s["capture"] + s["solve cnt-x"] + s["solve corda"] + s["solve eva"]
+    theirs = s["peft corda"] + s["peft eva"]
+    for mode in ("corda", "eva"):
+        table.add_row(f"{mode}: capture + solve vs PEFT", f"{s['capture'] + s['solve ' + mode]:.2f}", f"{s['peft ' + mode]:.2f}",
+                      f"{s['peft ' + mode] / (s['capture'] + s['solve ' + mode]):.2f}× faster",
+                      f"{peak('capture', 'solve ' + mode)} / {peak('peft ' + mode)}")
+    table.add_row("one capture + cnt-x, corda, eva vs PEFT corda + eva", f"{ours:.2f}", f"{theirs:.2f}",
+                  f"{theirs / ours:.2f}× faster (target ≥ 2×)", f"{peak('capture', 'solve cnt-x', 'solve corda', 'solve eva')} / "
+                                                               f"{peak('peft corda', 'peft eva')}")
+    for variant in ("pissa", "pissa_niter_4"):
+        table.add_row(f"pissa vs PEFT {variant}", f"{s['solve pissa']:.2f}", f"{s['peft ' + variant]:.2f}",
+                      f"{s['peft ' + variant] / s['solve pissa']:.2f}× faster", f"{peak('solve pissa')} / {peak('peft ' + variant)}")
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()
