@@ -95,12 +95,14 @@ def main() -> None:
         table.add_column(column)
     for label, targets, goal in (("attention", attention, 1.3), ("all-linear", models.ALL_LINEAR, 2.0)):
         modules = models.select_targets(net, targets)
-        recorder = Recorder(root, modules, sequences[0], 1, ACCUMULATE[args.accumulate], device)
+        probe = torch.tensor([sequences[0][:8]])
+        recorder = Recorder(root, modules, {"input_ids": probe, "attention_mask": torch.ones_like(probe)}, 1,
+                            ACCUMULATE[args.accumulate], device)
 
         def capture():
             with recorder, exact_float32(), torch.inference_mode():
                 for ids, mask in batches:
-                    recorder.run(ids, mask, 0)
+                    recorder.run({"input_ids": ids, "attention_mask": mask}, mask, 0)
 
         forward(), capture()  # warm-up
         plain, captured = side_by_side(forward, capture, device, args.repeat)

@@ -1,4 +1,5 @@
-"""The capture stage: stream calibration text through a model and sum each target's input statistics.
+"""The capture stage: stream calibration data (text, images, images with prompts) through a model
+and sum each target's input statistics.
 
 Hooks sit on the first module of every group that reads one tensor (q/k/v, gate/up), so a
 shared input is summed once. Padding is dropped before the Gram update, so batching never
@@ -15,10 +16,9 @@ import torch
 from rich.progress import TextColumn
 from torch import nn
 
-from . import data as data_mod
-from . import models, store
+from . import feeds, models, store
 from .atomic import atomic_directory
-from .console import log, progress, warn
+from .console import log, progress
 from .errors import CntinitError
 from .stats import InputStats
 
@@ -67,7 +67,7 @@ class _Batch:
     """Where the real tokens of the current batch are, for dropping padding in hooks."""
 
     size = 0
-    length = 0
+    length = 0  # tokens per padded sequence; 0 for inputs without padding
     index: torch.Tensor | None = None  # flat indices of real tokens; None when unpadded
     bucket = 0
 
@@ -75,6 +75,9 @@ class _Batch:
 def _real_rows(x: torch.Tensor, batch: _Batch, samples: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the rows of real tokens, with `samples` the sequence each row belongs to — None when unknown)."""
     dim = x.shape[-1]
+    if batch.length == 0 and x.dim() == 3 and x.shape[0] == batch.size:  # no padding (images): every row counts
+        rows = x.reshape(-1, dim)
+        return rows, torch.arange(batch.size, device=rows.device).repeat_interleave(x.shape[1]) if samples else None
     if x.dim() == 3 and x.shape[:2] == (batch.size, batch.length):
         flat = x.reshape(-1, dim)
     elif x.dim() == 2 and x.shape[0] == batch.size * batch.length and batch.length > 1:
@@ -107,15 +110,14 @@ class Recorder:
     Use as a context manager (hooks are installed inside it), calling `run` per batch.
     """
 
-    def __init__(self, root: nn.Module, modules: dict[str, nn.Module], first_sequence: list[int], buckets: int,
+    def __init__(self, root: nn.Module, modules: dict[str, nn.Module], probe: dict[str, torch.Tensor], buckets: int,
                  accumulate_dtype: torch.dtype, device: torch.device, sample_max_norm: bool = False):
         self.root, self.modules, self.device = root, modules, device
         self.sample_max_norm, self.accumulate_dtype = sample_max_norm, accumulate_dtype
         self.batch = _Batch()
         self.stats: dict[str, InputStats] = {}
         self.module_map: dict[str, dict] = {}
-        probe_ids = torch.tensor([first_sequence[:8]], device=device)
-        probe = {"input_ids": probe_ids, "attention_mask": torch.ones_like(probe_ids)}
+        probe = {name: value.to(device) for name, value in probe.items()}
         for group in shared_input_groups(root, modules, probe):
             key = group[0]
             self.stats[key] = InputStats(models.in_out_features(modules[key])[0], buckets, accumulate_dtype, device)
@@ -142,17 +144,19 @@ class Recorder:
             handle.remove()
         self.handles.clear()
 
-    def run(self, ids: torch.Tensor, mask: torch.Tensor, bucket: int) -> int:
-        """Forward one right-padded batch into bucket `bucket`; returns its real token count."""
+    def run(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor | None, bucket: int) -> int:
+        """Forward one batch into bucket `bucket` (`mask`: which positions of right-padded sequences are
+        real; None when nothing is padding); returns its real token count, or its sample count without a mask."""
         batch = self.batch
-        batch.size, batch.length, batch.bucket = ids.shape[0], ids.shape[1], bucket
-        flat_mask = mask.flatten()
-        batch.index = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1).to(self.device)
-        self.root(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        batch.size, batch.bucket = next(iter(inputs.values())).shape[0], bucket
+        batch.length = 0 if mask is None else mask.shape[1]
+        flat_mask = None if mask is None else mask.flatten()
+        batch.index = None if flat_mask is None or bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1).to(self.device)
+        self.root(**{name: value.to(self.device) for name, value in inputs.items()})
         if self.batches % FINITE_CHECK_EVERY == 0:
             self.check_finite()
         self.batches += 1
-        return int(flat_mask.sum())
+        return batch.size if flat_mask is None else int(flat_mask.sum())
 
     def check_finite(self) -> None:
         """One device sync: NaN/Inf in any input shows up in its running Σx."""
@@ -181,64 +185,73 @@ def capture(
     accumulate: str = "float32",
     text_field: str = "text",
     sample_max_norm: bool = False,
+    image_size: int | None = None,
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5),
+    prompt: str | None = None,
+    noise_timestep: int | None = None,
+    seed: int = 0,
     overwrite: bool = False,
     trust_remote_code: bool = False,
 ) -> Path:
-    """Capture input statistics of `targets` in `model` over `data`; write a store at `out`."""
+    """Capture input statistics of `targets` in `model` over `data`; write a store at `out`.
+
+    `model` is a transformers directory (text or vision) or a diffusers Stable-Diffusion-style
+    pipeline directory; `data` is text for a text model, a folder of images otherwise."""
     for option, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--buckets", buckets)):
         if value < 1:
             raise CntinitError(f"{option} must be at least 1, got {value}")
     if max_samples is not None and max_samples < 1:
         raise CntinitError(f"--max-samples must be at least 1, got {max_samples}")
+    if image_size is not None and image_size < 1:
+        raise CntinitError(f"--image-size must be at least 1, got {image_size}")
     if accumulate not in ACCUMULATE:
         raise CntinitError(f"--accumulate {accumulate} is not one of {', '.join(ACCUMULATE)}")
     dev = models.resolve_device(device)
-    samples = data_mod.read_samples(data, text_field, max_samples)
     started = time.perf_counter()
     net, tokenizer = models.load(model, trust_remote_code)
+    kind = models.modality(net)
+    wrong = [option for option, value, kinds in (
+        ("--prompt", prompt, ("diffusion",)), ("--noise-timestep", noise_timestep, ("diffusion",)),
+        ("--image-size", image_size, ("vision", "diffusion")), ("--pack", pack or None, ("text",)),
+        ("--sample-max-norm", sample_max_norm or None, ("text", "vision"))) if value is not None and kind not in kinds]
+    if wrong:
+        raise CntinitError(f"{wrong[0]} does not apply to a {kind} model ({model}): leave it out")
     modules = models.select_targets(net, targets)
     model_fingerprint = models.fingerprint(modules)
     store.check_out(out, model_fingerprint, overwrite)
     run_dtype = models.resolve_dtype(dtype, net, dev)
+    if kind == "text":
+        feed = feeds.text(net, tokenizer, data, seq_len=seq_len, batch_size=batch_size, buckets=buckets,
+                          max_samples=max_samples, pack=pack, text_field=text_field)
+    elif kind == "vision":
+        feed = feeds.vision(net, model, data, batch_size=batch_size, buckets=buckets, max_samples=max_samples,
+                            dtype=run_dtype, image_size=image_size, image_mean=image_mean, image_std=image_std)
+    else:
+        feed = feeds.diffusion(net, tokenizer, data, batch_size=batch_size, buckets=buckets, max_samples=max_samples,
+                               image_size=image_size, prompt=prompt, noise_timestep=noise_timestep, seed=seed)
     net.to(dev, run_dtype)
     log(f"loaded {type(net).__name__} from {model} ({len(modules)} targets, {run_dtype}, {dev}) in {time.perf_counter() - started:.1f}s")
-
-    context = models.context_length(net, tokenizer)
-    if context is not None and seq_len > context:
-        warn(f"--seq-len {seq_len} is longer than the model's context ({context} tokens): using {context}")
-        seq_len = context
-    sequences = data_mod.tokenize(samples, tokenizer, seq_len, pack)
-    if not sequences:
-        raise CntinitError(f"no sample of {data} has any token: give non-empty text")
-    per_bucket = data_mod.split_buckets(sequences, buckets)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     root = models.forward_root(net, list(modules))
-
-    recorder = Recorder(root, modules, sequences[0], buckets, ACCUMULATE[accumulate], dev, sample_max_norm)
-    tokens = 0
+    recorder = Recorder(root, modules, feed.probe, buckets, ACCUMULATE[accumulate], dev, sample_max_norm)
+    done = 0
     rate = TextColumn("{task.fields[rate]}")
     with recorder, exact_float32(), torch.inference_mode(), progress(rate) as bar:
-        task = bar.add_task("capture", total=len(sequences), rate="")
-        for bucket, bucket_sequences in enumerate(per_bucket):
-            for ids, mask in data_mod.batches(bucket_sequences, batch_size, pad_id):
-                tokens += recorder.run(ids, mask, bucket)
-                elapsed = bar.tasks[task].elapsed or 1e-9
-                bar.update(task, advance=ids.shape[0], rate=f"{tokens / elapsed:,.0f} tok/s")
+        task = bar.add_task("capture", total=feed.total, rate="")
+        for bucket, inputs, mask in feed.batches():
+            done += recorder.run(inputs, mask, bucket)
+            elapsed = bar.tasks[task].elapsed or 1e-9
+            bar.update(task, advance=next(iter(inputs.values())).shape[0], rate=f"{done / elapsed:,.1f} {feed.unit}/s")
         recorder.check_finite()
     stats, module_map = recorder.stats, recorder.module_map
 
     silent = [name for name, entry in module_map.items() if sum(stats[entry["key"]].count) == 0]
     if silent:
         raise CntinitError(f"targets never ran in the forward pass: {', '.join(silent[:5])}: drop them from --targets")
+    tokens = done if kind == "text" else max(sum(s.count) for s in stats.values())
     manifest = store.new_manifest(
-        model={"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": model_fingerprint},
-        data={
-            "fingerprint": data_mod.fingerprint(samples),
-            "sources": [str(data) if str(data) == "-" else str(Path(data).absolute())],
-            "samples": len(samples),
-            "sequences": len(sequences),
-            "tokens": tokens,
-        },
+        model={"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": model_fingerprint, "kind": kind},
+        data=feed.data | {"tokens": tokens},
         capture={
             "targets": targets if isinstance(targets, str) else ",".join(targets),
             "seq_len": seq_len,
@@ -250,12 +263,12 @@ def capture(
             "accumulate": accumulate,
             "sample_max_norm": sample_max_norm,
             "device": str(dev),
-        },
+        } | feed.settings,
         modules=module_map,
         stats={key: {"dim": s.dim, "count": sum(s.count), "modules": [n for n, e in module_map.items() if e["key"] == key]} for key, s in stats.items()},
     )
     with atomic_directory(out) as tmp:
         store.write(tmp, manifest, {key: s.tensors(key) for key, s in stats.items()})
-    log(f"captured {tokens:,} tokens from {len(sequences):,} sequences into {len(stats)} statistics ({time.perf_counter() - started:.1f}s)")
+    log(f"captured {tokens:,} {'tokens' if kind == 'text' else 'rows'} from {feed.total:,} samples into {len(stats)} statistics "
+        f"({time.perf_counter() - started:.1f}s)")
     return Path(out)
-

@@ -18,7 +18,7 @@ from rich.table import Table
 from . import console, embedded, models, solution
 from .capture import capture as run_capture
 from .errors import CntinitError
-from .export import check_peft
+from .export import check_peft, check_pipeline
 from .export import export as run_export
 from .solution import Solution
 from .solve import Options
@@ -62,8 +62,8 @@ def summary(store: Store) -> dict:
 
 @app.command()
 def capture(
-    model: Path = typer.Argument(..., help="Local transformers model directory (config.json, weights, tokenizer)."),
-    data: str = typer.Option(..., "--data", "-d", help="A .jsonl (field `text` or chat `messages`), a .txt (one sample per line), a directory of them, or - for JSONL on stdin."),
+    model: Path = typer.Argument(..., help="Local model directory: transformers (text or vision: config.json, weights) or a diffusers Stable-Diffusion-style pipeline (model_index.json, unet, text_encoder, vae, tokenizer, scheduler)."),
+    data: str = typer.Option(..., "--data", "-d", help="Text models: a .jsonl (field `text` or chat `messages`), a .txt (one sample per line), a directory of them, or - for JSONL on stdin. Vision models and pipelines: a folder of .jpg/.png/.webp images (recursive); a pipeline's captions come from metadata.jsonl/captions.jsonl there ({\"file_name\", \"text\"} per line) or --prompt."),
     out: Path = typer.Option(..., "--out", "-o", help="Store directory to write."),
     targets: str = typer.Option("all-linear", "--targets", "-t", help="Comma-separated module-name suffixes (q_proj,v_proj) or all-linear (every linear layer but the output head)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence; longer samples are truncated."),
@@ -76,6 +76,12 @@ def capture(
     accumulate: str = typer.Option("float32", "--accumulate", help="Precision of the sums: float32 or float64."),
     text_field: str = typer.Option("text", "--text-field", help="JSONL field holding the text."),
     sample_max_norm: bool = typer.Option(False, "--sample-max-norm", help="Divide each sample's inputs by |its largest entry| before summing, as PEFT's CorDA preprocessing does (to reproduce PEFT's corda exactly)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Images: resize the shorter side to N and center-crop N×N (vision default: the model's preprocessor_config.json; pipeline default: the UNet's resolution)."),
+    image_mean: str = typer.Option("0.5,0.5,0.5", "--image-mean", help="Vision models with --image-size or without a preprocessor config: per-channel mean."),
+    image_std: str = typer.Option("0.5,0.5,0.5", "--image-std", help="Vision models with --image-size or without a preprocessor config: per-channel std."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Pipelines: this prompt for every image instead of captions, e.g. \"a photo of sks dog\"."),
+    noise_timestep: Optional[int] = typer.Option(None, "--noise-timestep", help="Pipelines: feed the UNet latents noised to timestep t by the pipeline's scheduler (default: clean latents, t = 0)."),
+    seed: int = typer.Option(0, "--seed", help="Pipelines: seed of the --noise-timestep noise."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a store of this model."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
     quiet: bool = QUIET,
@@ -88,14 +94,27 @@ def capture(
       cntinit capture ./Llama-3.2-1B --data calib.jsonl --targets q_proj,k_proj,v_proj,o_proj --out stats/
 
       cat calib.jsonl | cntinit capture ./model --data - --out stats/ --buckets 4
+
+      cntinit capture ./dinov2-base --data images/ --out stats/ --targets query,key,value
+
+      cntinit capture ./sd15 --data dog/ --prompt "a photo of sks dog" --targets to_q,to_k,to_v,to_out.0,q_proj,k_proj,v_proj,out_proj --out stats/
     """
     console.quiet = quiet
     path = run_capture(
         model, data, out, targets=targets, seq_len=seq_len, batch_size=batch_size, max_samples=max_samples,
         device=device, dtype=dtype, buckets=buckets, pack=pack, accumulate=accumulate, text_field=text_field,
-        sample_max_norm=sample_max_norm, overwrite=overwrite, trust_remote_code=trust_remote_code,
+        sample_max_norm=sample_max_norm, image_size=image_size, image_mean=_rgb(image_mean, "--image-mean"),
+        image_std=_rgb(image_std, "--image-std"), prompt=prompt, noise_timestep=noise_timestep, seed=seed,
+        overwrite=overwrite, trust_remote_code=trust_remote_code,
     )
     _finish(path, as_json)
+
+
+def _rgb(text: str, option: str) -> tuple[float, ...]:
+    values = tuple(_floats(text, option))
+    if len(values) != 3:
+        raise CntinitError(f"{option} needs one value per RGB channel (3), got {len(values)}")
+    return values
 
 
 @app.command()
@@ -277,7 +296,7 @@ def _fit_ratio(row: dict) -> float:
 def export(
     solve_dir: Path = typer.Argument(..., help="A solve directory written by `cntinit solve`."),
     out: Path = typer.Option(..., "--out", "-o", help="Adapter directory to write."),
-    format: str = typer.Option("peft", "--format", "-f", help="Adapter format: peft."),
+    format: str = typer.Option("peft", "--format", "-f", help="peft (transformers models), kohya or diffusers (diffusion pipelines: one safetensors file for sd-scripts' --network_weights, or pytorch_lora_weights.safetensors for pipe.load_lora_weights)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha (default: the solve's --rank, so the scale is 1). The scale is folded into the factors: the adapter adds exactly BA for any alpha."),
     rslora: bool = typer.Option(False, "--rslora", help="Rank-stabilized scale α/√r."),
     dora: bool = typer.Option(False, "--dora", help="DoRA: also write the magnitude vectors, as PEFT computes them (needs the model weights)."),
@@ -285,7 +304,7 @@ def export(
     module_prefix: str = typer.Option("", "--module-prefix", help="Prepend this to every module path, e.g. bert. when the capture ran BertModel and training loads BertForSequenceClassification."),
     model: Optional[Path] = typer.Option(None, "--model", help="Read the weights (for --dora or a residual base) from here instead of the recorded path."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not an export of this model."),
-    check: bool = typer.Option(False, "--check", help="Load the written adapter with PEFT and compare every module's output with (W + BA)x."),
+    check: bool = typer.Option(False, "--check", help="Load the written adapter with PEFT (peft) or diffusers' load_lora_weights (kohya, diffusers) and compare every module's output with (W + BA)x."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
     quiet: bool = QUIET,
 ) -> None:
@@ -297,24 +316,27 @@ def export(
 
       cntinit export init-x-vas/ --out adapter/ --alpha 32 --rslora
 
-    Load it:  PeftModel.from_pretrained(base, "adapter/", is_trainable=True)
+      cntinit export sd-init/ --format kohya --alpha 256 --out kohya/
+
+    Load it:  PeftModel.from_pretrained(base, "adapter/", is_trainable=True), pipe.load_lora_weights("diffusers-out/"),
+    or sd-scripts' --network_weights kohya/lora.safetensors
     """
     console.quiet = quiet
     path = run_export(solve_dir, out, format=format, alpha=alpha, rslora=rslora, dora=dora, fixed_alpha=fixed_alpha,
                       module_prefix=module_prefix, model=model, overwrite=overwrite, trust_remote_code=trust_remote_code)
     if check:
-        _report_check(check_peft(path, solve_dir, model))
+        _report_check(*((check_peft(path, solve_dir, model), "PEFT") if format == "peft" else (check_pipeline(path, solve_dir, model), "diffusers")))
     typer.echo(str(path))
 
 
 CHECK_TOLERANCE = 1e-4
 
 
-def _report_check(error: float) -> None:
+def _report_check(error: float, client: str = "PEFT") -> None:
     """One line on how well PEFT reproduces the solve; fails the command when it does not."""
     if error > CHECK_TOLERANCE:
-        raise CntinitError(f"PEFT's outputs differ from the initial layers by {error:.2e} (relative) — above {CHECK_TOLERANCE:g}; see the warnings above")
-    console.log(f"check: PEFT loads the adapter; every adapted module computes the initial layer (W + BA, or W for a residual init) to {error:.1e} (relative)")
+        raise CntinitError(f"the loaded adapter's outputs differ from the initial layers by {error:.2e} (relative) — above {CHECK_TOLERANCE:g}; see the warnings above")
+    console.log(f"check: {client} loads the adapter; every adapted module computes the initial layer (W + BA, or W for a residual init) to {error:.1e} (relative)")
 
 
 @app.command()

@@ -1,8 +1,13 @@
 """`cntinit export`: turn a solve directory into adapter files that real trainers load.
 
-PEFT format (METHODS.md "Export formats"): the LoRA scale s is folded into the factors
-(B/√s, A/√s) so the adapter adds exactly B @ A whatever α, rank pattern or rsLoRA — except
-where B = 0 (lora, eva): the update is zero anyway and A keeps the scale its method gave it.
+The LoRA scale s is folded into the factors (B/√s, A/√s) so the adapter adds exactly B @ A
+whatever α, rank pattern or rsLoRA — except where B = 0 (lora, eva): the update is zero anyway
+and A keeps the scale its method gave it. Formats (METHODS.md "Export formats"):
+- `peft`: adapter_model.safetensors + adapter_config.json (rank/alpha patterns), any transformers model;
+- `kohya`: one safetensors in sd-scripts' layout (`lora_unet_…`/`lora_te_…`, `.lora_down`/`.lora_up`,
+  a per-module `.alpha`), for diffusion pipelines;
+- `diffusers`: pytorch_lora_weights.safetensors with `unet.`/`text_encoder.` keys, which
+  `pipe.load_lora_weights` reads with α = r (scale 1) per module, as diffusers does without alphas.
 """
 
 from __future__ import annotations
@@ -18,16 +23,20 @@ import peft
 import torch
 from safetensors.torch import save_file
 
-from . import models, modes, solution, store
+from . import models, modes, pipelines, solution, store
 from .atomic import atomic_directory
 from .console import log, warn
 from .errors import CntinitError
 
 FORMAT = "cntinit.export"
 FORMAT_VERSION = 1
-FORMATS = ("peft",)
+FORMATS = ("peft", "kohya", "diffusers")
+PIPELINE_FORMATS = ("kohya", "diffusers")
 BASE_DIR = "base"
 ADAPTER_FILE = "adapter_model.safetensors"
+KOHYA_FILE = "lora.safetensors"
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_"}
 RESIDUAL_PRECISION = 1e-4  # warn when ‖BA‖/‖W‖ × eps(dtype) exceeds this: the base keeps too little of W
 
 
@@ -35,20 +44,21 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
            rslora: bool = False, dora: bool = False, fixed_alpha: bool = False, module_prefix: str = "",
            model: str | Path | None = None, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """Write the adapter of the solve at `solve_dir` to `out` (and the residual base when the init needs one)."""
-    if format not in FORMATS:
-        raise CntinitError(f"--format {format} is not one of {', '.join(FORMATS)}")
     if alpha is not None and alpha <= 0:
         raise CntinitError(f"--alpha must be positive, got {alpha}")
     sol = solution.Solution(solve_dir)
     manifest = sol.manifest
     if not sol.modules:
         raise CntinitError(f"{solve_dir} gives every module rank 0: solve with a larger --budget or --min-rank 1")
+    pipeline = manifest["model"].get("class") == pipelines.DiffusionParts.__name__
+    _check_format(format, pipeline, alpha, rslora, dora, fixed_alpha, module_prefix)
     prefix = module_prefix.strip(".") + "." if module_prefix.strip(".") else ""
     store.check_out(out, manifest["model"]["fingerprint"], overwrite, FORMAT, "an export")
     residual = manifest["init"] == "residual"
+    writes_base = residual and format != "kohya"  # kohya merges the residual itself (--base_weights, multiplier −1)
     base_rank = manifest["params"]["rank"]
     alpha = float(alpha if alpha is not None else base_rank)
-    net, tokenizer = _load_solved_model(manifest, model, trust_remote_code) if (dora or residual) else (None, None)
+    net, tokenizer = _load_solved_model(manifest, model, trust_remote_code) if (dora or writes_base) else (None, None)
     weights = dict(net.named_modules()) if net is not None else {}
     factors = sol.factors()
 
@@ -56,23 +66,78 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
     tensors, ranks, alphas = {}, {}, {}
     for name, (b, a) in factors.items():
         rank = manifest["modules"][name]["rank"]
-        module_alpha = alpha if fixed_alpha else alpha * (math.sqrt(rank / base_rank) if rslora else rank / base_rank)
+        if format == "diffusers":
+            module_alpha = float(rank)  # diffusers' convention without alphas: scale 1 per module
+        else:
+            module_alpha = alpha if fixed_alpha else alpha * (math.sqrt(rank / base_rank) if rslora else rank / base_rank)
         scale = module_alpha / (math.sqrt(rank) if rslora else rank)
         fold = 1.0 if zero_b else math.sqrt(scale)
-        key = f"base_model.model.{prefix}{name}"
-        tensors[f"{key}.lora_A.weight"] = (a / fold).contiguous()
-        tensors[f"{key}.lora_B.weight"] = (b / fold).contiguous()
+        a, b = (a / fold).contiguous(), (b / fold).contiguous()
+        if format == "kohya":
+            key = _kohya_name(name)
+            tensors |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(module_alpha)}
+        else:
+            key = name if format == "diffusers" else f"base_model.model.{prefix}{name}"
+            tensors |= {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
         if dora:
             w = models.weight_matrix(weights[name]).detach().to(torch.float64)
-            combined = w if residual else w + b.double() @ a.double()
+            combined = w if residual else w + b.double() @ a.double() * scale
             tensors[f"{key}.lora_magnitude_vector"] = combined.norm(dim=1).to(torch.float32)
         ranks[prefix + name], alphas[prefix + name] = rank, module_alpha
 
-    targets = list(ranks)
-    config = peft.LoraConfig(
+    with atomic_directory(out) as tmp:
+        if format == "peft":
+            config = _peft_config(ranks, alphas, base_rank, alpha, rslora, dora, sol,
+                                  str((Path(out) / BASE_DIR).absolute()) if residual else manifest["model"]["path"])
+            if residual and (dora or (rslora and config.rank_pattern)):
+                warn("after training, PEFT's path_initial_model_for_weight_conversion " + (
+                    "ignores DoRA magnitudes, so converting this adapter to a plain LoRA gives wrong weights" if dora
+                    else "refuses rsLoRA with variable ranks") + ": keep training on the shipped residual base")
+            save_file(tensors, tmp / ADAPTER_FILE, metadata={"format": "pt"})
+            config.save_pretrained(tmp)
+        elif format == "kohya":
+            save_file(tensors, tmp / KOHYA_FILE, metadata=_kohya_metadata(ranks, alphas, manifest))
+        else:
+            save_file(tensors, tmp / DIFFUSERS_FILE, metadata={"format": "pt"})
+        if writes_base:
+            _write_residual_base(net, tokenizer, factors, sol.modules, tmp / BASE_DIR, manifest["model"]["path"])
+        (tmp / store.MANIFEST).write_text(json.dumps({
+            **store.header(FORMAT, FORMAT_VERSION),
+            "adapter_format": format,
+            "adapter_file": {"peft": ADAPTER_FILE, "kohya": KOHYA_FILE, "diffusers": DIFFUSERS_FILE}[format],
+            "init": manifest["init"],
+            "mode": manifest["mode"],
+            "solve": {"path": str(Path(solve_dir).absolute()), "manifest_sha256": store.sha256_file(Path(solve_dir) / store.MANIFEST)},
+            "model": manifest["model"],
+            "alpha": alpha, "rslora": rslora, "dora": dora, "fixed_alpha": fixed_alpha, "module_prefix": prefix,
+            "residual_base": BASE_DIR if writes_base else None,
+        }, indent=2) + "\n")
+    log(f"wrote a {format} adapter for {len(ranks)} modules to {out} ({manifest['init']} init: " + _how_to_load(format, residual, Path(out)) + ")")
+    return Path(out)
+
+
+def _check_format(format: str, pipeline: bool, alpha, rslora: bool, dora: bool, fixed_alpha: bool, module_prefix: str) -> None:
+    if format not in FORMATS:
+        raise CntinitError(f"--format {format} is not one of {', '.join(FORMATS)}")
+    if pipeline and format == "peft":
+        raise CntinitError("this solve is of a diffusion pipeline: export it with --format diffusers or --format kohya")
+    if not pipeline and format in PIPELINE_FORMATS:
+        raise CntinitError(f"--format {format} is for diffusion pipelines (unet, text_encoder): use --format peft for this model")
+    if format in PIPELINE_FORMATS:
+        unsupported = [o for o, on in (("--rslora", rslora), ("--dora", dora), ("--module-prefix", bool(module_prefix))) if on]
+        if format == "diffusers":
+            unsupported += [o for o, on in (("--alpha", alpha is not None), ("--fixed-alpha", fixed_alpha)) if on]
+        if unsupported:
+            why = "diffusers loads these files with α = r (scale 1) per module" if unsupported[0] in ("--alpha", "--fixed-alpha") \
+                else f"the {format} format has no such field"
+            raise CntinitError(f"{unsupported[0]} does not apply to --format {format}: {why}; leave it out")
+
+
+def _peft_config(ranks: dict, alphas: dict, base_rank: int, alpha: float, rslora: bool, dora: bool, sol, base_path: str):
+    return peft.LoraConfig(
         r=base_rank,
         lora_alpha=alpha,
-        target_modules=targets,
+        target_modules=list(ranks),
         rank_pattern={_anchored(n): r for n, r in ranks.items() if r != base_rank},
         alpha_pattern={_anchored(n): a for n, a in alphas.items() if a != alpha},
         use_rslora=rslora,
@@ -81,31 +146,40 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
         fan_in_fan_out=any(sol.modules[n]["fan_in_fan_out"] for n in sol.modules),
         lora_dropout=0.0,
         bias="none",
-        base_model_name_or_path=str((Path(out) / BASE_DIR).absolute()) if residual else manifest["model"]["path"],
+        base_model_name_or_path=base_path,
     )
-    if residual and (dora or (rslora and config.rank_pattern)):
-        warn("after training, PEFT's path_initial_model_for_weight_conversion " + (
-            "ignores DoRA magnitudes, so converting this adapter to a plain LoRA gives wrong weights" if dora
-            else "refuses rsLoRA with variable ranks") + ": keep training on the shipped residual base")
-    with atomic_directory(out) as tmp:
-        save_file(tensors, tmp / ADAPTER_FILE, metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        if residual:
-            _write_residual_base(net, tokenizer, factors, sol.modules, tmp / BASE_DIR)
-        (tmp / store.MANIFEST).write_text(json.dumps({
-            **store.header(FORMAT, FORMAT_VERSION),
-            "adapter_format": format,
-            "init": manifest["init"],
-            "mode": manifest["mode"],
-            "solve": {"path": str(Path(solve_dir).absolute()), "manifest_sha256": store.sha256_file(Path(solve_dir) / store.MANIFEST)},
-            "model": manifest["model"],
-            "alpha": alpha, "rslora": rslora, "dora": dora, "fixed_alpha": fixed_alpha, "module_prefix": prefix,
-            "residual_base": BASE_DIR if residual else None,
-        }, indent=2) + "\n")
-    log(f"wrote a PEFT adapter for {len(targets)} modules to {out} ({manifest['init']} init: "
-        + (f"load {Path(out) / BASE_DIR} as the base model; it is the pretrained model minus B@A)" if residual
-           else "the base model stays as it is; the initial model is W + B@A)"))
-    return Path(out)
+
+
+def _kohya_name(name: str) -> str:
+    """`unet.down_blocks.0.attentions.0.….to_q` → `lora_unet_down_blocks_0_attentions_0_…_to_q` (sd-scripts' naming).
+
+    sd-scripts names text-encoder modules as transformers 4's CLIPTextModel nests them, under
+    `text_model.`; transformers 5 dropped that level, so it is put back."""
+    component = next(p for p in KOHYA_PREFIXES if name.startswith(p))
+    path = name.removeprefix(component)
+    if component == "text_encoder." and not path.startswith("text_model."):
+        path = "text_model." + path
+    return KOHYA_PREFIXES[component] + path.replace(".", "_")
+
+
+def _kohya_metadata(ranks: dict, alphas: dict, manifest: dict) -> dict[str, str]:
+    """sd-scripts' training metadata: dim and alpha, "Dynamic" when they vary across modules."""
+    def one_or_dynamic(values):
+        return str(next(iter(values))) if len(set(values)) == 1 else "Dynamic"
+
+    return {"ss_network_module": "networks.lora", "ss_network_dim": one_or_dynamic(ranks.values()),
+            "ss_network_alpha": one_or_dynamic(alphas.values()), "cntinit_mode": manifest["mode"], "cntinit_init": manifest["init"]}
+
+
+def _how_to_load(format: str, residual: bool, out: Path) -> str:
+    if format == "kohya":
+        file = out / KOHYA_FILE
+        return (f"train with --network_weights {file} --base_weights {file} --base_weights_multiplier -1, which makes the "
+                "base W − B@A so the initial model equals the pretrained one" if residual
+                else f"train with --network_weights {file}; the base model stays as it is and the initial model is W + B@A")
+    if residual:
+        return f"load {out / BASE_DIR} as the base model; it is the pretrained model minus B@A"
+    return "the base model stays as it is; the initial model is W + B@A"
 
 
 def _anchored(name: str) -> str:
@@ -120,7 +194,7 @@ def _load_solved_model(manifest: dict, model: str | Path | None, trust_remote_co
     return net, tokenizer
 
 
-def _write_residual_base(net, tokenizer, factors: dict, modules: dict, directory: Path) -> None:
+def _write_residual_base(net, tokenizer, factors: dict, modules: dict, directory: Path, source: str) -> None:
     """The pretrained model with W − B@A in every adapted module (computed in float64, stored in the model's dtype)."""
     named = dict(net.named_modules())
     worst = 0.0
@@ -135,8 +209,12 @@ def _write_residual_base(net, tokenizer, factors: dict, modules: dict, directory
     if worst * torch.finfo(net.dtype).eps > RESIDUAL_PRECISION:
         warn(f"some adapters are {worst:.3g}× larger than their weight: W − B@A rounded to {str(net.dtype).removeprefix('torch.')} "
              "loses that much of W, so the initial model only approximates the pretrained one (see export --check)")
+    if isinstance(net, pipelines.DiffusionParts):
+        net.save_pretrained(directory, Path(source))
+        return
     net.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
 def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None = None) -> float:
@@ -170,3 +248,38 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
             got = module(x.to(module.weight.dtype)).double()
             worst = max(worst, float((got - want).norm() / want.norm().clamp(min=1e-30)))
     return worst
+
+
+def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | None = None) -> float:
+    """Load the pipeline (the written residual base where there is one) with diffusers, load the
+    kohya or diffusers file with `pipe.load_lora_weights`, and return the largest relative
+    difference between an adapted module's output and (W + B@A) x (W x for a residual base)."""
+    import diffusers
+
+    sol = solution.Solution(solve_dir)
+    exported = json.loads((Path(out) / store.MANIFEST).read_text())
+    ranks = {e["rank"] for e in sol.modules.values()}
+    if exported["adapter_format"] == "kohya" and len(ranks) > 1 and not exported["fixed_alpha"]:
+        raise CntinitError("diffusers (0.42) ignores the per-module alphas of a kohya file, so it cannot check one with variable "
+                           "ranks; sd-scripts reads them: export with --fixed-alpha to check it with diffusers")
+    pretrained, _ = _load_solved_model(sol.manifest, model, trust_remote_code=False)
+    base = Path(out) / BASE_DIR if exported["residual_base"] else Path(model or sol.manifest["model"]["path"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecations and "no safety checker" notices, not ours to fix
+        pipe = diffusers.DiffusionPipeline.from_pretrained(base, safety_checker=None)
+        pipe.load_lora_weights(str(out), weight_name=exported["adapter_file"])
+    adapted = {f"{part}.{n}": m for part in pipelines.COMPONENTS for n, m in getattr(pipe, part).named_modules()}
+    original = dict(pretrained.named_modules())
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    with torch.no_grad():
+        for name, (b, a) in sol.factors().items():
+            w = models.weight_matrix(original[name]).double()
+            x = torch.randn(4, w.shape[1], generator=generator, dtype=torch.float64)
+            bias = original[name].bias.double() if original[name].bias is not None else 0.0
+            want = x @ (w if exported["residual_base"] else w + b.double() @ a.double()).T + bias
+            module = adapted[name]
+            got = module(x.to(module.weight.dtype)).double()
+            worst = max(worst, float((got - want).norm() / want.norm().clamp(min=1e-30)))
+    return worst
+

@@ -15,20 +15,27 @@ import transformers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import pipelines
 from .errors import CntinitError
 
 ALL_LINEAR = "all-linear"
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def load(path: str | Path, trust_remote_code: bool = False):
-    """(model, tokenizer) from a local directory, in the checkpoint's own dtype, eval mode.
+    """(model, tokenizer or None) from a local directory, in the checkpoint's own dtype, eval mode.
 
     The class is the one config.json names (so module paths match what trainers load),
-    falling back to AutoModel.
+    falling back to AutoModel. A diffusers pipeline directory loads as `pipelines.DiffusionParts`.
+    A model without tokenizer files (a vision encoder) gets None.
     """
     path = Path(path)
     if not path.exists():
         raise CntinitError(f"model path {path} does not exist: give a local model directory (the Hub is not used)")
+    if pipelines.is_pipeline(path):
+        return pipelines.load(path)
     if not (path / "config.json").is_file():
         raise CntinitError(f"{path} is not a transformers model directory (no config.json): give the folder save_pretrained wrote")
     transformers.utils.logging.disable_progress_bar()
@@ -39,7 +46,8 @@ def load(path: str | Path, trust_remote_code: bool = False):
         model_class = getattr(transformers, names[0], None) if names else None
         model_class = model_class or transformers.AutoModel
         model = model_class.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) if has_tokenizer else None
     except CntinitError:
         raise
     except Exception as exc:
@@ -48,6 +56,13 @@ def load(path: str | Path, trust_remote_code: bool = False):
                            "of an architecture this transformers knows (custom code needs --trust-remote-code)") from None
     model.eval().requires_grad_(False)
     return model, tokenizer
+
+
+def modality(model: nn.Module) -> str:
+    """What the model reads: "diffusion" (a pipeline), "vision" (pixel_values) or "text"."""
+    if isinstance(model, pipelines.DiffusionParts):
+        return "diffusion"
+    return "vision" if getattr(model, "main_input_name", "input_ids") == "pixel_values" else "text"
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:

