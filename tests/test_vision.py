@@ -94,6 +94,25 @@ def test_vision_adapter_loads_in_peft(vit, tmp_path, mode, init):
     assert_modules_add_exactly_ba(wrapped, pretrained, factors(solved), residual=init == "residual")
 
 
+@pytest.mark.parametrize("config", [
+    transformers.Dinov2Config(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              mlp_ratio=2, architectures=["Dinov2Model"]),
+    transformers.CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, architectures=["CLIPVisionModel"]),
+], ids=["dinov2", "clip-vision"])
+def test_other_vision_encoders(vit, tmp_path, config):
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    getattr(transformers, config.architectures[0])(config).save_pretrained(model_dir)
+    stats = capture(model_dir, vit["images"], tmp_path / "stats", image_size=16)
+    assert store.Store(stats).manifest["model"]["kind"] == "vision"
+    solved = solve(stats, tmp_path / "solve", mode="cnt-x", rank=4)
+    out = export(solved, tmp_path / "adapter")
+    wrapped = peft.PeftModel.from_pretrained(getattr(transformers, config.architectures[0]).from_pretrained(model_dir).eval(), out)
+    pretrained = getattr(transformers, config.architectures[0]).from_pretrained(model_dir).eval()
+    assert_modules_add_exactly_ba(wrapped, pretrained, factors(solved))
+
+
 def test_image_folder_errors(vit, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
