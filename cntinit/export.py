@@ -234,16 +234,21 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations PEFT triggers, not ours to fix
         wrapped = peft.PeftModel.from_pretrained(base, str(out))
-    adapted = dict(wrapped.base_model.model.named_modules())
-    original = dict(pretrained.named_modules())
+    return _worst_error(dict(wrapped.base_model.model.named_modules()), dict(pretrained.named_modules()), sol.factors(),
+                        bool(exported["residual_base"]))
+
+
+def _worst_error(adapted: dict, original: dict, factors: dict, residual: bool) -> float:
+    """Largest relative difference, over the adapted modules, between a loaded module's output and
+    (W + B@A) x — W x when `residual` — on random inputs."""
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     with torch.no_grad():
-        for name, (b, a) in sol.factors().items():
+        for name, (b, a) in factors.items():
             w = models.weight_matrix(original[name]).double()
             x = torch.randn(4, w.shape[1], generator=generator, dtype=torch.float64)
             bias = original[name].bias.double() if original[name].bias is not None else 0.0
-            want = x @ (w if exported["residual_base"] else w + b.double() @ a.double()).T + bias
+            want = x @ (w if residual else w + b.double() @ a.double()).T + bias
             module = adapted[name]
             got = module(x.to(module.weight.dtype)).double()
             worst = max(worst, float((got - want).norm() / want.norm().clamp(min=1e-30)))
@@ -269,17 +274,4 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
         pipe = diffusers.DiffusionPipeline.from_pretrained(base, safety_checker=None)
         pipe.load_lora_weights(str(out), weight_name=exported["adapter_file"])
     adapted = {f"{part}.{n}": m for part in pipelines.COMPONENTS for n, m in getattr(pipe, part).named_modules()}
-    original = dict(pretrained.named_modules())
-    generator = torch.Generator().manual_seed(0)
-    worst = 0.0
-    with torch.no_grad():
-        for name, (b, a) in sol.factors().items():
-            w = models.weight_matrix(original[name]).double()
-            x = torch.randn(4, w.shape[1], generator=generator, dtype=torch.float64)
-            bias = original[name].bias.double() if original[name].bias is not None else 0.0
-            want = x @ (w if exported["residual_base"] else w + b.double() @ a.double()).T + bias
-            module = adapted[name]
-            got = module(x.to(module.weight.dtype)).double()
-            worst = max(worst, float((got - want).norm() / want.norm().clamp(min=1e-30)))
-    return worst
-
+    return _worst_error(adapted, dict(pretrained.named_modules()), sol.factors(), bool(exported["residual_base"]))
