@@ -3,3 +3,9 @@
 
 class CntinitError(Exception):
     """Bad input or state. The CLI prints `error: <message>` and exits with status 2."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): enough for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

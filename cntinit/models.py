@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import pipelines
-from .errors import CntinitError
+from .errors import CntinitError, first_line
 
 ALL_LINEAR = "all-linear"
 
@@ -51,8 +51,7 @@ def load(path: str | Path, trust_remote_code: bool = False):
     except CntinitError:
         raise
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CntinitError(f"could not load the model at {path}: {first_line} — give a complete save_pretrained directory "
+        raise CntinitError(f"could not load the model at {path}: {first_line(exc)} — give a complete save_pretrained directory "
                            "of an architecture this transformers knows (custom code needs --trust-remote-code)") from None
     model.eval().requires_grad_(False)
     return model, tokenizer

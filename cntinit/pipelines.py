@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CntinitError
+from .errors import CntinitError, first_line
 
 INDEX = "model_index.json"
 COMPONENTS = ("unet", "text_encoder")  # the targets; the VAE only encodes images
@@ -102,8 +102,7 @@ def load(path: str | Path) -> tuple[DiffusionParts, object]:
     except CntinitError:
         raise
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CntinitError(f"could not load the pipeline at {path}: {first_line} — give a directory "
+        raise CntinitError(f"could not load the pipeline at {path}: {first_line(exc)} — give a directory "
                            "DiffusionPipeline.save_pretrained wrote") from None
     parts.eval().requires_grad_(False)
     parts.helpers["vae"].eval().requires_grad_(False).float()
