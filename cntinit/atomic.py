@@ -47,3 +47,18 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
             raise CntinitError(f"writing {out} failed ({exc.strerror or exc}): nothing was written and what was there is "
                                "untouched; free some space or choose another --out") from exc
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside the file `out`; on success it replaces `out`, on failure it is removed."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

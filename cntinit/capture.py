@@ -9,6 +9,8 @@ changes the result beyond float rounding.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 from rich.progress import TextColumn
 from torch import nn
 
-from . import feeds, models, store
+from . import checkpoint, feeds, models, store
 from .atomic import atomic_directory
 from .console import log, progress
 from .errors import CntinitError
@@ -61,6 +63,30 @@ def shared_input_groups(root: nn.Module, modules: dict[str, nn.Module], probe: d
         identity = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version) if x is not None else name
         groups.setdefault(identity, []).append(name)
     return list(groups.values())
+
+
+class Interrupted(CntinitError):
+    """SIGINT/SIGTERM during a checkpointed capture: the sums so far are saved; exit 130."""
+
+    label, exit_code = "interrupted", 130
+
+
+@contextlib.contextmanager
+def _stop_requests(active: bool):
+    """While `active`, SIGINT and SIGTERM (what Slurm sends before killing a job) only set a flag
+    (the list holds the signal's name) that the capture loop reads after each batch."""
+    requested: list[str] = []
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda number, frame: requested.append(signal.Signals(number).name))
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class _Batch:
@@ -169,6 +195,16 @@ class Recorder:
         raise CntinitError(f"non-finite activations (NaN/Inf) entering {', '.join(names)}: run with --dtype float32")
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'1/4' → (1, 4); None → the whole data, (0, 1)."""
+    if text is None:
+        return (0, 1)
+    index, sep, count = str(text).partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise CntinitError(f"--shard {text} must be INDEX/COUNT with 0 ≤ INDEX < COUNT, e.g. 0/4 for the first of four shards")
+    return int(index), int(count)
+
+
 def capture(
     model: str | Path,
     data: str | Path,
@@ -191,22 +227,30 @@ def capture(
     prompt: str | None = None,
     noise_timestep: int | None = None,
     seed: int = 0,
+    shard: str | None = None,
+    checkpoint_every: int | None = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
 ) -> Path:
     """Capture input statistics of `targets` in `model` over `data`; write a store at `out`.
 
     `model` is a transformers directory (text or vision) or a diffusers Stable-Diffusion-style
-    pipeline directory; `data` is text for a text model, a folder of images otherwise."""
+    pipeline directory; `data` is text for a text model, a folder of images otherwise. `shard`
+    ('i/N') captures only share i of N of every bucket; `merge` of all N equals one run. With
+    `checkpoint_every`, the sums are saved every N batches and on SIGINT/SIGTERM, and a restart
+    with the same arguments resumes from them."""
     for option, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--buckets", buckets)):
         if value < 1:
             raise CntinitError(f"{option} must be at least 1, got {value}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise CntinitError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
     if max_samples is not None and max_samples < 1:
         raise CntinitError(f"--max-samples must be at least 1, got {max_samples}")
     if image_size is not None and image_size < 1:
         raise CntinitError(f"--image-size must be at least 1, got {image_size}")
     if accumulate not in ACCUMULATE:
         raise CntinitError(f"--accumulate {accumulate} is not one of {', '.join(ACCUMULATE)}")
+    share = parse_shard(shard)
     dev = models.resolve_device(device)
     started = time.perf_counter()
     net, tokenizer = models.load(model, trust_remote_code)
@@ -223,25 +267,58 @@ def capture(
     run_dtype = models.resolve_dtype(dtype, net, dev)
     if kind == "text":
         feed = feeds.text(net, tokenizer, data, seq_len=seq_len, batch_size=batch_size, buckets=buckets,
-                          max_samples=max_samples, pack=pack, text_field=text_field)
+                          max_samples=max_samples, pack=pack, text_field=text_field, shard=share)
     elif kind == "vision":
         feed = feeds.vision(net, model, data, batch_size=batch_size, buckets=buckets, max_samples=max_samples,
-                            dtype=run_dtype, image_size=image_size, image_mean=image_mean, image_std=image_std)
+                            dtype=run_dtype, image_size=image_size, image_mean=image_mean, image_std=image_std, shard=share)
     else:
         feed = feeds.diffusion(net, tokenizer, data, batch_size=batch_size, buckets=buckets, max_samples=max_samples,
-                               image_size=image_size, prompt=prompt, noise_timestep=noise_timestep, seed=seed)
+                               image_size=image_size, prompt=prompt, noise_timestep=noise_timestep, seed=seed, shard=share)
     net.to(dev, run_dtype)
     log(f"loaded {type(net).__name__} from {model} ({len(modules)} targets, {run_dtype}, {dev}) in {time.perf_counter() - started:.1f}s")
     root = models.forward_root(net, list(modules))
     recorder = Recorder(root, modules, feed.probe, buckets, ACCUMULATE[accumulate], dev, sample_max_norm)
-    done = 0
+    recorded = {
+        "targets": targets if isinstance(targets, str) else ",".join(targets),
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "max_samples": max_samples,
+        "pack": pack,
+        "buckets": buckets,
+        "dtype": str(run_dtype).removeprefix("torch."),
+        "accumulate": accumulate,
+        "sample_max_norm": sample_max_norm,
+        "device": str(dev),
+        "shard": shard,
+    } | feed.settings
+    saved = checkpoint.location(out) if checkpoint_every else None
+    ident = checkpoint.identity(model_fingerprint, feed.data, recorded)
+    resumed = checkpoint.load(saved, ident) if saved is not None and saved.exists() else None
+    skip, done = (resumed[0]["batches"], resumed[0]["done"]) if resumed else (0, 0)
+    if resumed:
+        for key, stats in recorder.stats.items():
+            stats.restore(resumed[1], key)
+        log(f"resuming from the checkpoint at {saved}: {skip} batches already summed")
     rate = TextColumn("{task.fields[rate]}")
-    with recorder, exact_float32(), torch.inference_mode(), progress(rate) as bar:
+    with recorder, exact_float32(), torch.inference_mode(), progress(rate) as bar, _stop_requests(saved is not None) as stop:
         task = bar.add_task("capture", total=feed.total, rate="")
-        for bucket, inputs, mask in feed.batches():
+        for index, (bucket, inputs, mask) in enumerate(feed.batches()):
+            size = next(iter(inputs.values())).shape[0]
+            if index < skip:
+                bar.update(task, advance=size)
+                continue
+            if index == skip and resumed and "rng" in resumed[1]:
+                net.generator.set_state(resumed[1]["rng"])  # the noise continues where the checkpoint left it
             done += recorder.run(inputs, mask, bucket)
             elapsed = bar.tasks[task].elapsed or 1e-9
-            bar.update(task, advance=next(iter(inputs.values())).shape[0], rate=f"{done / elapsed:,.1f} {feed.unit}/s")
+            bar.update(task, advance=size, rate=f"{done / elapsed:,.1f} {feed.unit}/s")
+            if saved is not None and ((index + 1) % checkpoint_every == 0 or stop):
+                recorder.check_finite()
+                rng = net.generator.get_state() if getattr(net, "generator", None) is not None else None
+                checkpoint.save(saved, ident, index + 1, done, {n: t for k, st in recorder.stats.items() for n, t in st.state(k).items()}, rng)
+            if stop:
+                raise Interrupted(f"stopped by {stop[0]} after {index + 1} batches; the checkpoint at {saved} keeps them: "
+                                  "run the same command to resume")
         recorder.check_finite()
     stats, module_map = recorder.stats, recorder.module_map
 
@@ -252,23 +329,14 @@ def capture(
     manifest = store.new_manifest(
         model={"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": model_fingerprint, "kind": kind},
         data=feed.data | {"tokens": tokens},
-        capture={
-            "targets": targets if isinstance(targets, str) else ",".join(targets),
-            "seq_len": seq_len,
-            "batch_size": batch_size,
-            "max_samples": max_samples,
-            "pack": pack,
-            "buckets": buckets,
-            "dtype": str(run_dtype).removeprefix("torch."),
-            "accumulate": accumulate,
-            "sample_max_norm": sample_max_norm,
-            "device": str(dev),
-        } | feed.settings,
+        capture=recorded,
         modules=module_map,
         stats={key: {"dim": s.dim, "count": sum(s.count), "modules": [n for n, e in module_map.items() if e["key"] == key]} for key, s in stats.items()},
     )
     with atomic_directory(out) as tmp:
         store.write(tmp, manifest, {key: s.tensors(key) for key, s in stats.items()})
+    if saved is not None:
+        checkpoint.remove(saved)
     log(f"captured {tokens:,} {'tokens' if kind == 'text' else 'rows'} from {feed.total:,} samples into {len(stats)} statistics "
         f"({time.perf_counter() - started:.1f}s)")
     return Path(out)

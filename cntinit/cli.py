@@ -15,11 +15,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from . import console, embedded, models, solution
+from . import cache, console, embedded, models, plots, recipe, runner, solution
 from .capture import capture as run_capture
 from .errors import CntinitError
-from .export import check_peft, check_pipeline
 from .export import export as run_export
+from .export import verify
 from .solution import Solution
 from .solve import Options
 from .solve import solve as run_solve
@@ -64,7 +64,7 @@ def summary(store: Store) -> dict:
 def capture(
     model: Path = typer.Argument(..., help="Local model directory: transformers (text or vision: config.json, weights) or a diffusers Stable-Diffusion-style pipeline (model_index.json, unet, text_encoder, vae, tokenizer, scheduler)."),
     data: str = typer.Option(..., "--data", "-d", help="Text models: a .jsonl (field `text` or chat `messages`), a .txt (one sample per line), a directory of them, or - for JSONL on stdin. Vision models and pipelines: a folder of .jpg/.png/.webp images (recursive); a pipeline's captions come from metadata.jsonl/captions.jsonl there ({\"file_name\", \"text\"} per line) or --prompt."),
-    out: Path = typer.Option(..., "--out", "-o", help="Store directory to write."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store directory to write (default: the cache — $CNTINIT_CACHE — where a repeated capture is a hit that computes nothing)."),
     targets: str = typer.Option("all-linear", "--targets", "-t", help="Comma-separated module-name suffixes (q_proj,v_proj) or all-linear (every linear layer but the output head)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence; longer samples are truncated."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="Sequences per forward pass."),
@@ -82,6 +82,8 @@ def capture(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Pipelines: this prompt for every image instead of captions, e.g. \"a photo of sks dog\"."),
     noise_timestep: Optional[int] = typer.Option(None, "--noise-timestep", help="Pipelines: feed the UNet latents noised to timestep t by the pipeline's scheduler (default: clean latents, t = 0)."),
     seed: int = typer.Option(0, "--seed", help="Pipelines: seed of the --noise-timestep noise."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save the running sums every N batches (and on Ctrl-C/SIGTERM) beside --out; the same command run again resumes from them."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Capture only share I of N of the data (I/N, e.g. 0/4), for array jobs; `cntinit merge` of all N equals one run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a store of this model."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
     quiet: bool = QUIET,
@@ -98,16 +100,27 @@ def capture(
       cntinit capture ./dinov2-base --data images/ --out stats/ --targets query,key,value
 
       cntinit capture ./sd15 --data dog/ --prompt "a photo of sks dog" --targets to_q,to_k,to_v,to_out.0,q_proj,k_proj,v_proj,out_proj --out stats/
+
+      cntinit export $(cntinit solve $(cntinit capture ./model --data calib.jsonl) --mode cnt-s) --out adapter/   # stores in the cache
     """
     console.quiet = quiet
-    path = run_capture(
-        model, data, out, targets=targets, seq_len=seq_len, batch_size=batch_size, max_samples=max_samples,
-        device=device, dtype=dtype, buckets=buckets, pack=pack, accumulate=accumulate, text_field=text_field,
-        sample_max_norm=sample_max_norm, image_size=image_size, image_mean=_rgb(image_mean, "--image-mean"),
-        image_std=_rgb(image_std, "--image-std"), prompt=prompt, noise_timestep=noise_timestep, seed=seed,
-        overwrite=overwrite, trust_remote_code=trust_remote_code,
+    options = dict(
+        seq_len=seq_len, batch_size=batch_size, max_samples=max_samples, dtype=dtype, buckets=buckets, pack=pack,
+        accumulate=accumulate, text_field=text_field, sample_max_norm=sample_max_norm, image_size=image_size,
+        image_mean=_rgb(image_mean, "--image-mean"), image_std=_rgb(image_std, "--image-std"), prompt=prompt,
+        noise_timestep=noise_timestep, seed=seed, shard=shard, checkpoint_every=checkpoint_every,
     )
+    if out is None:
+        path, hit = runner.cached_capture(model, data, targets=targets, device=device, trust_remote_code=trust_remote_code, **options)
+        _say_cached(path, hit)
+    else:
+        path = run_capture(model, data, out, targets=targets, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code, **options)
     _finish(path, as_json)
+
+
+def _say_cached(path: Path, hit: bool) -> None:
+    if hit:
+        console.log(f"cache hit: {path} (nothing computed)")
 
 
 def _rgb(text: str, option: str) -> tuple[float, ...]:
@@ -127,7 +140,8 @@ def merge(
 ) -> None:
     """Sum statistics stores of one model (shards of one calibration set) into one.
 
-    Example:  cntinit merge stats-0 stats-1 stats-2 --out stats
+    Example:  for i in 0 1 2; do cntinit capture ./model --data calib.jsonl --shard $i/3 --out stats-$i; done
+              cntinit merge stats-0 stats-1 stats-2 --out stats     # equals one capture over calib.jsonl
     """
     console.quiet = quiet
     _finish(run_merge(stores, out, overwrite), as_json)
@@ -139,7 +153,10 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check payload checksums (stores; solve directories are always checked)."),
 ) -> None:
-    """Show what a store holds (model, data, options, statistics) or a solve's report."""
+    """Show what a store holds (model, data, options, statistics) or a solve's report.
+
+    Examples:  cntinit inspect stats/    cntinit inspect init-s16/ --json | jq .params
+    """
     if read_manifest(directory, solution.FORMAT) is not None:
         sol = Solution(directory)
         if as_json:
@@ -183,7 +200,7 @@ def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
 def solve(
     capture_dir: Optional[Path] = typer.Argument(None, help="A statistics store written by `cntinit capture` (data-free modes may give --model instead)."),
     mode: str = typer.Option(..., "--mode", "-m", help="cnt-x (Cross: WΣ⁺), cnt-s (Self: WD^-1/2Pᵀ), cnt-sh (Shift: c((I−Σ)Wᵀ)⁺); from a capture also eva, corda; data-free lora, pissa, milora, olora, inilora, inilora-alpha, inilora-beta."),
-    out: Path = typer.Option(..., "--out", "-o", help="Solve directory to write."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Solve directory to write (default: the cache — $CNTINIT_CACHE — where a repeated solve is a hit that computes nothing)."),
     rank: int = typer.Option(16, "--rank", "-r", help="Adapter rank per module (the base rank with --vas)."),
     rcond: float = typer.Option(1e-4, "--rcond", help="Eigenvalue floor relative to the largest: below it, values count as zero (pseudo-inverse) or are clamped (inverse root)."),
     centered: bool = typer.Option(False, "--centered", help="Use the centered covariance Σ − μμᵀ instead of the second moment Σ."),
@@ -210,11 +227,13 @@ def solve(
     precision: str = typer.Option("float64", "--precision", help="Precision of the eigen/SVD work: float64 or float32 (IniLoRA's Adam always runs in float32, as the authors' code)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a solve directory of this model."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the rank per module and each split's singular values into this PNG (needs matplotlib)."),
     quiet: bool = QUIET,
     as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of the output path."),
 ) -> None:
-    """Compute an initialization per module — ConsNoTrainLoRA, IniLoRA, or a baseline it is compared
-    with (LoRA, PiSSA, MiLoRA, OLoRA, EVA, CorDA) — and print a report.
+    """Compute an initialization per module (ConsNoTrainLoRA, IniLoRA or a baseline) and print a report.
+
+    Baselines: LoRA, PiSSA, MiLoRA, OLoRA, EVA, CorDA.
 
     Examples:
 
@@ -233,11 +252,19 @@ def solve(
         split_p=split_p, init=init, vas=vas, budget=budget, min_rank=min_rank, max_rank=max_rank, precision=precision,
         seed=seed, niter=niter, lora_init=lora_init, rho=rho, corda_mode=corda_mode, steps=steps,
     )
-    path = run_solve(capture_dir, out, options, model=model, targets=targets, device=device, overwrite=overwrite,
-                     trust_remote_code=trust_remote_code)
+    if out is None:
+        path, hit = runner.cached_solve(capture_dir, options, model=model, targets=targets, device=device, trust_remote_code=trust_remote_code)
+        _say_cached(path, hit)
+    else:
+        path = run_solve(capture_dir, out, options, model=model, targets=targets, device=device, overwrite=overwrite,
+                         trust_remote_code=trust_remote_code)
     report = Solution(path).report
     if not quiet:
         print_report(report, console.err)
+    if plot is not None:
+        if not plots.available():
+            raise CntinitError(f"--plot needs matplotlib: {plots.INSTALL}")
+        console.log(f"plot: {plots.write_report_plot(report, plot)}")
     typer.echo(json.dumps(report, indent=2) if as_json else str(path))
 
 
@@ -255,7 +282,7 @@ def print_report(report: dict, out: Console) -> None:
     shared = "" if grouped else shared[: shared.rfind(".") + 1]  # e.g. "model.layers.", left out of every row
     groups: dict[str, list[dict]] = {}
     for name, row in rows.items():
-        groups.setdefault(models.module_suffixes({name: None})[0] if grouped else name[len(shared):], []).append(row)
+        groups.setdefault(models.module_kind(name) if grouped else name[len(shared):], []).append(row)
     caption = {"eva": "kept = explained variance of the kept eigenvectors (B = 0, so BA = 0)",
                "lora": "B = 0: the adapter starts as zero"}.get(
         report["mode"], "kept = ‖BA‖²/‖ΔW‖² · out Δ = tr(BA Σ (BA)ᵀ)/tr(W Σ Wᵀ) · floored = eigenvalues under rcond·λmax")
@@ -325,18 +352,125 @@ def export(
     path = run_export(solve_dir, out, format=format, alpha=alpha, rslora=rslora, dora=dora, fixed_alpha=fixed_alpha,
                       module_prefix=module_prefix, model=model, overwrite=overwrite, trust_remote_code=trust_remote_code)
     if check:
-        _report_check(*((check_peft(path, solve_dir, model), "PEFT") if format == "peft" else (check_pipeline(path, solve_dir, model), "diffusers")))
+        verify(path, solve_dir, model)
     typer.echo(str(path))
 
 
-CHECK_TOLERANCE = 1e-4
+@app.command(name="run")
+def run_recipe(
+    recipe_file: Path = typer.Argument(..., metavar="RECIPE", help="A recipe YAML: model, targets, capture, solves, exports (see recipes/ and README)."),
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Dotted overrides, values read as YAML: model=./my-model capture.max_samples=64 solves.0.rank=32 exports.0.alpha=64"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run (a recipe cannot ask for it)."),
+    quiet: bool = QUIET,
+    as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout instead of the export paths."),
+) -> None:
+    """Run a recipe: its capture, solves and exports, reusing cached captures and solves.
+
+    Captures and solves live in the cache ($CNTINIT_CACHE, default ~/.cache/cntinit); a stage whose
+    inputs (model and data contents, every option) were seen before is a hit that computes nothing.
+
+    The recipe is checked whole before anything runs. Exports land in OUT/<solve>/<export>/,
+    beside each solve's report.json and report.png; stdout lists the export directories.
+
+    Examples:
+
+      cntinit run recipes/minilm-embedded.yaml
+
+      cntinit run recipes/sd15-dreambooth.yaml model=/models/sd15 capture.data=photos/dog solves.0.rank=64
+
+      cntinit run recipes/llama2-7b-inilora.yaml --json | jq -r '.exports[]'
+    """
+    console.quiet = quiet
+    plan = recipe.load(recipe_file, overrides or [])
+    summary = runner.run(plan, trust_remote_code=trust_remote_code)
+    if not quiet:
+        print_run(summary, console.err)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        for path in summary["exports"] or [row["path"] for row in summary["stages"] if row["stage"] == "solve"]:
+            typer.echo(path)
 
 
-def _report_check(error: float, client: str = "PEFT") -> None:
-    """One line on how well PEFT reproduces the solve; fails the command when it does not."""
-    if error > CHECK_TOLERANCE:
-        raise CntinitError(f"the loaded adapter's outputs differ from the initial layers by {error:.2e} (relative) — above {CHECK_TOLERANCE:g}; see the warnings above")
-    console.log(f"check: {client} loads the adapter; every adapted module computes the initial layer (W + BA, or W for a residual init) to {error:.1e} (relative)")
+def print_run(summary: dict, out: Console) -> None:
+    """One row per stage: what it did (computed, cache hit, up to date), how long, where (cache key or path)."""
+    table = Table("stage", "name", "result", "seconds", "check", "where", title=f"cntinit run {summary['recipe']}",
+                  box=box.SIMPLE_HEAD, caption=f"cache: {summary['cache']} · check: PEFT/diffusers output vs (W + BA)x, relative")
+    table.columns[-1].overflow = "fold"
+    for row in summary["stages"]:
+        path = Path(row["path"])
+        where = f"cache {path.name[:12]}" if row["stage"] != "export" else _relative(path)
+        table.add_row(row["stage"], row["name"], row["status"], f"{row['seconds']:.1f}", f"{row['check']:.1e}" if "check" in row else "",
+                      where, style=None if row["status"] == "computed" else "dim")
+    out.print(table)
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+cache_app = typer.Typer(help="List and clean the cache of captures and solves ($CNTINIT_CACHE, default ~/.cache/cntinit).",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls(as_json: bool = typer.Option(False, "--json", help="Print the entries as JSON.")) -> None:
+    """List cached captures and solves, most recently used first.
+
+    Example:  cntinit cache ls --json | jq -r '.[] | select(.kind == "capture") | .path'
+    """
+    found = cache.entries()
+    if as_json:
+        typer.echo(json.dumps([{"kind": e.kind, "key": e.key, "label": e.meta.get("label"), "bytes": e.bytes, "used": e.used,
+                                "path": str(e.path)} for e in found], indent=2))
+        return
+    table = Table("key", "kind", "what", "size", "last used", title=str(cache.root()), box=box.SIMPLE_HEAD)
+    for e in found:
+        table.add_row(e.key[:12], e.kind, e.meta.get("label", "?"), _size(e.bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used)))
+    Console().print(table)
+    Console().print(f"{len(found)} entries, {_size(sum(e.bytes for e in found))}", highlight=False)
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""
+
+
+@cache_app.command("rm")
+def cache_rm(keys: list[str] = typer.Argument(..., help="Keys or unique key prefixes, as `cntinit cache ls` shows them.")) -> None:
+    """Remove cache entries (a solve made from a removed capture stays until removed itself).
+
+    Example:  cntinit cache rm 3f9a1c 77be02
+    """
+    for entry in cache.match(keys):
+        if not cache.remove(entry):
+            raise CntinitError(f"{entry.key[:12]} is in use by a running cntinit: try again when it has finished")
+        console.log(f"removed {entry.kind} {entry.key[:12]} ({entry.meta.get('label', '?')}, {_size(entry.bytes)})")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    older_than: Optional[str] = typer.Option(None, "--older-than", help="Remove entries unused for this long: 12h, 30d, 2w."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Then remove the least recently used until the cache fits: 500M, 20G."),
+    everything: bool = typer.Option(False, "--all", help="Remove every entry."),
+) -> None:
+    """Remove old entries, or the least recently used until the cache fits a size.
+
+    Example:  cntinit cache prune --older-than 30d --max-size 50G
+    """
+    if not (older_than or max_size or everything):
+        raise CntinitError("say what to prune: --older-than 30d, --max-size 20G, or --all")
+    removed, busy = cache.prune(0.0 if everything else cache.parse_age(older_than) if older_than else None,
+                                cache.parse_size(max_size) if max_size else None)
+    console.log(f"removed {len(removed)} entries ({_size(sum(e.bytes for e in removed))})" +
+                (f"; {len(busy)} in use by a running cntinit were kept" if busy else ""))
 
 
 @app.command()
@@ -366,9 +500,8 @@ def demo(
     run_export(solve_dir, adapter_dir, overwrite=True)
     times["export"] = time.perf_counter() - started
     started = time.perf_counter()
-    error = check_peft(adapter_dir, solve_dir)
+    error = verify(adapter_dir, solve_dir)
     times["load with PEFT"] = time.perf_counter() - started
-    _report_check(error)
     table = Table("stage", "seconds", "output", title="cntinit demo")
     for (stage, seconds), path in zip(times.items(), (stats_dir, solve_dir, adapter_dir, f"max relative error {error:.1e}")):
         table.add_row(stage, f"{seconds:.1f}", str(path))
@@ -377,11 +510,12 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> None:
+    console.quiet = False  # each command sets it; an earlier in-process call's --quiet must not leak
     try:
         app(args=argv)
     except CntinitError as exc:
-        console.err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        console.err.print(f"[bold red]{exc.label}:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except SystemExit as exc:
         if exc.code == 130:  # Typer turns Ctrl-C into exit 130 without a word
             console.err.print("[bold red]interrupted:[/] nothing was written", highlight=False)

@@ -2,7 +2,9 @@
 
 
 class CntinitError(Exception):
-    """Bad input or state. The CLI prints `error: <message>` and exits with status 2."""
+    """Bad input or state. The CLI prints `<label>: <message>` and exits with `exit_code`."""
+
+    label, exit_code = "error", 2
 
 
 def first_line(exc: BaseException) -> str:

@@ -37,6 +37,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 KOHYA_FILE = "lora.safetensors"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_"}
+CHECK_TOLERANCE = 1e-4  # largest relative output difference `verify` accepts
 RESIDUAL_PRECISION = 1e-4  # warn when ‖BA‖/‖W‖ × eps(dtype) exceeds this: the base keeps too little of W
 
 
@@ -44,6 +45,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
            rslora: bool = False, dora: bool = False, fixed_alpha: bool = False, module_prefix: str = "",
            model: str | Path | None = None, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """Write the adapter of the solve at `solve_dir` to `out` (and the residual base when the init needs one)."""
+    options = {"format": format, "alpha": alpha, "rslora": rslora, "dora": dora, "fixed_alpha": fixed_alpha, "module_prefix": module_prefix}
     if alpha is not None and alpha <= 0:
         raise CntinitError(f"--alpha must be positive, got {alpha}")
     sol = solution.Solution(solve_dir)
@@ -110,6 +112,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
             "solve": {"path": str(Path(solve_dir).absolute()), "manifest_sha256": store.sha256_file(Path(solve_dir) / store.MANIFEST)},
             "model": manifest["model"],
             "alpha": alpha, "rslora": rslora, "dora": dora, "fixed_alpha": fixed_alpha, "module_prefix": prefix,
+            "options": options,
             "residual_base": BASE_DIR if writes_base else None,
         }, indent=2) + "\n")
     log(f"wrote a {format} adapter for {len(ranks)} modules to {out} ({manifest['init']} init: " + _how_to_load(format, residual, Path(out)) + ")")
@@ -275,3 +278,17 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
         pipe.load_lora_weights(str(out), weight_name=exported["adapter_file"])
     adapted = {f"{part}.{n}": m for part in pipelines.COMPONENTS for n, m in getattr(pipe, part).named_modules()}
     return _worst_error(adapted, dict(pretrained.named_modules()), sol.factors(), bool(exported["residual_base"]))
+
+
+def verify(out: str | Path, solve_dir: str | Path, model: str | Path | None = None) -> float:
+    """Load the export at `out` in its real client (PEFT, or diffusers for kohya/diffusers files),
+    log how closely every adapted module computes the initial layer, and fail above CHECK_TOLERANCE."""
+    exported = json.loads((Path(out) / store.MANIFEST).read_text())
+    peft_format = exported["adapter_format"] == "peft"
+    error = (check_peft if peft_format else check_pipeline)(out, solve_dir, model)
+    if error > CHECK_TOLERANCE:
+        raise CntinitError(f"the adapter loaded from {out} differs from the initial layers by {error:.2e} (relative), above "
+                           f"{CHECK_TOLERANCE:g}; see the warnings above")
+    log(f"check: {'PEFT' if peft_format else 'diffusers'} loads {out}; every adapted module computes the initial layer "
+        f"(W + BA, or W for a residual init) to {error:.1e} (relative)")
+    return error

@@ -31,6 +31,23 @@ class Feed:
     settings: dict = field(default_factory=dict)  # extra capture settings to record
 
 
+Shard = tuple[int, int]  # (index, count): this process's share of the data, as `--shard index/count`
+
+
+def _share(part: range, shard: Shard) -> range:
+    """Shard `index` of `count`'s contiguous share of one bucket: bucket j of the merged shards is
+    then bucket j of one run over all the data."""
+    index, count = shard
+    return range(part.start + round(index * len(part) / count), part.start + round((index + 1) * len(part) / count))
+
+
+def _shard_total(sizes: list[int], shard: Shard) -> int:
+    total = sum(len(_share(range(size), shard)) for size in sizes)
+    if total == 0:
+        raise CntinitError(f"--shard {shard[0]}/{shard[1]} gets no samples of the {sum(sizes)}: use fewer shards")
+    return total
+
+
 def _slices(count: int, buckets: int) -> list[range]:
     """`buckets` consecutive, near-equal slices of range(count)."""
     if buckets > count:
@@ -40,7 +57,7 @@ def _slices(count: int, buckets: int) -> list[range]:
 
 
 def text(net, tokenizer, data, *, seq_len: int, batch_size: int, buckets: int, max_samples, pack: bool,
-         text_field: str) -> Feed:
+         text_field: str, shard: Shard = (0, 1)) -> Feed:
     if tokenizer is None:
         raise CntinitError("this model has no tokenizer, so it cannot read text: give --data a folder of images "
                            "(a vision model) or add the tokenizer files to its directory")
@@ -53,21 +70,24 @@ def text(net, tokenizer, data, *, seq_len: int, batch_size: int, buckets: int, m
     if not sequences:
         raise CntinitError(f"no sample of {data} has any token: give non-empty text")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    every = data_mod.split_buckets(sequences, buckets)
+    total = _shard_total([len(part) for part in every], shard)
+    parts = [[part[i] for i in _share(range(len(part)), shard)] for part in every]
 
     def batches() -> Iterator[Batch]:
-        for bucket, part in enumerate(data_mod.split_buckets(sequences, buckets)):
+        for bucket, part in enumerate(parts):
             for ids, mask in data_mod.batches(part, batch_size, pad_id):
                 yield bucket, {"input_ids": ids, "attention_mask": mask}, mask
 
     probe = torch.tensor([sequences[0][:8]])
     source = str(data) if str(data) == "-" else str(Path(data).absolute())
-    return Feed({"input_ids": probe, "attention_mask": torch.ones_like(probe)}, len(sequences), "tok", batches,
+    return Feed({"input_ids": probe, "attention_mask": torch.ones_like(probe)}, total, "tok", batches,
                 {"fingerprint": data_mod.fingerprint(samples), "sources": [source], "samples": len(samples),
-                 "sequences": len(sequences)}, {"seq_len": seq_len, "pack": pack})
+                 "sequences": total}, {"seq_len": seq_len, "pack": pack})
 
 
 def vision(net, model_dir: Path, data, *, batch_size: int, buckets: int, max_samples, dtype: torch.dtype,
-           image_size: int | None, image_mean, image_std) -> Feed:
+           image_size: int | None, image_mean, image_std, shard: Shard = (0, 1)) -> Feed:
     """A vision encoder's `pixel_values`, preprocessed by the model's own image processor config when
     its directory has one (unless --image-size overrides it)."""
     processor = None
@@ -78,11 +98,11 @@ def vision(net, model_dir: Path, data, *, batch_size: int, buckets: int, max_sam
     pixels = images.Pixels(processor, image_size, image_mean, image_std)
     pictures = images.read_pictures(data, max_samples)
     return _image_feed(pictures, data, batch_size, buckets, lambda chunk: {"pixel_values": pixels([p.path for p in chunk]).to(dtype)},
-                       {"image_size": image_size, "image_processor": processor is not None})
+                       {"image_size": image_size, "image_processor": processor is not None}, shard)
 
 
 def diffusion(net: pipelines.DiffusionParts, tokenizer, data, *, batch_size: int, buckets: int, max_samples,
-              image_size: int | None, prompt: str | None, noise_timestep: int | None, seed: int) -> Feed:
+              image_size: int | None, prompt: str | None, noise_timestep: int | None, seed: int, shard: Shard = (0, 1)) -> Feed:
     """Images (resized and center-cropped to the UNet's resolution, scaled to [−1, 1] as the pipelines
     do) and their captions, padded to the tokenizer's length."""
     steps = net.helpers["scheduler"].config.num_train_timesteps
@@ -99,7 +119,7 @@ def diffusion(net: pipelines.DiffusionParts, tokenizer, data, *, batch_size: int
         return {"pixel_values": pixels([p.path for p in chunk]), "input_ids": ids}
 
     feed = _image_feed(pictures, data, batch_size, buckets, inputs,
-                       {"image_size": size, "prompt": prompt, "noise_timestep": noise_timestep, "seed": seed})
+                       {"image_size": size, "prompt": prompt, "noise_timestep": noise_timestep, "seed": seed}, shard)
     batches = feed.batches
 
     def seeded() -> Iterator[Batch]:
@@ -110,12 +130,16 @@ def diffusion(net: pipelines.DiffusionParts, tokenizer, data, *, batch_size: int
     return feed
 
 
-def _image_feed(pictures, data, batch_size: int, buckets: int, inputs, settings: dict) -> Feed:
+def _image_feed(pictures, data, batch_size: int, buckets: int, inputs, settings: dict, shard: Shard) -> Feed:
+    every = _slices(len(pictures), buckets)
+    total = _shard_total([len(part) for part in every], shard)
+    parts = [_share(part, shard) for part in every]
+
     def batches() -> Iterator[Batch]:
-        for bucket, part in enumerate(_slices(len(pictures), buckets)):
+        for bucket, part in enumerate(parts):
             for start in range(part.start, part.stop, batch_size):
                 yield bucket, inputs(pictures[start : min(start + batch_size, part.stop)]), None
 
-    return Feed(inputs(pictures[:1]), len(pictures), "img", batches,
+    return Feed(inputs(pictures[:1]), total, "img", batches,
                 {"fingerprint": images.fingerprint(pictures, data), "sources": [str(Path(data).absolute())],
-                 "samples": len(pictures), "sequences": len(pictures)}, settings)
+                 "samples": len(pictures), "sequences": total}, settings)

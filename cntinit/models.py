@@ -70,8 +70,9 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def select_targets(model: nn.Module, targets: str | list[str]) -> dict[str, nn.Module]:
-    """Modules whose path ends with one of the comma-separated suffixes, or `all-linear`
-    (every linear layer but the output head, as PEFT does)."""
+    """Modules whose path ends with one of the comma-separated suffixes, or matches a `re:PATTERN`
+    entry whole (to tell apart towers that share names, e.g. a VLM's language model and vision
+    encoder), or `all-linear` (every linear layer but the output head, as PEFT does)."""
     linears = linear_modules(model)
     wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
     wanted = [t for t in wanted if t]
@@ -79,8 +80,8 @@ def select_targets(model: nn.Module, targets: str | list[str]) -> dict[str, nn.M
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         chosen = {n: m for n, m in linears.items() if m is not head}
     else:
-        chosen = {n: m for n, m in linears.items() if any(n == t or n.endswith("." + t) for t in wanted)}
-        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in chosen)]
+        chosen = {n: m for n, m in linears.items() if any(_matches(n, t) for t in wanted)}
+        missing = [t for t in wanted if not any(_matches(n, t) for n in chosen)]
         if missing:
             raise CntinitError(
                 f"--targets {','.join(missing)} matched no linear module; available: {', '.join(module_suffixes(linears))}"
@@ -90,12 +91,23 @@ def select_targets(model: nn.Module, targets: str | list[str]) -> dict[str, nn.M
     return chosen
 
 
+def _matches(name: str, target: str) -> bool:
+    if target.startswith("re:"):
+        try:
+            return re.fullmatch(target[3:], name) is not None
+        except re.error as exc:
+            raise CntinitError(f"--targets {target} is not a regular expression ({exc}): fix it, e.g. re:.*language_model.*\\.q_proj") from None
+    return name == target or name.endswith("." + target)
+
+
+def module_kind(name: str) -> str:
+    """A module path with everything up to the layer index stripped, e.g. `self_attn.q_proj`."""
+    return re.sub(r"^.*\.\d+\.", "", name)
+
+
 def module_suffixes(modules: dict[str, nn.Module]) -> list[str]:
-    """Distinct module names with the layer index stripped, e.g. `self_attn.q_proj`."""
-    seen: dict[str, None] = {}
-    for name in modules:
-        seen[re.sub(r"^.*\.\d+\.", "", name)] = None
-    return list(seen)
+    """Distinct module kinds, in model order."""
+    return list(dict.fromkeys(module_kind(name) for name in modules))
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

@@ -109,8 +109,9 @@ def robust_estimate(w: torch.Tensor, targets: list[torch.Tensor], weights: list[
 
 
 def split(delta: torch.Tensor, rank: int, decompose: str, p: float, minor: bool = False, niter: int | None = None,
-          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-r factors (B, A) of ΔW with signs fixed so the result is deterministic across devices.
+          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rank-r factors (B, A) of ΔW with signs fixed so the result is deterministic across devices,
+    and the singular values the split computed (all of them for the full SVD; None for QR).
 
     svd: B = U_r S_r^{1−p}, A = S_r^p V_rᵀ — the r largest singular triplets, or with `minor`
     the r smallest (MiLoRA), largest first; with `niter`, the randomized SVD PEFT's
@@ -121,16 +122,17 @@ def split(delta: torch.Tensor, rank: int, decompose: str, p: float, minor: bool 
             u, s, vh = randomized_svd(delta, rank, niter, generator)
         else:
             u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        values = s
         keep = slice(s.shape[-1] - rank, None) if minor else slice(None, rank)
         u, s, vh = u[..., keep], s[..., keep], vh[..., keep, :]
         sign = _sign_of_largest(u, dim=-2)
         u, vh = u * sign.unsqueeze(-2), vh * sign.unsqueeze(-1)
-        return u * s.pow(1 - p).unsqueeze(-2), s.pow(p).unsqueeze(-1) * vh
+        return u * s.pow(1 - p).unsqueeze(-2), s.pow(p).unsqueeze(-1) * vh, values
     q, r = torch.linalg.qr(delta, mode="reduced")
     sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     q, r = q * sign.unsqueeze(-2), r * sign.unsqueeze(-1)
-    return q[..., :rank], r[..., :rank, :]
+    return q[..., :rank], r[..., :rank, :], None
 
 
 def randomized_svd(m: torch.Tensor, rank: int, niter: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from .console import log, progress
 from .errors import CntinitError
 
 CHUNK_BYTES = 1 << 30
+SPECTRUM_LENGTH = 128  # leading singular values of each split kept in the report (for its plot)
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 INITS = ("offset", "residual")
 
@@ -222,13 +223,14 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, genera
             singular_values.update(zip(batch.names, torch.linalg.svdvals(split_input).cpu()))
         ranks = vas.allocate(singular_values, max_ranks, options.budget, options.min_rank)
     else:
+        singular_values = {}
         ranks = {name: min(options.rank, limit) for name, limit in max_ranks.items()}
     spread = _mean_weight_std(modules) if options.mode == "inilora" else 0.0
     minor = options.mode == "milora" or options.corda_mode == "kpm"
     factors, rows = {}, {}
     for batch, bar in batches(f"solve {options.mode}"):
         top = max(max(ranks[name] for name in batch.names), 1)
-        b, a, steps = _factor(batch, top, options, generator, spread, bar)
+        b, a, steps, values = _factor(batch, top, options, generator, spread, bar)
         for i, name in enumerate(batch.names):
             r = ranks[name]
             keep = slice(top - r, top) if minor else slice(0, r)  # the r smallest of the top kept, for MiLoRA/kpm
@@ -239,6 +241,9 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, genera
                 rows[name]["kept"] = None  # B = 0: no change wanted, none kept
             if steps is not None:
                 rows[name] |= _fit_errors(batch.weight[i], update, r) | {"steps": steps}
+            spectrum = singular_values.get(name, values[i] if values is not None else None)
+            if spectrum is not None:
+                rows[name]["spectrum"] = [float(f"{v:.6g}") for v in spectrum[:SPECTRUM_LENGTH].tolist()]
             if r:
                 factors[name] = (b[i, :, keep].cpu(), a[i, keep].cpu())
     return options, ranks, factors, rows
@@ -350,12 +355,13 @@ def _weights(stats: store.Store | None, modules: dict, options: Options, dev: to
 
 
 def _factor(batch: Batch, top: int, options: Options, generator: torch.Generator, spread: float, bar: Progress):
-    """(B, A, Adam steps run or None) of rank `top` for one batch; see METHODS.md for each mode."""
+    """(B, A, Adam steps run or None, singular values of the split or None) of rank `top` for one batch;
+    see METHODS.md for each mode."""
     count, k, d = batch.weight.shape
     dev, dtype = batch.weight.device, batch.weight.dtype
     if options.mode == "lora":
         a = baselines.lora_a(count, top, d, options.lora_init, generator)
-        return torch.zeros(count, k, top, device=dev, dtype=dtype), a.to(dev, dtype), None
+        return torch.zeros(count, k, top, device=dev, dtype=dtype), a.to(dev, dtype), None, None
     if options.mode in modes.INILORA_MODES:
         b, a = inilora.start(count, k, d, top, options.mode, spread, generator)
         steps = options.steps if options.steps is not None else (None if options.mode == "inilora" else 0)
@@ -364,13 +370,13 @@ def _factor(batch: Batch, top: int, options: Options, generator: torch.Generator
             task = bar.add_task(f"Adam × {count} of {k}×{d}", total=steps or inilora.MAX_STEPS)
             b, a, done = inilora.fit(batch.weight.float(), b, a, steps, on_step=lambda: bar.advance(task))
             bar.remove_task(task)
-        return b.to(dev, dtype), a.to(dev, dtype), done
+        return b.to(dev, dtype), a.to(dev, dtype), done, None
     if batch.metric is None:
-        b, a = modes.split(batch.delta, top, options.decompose, options.split_p, options.mode == "milora", options.niter, generator)
-        return b, a, None
+        b, a, values = modes.split(batch.delta, top, options.decompose, options.split_p, options.mode == "milora", options.niter, generator)
+        return b, a, None, values
     metric, inverse = batch.metric  # corda: split W C, then A ← A C⁻¹
-    b, a = modes.split(batch.delta @ metric, top, "svd", options.split_p, options.corda_mode == "kpm")
-    return b, a @ inverse, None
+    b, a, values = modes.split(batch.delta @ metric, top, "svd", options.split_p, options.corda_mode == "kpm")
+    return b, a @ inverse, None, values
 
 
 def _mean_weight_std(modules: dict) -> float:

@@ -71,3 +71,13 @@ class InputStats:
         if len(self.count) > 1:
             out |= {f"{key}.bucket_xxt": full, f"{key}.bucket_sum": sums, f"{key}.bucket_count": counts}
         return out
+
+    def state(self, key: str) -> dict[str, torch.Tensor]:
+        """The running sums exactly as held (upper blocks, per bucket), for a checkpoint."""
+        return {f"{key}.xxt": self.xxt.cpu(), f"{key}.sum": self.sum.cpu(), f"{key}.count": torch.tensor(self.count, dtype=torch.int64)}
+
+    def restore(self, state: dict[str, torch.Tensor], key: str) -> None:
+        """Continue from a checkpoint's sums (bit for bit: the resumed run adds in the same order)."""
+        self.xxt.copy_(state[f"{key}.xxt"])
+        self.sum.copy_(state[f"{key}.sum"])
+        self.count = state[f"{key}.count"].tolist()

@@ -166,6 +166,28 @@ def check_out(out: str | Path, model_fingerprint: str, overwrite: bool, format: 
         raise CntinitError(f"--out {out} exists and is not {what} of this model: choose another path or pass --overwrite")
 
 
+def _shard_set(stores: list[Store]) -> str | None:
+    """None when the stores are not `--shard` captures; "complete" when they are every shard of one
+    data set; "partial" (with a warning) for some of them. Mixed or repeated shards are refused."""
+    shards = [s.manifest["capture"].get("shard") for s in stores]
+    if not any(shards):
+        return None
+    if not all(shards):
+        raise CntinitError("some stores are --shard captures and some are not: merge the shards first, then merge the results")
+    counts = {shard.split("/")[1] for shard in shards}
+    if len(counts) > 1:
+        raise CntinitError(f"the shards are of different counts ({', '.join(sorted(shards))}): merge shards of one --shard i/N run")
+    if len({s.manifest["data"]["fingerprint"] for s in stores}) > 1:
+        raise CntinitError("the shards were cut from different data: merge shards of one data set")
+    repeated = sorted({shard for shard in shards if shards.count(shard) > 1})
+    if repeated:
+        raise CntinitError(f"shard {repeated[0]} is given more than once: each shard counts once")
+    if len(shards) < int(counts.pop()):
+        warn(f"merging {len(shards)} of {shards[0].split('/')[1]} shards ({', '.join(sorted(shards))}): the result covers part of the data")
+        return "partial"
+    return "complete"
+
+
 def merge(directories: list[str | Path], out: str | Path, overwrite: bool = False) -> Path:
     """Sum stores of one model (shards of one calibration set) into a new store at `out`.
 
@@ -188,6 +210,7 @@ def merge(directories: list[str | Path], out: str | Path, overwrite: bool = Fals
         for option in ("seq_len", "pack", "dtype", "accumulate"):
             if other["capture"].get(option) != first["capture"].get(option):
                 warn(f"merging stores captured with different {option}: {first['capture'].get(option)} and {other['capture'].get(option)}")
+    shards = _shard_set(stores)
     check_out(out, first["model"]["fingerprint"], overwrite)
     tensors_by_key: dict[str, dict[str, torch.Tensor]] = {}
     stats: dict[str, dict] = {}
@@ -205,7 +228,12 @@ def merge(directories: list[str | Path], out: str | Path, overwrite: bool = Fals
         "tokens": sum(s.manifest["data"]["tokens"] for s in stores),
         "merged_from": [str(s.path.absolute()) for s in stores],
     }
-    manifest = new_manifest(first["model"], data, first["capture"], first["modules"], stats)
+    capture = first["capture"]
+    if shards:  # shards of one data set: the result is that data set, as one run would record it
+        data |= {"fingerprint": first["data"]["fingerprint"], "sources": first["data"]["sources"], "samples": first["data"]["samples"]}
+        partial = ",".join(sorted(s.manifest["capture"]["shard"] for s in stores))
+        capture = dict(capture, shard=None if shards == "complete" else partial)
+    manifest = new_manifest(first["model"], data, capture, first["modules"], stats)
     with atomic_directory(out) as tmp:
         write(tmp, manifest, tensors_by_key)
     return Path(out)

@@ -153,3 +153,18 @@ def test_context_length_knows_the_roberta_padding_offset():
     roberta = transformers.RobertaModel(transformers.RobertaConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=130))
     assert context_length(roberta, tokenizer=None) == 128
+
+
+def test_regex_targets_pick_whole_paths(tiny):
+    import transformers
+
+    from cntinit import models
+
+    net = transformers.AutoModelForCausalLM.from_pretrained(tiny["llama"])
+    chosen = models.select_targets(net, r"re:model\.layers\.1\.self_attn\.(q|v)_proj,down_proj")
+    assert sorted(chosen) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
+                              "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    with pytest.raises(CntinitError, match="is not a regular expression"):
+        models.select_targets(net, "re:model.(")
+    with pytest.raises(CntinitError, match="matched no linear module"):
+        models.select_targets(net, r"re:vision_tower\..*")

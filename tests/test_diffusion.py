@@ -178,7 +178,7 @@ def test_kohya_dynamic_alphas_add_exactly_ba_as_sd_scripts_computes(sd, tmp_path
 def test_export_check_uses_diffusers(sd, tmp_path, capsys):
     solved = solve(sd["stats"], tmp_path / "solve", mode="cnt-x", rank=4)
     code, out, err = run(capsys, "export", solved, "--format", "kohya", "--alpha", "16", "--check", "-o", tmp_path / "k")
-    assert code == 0 and "check: diffusers loads the adapter" in err, err
+    assert code == 0 and "check: diffusers loads" in err, err
     assert "--network_weights" in err
 
 

@@ -107,7 +107,7 @@ def test_centered_second_moment():
 def test_svd_split_is_the_truncated_svd_with_p_sharing(p):
     delta = RNG.standard_normal((7, 5))
     u, s, vh = np.linalg.svd(delta, full_matrices=False)
-    b, a = modes.split(t(delta)[None], 3, "svd", p)
+    b, a, _ = modes.split(t(delta)[None], 3, "svd", p)
     np.testing.assert_allclose((b[0] @ a[0]).numpy(), u[:, :3] * s[:3] @ vh[:3], atol=1e-12)
     np.testing.assert_allclose(b[0].norm(dim=0).numpy(), s[:3] ** (1 - p), rtol=1e-12)
     np.testing.assert_allclose(a[0].norm(dim=1).numpy(), s[:3] ** p, rtol=1e-12)
@@ -116,7 +116,7 @@ def test_svd_split_is_the_truncated_svd_with_p_sharing(p):
 def test_qr_split_is_the_truncated_qr():
     delta = RNG.standard_normal((4, 6))
     q, r = np.linalg.qr(delta)
-    b, a = modes.split(t(delta)[None], 2, "qr", 0.5)
+    b, a, _ = modes.split(t(delta)[None], 2, "qr", 0.5)
     np.testing.assert_allclose((b[0] @ a[0]).numpy(), q[:, :2] @ r[:2], atol=1e-12)  # signs cancel in the product
     np.testing.assert_allclose((b[0].T @ b[0]).numpy(), np.eye(2), atol=1e-12)
     assert torch.all(torch.diagonal(a[0][:, :2]) > 0)

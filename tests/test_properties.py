@@ -102,11 +102,14 @@ def test_splits_never_exceed_the_rank(problem, rank, how, p):
     k, d = w.shape[-2:]
     rank = min(rank, k, d)
     generator = torch.Generator().manual_seed(0)
-    b, a = modes.split(w, rank, "qr" if how == "qr" else "svd", p, minor=how == "minor",
+    b, a, values = modes.split(w, rank, "qr" if how == "qr" else "svd", p, minor=how == "minor",
                        niter=2 if how == "randomized" else None, generator=generator)
     assert b.shape == (1, k, rank) and a.shape == (1, rank, d) and finite(b) and finite(a)
     update = b[0] @ a[0]
     assert int(torch.linalg.matrix_rank(update)) <= rank
+    assert (values is None) == (how == "qr")
+    if how in ("svd", "minor"):  # the values the split reports are ΔW's whole spectrum
+        torch.testing.assert_close(values, torch.linalg.svdvals(w))
     if how == "svd":  # the best rank-r approximation (Eckart–Young)
         s = torch.linalg.svdvals(w[0])
         optimum = float(s[rank:].square().sum().sqrt())

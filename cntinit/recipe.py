@@ -1,0 +1,203 @@
+"""Recipes: one YAML file naming a model, its calibration data, the capture, the solves and the
+exports — checked whole, before anything runs.
+
+The keys each section accepts are the parameters of the Python API (`capture`, `SolveOptions`,
+`export`), read from their signatures, so a recipe can say whatever a command line can and
+a misspelled key is an error that names it. Files are read with `yaml.safe_load`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .capture import capture as capture_function
+from .errors import CntinitError
+from .export import export as export_function
+from .solve import Options
+
+EMBEDDED = "embedded"  # `model: embedded`, `data: embedded`: the model and verses that ship with the install
+TOP = {"name": str, "model": str, "targets": str | list[str], "out": str, "device": str, "plot": bool,
+       "capture": dict, "solves": list, "exports": list}
+NOT_IN_CAPTURE = {"model", "out", "targets", "device", "overwrite", "trust_remote_code"}  # set at the top or on the command line
+NOT_IN_EXPORT = {"solve_dir", "out", "model", "overwrite", "trust_remote_code"}
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # solve and export names become directory names under `out`
+
+
+def _schema(function, leave_out: set[str]) -> dict[str, object]:
+    hints = typing.get_type_hints(function)
+    return {name: hints[name] for name in inspect.signature(function).parameters if name not in leave_out}
+
+
+CAPTURE = _schema(capture_function, NOT_IN_CAPTURE)
+SOLVE = {"name": str} | {f.name: typing.get_type_hints(Options)[f.name] for f in dataclasses.fields(Options)}
+EXPORT = {"name": str, "check": bool} | _schema(export_function, NOT_IN_EXPORT)
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: str
+    out: Path
+    targets: str | list[str] = "all-linear"
+    device: str = "auto"
+    plot: bool = True
+    capture: dict | None = None
+    solves: list[dict] = field(default_factory=list)
+    exports: list[dict] = field(default_factory=list)
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override (`capture.max_samples=64`, `solves.0.rank=16`) and check a recipe."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise CntinitError(f"cannot read the recipe {path} ({exc.strerror or exc}): check the path") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise CntinitError(f"{path} is not valid YAML{line}: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(raw, dict):
+        raise CntinitError(f"{path} must be a YAML mapping of keys (model, capture, solves, exports), not {type(raw).__name__}")
+    for override in overrides:
+        _override(raw, override)
+    return check(raw, default_name=path.stem)
+
+
+def check(raw: dict, default_name: str = "recipe") -> Recipe:
+    """A Recipe from a parsed mapping, or a CntinitError naming the first bad key."""
+    values = _section(raw, TOP, "")
+    for required in ("model", "solves"):
+        if required not in values:
+            raise CntinitError(f"recipe key {required} is missing: a recipe names a model and at least one solve")
+    capture = _section(values["capture"], CAPTURE, "capture.") if "capture" in values else None
+    if capture is not None and "data" not in capture:
+        raise CntinitError("recipe key capture.data is missing: name the calibration data (a file, a folder, or embedded)")
+    if capture is not None and str(capture["data"]) == "-":
+        raise CntinitError("recipe key capture.data: a recipe cannot read stdin (the cache keys on the data's contents); name a file or folder")
+    solves = [_section(entry, SOLVE, f"solves.{i}.") for i, entry in enumerate(_list(values["solves"], "solves"))]
+    if not solves:
+        raise CntinitError("recipe key solves is empty: give at least one solve (e.g. - {mode: cnt-s, rank: 16})")
+    exports = [_section(entry, EXPORT, f"exports.{i}.") for i, entry in enumerate(_list(values.get("exports", []), "exports"))]
+    for i, solve in enumerate(solves):
+        if "mode" not in solve:
+            raise CntinitError(f"recipe key solves.{i}.mode is missing: cnt-x, cnt-s, cnt-sh, eva, corda, lora, pissa, ...")
+        solve.setdefault("name", _solve_name(solve))
+    for entry in exports:
+        entry.setdefault("name", entry.get("format", "peft"))
+    for group, entries in (("solves", solves), ("exports", exports)):
+        seen = set()
+        for i, entry in enumerate(entries):
+            if not NAME.match(entry["name"]):
+                raise CntinitError(f"recipe key {group}.{i}.name {entry['name']!r} must be a plain name (letters, digits, . _ -): it becomes a directory under out")
+            if entry["name"] in seen:
+                raise CntinitError(f"recipe key {group}.{i}.name: two {group} are named {entry['name']}; give one another name")
+            seen.add(entry["name"])
+    name = values.get("name", default_name)
+    if not NAME.match(name):
+        raise CntinitError(f"recipe key name {name!r} must be a plain name (letters, digits, . _ -)")
+    return Recipe(name=name, model=values["model"], out=Path(values.get("out", Path("cntinit-out") / name)),
+                  targets=values.get("targets", "all-linear"), device=values.get("device", "auto"), plot=values.get("plot", True),
+                  capture=capture, solves=solves, exports=exports)
+
+
+def _solve_name(solve: dict) -> str:
+    """cnt-x-r16, cnt-x-r16-vas: readable and unique for the usual recipes."""
+    return f"{solve['mode']}-r{solve.get('rank', Options.rank)}" + ("-vas" if solve.get("vas") else "")
+
+
+def _list(value, where: str) -> list:
+    if not isinstance(value, list):
+        raise CntinitError(f"recipe key {where} must be a list (- mode: cnt-s ...), got {_describe(value)}")
+    return value
+
+
+def _section(raw, schema: dict, prefix: str) -> dict:
+    where = prefix.rstrip(".") or "the recipe"
+    if not isinstance(raw, dict):
+        raise CntinitError(f"recipe key {where} must be a mapping of keys, got {_describe(raw)}")
+    checked = {}
+    for name, value in raw.items():
+        if name not in schema:
+            known = ", ".join(sorted(schema))
+            raise CntinitError(f"recipe key {prefix}{name} is not known; {where} takes: {known}")
+        checked[name] = _conform(value, schema[name], f"{prefix}{name}")
+    return checked
+
+
+def _conform(value, hint, where: str):
+    """`value` as type `hint` (int → float where a number is wanted, a list for a tuple), or an error naming `where`."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _conform(value, option, where)
+            except CntinitError:
+                continue
+        raise CntinitError(f"recipe key {where} must be {' or '.join(_noun(h) for h in typing.get_args(hint))}, got {_describe(value)}")
+    if origin in (list, tuple):
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise CntinitError(f"recipe key {where} must be {_noun(hint)}, got {_describe(value)}")
+        items = [_conform(v, item, f"{where}.{i}") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    ok = {type(None): value is None, bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str),
+          Path: isinstance(value, str), dict: isinstance(value, dict), list: isinstance(value, list)}[hint]
+    if not ok:
+        raise CntinitError(f"recipe key {where} must be {_noun(hint)}, got {_describe(value)}")
+    return float(value) if hint is float else value
+
+
+def _noun(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        return f"a list of {_noun(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_noun(h) for h in typing.get_args(hint))
+    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            Path: "a path", dict: "a mapping", list: "a list"}[hint]
+
+
+def _describe(value) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _override(raw: dict, text: str) -> None:
+    """Apply one `dotted.key=value` (value read as YAML: 16, true, [a, b], text) to the parsed recipe."""
+    dotted, sep, value = text.partition("=")
+    if not sep or not dotted:
+        raise CntinitError(f"override {text!r} must be key=value, e.g. capture.max_samples=64 or solves.0.rank=16")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    parts = dotted.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise CntinitError(f"override {dotted}: {'.'.join(parts[:depth]) or 'the list'} has {len(node)} entries; {part} is not one of 0..{len(node) - 1}")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise CntinitError(f"override {dotted}: {where} is a {type(node).__name__}, it has no keys")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise CntinitError(f"override {dotted}: the list has {len(node)} entries; {last} is not one of 0..{len(node) - 1}")
+        node[int(last)] = parsed
+    elif isinstance(node, dict):
+        node[last] = parsed
+    else:
+        raise CntinitError(f"override {dotted}: {'.'.join(parts[:-1])} is a {type(node).__name__}, it has no keys")

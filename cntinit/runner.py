@@ -1,0 +1,165 @@
+"""`cntinit run`: a recipe's capture, solves and exports, each stage taken from the cache when
+its inputs were seen before.
+
+Captures and solves live in the cache (cache.py), keyed by what they were computed from;
+exports are written under the recipe's `out` (`OUT/<solve>/<export>/`, next to the solve's
+report.json and report.png) and are skipped when the directory already holds the same
+export of the same solve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import filecmp
+import inspect
+import shutil
+import time
+from pathlib import Path
+
+from . import cache, console, embedded, models, modes, plots, recipe, store
+from .atomic import atomic_file
+from .capture import capture
+from .errors import CntinitError
+from .export import FORMATS, export, verify
+from .solution import REPORT, Solution
+from .solve import Options, solve
+
+CAPTURE_DEFAULTS = {name: p.default for name, p in inspect.signature(capture).parameters.items()
+                    if name in recipe.CAPTURE and p.default is not inspect.Parameter.empty}
+
+
+def _plain(value):
+    """JSON-ready: tuples as lists, paths as text."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _targets(targets: str | list[str]) -> str:
+    return targets if isinstance(targets, str) else ",".join(targets)
+
+
+def cached_capture(model: str | Path, data: str | Path, *, targets: str | list[str] = models.ALL_LINEAR, device: str = "auto",
+                   trust_remote_code: bool = False, cache_dir: Path | None = None, **options) -> tuple[Path, bool]:
+    """(the cached store of this capture, whether it was there already); `options` are capture()'s."""
+    if str(data) == "-":
+        raise CntinitError("data from stdin cannot be cached (the cache keys on the data's contents): give --out, or a file")
+    cache_dir = cache_dir or cache.root()
+    settings = CAPTURE_DEFAULTS | options
+    inputs = {"model": cache.tree_digest(model, cache_dir), "data": cache.tree_digest(data, cache_dir), "targets": _targets(targets),
+              "device": str(models.resolve_device(device)), "options": _plain(settings)}
+    label = f"capture of {Path(model).name} over {Path(data).name}"
+    return cache.obtain("capture", inputs, label, lambda out: capture(
+        model, data, out, targets=targets, device=device, trust_remote_code=trust_remote_code, overwrite=True, **settings), cache_dir)
+
+
+def cached_solve(capture_dir: str | Path | None, options: Options, *, model: str | Path | None = None, targets: str | None = None,
+                 device: str = "auto", trust_remote_code: bool = False, cache_dir: Path | None = None) -> tuple[Path, bool]:
+    """(the cached solve directory, whether it was there already). With a capture the key holds the
+    store's manifest (which holds every payload's checksum); without one, the model's contents and targets."""
+    cache_dir = cache_dir or cache.root()
+    resolved = options.resolved()
+    if capture_dir is not None:
+        source = {"capture": store.sha256_file(Path(capture_dir) / store.MANIFEST) if (Path(capture_dir) / store.MANIFEST).is_file() else str(capture_dir)}
+    elif model is not None:
+        source = {"model": cache.tree_digest(model, cache_dir), "targets": _targets(targets or models.ALL_LINEAR)}
+    else:
+        source = {}  # solve() itself explains what is missing
+    inputs = source | {"options": _plain(dataclasses.asdict(resolved)), "device": str(models.resolve_device(device))}
+    label = f"{resolved.mode} rank {resolved.rank}" + (" (VAS)" if resolved.vas else "")
+    return cache.obtain("solve", inputs, label, lambda out: solve(
+        capture_dir, out, options, model=model, targets=targets, device=device, overwrite=True, trust_remote_code=trust_remote_code), cache_dir)
+
+
+def run(plan: recipe.Recipe, trust_remote_code: bool = False, cache_dir: Path | None = None) -> dict:
+    """Run a checked recipe; returns its summary (what each stage did, how long, where)."""
+    cache_dir = cache_dir or cache.root()
+    model = embedded.model_dir() if plan.model == recipe.EMBEDDED else Path(plan.model)
+    solves = _checked_solves(plan)
+    if not model.exists():
+        raise CntinitError(f"recipe key model: {model} does not exist; give a local model directory (override: model=PATH)")
+    rows: list[dict] = []
+    capture_dir = None
+    if plan.capture is not None:
+        settings = dict(plan.capture)
+        data = settings.pop("data")
+        data = embedded.data_file() if data == recipe.EMBEDDED else Path(data)
+        if not data.exists():
+            raise CntinitError(f"recipe key capture.data: {data} does not exist; give a file or folder (override: capture.data=PATH)")
+        started = time.perf_counter()
+        capture_dir, hit = cached_capture(model, data, targets=plan.targets, device=plan.device, trust_remote_code=trust_remote_code,
+                                          cache_dir=cache_dir, **settings)
+        rows.append(_row("capture", data.name, hit, started, capture_dir))
+    exports = []
+    for name, options in solves.items():
+        started = time.perf_counter()
+        solve_dir, hit = cached_solve(capture_dir, options, model=None if capture_dir else model,
+                                      targets=None if capture_dir else _targets(plan.targets), device=plan.device,
+                                      trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+        rows.append(_row("solve", name, hit, started, solve_dir))
+        _publish_report(solve_dir, plan.out / name, plan.plot)
+        for entry in plan.exports:
+            exports.append(_export(solve_dir, plan.out / name / entry["name"], entry, name, trust_remote_code))
+            rows.append(exports[-1])
+    summary = {"recipe": plan.name, "out": str(plan.out.absolute()), "cache": str(cache_dir), "stages": rows,
+               "exports": [row["path"] for row in exports]}
+    return summary
+
+
+def _checked_solves(plan: recipe.Recipe) -> dict[str, Options]:
+    """Every solve's options resolved and every export's format known before any work starts."""
+    solves = {}
+    for i, entry in enumerate(plan.solves):
+        fields = {k: v for k, v in entry.items() if k != "name"}
+        try:
+            options = Options(**fields)
+            options.resolved()
+        except CntinitError as exc:
+            raise CntinitError(f"recipe solves.{i} ({entry['name']}): {exc}") from None
+        if plan.capture is None and options.mode in modes.NEED_STATISTICS:
+            raise CntinitError(f"recipe solves.{i} ({entry['name']}): --mode {options.mode} needs activation statistics; add a capture section with data")
+        solves[entry["name"]] = options
+    for i, entry in enumerate(plan.exports):
+        if entry.get("format", "peft") not in FORMATS:
+            raise CntinitError(f"recipe key exports.{i}.format {entry['format']!r} is not one of {', '.join(FORMATS)}")
+    return solves
+
+
+def _row(stage: str, name: str, hit: bool, started: float, path: Path) -> dict:
+    return {"stage": stage, "name": name, "status": "cache hit" if hit else "computed",
+            "seconds": round(time.perf_counter() - started, 3), "path": str(path)}
+
+
+def _publish_report(solve_dir: Path, directory: Path, plot: bool) -> None:
+    """OUT/<solve>/report.json (and report.png), refreshed only when the solve's report changed."""
+    report = solve_dir / REPORT
+    target = directory / REPORT
+    fresh = not (target.is_file() and filecmp.cmp(report, target, shallow=False))
+    if fresh:
+        with atomic_file(target) as tmp:
+            shutil.copyfile(report, tmp)
+    if not plot:
+        return
+    if not plots.available():
+        console.warn(f"no rank/spectrum plot: matplotlib is not installed ({plots.INSTALL})")
+        return
+    png = directory / "report.png"
+    if fresh or not png.is_file():
+        plots.write_report_plot(Solution(solve_dir).report, png)
+
+
+def _export(solve_dir: Path, out: Path, entry: dict, solve_name: str, trust_remote_code: bool) -> dict:
+    """One export of one solve, unless `out` already holds exactly it."""
+    started = time.perf_counter()
+    settings = {k: v for k, v in entry.items() if k not in ("name", "check")}
+    options = {"format": "peft", "alpha": None, "rslora": False, "dora": False, "fixed_alpha": False, "module_prefix": ""} | settings
+    existing = store.read_manifest(out, "cntinit.export")
+    current = store.sha256_file(solve_dir / store.MANIFEST)
+    if existing and existing.get("options") == options and existing.get("solve", {}).get("manifest_sha256") == current:
+        row = _row("export", f"{solve_name}/{entry['name']}", True, started, out)
+        return row | {"status": "up to date"}
+    export(solve_dir, out, trust_remote_code=trust_remote_code, **settings)
+    row = _row("export", f"{solve_name}/{entry['name']}", False, started, out)
+    if entry.get("check"):
+        row |= {"check": verify(out, solve_dir), "seconds": round(time.perf_counter() - started, 3)}
+    return row

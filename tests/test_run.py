@@ -1,0 +1,278 @@
+"""`cntinit run` recipes, the content-addressed cache, `cntinit cache`, and the cached stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cntinit import cache, recipe, runner
+from cntinit.solution import Solution
+
+from conftest import run
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["capture.max_samples=48", "capture.seq_len=32", "capture.batch_size=16"]
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch):
+    directory = tmp_path / "cache"
+    monkeypatch.setenv("CNTINIT_CACHE", str(directory))
+    return directory
+
+
+def write_recipe(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump(fields, sort_keys=False))
+    return path
+
+
+def tiny_recipe(tmp_path, tiny, calibration, **changes) -> Path:
+    fields = {"model": str(tiny["llama"]), "targets": "q_proj,v_proj,down_proj", "out": str(tmp_path / "out"),
+              "capture": {"data": str(calibration), "seq_len": 32},
+              "solves": [{"mode": "cnt-s", "rank": 4}, {"mode": "cnt-x", "rank": 4, "vas": True}],
+              "exports": [{"format": "peft", "alpha": 8}]} | changes
+    return write_recipe(tmp_path / "recipe.yaml", **fields)
+
+
+def forbid(monkeypatch, *stages):
+    """Make running any of these stages fail the test: a cache hit must not call them."""
+    for stage in stages:
+        def refuse(*args, stage=stage, **kwargs):
+            raise AssertionError(f"{stage} ran on a cache hit")
+        monkeypatch.setattr(runner, stage, refuse)
+
+
+def statuses(summary: dict) -> dict:
+    return {(row["stage"], row["name"]): row["status"] for row in summary["stages"]}
+
+
+def test_embedded_recipe_runs_end_to_end_then_hits_the_cache(tmp_path, cache_dir, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = ["run", ROOT / "recipes" / "minilm-embedded.yaml", f"out={out}", *SMALL, "--json"]
+    code, stdout, err = run(capsys, *args)
+    assert code == 0, err
+    first = json.loads(stdout)
+    assert set(statuses(first).values()) == {"computed"} and len(first["stages"]) == 1 + 3 * 2
+    assert all(row["check"] < 1e-5 for row in first["stages"] if row["stage"] == "export")  # PEFT loaded each one
+    for name in ("cnt-s-r8", "cnt-x-r8-vas", "pissa-r8"):
+        assert (out / name / "peft" / "adapter_config.json").is_file()
+        assert (out / name / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert json.loads((out / name / "report.json").read_text())["mode"] == name.split("-r")[0]
+    ranks = json.loads((out / "cnt-x-r8-vas" / "peft" / "adapter_config.json").read_text())["rank_pattern"]
+    assert len(set(ranks.values())) > 1  # VAS gave variable ranks
+
+    entries = {e.path: e.path.stat().st_mtime_ns for e in cache.entries(cache_dir)}
+    assert len(entries) == 4  # one capture, three solves
+    forbid(monkeypatch, "capture", "solve", "export")
+    code, stdout, err = run(capsys, *args)
+    assert code == 0, err
+    second = json.loads(stdout)
+    assert statuses(second) == {key: ("up to date" if key[0] == "export" else "cache hit") for key in statuses(first)}
+    assert {e.path: e.path.stat().st_mtime_ns for e in cache.entries(cache_dir)} == entries  # nothing rewritten
+    assert second["exports"] == first["exports"]
+
+
+def test_changed_solve_option_reuses_the_capture(tmp_path, tiny, calibration, cache_dir, capsys, monkeypatch):
+    path = tiny_recipe(tmp_path, tiny, calibration)
+    code, _, err = run(capsys, "run", path, "--quiet")
+    assert code == 0, err
+    forbid(monkeypatch, "capture")
+    code, stdout, err = run(capsys, "run", path, "solves.0.rank=2", "--json")
+    assert code == 0, err
+    result = statuses(json.loads(stdout))
+    assert result[("capture", "calib.jsonl")] == "cache hit"
+    assert result[("solve", "cnt-s-r2")] == "computed" and result[("solve", "cnt-x-r4-vas")] == "cache hit"
+    assert result[("export", "cnt-s-r2/peft")] == "computed"
+    kinds = [e.kind for e in cache.entries(cache_dir)]
+    assert kinds.count("capture") == 1 and kinds.count("solve") == 3
+
+
+def test_changed_capture_option_or_data_misses(tmp_path, tiny, calibration, cache_dir):
+    def capture_key(**options):
+        return cache.key("capture", {"model": cache.tree_digest(tiny["llama"], cache_dir), **options})
+    assert capture_key(data="a") != capture_key(data="b")
+    path, hit = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
+    again, hit_again = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
+    longer, hit_longer = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=48, cache_dir=cache_dir)
+    assert (hit, hit_again, hit_longer) == (False, True, False) and again == path != longer
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(calibration.read_text().replace("light", "night"))
+    other, hit_other = runner.cached_capture(tiny["llama"], edited, targets="q_proj", seq_len=32, cache_dir=cache_dir)
+    assert not hit_other and other != path
+
+
+def test_tree_digest_follows_contents_not_location(tmp_path, tiny, cache_dir):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(tiny["bert"]), str(copy)], check=True)
+    assert cache.tree_digest(copy, cache_dir) == cache.tree_digest(tiny["bert"], cache_dir)
+    config = copy / "config.json"
+    config.write_text(config.read_text().replace('"hidden_act": "gelu"', '"hidden_act": "relu"'))
+    assert cache.tree_digest(copy, cache_dir) != cache.tree_digest(tiny["bert"], cache_dir)
+
+
+def test_concurrent_runs_share_one_entry(tmp_path, tiny, calibration, cache_dir):
+    path = tiny_recipe(tmp_path, tiny, calibration, solves=[{"mode": "cnt-s", "rank": 4}], exports=[])
+    env = dict(os.environ, CNTINIT_CACHE=str(cache_dir))
+    command = [sys.executable, "-m", "cntinit", "run", str(path), "--json"]
+    jobs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [job.communicate(timeout=600) + (job.returncode,) for job in jobs]
+    assert [code for _, _, code in results] == [0, 0], [err for _, err, _ in results]
+    summaries = [json.loads(out) for out, _, _ in results]
+    assert {s["stages"][0]["path"] for s in summaries} == {str(e.path) for e in cache.entries(cache_dir) if e.kind == "capture"}
+    assert len(cache.entries(cache_dir)) == 2  # one capture, one solve
+    assert sorted(s["stages"][0]["status"] for s in summaries) == ["cache hit", "computed"]  # the second waited, then hit
+    assert not [p for p in (cache_dir / "captures").iterdir() if p.name.startswith(".")]
+
+
+BAD_RECIPES = [
+    ({"solves.0.rnk": 8}, "recipe key solves.0.rnk is not known"),
+    ({"solves.0.rank": "eight"}, "recipe key solves.0.rank must be an integer, got str 'eight'"),
+    ({"capture.seq_length": 32}, "recipe key capture.seq_length is not known; capture takes:"),
+    ({"capture.max_samples": 1.5}, "recipe key capture.max_samples must be an integer or null"),
+    ({"modle": "x"}, "recipe key modle is not known"),
+    ({"solves": {"mode": "cnt-s"}}, "recipe key solves must be a list"),
+    ({"solves.1.name": "cnt-s-r4"}, "two solves are named cnt-s-r4"),
+    ({"solves.0.name": "../escape"}, "must be a plain name"),
+    ({"capture.data": "-"}, "a recipe cannot read stdin"),
+    ({"solves.0.vas": "yes"}, "recipe key solves.0.vas must be true or false"),
+    ({"exports.0.format": "onnx"}, "recipe key exports.0.format 'onnx' is not one of peft, kohya, diffusers"),
+    ({"solves.0.rank": 4, "solves.0.budget": 10}, "recipe solves.0 (cnt-s-r4): --budget, --min-rank and --max-rank shape variable ranks"),
+    ({"capture": None}, "recipe key capture must be a mapping"),
+    ({"model": "/nonexistent/model"}, "recipe key model: /nonexistent/model does not exist"),
+    ({"capture.data": "/nonexistent.jsonl"}, "recipe key capture.data: /nonexistent.jsonl does not exist"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_RECIPES, ids=[m.split(":")[0][:40] for _, m in BAD_RECIPES])
+def test_bad_recipes_name_the_key_and_run_nothing(tmp_path, tiny, calibration, cache_dir, capsys, changes, message):
+    fields = yaml.safe_load(tiny_recipe(tmp_path, tiny, calibration).read_text())
+    for dotted, value in changes.items():
+        node, *path, last = [fields, *dotted.split(".")]
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[int(last) if isinstance(node, list) else last] = value
+    path = write_recipe(tmp_path / "bad.yaml", **fields)
+    code, _, err = run(capsys, "run", path)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and not cache.entries(cache_dir)
+
+
+def test_needs_statistics_without_capture_is_refused(tmp_path, tiny, calibration, cache_dir, capsys):
+    fields = yaml.safe_load(tiny_recipe(tmp_path, tiny, calibration).read_text())
+    del fields["capture"]
+    code, _, err = run(capsys, "run", write_recipe(tmp_path / "r.yaml", **fields))
+    assert code == 2 and "recipe solves.0 (cnt-s-r4): --mode cnt-s needs activation statistics; add a capture section" in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("solves.5.rank=2", "override solves.5.rank: solves has 2 entries; 5 is not one of 0..1"),
+    ("rank", "override 'rank' must be key=value"),
+    ("model.path=x", "override model.path: model is a str, it has no keys"),
+])
+def test_bad_overrides(tmp_path, tiny, calibration, cache_dir, capsys, override, message):
+    code, _, err = run(capsys, "run", tiny_recipe(tmp_path, tiny, calibration), override)
+    assert code == 2 and message in err, err
+
+
+def test_bad_yaml_names_the_line(tmp_path, cache_dir, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: x\nsolves:\n  - mode: [cnt-s\n")
+    code, _, err = run(capsys, "run", path)
+    assert code == 2 and "is not valid YAML at line" in err
+
+
+def test_recipe_yaml_is_never_executed(tmp_path, cache_dir, capsys):
+    path = tmp_path / "evil.yaml"
+    path.write_text("model: !!python/object/apply:os.system ['touch pwned']\nsolves: []\n")
+    code, _, err = run(capsys, "run", path)
+    assert code == 2 and "is not valid YAML" in err and not Path("pwned").exists()
+
+
+def test_overrides_are_read_as_yaml_and_checked(tmp_path, tiny, calibration):
+    plan = recipe.load(tiny_recipe(tmp_path, tiny, calibration), ["solves.1.rank=6", "capture.max_samples=10", "exports.0.rslora=true",
+                                                                   "solves.0.bucket_weights=[1, 0.5]", "plot=false"])
+    assert plan.solves[1]["rank"] == 6 and plan.solves[1]["name"] == "cnt-x-r6-vas" and plan.capture["max_samples"] == 10
+    assert plan.exports[0]["rslora"] is True and plan.solves[0]["bucket_weights"] == [1.0, 0.5] and plan.plot is False
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    plan = recipe.load(path)
+    assert plan.solves and all(s["mode"] for s in plan.solves)
+    runner._checked_solves(plan)  # every solve's options hold together
+
+
+def test_cache_ls_rm_prune(tmp_path, tiny, calibration, cache_dir, capsys):
+    code, _, err = run(capsys, "run", tiny_recipe(tmp_path, tiny, calibration), "--quiet")
+    assert code == 0, err
+    code, stdout, _ = run(capsys, "cache", "ls", "--json")
+    listed = json.loads(stdout)
+    assert sorted(e["kind"] for e in listed) == ["capture", "solve", "solve"] and all(e["bytes"] > 0 for e in listed)
+    code, _, err = run(capsys, "cache", "ls")
+    assert code == 0
+    solve_key = next(e["key"] for e in listed if e["kind"] == "solve")
+    code, _, err = run(capsys, "cache", "rm", solve_key[:10])
+    assert code == 0 and "removed solve" in err and not Path(next(e["path"] for e in listed if e["key"] == solve_key)).exists()
+    assert run(capsys, "cache", "rm", "ffffffffffffff")[0] == 2
+    assert run(capsys, "cache", "prune")[0] == 2
+    code, _, err = run(capsys, "cache", "prune", "--older-than", "1w")
+    assert code == 0 and len(cache.entries(cache_dir)) == 2  # all fresh
+    code, _, err = run(capsys, "cache", "prune", "--max-size", "1K")
+    assert code == 0 and not cache.entries(cache_dir)
+
+
+def test_prune_keeps_the_recently_used(tmp_path, tiny, calibration, cache_dir):
+    old, _ = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
+    new, _ = runner.cached_capture(tiny["llama"], calibration, targets="v_proj", seq_len=32, cache_dir=cache_dir)
+    meta = old.with_suffix(".json")
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"used": 0}))
+    removed, busy = cache.prune(None, max(e.bytes for e in cache.entries(cache_dir)), cache_dir)
+    assert [e.path for e in removed] == [old] and not busy and new.exists()
+    assert cache.parse_age("2w") == 14 * 86400 and cache.parse_size("1.5G") == int(1.5 * 1024**3)
+
+
+def test_stages_without_out_use_the_cache_and_compose(tmp_path, tiny, calibration, cache_dir, capsys):
+    """cntinit export $(cntinit solve $(cntinit capture ...) ...) --out adapter"""
+    code, stats, err = run(capsys, "capture", tiny["llama"], "--data", calibration, "--targets", "q_proj,v_proj", "--seq-len", "32")
+    assert code == 0 and Path(stats.strip()).parent == cache_dir / "captures", err
+    code, again, err = run(capsys, "capture", tiny["llama"], "--data", calibration, "--targets", "q_proj,v_proj", "--seq-len", "32")
+    assert again == stats and "cache hit" in err
+    code, solved, err = run(capsys, "solve", stats.strip(), "--mode", "pissa", "--rank", "4", "--plot", tmp_path / "r.png")
+    assert code == 0 and Path(solved.strip()).parent == cache_dir / "solves", err
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    code, adapter, err = run(capsys, "export", solved.strip(), "--out", tmp_path / "adapter", "--check")
+    assert code == 0 and "check: PEFT loads" in err, err
+    code, _, err = run(capsys, "capture", tiny["llama"], "--data", "-")
+    assert code == 2 and "data from stdin cannot be cached" in err
+
+
+def test_report_spectrum_is_the_split_matrix_spectrum(tmp_path, tiny, captured):
+    """pissa splits W itself: the report's spectrum is W's singular values (at most SPECTRUM_LENGTH)."""
+    import transformers
+
+    from cntinit import models
+    from cntinit.solve import solve
+
+    sol = Solution(solve(captured["llama"], tmp_path / "s", mode="pissa", rank=4))
+    net = transformers.AutoModelForCausalLM.from_pretrained(tiny["llama"])
+    modules = dict(net.named_modules())
+    for name, row in sol.report["modules"].items():
+        want = torch.linalg.svdvals(models.weight_matrix(modules[name]).double())[:128]
+        torch.testing.assert_close(torch.tensor(row["spectrum"], dtype=torch.float64), want, rtol=1e-5, atol=1e-9)
+
+
+def test_a_damaged_entry_is_computed_again(tmp_path, tiny, calibration, cache_dir, capsys):
+    path, _ = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
+    payload = next(path.glob("*.safetensors"))
+    payload.write_bytes(payload.read_bytes()[:100])  # truncated
+    again, hit = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
+    assert again == path and not hit and "is damaged; computing it again" in capsys.readouterr().err
+    from cntinit.store import Store
+    Store(again)  # checksums verify
