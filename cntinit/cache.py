@@ -47,6 +47,19 @@ def root() -> Path:
     return Path(base).expanduser().absolute() / "cntinit"
 
 
+def ready(cache: Path | None = None) -> Path:
+    """The cache directory, created if needed; a one-line error when it cannot be written."""
+    cache = cache or root()
+    try:
+        (cache / "locks").mkdir(parents=True, exist_ok=True)
+        probe = cache / "locks" / ".probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise CntinitError(f"cannot write in the cache {cache} ({exc.strerror or exc}): set CNTINIT_CACHE to a writable directory") from None
+    return cache
+
+
 def file_digest(path: Path, cache: Path) -> str:
     """SHA-256 of a file's bytes, remembered under its (path, size, mtime, inode) so a 14 GB
     checkpoint is read once, not on every run."""
@@ -213,12 +226,7 @@ def prune(older_than: float | None, max_bytes: int | None, cache: Path | None = 
 
 @contextlib.contextmanager
 def _locked(cache: Path, digest: str, label: str, wait: bool = True) -> Iterator[None]:
-    locks = cache / "locks"
-    try:
-        locks.mkdir(parents=True, exist_ok=True)
-        handle = open(locks / f"{digest}.lock", "a+")
-    except OSError as exc:
-        raise CntinitError(f"cannot write in the cache {cache} ({exc.strerror or exc}): set CNTINIT_CACHE to a writable directory") from exc
+    handle = open(ready(cache) / "locks" / f"{digest}.lock", "a+")
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

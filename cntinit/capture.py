@@ -18,7 +18,7 @@ import torch
 from rich.progress import TextColumn
 from torch import nn
 
-from . import checkpoint, feeds, models, store
+from . import checkpoint, console, distributed, feeds, models, store
 from .atomic import atomic_directory
 from .console import log, progress
 from .errors import CntinitError
@@ -238,7 +238,16 @@ def capture(
     pipeline directory; `data` is text for a text model, a folder of images otherwise. `shard`
     ('i/N') captures only share i of N of every bucket; `merge` of all N equals one run. With
     `checkpoint_every`, the sums are saved every N batches and on SIGINT/SIGTERM, and a restart
-    with the same arguments resumes from them."""
+    with the same arguments resumes from them. Under `torchrun`, every process captures its own
+    share and rank 0 writes the summed store."""
+    arguments = dict(locals())
+    with distributed.joined() as world:
+        return _capture(world, **arguments)
+
+
+def _capture(world: distributed.World, model, data, out, *, targets, seq_len, batch_size, max_samples, device, dtype, buckets,
+             pack, accumulate, text_field, sample_max_norm, image_size, image_mean, image_std, prompt, noise_timestep, seed,
+             shard, checkpoint_every, overwrite, trust_remote_code) -> Path:
     for option, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--buckets", buckets)):
         if value < 1:
             raise CntinitError(f"{option} must be at least 1, got {value}")
@@ -250,7 +259,11 @@ def capture(
         raise CntinitError(f"--image-size must be at least 1, got {image_size}")
     if accumulate not in ACCUMULATE:
         raise CntinitError(f"--accumulate {accumulate} is not one of {', '.join(ACCUMULATE)}")
-    share = parse_shard(shard)
+    if world.size > 1 and shard is not None:
+        raise CntinitError("under torchrun every process already captures its own share: leave out --shard")
+    share = (world.rank, world.size) if world.size > 1 else parse_shard(shard)
+    if not world.leader:
+        console.quiet = True  # one progress bar and log, rank 0's
     dev = models.resolve_device(device)
     started = time.perf_counter()
     net, tokenizer = models.load(model, trust_remote_code)
@@ -291,8 +304,8 @@ def capture(
         "device": str(dev),
         "shard": shard,
     } | feed.settings
-    saved = checkpoint.location(out) if checkpoint_every else None
-    ident = checkpoint.identity(model_fingerprint, feed.data, recorded)
+    saved = checkpoint.location(out, world.rank if world.size > 1 else None) if checkpoint_every else None
+    ident = checkpoint.identity(model_fingerprint, feed.data, recorded, share)
     resumed = checkpoint.load(saved, ident) if saved is not None and saved.exists() else None
     skip, done = (resumed[0]["batches"], resumed[0]["done"]) if resumed else (0, 0)
     if resumed:
@@ -321,6 +334,12 @@ def capture(
                                   "run the same command to resume")
         recorder.check_finite()
     stats, module_map = recorder.stats, recorder.module_map
+    if world.size > 1:
+        done, feed.data["sequences"] = distributed.add_across_ranks(stats, [done, feed.total])
+        if not world.leader:
+            if saved is not None:
+                checkpoint.remove(saved)
+            return Path(out)
 
     silent = [name for name, entry in module_map.items() if sum(stats[entry["key"]].count) == 0]
     if silent:

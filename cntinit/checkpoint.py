@@ -23,9 +23,10 @@ from .console import warn
 STATE, SUMS = "state.json", "sums.safetensors"
 
 
-def location(out: str | Path) -> Path:
+def location(out: str | Path, rank: int | None = None) -> Path:
+    """Beside `out`; one per process under torchrun (`rank`)."""
     out = Path(out).absolute()
-    return out.parent / f".{out.name}.checkpoint"
+    return out.parent / (f".{out.name}.checkpoint" + (f"-rank{rank}" if rank is not None else ""))
 
 
 def identity(*parts) -> str:

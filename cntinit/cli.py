@@ -38,7 +38,10 @@ JSON = typer.Option(False, "--json", help="Print a JSON summary on stdout instea
 
 
 def _finish(path: Path, as_json: bool) -> None:
-    """stdout carries only the path (so `$(cntinit capture ...)` composes), or a JSON summary."""
+    """stdout carries only the path (so `$(cntinit capture ...)` composes), or a JSON summary;
+    under torchrun only rank 0 prints it."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if as_json:
         typer.echo(json.dumps(summary(Store(path, verify=False)), indent=2))
     else:

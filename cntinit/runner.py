@@ -44,7 +44,7 @@ def cached_capture(model: str | Path, data: str | Path, *, targets: str | list[s
     """(the cached store of this capture, whether it was there already); `options` are capture()'s."""
     if str(data) == "-":
         raise CntinitError("data from stdin cannot be cached (the cache keys on the data's contents): give --out, or a file")
-    cache_dir = cache_dir or cache.root()
+    cache_dir = cache.ready(cache_dir)
     settings = CAPTURE_DEFAULTS | options
     inputs = {"model": cache.tree_digest(model, cache_dir), "data": cache.tree_digest(data, cache_dir), "targets": _targets(targets),
               "device": str(models.resolve_device(device)), "options": _plain(settings)}
@@ -57,7 +57,7 @@ def cached_solve(capture_dir: str | Path | None, options: Options, *, model: str
                  device: str = "auto", trust_remote_code: bool = False, cache_dir: Path | None = None) -> tuple[Path, bool]:
     """(the cached solve directory, whether it was there already). With a capture the key holds the
     store's manifest (which holds every payload's checksum); without one, the model's contents and targets."""
-    cache_dir = cache_dir or cache.root()
+    cache_dir = cache.ready(cache_dir)
     resolved = options.resolved()
     if capture_dir is not None:
         source = {"capture": store.sha256_file(Path(capture_dir) / store.MANIFEST) if (Path(capture_dir) / store.MANIFEST).is_file() else str(capture_dir)}
@@ -73,7 +73,7 @@ def cached_solve(capture_dir: str | Path | None, options: Options, *, model: str
 
 def run(plan: recipe.Recipe, trust_remote_code: bool = False, cache_dir: Path | None = None) -> dict:
     """Run a checked recipe; returns its summary (what each stage did, how long, where)."""
-    cache_dir = cache_dir or cache.root()
+    cache_dir = cache.ready(cache_dir)
     model = embedded.model_dir() if plan.model == recipe.EMBEDDED else Path(plan.model)
     solves = _checked_solves(plan)
     if not model.exists():

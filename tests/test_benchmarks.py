@@ -51,3 +51,10 @@ def test_convergence_benchmark_quick(tmp_path):
     # seeds change the batch order and head draw, so their losses differ; the same seed would not
     assert results["runs"]["lora"][0]["losses"] != results["runs"]["lora"][1]["losses"]
     assert "steps to lora's final" in out
+
+
+def test_scaling_benchmark_tiny(tmp_path):
+    out = run_script("scaling.py", "--samples", "16", "--seq-len", "16", "--processes", "1,2", "--targets", "query,value", cwd=tmp_path)
+    rows = re.findall(r"│\s*(\d)\s*│\s*([\d.]+)\s*│\s*([\d,]+)\s*│\s*([\d.]+)×\s*│\s*([\d.e+-]+)\s*│", out)
+    assert [r[0] for r in rows] == ["1", "2"], out
+    assert all(float(r[1]) > 0 and float(r[4]) < 1e-4 for r in rows), out  # both runs sum the same statistics

@@ -276,3 +276,17 @@ def test_a_damaged_entry_is_computed_again(tmp_path, tiny, calibration, cache_di
     assert again == path and not hit and "is damaged; computing it again" in capsys.readouterr().err
     from cntinit.store import Store
     Store(again)  # checksums verify
+
+
+def test_entries_in_use_are_kept_and_an_unwritable_cache_is_named(tmp_path, tiny, calibration, cache_dir, capsys, monkeypatch):
+    path, _ = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
+    with cache._locked(cache_dir, path.name, "a run"):  # as a concurrent run computing or reading it holds it
+        code, _, err = run(capsys, "cache", "rm", path.name[:8])
+        assert code == 2 and "is in use by a running cntinit: try again when it has finished" in err
+        assert cache.prune(0.0, None, cache_dir) == ([], cache.entries(cache_dir))
+    assert path.exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("CNTINIT_CACHE", str(blocker / "cache"))
+    code, _, err = run(capsys, "capture", tiny["llama"], "--data", calibration, "--targets", "q_proj")
+    assert code == 2 and f"cannot write in the cache {blocker / 'cache'}" in err and "set CNTINIT_CACHE to a writable directory" in err
