@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import cache, console, embedded, models, plots, recipe, runner, solution
@@ -517,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)
     except CntinitError as exc:
-        console.err.print(f"[bold red]{exc.label}:[/] {exc}", highlight=False, soft_wrap=True)
+        console.err.print(f"[bold red]{exc.label}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except SystemExit as exc:
         if exc.code == 130:  # Typer turns Ctrl-C into exit 130 without a word

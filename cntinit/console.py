@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,11 +19,11 @@ quiet = False
 
 def log(message: str) -> None:
     if not quiet:
-        err.print(message, highlight=False, soft_wrap=True)
+        err.print(escape(message), highlight=False, soft_wrap=True)  # messages hold paths and [extras], not markup
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def progress(*extra_columns) -> Progress:

@@ -24,8 +24,13 @@ from .export import FORMATS, export, verify
 from .solution import REPORT, Solution
 from .solve import Options, solve
 
-CAPTURE_DEFAULTS = {name: p.default for name, p in inspect.signature(capture).parameters.items()
-                    if name in recipe.CAPTURE and p.default is not inspect.Parameter.empty}
+def _defaults(function, keys) -> dict:
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+            if name in keys and p.default is not inspect.Parameter.empty}
+
+
+CAPTURE_DEFAULTS = _defaults(capture, recipe.CAPTURE)
+EXPORT_DEFAULTS = _defaults(export, recipe.EXPORT)  # what an export manifest's "options" records
 
 
 def _plain(value):
@@ -90,6 +95,9 @@ def run(plan: recipe.Recipe, trust_remote_code: bool = False, cache_dir: Path | 
         capture_dir, hit = cached_capture(model, data, targets=plan.targets, device=plan.device, trust_remote_code=trust_remote_code,
                                           cache_dir=cache_dir, **settings)
         rows.append(_row("capture", data.name, hit, started, capture_dir))
+    plot = plan.plot and plots.available()
+    if plan.plot and not plot:
+        console.warn(f"no rank/spectrum plots: matplotlib is not installed ({plots.INSTALL})")
     exports = []
     for name, options in solves.items():
         started = time.perf_counter()
@@ -97,7 +105,7 @@ def run(plan: recipe.Recipe, trust_remote_code: bool = False, cache_dir: Path | 
                                       targets=None if capture_dir else _targets(plan.targets), device=plan.device,
                                       trust_remote_code=trust_remote_code, cache_dir=cache_dir)
         rows.append(_row("solve", name, hit, started, solve_dir))
-        _publish_report(solve_dir, plan.out / name, plan.plot)
+        _publish_report(solve_dir, plan.out / name, plot)
         for entry in plan.exports:
             exports.append(_export(solve_dir, plan.out / name / entry["name"], entry, name, trust_remote_code))
             rows.append(exports[-1])
@@ -140,9 +148,6 @@ def _publish_report(solve_dir: Path, directory: Path, plot: bool) -> None:
             shutil.copyfile(report, tmp)
     if not plot:
         return
-    if not plots.available():
-        console.warn(f"no rank/spectrum plot: matplotlib is not installed ({plots.INSTALL})")
-        return
     png = directory / "report.png"
     if fresh or not png.is_file():
         plots.write_report_plot(Solution(solve_dir).report, png)
@@ -152,7 +157,7 @@ def _export(solve_dir: Path, out: Path, entry: dict, solve_name: str, trust_remo
     """One export of one solve, unless `out` already holds exactly it."""
     started = time.perf_counter()
     settings = {k: v for k, v in entry.items() if k not in ("name", "check")}
-    options = {"format": "peft", "alpha": None, "rslora": False, "dora": False, "fixed_alpha": False, "module_prefix": ""} | settings
+    options = EXPORT_DEFAULTS | settings
     existing = store.read_manifest(out, "cntinit.export")
     current = store.sha256_file(solve_dir / store.MANIFEST)
     if existing and existing.get("options") == options and existing.get("solve", {}).get("manifest_sha256") == current:

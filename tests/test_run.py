@@ -290,3 +290,12 @@ def test_entries_in_use_are_kept_and_an_unwritable_cache_is_named(tmp_path, tiny
     monkeypatch.setenv("CNTINIT_CACHE", str(blocker / "cache"))
     code, _, err = run(capsys, "capture", tiny["llama"], "--data", calibration, "--targets", "q_proj")
     assert code == 2 and f"cannot write in the cache {blocker / 'cache'}" in err and "set CNTINIT_CACHE to a writable directory" in err
+
+
+def test_without_matplotlib_the_run_says_once_how_to_get_plots(tmp_path, tiny, calibration, cache_dir, capsys, monkeypatch):
+    from cntinit import plots
+
+    monkeypatch.setattr(plots, "available", lambda: False)
+    code, _, err = run(capsys, "run", tiny_recipe(tmp_path, tiny, calibration))
+    assert code == 0 and err.count("pip install 'cntinit[plot]'") == 1, err  # the extra's [plot] is text, not markup
+    assert not list((tmp_path / "out").rglob("report.png")) and (tmp_path / "out" / "cnt-s-r4" / "report.json").is_file()
