@@ -10,13 +10,13 @@ CORDA_DAMP = 0.01  # PEFT's starting damping, × mean(diag C)
 CORDA_INVERSE_ERROR = 0.05  # PEFT doubles the damping until ‖C C⁻¹ − I‖_F is under this
 
 
-def lora_a(count: int, rank: int, d: int, how: str, generator: torch.Generator) -> torch.Tensor:
-    """A of plain LoRA, (count, r, d), drawn on the CPU: PEFT's default kaiming_uniform_(a=√5),
-    i.e. U(−1/√d, 1/√d), or its "gaussian" N(0, 1/r²)."""
+def lora_a(rank: int, d: int, how: str, generators: list[torch.Generator]) -> torch.Tensor:
+    """A of plain LoRA, (one per generator, r, d), drawn on the CPU: PEFT's default
+    kaiming_uniform_(a=√5), i.e. U(−1/√d, 1/√d), or its "gaussian" N(0, 1/r²)."""
     if how == "kaiming":
         bound = d**-0.5
-        return torch.rand(count, rank, d, generator=generator, dtype=torch.float64) * (2 * bound) - bound
-    return torch.randn(count, rank, d, generator=generator, dtype=torch.float64) / rank
+        return torch.stack([torch.rand(rank, d, generator=g, dtype=torch.float64) for g in generators]) * (2 * bound) - bound
+    return torch.stack([torch.randn(rank, d, generator=g, dtype=torch.float64) for g in generators]) / rank
 
 
 def corda_metric(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

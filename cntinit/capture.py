@@ -112,10 +112,10 @@ def _real_rows(x: torch.Tensor, batch: _Batch, samples: bool = False) -> tuple[t
         rows = x.reshape(-1, dim)
         known = samples and rows.shape[0] == batch.size
         return rows, torch.arange(batch.size, device=rows.device) if known else None
-    rows = flat if batch.index is None else flat.index_select(0, batch.index)
+    rows = flat if batch.index is None else flat.index_select(0, batch.index.to(flat.device))
     if not samples:
         return rows, None
-    return rows, (torch.arange(flat.shape[0], device=flat.device) if batch.index is None else batch.index) // batch.length
+    return rows, (torch.arange(flat.shape[0], device=flat.device) if batch.index is None else batch.index.to(flat.device)) // batch.length
 
 
 def _per_sample_max_norm(rows: torch.Tensor, samples: torch.Tensor | None, size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -137,7 +137,8 @@ class Recorder:
     """
 
     def __init__(self, root: nn.Module, modules: dict[str, nn.Module], probe: dict[str, torch.Tensor], buckets: int,
-                 accumulate_dtype: torch.dtype, device: torch.device, sample_max_norm: bool = False):
+                 accumulate_dtype: torch.dtype, device: torch.device, sample_max_norm: bool = False,
+                 stats_device: torch.device | None = None):
         self.root, self.modules, self.device = root, modules, device
         self.sample_max_norm, self.accumulate_dtype = sample_max_norm, accumulate_dtype
         self.batch = _Batch()
@@ -146,7 +147,7 @@ class Recorder:
         probe = {name: value.to(device) for name, value in probe.items()}
         for group in shared_input_groups(root, modules, probe):
             key = group[0]
-            self.stats[key] = InputStats(models.in_out_features(modules[key])[0], buckets, accumulate_dtype, device)
+            self.stats[key] = InputStats(models.in_out_features(modules[key])[0], buckets, accumulate_dtype, stats_device or device)
             for name in group:
                 d_in, d_out = models.in_out_features(modules[name])
                 self.module_map[name] = {"key": key, "in_features": d_in, "out_features": d_out, "layer": type(modules[name]).__name__}
@@ -160,7 +161,7 @@ class Recorder:
                 rows, samples = _real_rows(x, self.batch, samples=self.sample_max_norm)
                 if self.sample_max_norm:
                     rows = _per_sample_max_norm(rows, samples, self.batch.size, self.accumulate_dtype)
-                stats.add(rows, self.batch.bucket)
+                stats.add(rows.to(stats.sum.device), self.batch.bucket)
 
             self.handles.append(self.modules[key].register_forward_pre_hook(hook, with_kwargs=True))
         return self
@@ -193,6 +194,17 @@ class Recorder:
         bad_key = keys[int((~torch.isfinite(totals)).nonzero()[0])]
         names = [n for n, e in self.module_map.items() if e["key"] == bad_key]
         raise CntinitError(f"non-finite activations (NaN/Inf) entering {', '.join(names)}: run with --dtype float32")
+
+
+def _placement(scratch: contextlib.ExitStack, out, dev: torch.device, dtype: str, max_memory: str | None) -> models.Placement:
+    """accelerate's placement for --offload; weights it puts on disk go to a folder beside `out`,
+    removed when the capture ends."""
+    limits = models.parse_max_memory(max_memory)
+    if dtype == "auto":
+        load_dtype = "auto" if dev.type == "cuda" else torch.float32  # as resolve_dtype: checkpoint's on GPU
+    else:
+        load_dtype = models.resolve_dtype(dtype, None, dev)
+    return models.offload_placement(scratch, out, dev, load_dtype, limits)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -229,6 +241,9 @@ def capture(
     seed: int = 0,
     shard: str | None = None,
     checkpoint_every: int | None = None,
+    offload: bool = False,
+    max_memory: str | None = None,
+    stats_device: str | None = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
 ) -> Path:
@@ -239,15 +254,17 @@ def capture(
     ('i/N') captures only share i of N of every bucket; `merge` of all N equals one run. With
     `checkpoint_every`, the sums are saved every N batches and on SIGINT/SIGTERM, and a restart
     with the same arguments resumes from them. Under `torchrun`, every process captures its own
-    share and rank 0 writes the summed store."""
+    share and rank 0 writes the summed store. `offload` spreads a model too large for the device
+    over device, CPU memory and disk (accelerate; limits in `max_memory`, 'cuda=20GiB,cpu=64GiB');
+    `stats_device` ('cpu') keeps the sums off the device. Neither changes the statistics."""
     arguments = dict(locals())
-    with distributed.joined() as world:
-        return _capture(world, **arguments)
+    with distributed.joined() as world, contextlib.ExitStack() as scratch:
+        return _capture(world, scratch, **arguments)
 
 
-def _capture(world: distributed.World, model, data, out, *, targets, seq_len, batch_size, max_samples, device, dtype, buckets,
+def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, data, out, *, targets, seq_len, batch_size, max_samples, device, dtype, buckets,
              pack, accumulate, text_field, sample_max_norm, image_size, image_mean, image_std, prompt, noise_timestep, seed,
-             shard, checkpoint_every, overwrite, trust_remote_code) -> Path:
+             shard, checkpoint_every, offload, max_memory, stats_device, overwrite, trust_remote_code) -> Path:
     for option, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--buckets", buckets)):
         if value < 1:
             raise CntinitError(f"{option} must be at least 1, got {value}")
@@ -265,8 +282,12 @@ def _capture(world: distributed.World, model, data, out, *, targets, seq_len, ba
     if not world.leader:
         console.quiet = True  # one progress bar and log, rank 0's
     dev = models.resolve_device(device)
+    sums_on = models.resolve_device(stats_device, "--stats-device") if stats_device is not None else dev
+    if max_memory is not None and not offload:
+        raise CntinitError("--max-memory limits where --offload puts the weights: add --offload")
     started = time.perf_counter()
-    net, tokenizer = models.load(model, trust_remote_code)
+    placement = _placement(scratch, out, dev, dtype, max_memory) if offload else None
+    net, tokenizer = models.load(model, trust_remote_code, placement)
     kind = models.modality(net)
     wrong = [option for option, value, kinds in (
         ("--prompt", prompt, ("diffusion",)), ("--noise-timestep", noise_timestep, ("diffusion",)),
@@ -277,7 +298,7 @@ def _capture(world: distributed.World, model, data, out, *, targets, seq_len, ba
     modules = models.select_targets(net, targets)
     model_fingerprint = models.fingerprint(modules)
     store.check_out(out, model_fingerprint, overwrite)
-    run_dtype = models.resolve_dtype(dtype, net, dev)
+    run_dtype = net.dtype if placement is not None else models.resolve_dtype(dtype, net, dev)
     if kind == "text":
         feed = feeds.text(net, tokenizer, data, seq_len=seq_len, batch_size=batch_size, buckets=buckets,
                           max_samples=max_samples, pack=pack, text_field=text_field, shard=share)
@@ -287,10 +308,15 @@ def _capture(world: distributed.World, model, data, out, *, targets, seq_len, ba
     else:
         feed = feeds.diffusion(net, tokenizer, data, batch_size=batch_size, buckets=buckets, max_samples=max_samples,
                                image_size=image_size, prompt=prompt, noise_timestep=noise_timestep, seed=seed, shard=share)
-    net.to(dev, run_dtype)
-    log(f"loaded {type(net).__name__} from {model} ({len(modules)} targets, {run_dtype}, {dev}) in {time.perf_counter() - started:.1f}s")
+    if placement is None:
+        net.to(dev, run_dtype)
+        where = str(dev)
+    else:
+        spread = sorted(set(str(v) for v in getattr(net, "hf_device_map", {"": dev}).values()))
+        where = f"{dev}, weights on {' + '.join(spread)}"
+    log(f"loaded {type(net).__name__} from {model} ({len(modules)} targets, {run_dtype}, {where}) in {time.perf_counter() - started:.1f}s")
     root = models.forward_root(net, list(modules))
-    recorder = Recorder(root, modules, feed.probe, buckets, ACCUMULATE[accumulate], dev, sample_max_norm)
+    recorder = Recorder(root, modules, feed.probe, buckets, ACCUMULATE[accumulate], dev, sample_max_norm, sums_on)
     recorded = {
         "targets": targets if isinstance(targets, str) else ",".join(targets),
         "seq_len": seq_len,

@@ -38,10 +38,20 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress or log lines on s
 JSON = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of the output path.")
 
 
+def _follower() -> bool:
+    """A process of a torchrun job other than rank 0, which writes and prints for all."""
+    return int(os.environ.get("RANK", "0")) != 0
+
+
+def _torchrun_needs_out(out: Optional[Path]) -> None:
+    if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CntinitError("under torchrun give --out (a directory every process can reach): the cache belongs to one process")
+
+
 def _finish(path: Path, as_json: bool) -> None:
     """stdout carries only the path (so `$(cntinit capture ...)` composes), or a JSON summary;
     under torchrun only rank 0 prints it."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if _follower():
         return
     if as_json:
         typer.echo(json.dumps(summary(Store(path, verify=False)), indent=2))
@@ -87,6 +97,9 @@ def capture(
     noise_timestep: Optional[int] = typer.Option(None, "--noise-timestep", help="Pipelines: feed the UNet latents noised to timestep t by the pipeline's scheduler (default: clean latents, t = 0)."),
     seed: int = typer.Option(0, "--seed", help="Pipelines: seed of the --noise-timestep noise."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save the running sums every N batches (and on Ctrl-C/SIGTERM) beside --out; the same command run again resumes from them."),
+    offload: bool = typer.Option(False, "--offload", help="For models larger than the device: accelerate places the weights on the device, then CPU memory, then disk (beside --out), and streams them in layer by layer."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="--offload: limits per place, e.g. cuda=20GiB,cpu=64GiB (default: what accelerate finds free)."),
+    stats_device: Optional[str] = typer.Option(None, "--stats-device", help="Where the running sums live: cpu keeps their d² per statistic off the GPU (default: --device)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Capture only share I of N of the data (I/N, e.g. 0/4), for array jobs; `cntinit merge` of all N equals one run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a store of this model."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
@@ -112,8 +125,10 @@ def capture(
         seq_len=seq_len, batch_size=batch_size, max_samples=max_samples, dtype=dtype, buckets=buckets, pack=pack,
         accumulate=accumulate, text_field=text_field, sample_max_norm=sample_max_norm, image_size=image_size,
         image_mean=_rgb(image_mean, "--image-mean"), image_std=_rgb(image_std, "--image-std"), prompt=prompt,
-        noise_timestep=noise_timestep, seed=seed, shard=shard, checkpoint_every=checkpoint_every,
+        noise_timestep=noise_timestep, seed=seed, shard=shard, checkpoint_every=checkpoint_every, offload=offload,
+        max_memory=max_memory, stats_device=stats_device,
     )
+    _torchrun_needs_out(out)
     if out is None:
         path, hit = runner.cached_capture(model, data, targets=targets, device=device, trust_remote_code=trust_remote_code, **options)
         _say_cached(path, hit)
@@ -228,6 +243,8 @@ def solve(
     model: Optional[Path] = typer.Option(None, "--model", help="Read the weights from here instead of the path the capture recorded (they must be the same weights); without a capture, the model to solve."),
     targets: Optional[str] = typer.Option(None, "--targets", "-t", help="Without a capture: module-name suffixes or all-linear (the default)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, or cuda."),
+    offload: bool = typer.Option(False, "--offload", help="For models larger than the device: accelerate places the weights on the device, then CPU memory, then disk (read one module at a time)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="--offload: limits per place, e.g. cuda=20GiB,cpu=64GiB (default: what accelerate finds free)."),
     precision: str = typer.Option("float64", "--precision", help="Precision of the eigen/SVD work: float64 or float32 (IniLoRA's Adam always runs in float32, as the authors' code)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a solve directory of this model."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
@@ -256,12 +273,16 @@ def solve(
         split_p=split_p, init=init, vas=vas, budget=budget, min_rank=min_rank, max_rank=max_rank, precision=precision,
         seed=seed, niter=niter, lora_init=lora_init, rho=rho, corda_mode=corda_mode, steps=steps,
     )
+    _torchrun_needs_out(out)
     if out is None:
-        path, hit = runner.cached_solve(capture_dir, options, model=model, targets=targets, device=device, trust_remote_code=trust_remote_code)
+        path, hit = runner.cached_solve(capture_dir, options, model=model, targets=targets, device=device, trust_remote_code=trust_remote_code,
+                                        offload=offload, max_memory=max_memory)
         _say_cached(path, hit)
     else:
         path = run_solve(capture_dir, out, options, model=model, targets=targets, device=device, overwrite=overwrite,
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, offload=offload, max_memory=max_memory)
+    if _follower():
+        return
     report = Solution(path).report
     if not quiet:
         print_report(report, console.err)

@@ -1,7 +1,11 @@
-"""Data-parallel capture under `torchrun`: every rank streams its own share of the data (the
-shard of `--shard rank/world`), the sums are added across ranks with `torch.distributed`
-(NCCL on GPUs, gloo on CPUs), and rank 0 writes the store — equal, up to float rounding, to
-one process over all the data.
+"""Work split across the processes `torchrun` starts, with `torch.distributed` (NCCL on GPUs,
+gloo on CPUs).
+
+Capture is data-parallel: every rank streams its own share of the data (the shard of
+`--shard rank/world`), the sums are added across ranks, and rank 0 writes the store — equal,
+up to float rounding, to one process over all the data. Solve is module-parallel: units of
+work (modules, or the modules sharing one statistic) go to ranks by cost, largest first, and
+rank 0 gathers the factors and writes the solve directory.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -62,3 +66,55 @@ def add_across_ranks(stats: dict[str, InputStats], counters: list[int]) -> list[
     totals = torch.tensor(counters, dtype=torch.int64, device=device)
     dist.all_reduce(totals)
     return totals.tolist()
+
+
+def assign(costs: dict[str, float], size: int) -> dict[str, int]:
+    """The rank that owns each unit: largest cost first, each to the least loaded rank so far
+    (greedy bin packing, within 4/3 of the best makespan); ties go to the lower rank."""
+    loads = [0.0] * size
+    owner = {}
+    for unit in sorted(costs, key=lambda u: -costs[u]):  # stable: equal costs keep their order
+        rank = min(range(size), key=lambda r: (loads[r], r))
+        owner[unit] = rank
+        loads[rank] += costs[unit]
+    return owner
+
+
+def everyone(world: World, value: Any) -> list[Any]:
+    """`value` from every rank, in rank order (small picklable objects between our own processes)."""
+    import torch.distributed as dist
+
+    if world.size == 1:
+        return [value]
+    values = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def gather_factors(world: World, factors: dict[str, tuple[torch.Tensor, ...]], rows: dict[str, dict]):
+    """Every rank's factors and report rows at rank 0, as (factors, rows); other ranks get ({}, {}).
+    Rows and tensor layouts travel as objects, the tensors point to point, one at a time."""
+    import torch.distributed as dist
+
+    layout = {name: [(tuple(t.shape), t.dtype) for t in pair] for name, pair in factors.items()}
+    gathered = [None] * world.size if world.leader else None
+    dist.gather_object((rows, layout), gathered, dst=0)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if not world.leader:
+        for pair in factors.values():
+            for tensor in pair:
+                dist.send(tensor.contiguous().to(device), dst=0)
+        return {}, {}
+    all_factors, all_rows = dict(factors), {}
+    for source, (their_rows, their_layout) in enumerate(gathered):
+        all_rows |= their_rows
+        if source == 0:
+            continue
+        for name, specs in their_layout.items():
+            received = []
+            for shape, dtype in specs:
+                buffer = torch.empty(shape, dtype=dtype, device=device)
+                dist.recv(buffer, src=source)
+                received.append(buffer.cpu())
+            all_factors[name] = tuple(received)
+    return all_factors, all_rows

@@ -20,12 +20,13 @@ TOLERANCE = 1e-3  # stop once no module's loss fell by this fraction over the la
 ALPHA_STD = 0.5
 
 
-def start(count: int, k: int, d: int, rank: int, mode: str, sigma: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The starting (B, A), (count, k, r) and (count, r, d), float64, drawn on the CPU:
+def start(k: int, d: int, rank: int, mode: str, sigma: float, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The starting (B, A), (count, k, r) and (count, r, d) with one module per generator, float64, drawn on the CPU:
     N(0, σ²) with σ the mean weight std (inilora), N(0, 0.5²) (alpha), or Kaiming-normal with
     torch's fan-in convention, std √2/√fan_in — fan_in r for B, d for A (beta)."""
-    b = torch.randn(count, k, rank, generator=generator, dtype=torch.float64)
-    a = torch.randn(count, rank, d, generator=generator, dtype=torch.float64)
+    draws = [(torch.randn(k, rank, generator=g, dtype=torch.float64), torch.randn(rank, d, generator=g, dtype=torch.float64))
+             for g in generators]
+    b, a = torch.stack([draw[0] for draw in draws]), torch.stack([draw[1] for draw in draws])
     if mode == "inilora":
         return b * sigma, a * sigma
     if mode == "inilora-alpha":

@@ -6,8 +6,11 @@ An attachment point is a linear map y = W x (+ b): `nn.Linear`, or transformers'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,17 +27,20 @@ ALL_LINEAR = "all-linear"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 
 
-def load(path: str | Path, trust_remote_code: bool = False):
+def load(path: str | Path, trust_remote_code: bool = False, placement: "Placement | None" = None):
     """(model, tokenizer or None) from a local directory, in the checkpoint's own dtype, eval mode.
 
     The class is the one config.json names (so module paths match what trainers load),
     falling back to AutoModel. A diffusers pipeline directory loads as `pipelines.DiffusionParts`.
-    A model without tokenizer files (a vision encoder) gets None.
+    A model without tokenizer files (a vision encoder) gets None. With a `placement`, accelerate
+    spreads the weights over the device, then CPU memory, then disk, within its limits.
     """
     path = Path(path)
     if not path.exists():
         raise CntinitError(f"model path {path} does not exist: give a local model directory (the Hub is not used)")
     if pipelines.is_pipeline(path):
+        if placement is not None:
+            raise CntinitError(f"--offload places transformers models; {path} is a diffusers pipeline: leave out --offload")
         return pipelines.load(path)
     if not (path / "config.json").is_file():
         raise CntinitError(f"{path} is not a transformers model directory (no config.json): give the folder save_pretrained wrote")
@@ -45,12 +51,16 @@ def load(path: str | Path, trust_remote_code: bool = False):
         names = getattr(config, "architectures", None) or []
         model_class = getattr(transformers, names[0], None) if names else None
         model_class = model_class or transformers.AutoModel
-        model = model_class.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
+        spread = placement.arguments() if placement is not None else {}
+        model = model_class.from_pretrained(path, dtype=spread.pop("dtype", "auto"), trust_remote_code=trust_remote_code, **spread)
         has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) if has_tokenizer else None
     except CntinitError:
         raise
     except Exception as exc:
+        if placement is not None and "_no_split_modules" in str(exc):
+            raise CntinitError(f"{path}: this architecture does not say how to split it across devices, so --offload "
+                               "cannot place it: run without --offload") from None
         raise CntinitError(f"could not load the model at {path}: {first_line(exc)} — give a complete save_pretrained directory "
                            "of an architecture this transformers knows (custom code needs --trust-remote-code)") from None
     model.eval().requires_grad_(False)
@@ -115,6 +125,62 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
+def weight_values(module: nn.Module) -> torch.Tensor:
+    """W (out × in) with its values: an offloaded module's weight (on the meta device between
+    forwards) is read from CPU memory or disk, one module at a time."""
+    if getattr(module, "_hf_hook", None) is None and module.weight.device.type != "meta":
+        return weight_matrix(module).detach()
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module, torch.device("cpu")):
+        return weight_matrix(module).detach().clone()
+
+
+@dataclass
+class Placement:
+    """Where an offloaded model's weights live: accelerate's device map on `device`, then CPU
+    memory, then `folder` on disk, within `max_memory` ({"cuda": bytes-or-"20GiB", "cpu": ...};
+    a device left out gets what accelerate finds free)."""
+
+    device: torch.device
+    dtype: torch.dtype | str
+    folder: Path
+    max_memory: dict[str, str] = field(default_factory=dict)
+
+    def arguments(self) -> dict:
+        from accelerate.utils import get_max_memory
+
+        free = get_max_memory()
+        limits = {"cpu": self.max_memory.get("cpu", free["cpu"])}
+        if self.device.type == "cuda":  # only this process's GPU, also under torchrun
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            limits = {index: self.max_memory.get("cuda", free[index])} | limits
+        return {"device_map": "auto", "max_memory": limits, "offload_folder": str(self.folder), "dtype": self.dtype}
+
+
+def offload_placement(scratch: contextlib.ExitStack, out: str | Path, device: torch.device, dtype: torch.dtype | str,
+                      max_memory: dict[str, str]) -> Placement:
+    """A Placement whose disk folder sits beside `out` (same filesystem, same space) and is
+    removed when `scratch` closes."""
+    parent = Path(out).absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = scratch.enter_context(tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.offload-", dir=parent))
+    return Placement(device, dtype, Path(folder), max_memory)
+
+
+def parse_max_memory(text: str | None) -> dict[str, str]:
+    """'cuda=20GiB,cpu=64GiB' → {"cuda": "20GiB", "cpu": "64GiB"} (accelerate reads the sizes)."""
+    if not text:
+        return {}
+    limits = {}
+    for part in text.split(","):
+        device, sep, size = part.strip().partition("=")
+        if not sep or device not in ("cuda", "cpu") or not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", size.strip(), re.IGNORECASE):
+            raise CntinitError(f"--max-memory {text}: each entry is cuda=SIZE or cpu=SIZE with SIZE like 20GiB or 500MB, comma-separated")
+        limits[device] = size.strip() if not size.strip().isdigit() else int(size)
+    return limits
+
+
 def in_out_features(module: nn.Module) -> tuple[int, int]:
     out_features, in_features = weight_matrix(module).shape
     return in_features, out_features
@@ -127,15 +193,16 @@ def fingerprint(modules: dict[str, nn.Module]) -> str:
     """
     digest = hashlib.sha256()
     for name in sorted(modules):
-        weight = weight_matrix(modules[name]).detach().to("cpu", torch.float32).contiguous()
+        weight = weight_values(modules[name]).to("cpu", torch.float32).contiguous()
         digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
         digest.update(weight.numpy().tobytes())
     return "sha256:" + digest.hexdigest()
 
 
-def load_matching(path: str | Path, names: list[str], expected: str, trust_remote_code: bool = False):
+def load_matching(path: str | Path, names: list[str], expected: str, trust_remote_code: bool = False,
+                  placement: Placement | None = None):
     """(model, tokenizer, modules) from `path`, refusing weights whose fingerprint over `names` is not `expected`."""
-    net, tokenizer = load(path, trust_remote_code)
+    net, tokenizer = load(path, trust_remote_code, placement)
     named = dict(net.named_modules())
     missing = [name for name in names if name not in named]
     if missing:
@@ -172,13 +239,13 @@ def context_length(model: nn.Module, tokenizer) -> int | None:
     return min(limits) if limits else None
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, option: str = "--device") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise CntinitError("--device cuda but no CUDA GPU is visible: use --device cpu or auto")
+        raise CntinitError(f"{option} cuda but no CUDA GPU is visible: use {option} cpu or auto")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise CntinitError(f"--device {device} is not one of auto, cpu, cuda")
+        raise CntinitError(f"{option} {device} is not one of auto, cpu, cuda")
     return torch.device(device)
 
 

@@ -109,17 +109,17 @@ def robust_estimate(w: torch.Tensor, targets: list[torch.Tensor], weights: list[
 
 
 def split(delta: torch.Tensor, rank: int, decompose: str, p: float, minor: bool = False, niter: int | None = None,
-          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+          generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Rank-r factors (B, A) of ΔW with signs fixed so the result is deterministic across devices,
     and the singular values the split computed (all of them for the full SVD; None for QR).
 
     svd: B = U_r S_r^{1−p}, A = S_r^p V_rᵀ — the r largest singular triplets, or with `minor`
     the r smallest (MiLoRA), largest first; with `niter`, the randomized SVD PEFT's
-    `pissa_niter_N` uses.  qr: B = Q[:, :r], A = R[:r, :] with diag(R) ≥ 0.
+    `pissa_niter_N` uses (one generator per matrix).  qr: B = Q[:, :r], A = R[:r, :] with diag(R) ≥ 0.
     """
     if decompose == "svd":
         if niter is not None:
-            u, s, vh = randomized_svd(delta, rank, niter, generator)
+            u, s, vh = randomized_svd(delta, rank, niter, generators)
         else:
             u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         values = s
@@ -135,10 +135,11 @@ def split(delta: torch.Tensor, rank: int, decompose: str, p: float, minor: bool 
     return q[..., :rank], r[..., :rank, :], None
 
 
-def randomized_svd(m: torch.Tensor, rank: int, niter: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torch.svd_lowrank's algorithm (Halko et al. 2009, q = rank, `niter` subspace iterations), batched;
-    the Gaussian test matrix is drawn on the CPU from `generator`, so every device gets the same one."""
-    test = torch.randn(*m.shape[:-2], m.shape[-1], rank, generator=generator, dtype=m.dtype).to(m.device)
+def randomized_svd(m: torch.Tensor, rank: int, niter: int, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.svd_lowrank's algorithm (Halko et al. 2009, q = rank, `niter` subspace iterations) on a batch
+    (n, k, d); each matrix's Gaussian test matrix is drawn on the CPU from its generator, so every
+    device gets the same one."""
+    test = torch.stack([torch.randn(m.shape[-1], rank, generator=g, dtype=m.dtype) for g in generators]).to(m.device)
     q = torch.linalg.qr(m @ test).Q
     for _ in range(niter):
         q = torch.linalg.qr(m.mT @ q).Q

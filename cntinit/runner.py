@@ -30,6 +30,7 @@ def _defaults(function, keys) -> dict:
 
 
 CAPTURE_DEFAULTS = _defaults(capture, recipe.CAPTURE)
+PLACEMENT = ("offload", "max_memory", "stats_device")  # where the work runs, not what it computes: not in cache keys
 EXPORT_DEFAULTS = _defaults(export, recipe.EXPORT)  # what an export manifest's "options" records
 
 
@@ -51,15 +52,17 @@ def cached_capture(model: str | Path, data: str | Path, *, targets: str | list[s
         raise CntinitError("data from stdin cannot be cached (the cache keys on the data's contents): give --out, or a file")
     cache_dir = cache.ready(cache_dir)
     settings = CAPTURE_DEFAULTS | options
+    result_options = {k: v for k, v in settings.items() if k not in PLACEMENT}
     inputs = {"model": cache.tree_digest(model, cache_dir), "data": cache.tree_digest(data, cache_dir), "targets": _targets(targets),
-              "device": str(models.resolve_device(device)), "options": _plain(settings)}
+              "device": str(models.resolve_device(device)), "options": _plain(result_options)}
     label = f"capture of {Path(model).name} over {Path(data).name}"
     return cache.obtain("capture", inputs, label, lambda out: capture(
         model, data, out, targets=targets, device=device, trust_remote_code=trust_remote_code, overwrite=True, **settings), cache_dir)
 
 
 def cached_solve(capture_dir: str | Path | None, options: Options, *, model: str | Path | None = None, targets: str | None = None,
-                 device: str = "auto", trust_remote_code: bool = False, cache_dir: Path | None = None) -> tuple[Path, bool]:
+                 device: str = "auto", trust_remote_code: bool = False, cache_dir: Path | None = None, offload: bool = False,
+                 max_memory: str | None = None) -> tuple[Path, bool]:
     """(the cached solve directory, whether it was there already). With a capture the key holds the
     store's manifest (which holds every payload's checksum); without one, the model's contents and targets."""
     cache_dir = cache.ready(cache_dir)
@@ -73,7 +76,8 @@ def cached_solve(capture_dir: str | Path | None, options: Options, *, model: str
     inputs = source | {"options": _plain(dataclasses.asdict(resolved)), "device": str(models.resolve_device(device))}
     label = f"{resolved.mode} rank {resolved.rank}" + (" (VAS)" if resolved.vas else "")
     return cache.obtain("solve", inputs, label, lambda out: solve(
-        capture_dir, out, options, model=model, targets=targets, device=device, overwrite=True, trust_remote_code=trust_remote_code), cache_dir)
+        capture_dir, out, options, model=model, targets=targets, device=device, overwrite=True, trust_remote_code=trust_remote_code,
+        offload=offload, max_memory=max_memory), cache_dir)
 
 
 def run(plan: recipe.Recipe, trust_remote_code: bool = False, cache_dir: Path | None = None) -> dict:

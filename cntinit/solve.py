@@ -7,6 +7,8 @@ the model itself.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -17,7 +19,7 @@ from rich.progress import Progress
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from . import baselines, inilora, models, modes, solution, store, vas
+from . import baselines, console, distributed, inilora, models, modes, solution, store, vas
 from .atomic import atomic_directory
 from .console import log, progress
 from .errors import CntinitError
@@ -137,15 +139,38 @@ class Batch(NamedTuple):
 
 def solve(capture_dir: str | Path | None, out: str | Path, options: Options | None = None, *, model: str | Path | None = None,
           targets: str | None = None, device: str = "auto", overwrite: bool = False, trust_remote_code: bool = False,
-          **params) -> Path:
+          offload: bool = False, max_memory: str | None = None, **params) -> Path:
     """Solve every module of the store at `capture_dir` (or, for a data-free mode, the `targets`
     of `model`); write a solve directory at `out`.
 
     Parameters come as `Options` or as its fields: `solve("stats", "init", mode="cnt-s", rank=8)`.
+    Under `torchrun`, every process solves its share of the modules and rank 0 writes the result.
+    With `offload`, the model's weights stay within `max_memory` ('cpu=64GiB') of CPU memory, the
+    rest on disk, and are read one module at a time.
     """
     options = (options or Options(**params)).resolved()
+    with distributed.joined() as world, contextlib.ExitStack() as scratch:
+        placement = _placement(scratch, out, max_memory) if offload else None
+        if max_memory is not None and not offload:
+            raise CntinitError("--max-memory limits where --offload puts the weights: add --offload")
+        return _solve(world, capture_dir, out, options, model, targets, device, overwrite, trust_remote_code, placement)
+
+
+def _placement(scratch: contextlib.ExitStack, out, max_memory: str | None) -> models.Placement:
+    """Weights in CPU memory, then on disk (in a folder beside `out`, removed at the end): the
+    solve moves each batch of weights to its device itself."""
+    limits = models.parse_max_memory(max_memory)
+    if "cuda" in limits:
+        raise CntinitError("solve --offload keeps the weights in CPU memory and on disk: give --max-memory cpu=SIZE")
+    return models.offload_placement(scratch, out, torch.device("cpu"), "auto", limits)
+
+
+def _solve(world: distributed.World, capture_dir, out, options: Options, model, targets, device, overwrite, trust_remote_code,
+           placement: models.Placement | None) -> Path:
+    if not world.leader:
+        console.quiet = True  # one progress bar and log, rank 0's
     started = time.perf_counter()
-    stats, modules, model_info, source = _open(capture_dir, model, targets, options, trust_remote_code)
+    stats, modules, model_info, source = _open(capture_dir, model, targets, options, trust_remote_code, placement)
     captured = stats.manifest if stats is not None else None
     bucket_weights = _bucket_weights(options, stats.buckets) if stats is not None and options.mode in modes.MODES else None
     store.check_out(out, model_info["fingerprint"], overwrite, solution.FORMAT, "a solve directory")
@@ -154,7 +179,6 @@ def solve(capture_dir: str | Path | None, out: str | Path, options: Options | No
     loaded = time.perf_counter() - started
     log(f"loaded {len(modules)} modules of {source} in {loaded:.1f}s")
 
-    generator = torch.Generator().manual_seed(options.seed)
     max_ranks = {}
     for name, module in modules.items():
         d, k = models.in_out_features(module)
@@ -165,20 +189,27 @@ def solve(capture_dir: str | Path | None, out: str | Path, options: Options | No
         more = f" (and {len(too_small) - 1} more)" if len(too_small) > 1 else ""
         raise CntinitError(f"--rank {options.rank} exceeds min(in, out) = {smallest} of {too_small[0]}{more}: lower --rank, "
                            "or use --vas, which caps each module at its own size")
+    mine = _share(modules, stats, options, world)
+    if world.size > 1:
+        log(f"{world.size} processes: this one solves {len(mine)} of {len(modules)} modules")
 
     def batches(label: str) -> Iterator[tuple[Batch, Progress]]:
         with progress() as bar:
-            task = bar.add_task(label, total=len(modules))
-            source = _deltas(stats, modules, options, bucket_weights, dev, dtype) if options.mode in modes.MODES else \
-                _weights(stats, modules, options, dev, dtype)
+            task = bar.add_task(label, total=len(mine))
+            source = _deltas(stats, mine, options, bucket_weights, dev, dtype) if options.mode in modes.MODES else \
+                _weights(stats, mine, options, dev, dtype)
             for batch in source:
                 yield batch, bar
                 bar.update(task, advance=len(batch.names))
 
     if options.mode == "eva":
-        ranks, factors, rows = _eva(stats, modules, options, dev, dtype)
+        ranks, factors, rows = _eva(stats, modules, mine, options, dev, dtype, world)
     else:
-        options, ranks, factors, rows = _split_all(batches, modules, options, max_ranks, generator)
+        options, ranks, factors, rows = _split_all(batches, modules, options, max_ranks, world)
+    if world.size > 1:
+        factors, rows = distributed.gather_factors(world, factors, rows)
+        if not world.leader:
+            return Path(out)
     seconds = time.perf_counter() - started - loaded
 
     report = _report(options, {name: rows[name] for name in modules}, ranks, seconds, loaded)  # model order
@@ -207,21 +238,24 @@ def solve(capture_dir: str | Path | None, out: str | Path, options: Options | No
         },
     )
     with atomic_directory(out) as tmp:
-        solution.write(tmp, manifest, factors, report)
+        solution.write(tmp, manifest, {name: factors[name] for name in modules if name in factors}, report)
     log(f"solved {options.mode} for {len(factors)} modules (total rank {sum(ranks.values())}) in {seconds:.1f}s after {loaded:.1f}s of loading")
     return Path(out)
 
 
-def _split_all(batches, modules: dict, options: Options, max_ranks: dict, generator: torch.Generator):
+def _split_all(batches, modules: dict, options: Options, max_ranks: dict, world: distributed.World):
     """(options with the VAS budget filled in, ranks, factors, report rows) for every mode but eva:
-    ranks first (VAS needs every module's singular values), then each batch's factors."""
+    ranks first (VAS needs every module's singular values, from every rank), then each batch's
+    factors — of this process's modules, the ones `batches` yields."""
     if options.vas:
         options = replace(options, budget=options.budget or options.rank * len(modules))
         singular_values = {}
         for batch, _ in batches("singular values"):
             split_input = batch.delta if batch.metric is None else batch.delta @ batch.metric[0]
             singular_values.update(zip(batch.names, torch.linalg.svdvals(split_input).cpu()))
-        ranks = vas.allocate(singular_values, max_ranks, options.budget, options.min_rank)
+        for theirs in distributed.everyone(world, singular_values):
+            singular_values |= theirs
+        ranks = vas.allocate({name: singular_values[name] for name in modules}, max_ranks, options.budget, options.min_rank)
     else:
         singular_values = {}
         ranks = {name: min(options.rank, limit) for name, limit in max_ranks.items()}
@@ -230,7 +264,8 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, genera
     factors, rows = {}, {}
     for batch, bar in batches(f"solve {options.mode}"):
         top = max(max(ranks[name] for name in batch.names), 1)
-        b, a, steps, values = _factor(batch, top, options, generator, spread, bar)
+        generators = [_generator(options.seed, name) for name in batch.names]
+        b, a, steps, values = _factor(batch, top, options, generators, spread, bar)
         for i, name in enumerate(batch.names):
             r = ranks[name]
             keep = slice(top - r, top) if minor else slice(0, r)  # the r smallest of the top kept, for MiLoRA/kpm
@@ -249,7 +284,7 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, genera
     return options, ranks, factors, rows
 
 
-def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool):
+def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool, placement: models.Placement | None):
     """(store or None, target modules, model record, description): from a capture, whose recorded
     (or --model) weights must match its fingerprint, or — data-free modes only — from --model and --targets."""
     if capture_dir is not None:
@@ -258,13 +293,14 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
         stats = store.Store(capture_dir)
         captured = stats.manifest
         model_path = Path(model) if model is not None else Path(captured["model"]["path"])
-        _, _, modules = models.load_matching(model_path, list(captured["modules"]), captured["model"]["fingerprint"], trust_remote_code)
+        _, _, modules = models.load_matching(model_path, list(captured["modules"]), captured["model"]["fingerprint"], trust_remote_code,
+                                            placement)
         return stats, modules, dict(captured["model"], path=str(model_path.absolute())), f"{model_path} and the statistics of {capture_dir}"
     if options.mode in modes.NEED_STATISTICS:
         raise CntinitError(f"--mode {options.mode} needs activation statistics: give the directory `cntinit capture` wrote")
     if model is None:
         raise CntinitError("give a capture directory, or --model MODEL for a data-free mode (lora, pissa, milora, olora, inilora*)")
-    net, _ = models.load(model, trust_remote_code)
+    net, _ = models.load(model, trust_remote_code, placement)
     modules = models.select_targets(net, targets or models.ALL_LINEAR)
     record = {"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": models.fingerprint(modules)}
     return None, modules, record, str(model)
@@ -341,7 +377,7 @@ def _weights(stats: store.Store | None, modules: dict, options: Options, dev: to
         per_batch = max(1, CHUNK_BYTES // (6 * k * d * 8))
         for s in range(0, len(names), per_batch):
             group = names[s : s + per_batch]
-            w = torch.stack([models.weight_matrix(modules[n]).detach() for n in group]).to(dev, dtype)
+            w = torch.stack([models.weight_values(modules[n]) for n in group]).to(dev, dtype)
             sigma, metric = None, None
             if stats is not None:
                 keys = [stats.manifest["modules"][n]["key"] for n in group]
@@ -354,16 +390,16 @@ def _weights(stats: store.Store | None, modules: dict, options: Options, dev: to
             yield Batch(group, w, delta, sigma, [0] * len(group), metric)
 
 
-def _factor(batch: Batch, top: int, options: Options, generator: torch.Generator, spread: float, bar: Progress):
-    """(B, A, Adam steps run or None, singular values of the split or None) of rank `top` for one batch;
-    see METHODS.md for each mode."""
+def _factor(batch: Batch, top: int, options: Options, generators: list[torch.Generator], spread: float, bar: Progress):
+    """(B, A, Adam steps run or None, singular values of the split or None) of rank `top` for one batch,
+    random draws from each module's own generator; see METHODS.md for each mode."""
     count, k, d = batch.weight.shape
     dev, dtype = batch.weight.device, batch.weight.dtype
     if options.mode == "lora":
-        a = baselines.lora_a(count, top, d, options.lora_init, generator)
+        a = baselines.lora_a(top, d, options.lora_init, generators)
         return torch.zeros(count, k, top, device=dev, dtype=dtype), a.to(dev, dtype), None, None
     if options.mode in modes.INILORA_MODES:
-        b, a = inilora.start(count, k, d, top, options.mode, spread, generator)
+        b, a = inilora.start(k, d, top, options.mode, spread, generators)
         steps = options.steps if options.steps is not None else (None if options.mode == "inilora" else 0)
         done = 0
         if steps != 0:
@@ -372,16 +408,42 @@ def _factor(batch: Batch, top: int, options: Options, generator: torch.Generator
             bar.remove_task(task)
         return b.to(dev, dtype), a.to(dev, dtype), done, None
     if batch.metric is None:
-        b, a, values = modes.split(batch.delta, top, options.decompose, options.split_p, options.mode == "milora", options.niter, generator)
+        b, a, values = modes.split(batch.delta, top, options.decompose, options.split_p, options.mode == "milora", options.niter, generators)
         return b, a, None, values
     metric, inverse = batch.metric  # corda: split W C, then A ← A C⁻¹
     b, a, values = modes.split(batch.delta @ metric, top, "svd", options.split_p, options.corda_mode == "kpm")
     return b, a @ inverse, None, values
 
 
+def _generator(seed: int, name: str) -> torch.Generator:
+    """The random stream of one module: from --seed and its name, so a module's draws do not
+    depend on which modules share its batch or its process."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _share(modules: dict, stats: store.Store | None, options: Options, world: distributed.World) -> dict:
+    """The modules this process solves. Units of work are modules, or for the modes that
+    eigendecompose Σ (CNT, eva) all modules reading one statistic; a unit costs about
+    d³ for its eigendecomposition plus k·d·min(k, d) per module split (k·d per IniLoRA step)."""
+    if world.size == 1:
+        return modules
+    by_key = stats is not None and options.mode in modes.MODES + ("eva",)
+    units: dict[str, list[str]] = {}
+    for name in modules:
+        units.setdefault(stats.manifest["modules"][name]["key"] if by_key else name, []).append(name)
+    costs = {}
+    for unit, names in units.items():
+        shapes = [models.in_out_features(modules[n]) for n in names]
+        per_module = [k * d * (1 if options.mode in modes.INILORA_MODES else min(k, d)) for d, k in shapes]
+        costs[unit] = sum(per_module) + (shapes[0][0] ** 3 if by_key else 0)
+    owner = distributed.assign(costs, world.size)
+    return {name: modules[name] for unit, names in units.items() if owner[unit] == world.rank for name in names}
+
+
 def _mean_weight_std(modules: dict) -> float:
     """IniLoRA's σ: the mean over target modules of each weight's standard deviation."""
-    return float(torch.stack([models.weight_matrix(m).detach().double().std() for m in modules.values()]).mean())
+    return float(torch.stack([models.weight_values(m).double().std() for m in modules.values()]).mean())
 
 
 def _fit_errors(w: torch.Tensor, update: torch.Tensor, rank: int) -> dict:
@@ -392,27 +454,32 @@ def _fit_errors(w: torch.Tensor, update: torch.Tensor, rank: int) -> dict:
     return {"fit_error": float((w - update.double()).norm()) / norm, "optimal_error": float(tail.square().sum().sqrt()) / norm}
 
 
-def _eva(stats: store.Store, modules: dict, options: Options, dev: torch.device, dtype: torch.dtype):
+def _eva(stats: store.Store, modules: dict, mine: dict, options: Options, dev: torch.device, dtype: torch.dtype,
+         world: distributed.World):
     """EVA: A = the top eigenvectors of each input's Σ, B = 0; ranks redistributed as PEFT's
     `get_eva_state_dict` does: every module offers its first round(r·ρ) explained-variance
-    ratios λ_i / tr Σ, the r × modules largest of the pool are kept (ties to the earlier module)."""
+    ratios λ_i / tr Σ, the r × modules largest of the pool are kept (ties to the earlier module).
+    This process computes the eigenvectors of `mine`; the ratios of all are shared for the ranks."""
     cap = round(options.rank * options.rho)
     keys = {name: stats.manifest["modules"][name]["key"] for name in modules}
+    own_keys = list(dict.fromkeys(keys[name] for name in mine))
     components, explained = {}, {}
     with progress() as bar:
-        task = bar.add_task("eigenvectors", total=len(set(keys.values())))
-        for key in dict.fromkeys(keys.values()):
+        task = bar.add_task("eigenvectors", total=len(own_keys))
+        for key in own_keys:
             t = {name: value.double() for name, value in stats.tensors(key).items()}
             sigma = modes.second_moment(t["xxt"], t["sum"], t["count"], options.centered)
             values, vectors = modes.eigen(sigma.to(dev, dtype)[None])
             components[key] = vectors[0, :, :cap].mT.cpu()
-            explained[key] = baselines.explained_variance(values[0]).cpu()
+            explained[key] = baselines.explained_variance(values[0])[:cap].cpu()
             bar.update(task, advance=1)
-    ranks = vas.top_counts({name: explained[key][:cap] for name, key in keys.items()}, options.rank * len(modules))
+    for theirs in distributed.everyone(world, explained):
+        explained |= theirs
+    ranks = vas.top_counts({name: explained[key] for name, key in keys.items()}, options.rank * len(modules))
     factors, rows = {}, {}
-    for name, module in modules.items():
+    for name, module in mine.items():
         r, key = ranks[name], keys[name]
-        w = models.weight_matrix(module).detach()
+        w = models.weight_values(module)
         rows[name] = {"rank": r, "weight_norm": float(w.double().norm()), "delta_norm": 0.0, "update_norm": 0.0,
                       "kept": float(explained[key][:r].sum()), "output_change": 0.0, "floored": 0}
         if r:
@@ -421,7 +488,7 @@ def _eva(stats: store.Store, modules: dict, options: Options, dev: torch.device,
 
 
 def _solve_group(names, modules, options, bucket_weights, sigma, pooled, eig, floored, index, dev, dtype) -> Batch:
-    w = torch.stack([models.weight_matrix(modules[n]).detach() for n in names]).to(dev, dtype)
+    w = torch.stack([models.weight_values(modules[n]) for n in names]).to(dev, dtype)
     targets, shift_floored = [], []
     for j in range(len(bucket_weights)):
         if options.mode == "cnt-x":

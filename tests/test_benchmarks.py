@@ -58,3 +58,13 @@ def test_scaling_benchmark_tiny(tmp_path):
     rows = re.findall(r"│\s*(\d)\s*│\s*([\d.]+)\s*│\s*([\d,]+)\s*│\s*([\d.]+)×\s*│\s*([\d.e+-]+)\s*│", out)
     assert [r[0] for r in rows] == ["1", "2"], out
     assert all(float(r[1]) > 0 and float(r[4]) < 1e-4 for r in rows), out  # both runs sum the same statistics
+
+
+def test_offload_benchmark_tiny(tmp_path):
+    out = run_script("offload.py", "--samples", "8", "--seq-len", "16", "--targets", "query,value", cwd=tmp_path)
+    found = re.findall(r"│ ([-\w ()]+?)\s*│\s*[\d.]+\s*│\s*([\d,]+)\s*│\s*-\s*│\s*[\w-]+\s*│\s*([\d.e+-]+|-)\s*│", out)
+    rows = {name: (rss, drift) for name, rss, drift in found}
+    assert list(rows) == ["(imports only)", "normal", "--stats-device cpu", "--offload", "--offload --stats-device cpu"], out
+    assert all(int(rss.replace(",", "")) > 0 for rss, _ in rows.values()), out
+    assert all(float(drift) == 0 for _, drift in list(rows.values())[1:]), out  # placement never changes the statistics
+    assert re.search(r"--offload\s*│[^│]*│[^│]*│[^│]*│\s*disk", out), out  # cpu=1MB: every weight streamed from disk

@@ -197,5 +197,8 @@ def test_pipeline_errors(sd, captured, tmp_path, capsys):
                    "--noise-timestep must be in [0, 1000)", tmp_path / "f")
     assert_refused(capsys, ["capture", sd["model"], "--data", sd["images"], "--sample-max-norm"],
                    "--sample-max-norm does not apply to a diffusion model", tmp_path / "g")
+    assert_refused(capsys, ["capture", sd["model"], "--data", sd["images"], "--offload"],
+                   "--offload places transformers models; ", tmp_path / "i")
+    assert not list(tmp_path.glob(".i.offload-*"))  # its disk folder went with the error
     code, _, err = run(capsys, "capture", sd["model"], "--data", uncaptioned, "--prompt", "a photo of sks dog", "-o", tmp_path / "h")
     assert code == 0, err

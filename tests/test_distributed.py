@@ -1,14 +1,16 @@
-"""A 2-process gloo capture under torchrun equals one process over the same data (and solves alike)."""
+"""Under torchrun, a 2-process gloo capture equals one process over the same data (and solves alike),
+and a 2-process solve equals a one-process solve."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import torch
 
-from cntinit import capture, solve
+from cntinit import capture, distributed, solve
 from cntinit.solution import Solution
 from cntinit.store import Store
 
@@ -34,3 +36,66 @@ def test_torchrun_capture_equals_one_process(tiny, calibration, tmp_path):
     for name, (b, a) in factors[0].items():
         other = factors[1][name][0] @ factors[1][name][1]  # float32 sums in another order, through Σ^-1/2: ~1e-4
         assert float((other - b @ a).norm() / (b @ a).norm()) < 1e-3, name
+
+
+def test_units_go_largest_first_to_the_least_loaded_rank():
+    owner = distributed.assign({"a": 10, "b": 7, "c": 5, "d": 4, "e": 3}, 2)
+    assert owner == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}  # loads 14 and 15 (the best split is 14/15)
+    assert distributed.assign({"x": 1, "y": 1, "z": 1}, 4) == {"x": 0, "y": 1, "z": 2}  # an idle rank is fine
+    assert distributed.assign({}, 2) == {}
+
+
+SOLVES = {  # name: options; VAS and eva exchange spectra between ranks, lora and pissa --niter draw per module
+    "cnt-s-vas": dict(mode="cnt-s", rank=4, vas=True),
+    "eva": dict(mode="eva", rank=4),
+    "lora": dict(mode="lora", rank=4),
+    "pissa-niter": dict(mode="pissa", rank=4, niter=2),
+}
+
+SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from cntinit import solve
+dist.init_process_group("gloo")  # solve() joins this group instead of making its own
+for name, options in json.loads(sys.argv[2]).items():
+    solve(sys.argv[1], sys.argv[3] + "/" + name, **options)
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_solve_equals_one_process(tiny, calibration, tmp_path):
+    stats = capture(tiny["llama"], calibration, tmp_path / "stats", targets="q_proj,k_proj,v_proj,o_proj,down_proj", seq_len=32)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cli = subprocess.run([*torchrun, "-m", "cntinit", "solve", str(stats), "--mode", "cnt-x", "--rank", "4", "--out", str(tmp_path / "cli")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert cli.stdout.strip().splitlines() == [str(tmp_path / "cli")]  # rank 0 writes and prints
+    assert "2 processes: this one solves" in cli.stderr
+    script = tmp_path / "solves.py"
+    script.write_text(SCRIPT)
+    api = subprocess.run([*torchrun, str(script), str(stats), json.dumps(SOLVES), str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert api.returncode == 0, api.stderr[-3000:]
+    for name, options in ({"cnt-x": dict(mode="cnt-x", rank=4)} | SOLVES).items():
+        two = Solution(tmp_path / "cli" if name == "cnt-x" else tmp_path / "two" / name)
+        one = Solution(solve(stats, tmp_path / "one" / name, **options))
+        assert two.manifest["modules"] == one.manifest["modules"] and two.manifest["params"] == one.manifest["params"], name
+        assert list(two.report["modules"]) == list(one.report["modules"])
+        want, got = one.factors(), two.factors()
+        assert list(got) == list(want), name  # the same modules, in model order
+        for module, (b, a) in want.items():
+            torch.testing.assert_close(got[module][0], b, rtol=1e-9, atol=1e-12, msg=f"{name} {module}")
+            torch.testing.assert_close(got[module][1], a, rtol=1e-9, atol=1e-12, msg=f"{name} {module}")
+        for module, row in one.report["modules"].items():
+            assert two.report["modules"][module]["rank"] == row["rank"], (name, module)
+
+
+def test_a_module_draws_the_same_numbers_whatever_else_is_solved(tiny, tmp_path):
+    """Random draws come from --seed and the module's name, not from its batch: how torchrun splits
+    the modules cannot change them."""
+    every = Solution(solve(None, tmp_path / "all", mode="lora", rank=2, model=tiny["llama"], targets="q_proj,k_proj")).factors()
+    alone = Solution(solve(None, tmp_path / "one", mode="lora", rank=2, model=tiny["llama"], targets="k_proj")).factors()
+    assert alone and all(torch.equal(alone[name][1], every[name][1]) for name in alone)
+    other = Solution(solve(None, tmp_path / "seed", mode="lora", rank=2, seed=1, model=tiny["llama"], targets="k_proj")).factors()
+    assert not any(torch.equal(other[name][1], alone[name][1]) for name in alone)

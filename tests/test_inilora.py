@@ -19,7 +19,7 @@ def test_one_batched_problem_equals_one_optimizer_per_module():
     the authors' per-layer loop: one autograd-traced Adam + StepLR per module."""
     generator = torch.Generator().manual_seed(0)
     w = torch.randn(3, 24, 16, generator=generator, dtype=torch.float64)
-    b, a = inilora.start(3, 24, 16, 4, "inilora", 0.1, generator)
+    b, a = inilora.start(24, 16, 4, "inilora", 0.1, [generator] * 3)
     fitted_b, fitted_a, steps = inilora.fit(w, b, a, steps=300)
     assert steps == 300
     for i in range(3):

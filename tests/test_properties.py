@@ -103,7 +103,7 @@ def test_splits_never_exceed_the_rank(problem, rank, how, p):
     rank = min(rank, k, d)
     generator = torch.Generator().manual_seed(0)
     b, a, values = modes.split(w, rank, "qr" if how == "qr" else "svd", p, minor=how == "minor",
-                       niter=2 if how == "randomized" else None, generator=generator)
+                       niter=2 if how == "randomized" else None, generators=[generator])
     assert b.shape == (1, k, rank) and a.shape == (1, rank, d) and finite(b) and finite(a)
     update = b[0] @ a[0]
     assert int(torch.linalg.matrix_rank(update)) <= rank
@@ -145,6 +145,6 @@ def test_inilora_stays_finite(problem, rank, mode):
     w, _, _ = problem
     k, d = w.shape[-2:]
     generator = torch.Generator().manual_seed(0)
-    b, a = inilora.start(1, k, d, rank, mode, float(w.std()) if w.numel() > 1 else 0.02, generator)
+    b, a = inilora.start(k, d, rank, mode, float(w.std()) if w.numel() > 1 else 0.02, [generator])
     fitted_b, fitted_a, steps = inilora.fit(w.float(), b, a, steps=20)
     assert steps == 20 and fitted_b.shape == (1, k, rank) and finite(fitted_b) and finite(fitted_a)

@@ -1,0 +1,113 @@
+"""Peak memory of a normal capture against `--stats-device cpu` and `--offload`, side by side.
+
+    python benchmarks/offload.py                                   # embedded MiniLM, 256 verses (CPU)
+    python benchmarks/offload.py --model DIR --data calib.jsonl --device cuda --max-memory cuda=2GiB
+
+Each setting runs in a fresh process (so peaks do not mix) over the same data. Prints wall
+seconds, the process's peak resident memory (ru_maxrss: weights, activations, sums, and the
+libraries — the first row shows what importing them alone costs), the peak GPU memory torch
+allocated, where the weights were, and the largest difference of Σxxᵀ from the normal run.
+Default --max-memory: cpu=1MB on CPU (every weight streamed from disk), on CUDA a quarter of
+the checkpoint's size on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from cntinit import embedded
+from cntinit.store import Store
+
+SETTINGS = {  # name: extra capture options
+    "normal": {},
+    "--stats-device cpu": {"stats_device": "cpu"},
+    "--offload": {"offload": True},
+    "--offload --stats-device cpu": {"offload": True, "stats_device": "cpu"},
+}
+
+
+def child(args) -> None:
+    """One setting in this process; prints its measurements as JSON."""
+    from cntinit import capture
+
+    extra = {"idle": {}}.get(args.child, SETTINGS.get(args.child, {}))
+    if extra.get("offload"):
+        extra = extra | {"max_memory": args.max_memory}
+    cuda = args.device == "cuda"
+    started = time.perf_counter()
+    if args.child != "idle":
+        capture(args.model, args.data, args.out, targets=args.targets, seq_len=args.seq_len, batch_size=args.batch_size,
+                max_samples=args.samples, device=args.device, **extra)
+    print(json.dumps({"seconds": time.perf_counter() - started,
+                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+                      "gpu": torch.cuda.max_memory_allocated() if cuda else None}))
+
+
+def measure(name: str, args, out: Path) -> dict:
+    command = [sys.executable, __file__, f"--child={name}", "--out", str(out), "--model", str(args.model), "--data", str(args.data),
+               "--targets", args.targets, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+               "--samples", str(args.samples), "--device", args.device, "--max-memory", args.max_memory]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    where = next((line.split(", weights on ")[1].split(")")[0] for line in done.stderr.splitlines() if ", weights on " in line), "device")
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"where": where}
+
+
+def default_max_memory(model: Path, device: str) -> str:
+    if device != "cuda":
+        return "cpu=1MB"
+    size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    return f"cuda={max(1, size // 4)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="local model directory (default: embedded MiniLM)")
+    parser.add_argument("--data", default=None, help="calibration data (default: embedded KJV verses)")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--targets", default="all-linear")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-memory", default=None, help="--offload limits (default: see above)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.model = Path(args.model or embedded.model_dir())
+    args.data = args.data or embedded.data_file()
+    args.max_memory = args.max_memory or default_max_memory(args.model, args.device)
+    if args.child:
+        return child(args)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows["idle"] = measure("idle", args, Path(tmp) / "idle")
+        for name in SETTINGS:
+            rows[name] = measure(name, args, Path(tmp) / name.replace(" ", "_"))
+            reference, store = Store(Path(tmp) / "normal"), Store(Path(tmp) / name.replace(" ", "_"))
+            rows[name]["drift"] = max(float((store.tensors(k)["xxt"].double() - reference.tensors(k)["xxt"].double()).abs().max())
+                                      for k in reference.keys)
+    table = Table("setting", "wall s", "peak RSS MiB", "peak GPU MiB", "weights on", "max |ΔΣxxᵀ|",
+                  title=f"capture memory: {args.model.name}, {args.samples} samples × {args.seq_len} tokens, {args.device}, "
+                        f"--max-memory {args.max_memory}")
+    for name, row in rows.items():
+        gpu = "-" if row["gpu"] is None else f"{row['gpu'] / 2**20:,.0f}"
+        label = "(imports only)" if name == "idle" else name
+        table.add_row(label, f"{row['seconds']:.1f}", f"{row['rss'] / 2**20:,.0f}", gpu,
+                      "-" if name == "idle" else row["where"], "-" if name == "idle" else f"{row['drift']:.1e}")
+    Console(width=140).print(table)
+
+
+if __name__ == "__main__":
+    main()
