@@ -312,7 +312,8 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         net.to(dev, run_dtype)
         where = str(dev)
     else:
-        spread = sorted(set(str(v) for v in getattr(net, "hf_device_map", {"": dev}).values()))
+        places = getattr(net, "hf_device_map", {"": dev}).values()  # GPUs by index, then "cpu", "disk"
+        spread = list(dict.fromkeys(f"cuda:{v}" if isinstance(v, int) else str(v) for v in places))
         where = f"{dev}, weights on {' + '.join(spread)}"
     log(f"loaded {type(net).__name__} from {model} ({len(modules)} targets, {run_dtype}, {where}) in {time.perf_counter() - started:.1f}s")
     root = models.forward_root(net, list(modules))

@@ -150,9 +150,9 @@ def solve(capture_dir: str | Path | None, out: str | Path, options: Options | No
     """
     options = (options or Options(**params)).resolved()
     with distributed.joined() as world, contextlib.ExitStack() as scratch:
-        placement = _placement(scratch, out, max_memory) if offload else None
         if max_memory is not None and not offload:
             raise CntinitError("--max-memory limits where --offload puts the weights: add --offload")
+        placement = _placement(scratch, out, max_memory) if offload else None
         return _solve(world, capture_dir, out, options, model, targets, device, overwrite, trust_remote_code, placement)
 
 

@@ -99,3 +99,12 @@ def test_a_module_draws_the_same_numbers_whatever_else_is_solved(tiny, tmp_path)
     assert alone and all(torch.equal(alone[name][1], every[name][1]) for name in alone)
     other = Solution(solve(None, tmp_path / "seed", mode="lora", rank=2, seed=1, model=tiny["llama"], targets="k_proj")).factors()
     assert not any(torch.equal(other[name][1], alone[name][1]) for name in alone)
+
+
+def test_under_torchrun_the_output_goes_to_out_not_the_cache(captured, tiny, calibration, monkeypatch, capsys):
+    from conftest import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group is joined
+    for args in (["capture", tiny["llama"], "--data", calibration], ["solve", captured["llama"], "--mode", "cnt-s"]):
+        code, out, err = run(capsys, *args)
+        assert code == 2 and out == "" and "under torchrun give --out (a directory every process can reach)" in err, err
