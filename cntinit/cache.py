@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +53,8 @@ def ready(cache: Path | None = None) -> Path:
     cache = cache or root()
     try:
         (cache / "locks").mkdir(parents=True, exist_ok=True)
-        probe = cache / "locks" / ".probe"
-        probe.touch()
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=cache / "locks"):  # a name of its own: runs probe at once
+            pass
     except OSError as exc:
         raise CntinitError(f"cannot write in the cache {cache} ({exc.strerror or exc}): set CNTINIT_CACHE to a writable directory") from None
     return cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -129,6 +130,24 @@ def test_concurrent_runs_share_one_entry(tmp_path, tiny, calibration, cache_dir)
     assert len(cache.entries(cache_dir)) == 2  # one capture, one solve
     assert sorted(s["stages"][0]["status"] for s in summaries) == ["cache hit", "computed"]  # the second waited, then hit
     assert not [p for p in (cache_dir / "captures").iterdir() if p.name.startswith(".")]
+
+
+def _ready_many_times(cache_dir: str) -> None:
+    for _ in range(300):
+        cache.ready(Path(cache_dir))
+
+
+def test_concurrent_cache_checks_do_not_trip_each_other(cache_dir):
+    """Every run checks the cache is writable; runs starting together must not see each
+    other's probe vanish (a shared probe name failed one of two concurrent runs in CI)."""
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_ready_many_times, args=(str(cache_dir),)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0] * 4
+    assert list((cache_dir / "locks").iterdir()) == []
 
 
 BAD_RECIPES = [
