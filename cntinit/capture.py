@@ -196,15 +196,11 @@ class Recorder:
         raise CntinitError(f"non-finite activations (NaN/Inf) entering {', '.join(names)}: run with --dtype float32")
 
 
-def _placement(scratch: contextlib.ExitStack, out, dev: torch.device, dtype: str, max_memory: str | None) -> models.Placement:
-    """accelerate's placement for --offload; weights it puts on disk go to a folder beside `out`,
-    removed when the capture ends."""
-    limits = models.parse_max_memory(max_memory)
+def _offload_dtype(dtype: str, dev: torch.device) -> torch.dtype | str:
+    """The dtype accelerate loads an offloaded model in: as resolve_dtype, the checkpoint's on GPU."""
     if dtype == "auto":
-        load_dtype = "auto" if dev.type == "cuda" else torch.float32  # as resolve_dtype: checkpoint's on GPU
-    else:
-        load_dtype = models.resolve_dtype(dtype, None, dev)
-    return models.offload_placement(scratch, out, dev, load_dtype, limits)
+        return "auto" if dev.type == "cuda" else torch.float32
+    return models.resolve_dtype(dtype, None, dev)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -283,10 +279,8 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         console.quiet = True  # one progress bar and log, rank 0's
     dev = models.resolve_device(device)
     sums_on = models.resolve_device(stats_device, "--stats-device") if stats_device is not None else dev
-    if max_memory is not None and not offload:
-        raise CntinitError("--max-memory limits where --offload puts the weights: add --offload")
     started = time.perf_counter()
-    placement = _placement(scratch, out, dev, dtype, max_memory) if offload else None
+    placement = models.offload_placement(scratch, out, offload, max_memory, dev, _offload_dtype(dtype, dev))
     net, tokenizer = models.load(model, trust_remote_code, placement)
     kind = models.modality(net)
     wrong = [option for option, value, kinds in (

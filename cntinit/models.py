@@ -158,14 +158,22 @@ class Placement:
         return {"device_map": "auto", "max_memory": limits, "offload_folder": str(self.folder), "dtype": self.dtype}
 
 
-def offload_placement(scratch: contextlib.ExitStack, out: str | Path, device: torch.device, dtype: torch.dtype | str,
-                      max_memory: dict[str, str]) -> Placement:
-    """A Placement whose disk folder sits beside `out` (same filesystem, same space) and is
-    removed when `scratch` closes."""
+def offload_placement(scratch: contextlib.ExitStack, out: str | Path, offload: bool, max_memory: str | None,
+                      device: torch.device, dtype: torch.dtype | str) -> Placement | None:
+    """The Placement for --offload (None without it), its disk folder beside `out` (same
+    filesystem, same space) and removed when `scratch` closes."""
+    if not offload:
+        if max_memory is not None:
+            raise CntinitError("--max-memory limits where --offload puts the weights: add --offload")
+        return None
+    limits = parse_max_memory(max_memory)
+    if "cuda" in limits and device.type != "cuda":
+        raise CntinitError("--max-memory cuda=SIZE limits a GPU, but here --offload keeps the weights in CPU memory and on disk: "
+                           "give --max-memory cpu=SIZE")
     parent = Path(out).absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     folder = scratch.enter_context(tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.offload-", dir=parent))
-    return Placement(device, dtype, Path(folder), max_memory)
+    return Placement(device, dtype, Path(folder), limits)
 
 
 def parse_max_memory(text: str | None) -> dict[str, str]:

@@ -150,19 +150,9 @@ def solve(capture_dir: str | Path | None, out: str | Path, options: Options | No
     """
     options = (options or Options(**params)).resolved()
     with distributed.joined() as world, contextlib.ExitStack() as scratch:
-        if max_memory is not None and not offload:
-            raise CntinitError("--max-memory limits where --offload puts the weights: add --offload")
-        placement = _placement(scratch, out, max_memory) if offload else None
+        # weights in CPU memory, then on disk: the solve moves each batch of them to its device itself
+        placement = models.offload_placement(scratch, out, offload, max_memory, torch.device("cpu"), "auto")
         return _solve(world, capture_dir, out, options, model, targets, device, overwrite, trust_remote_code, placement)
-
-
-def _placement(scratch: contextlib.ExitStack, out, max_memory: str | None) -> models.Placement:
-    """Weights in CPU memory, then on disk (in a folder beside `out`, removed at the end): the
-    solve moves each batch of weights to its device itself."""
-    limits = models.parse_max_memory(max_memory)
-    if "cuda" in limits:
-        raise CntinitError("solve --offload keeps the weights in CPU memory and on disk: give --max-memory cpu=SIZE")
-    return models.offload_placement(scratch, out, torch.device("cpu"), "auto", limits)
 
 
 def _solve(world: distributed.World, capture_dir, out, options: Options, model, targets, device, overwrite, trust_remote_code,

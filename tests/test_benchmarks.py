@@ -48,6 +48,12 @@ def test_convergence_benchmark_quick(tmp_path):
             assert len(run["losses"]) == steps and all(math.isfinite(x) and x > 0 for x in run["losses"]), spec
             assert 0 <= run["accuracy"] <= 1 and run["eval_loss"] > 0, spec
         assert spec in out
+    runs = results["runs"]
+    for plain, faster in zip(runs["lora"], runs["lora:lr=2e-3"]):  # same init, batches and head: only the lr differs
+        assert plain["start"] == faster["start"] and plain["losses"][0] == faster["losses"][0]
+        assert plain["losses"][1:] != faster["losses"][1:]
+    assert all(r["start"]["delta"] == 0 and r["start"]["b"] == 0 and r["start"]["a"] > 0 for r in runs["lora"])
+    assert all(r["start"]["delta"] > 0 and r["start"]["b"] > 0 for r in runs["cnt-x:vas=true"])
     # seeds change the batch order and head draw, so their losses differ; the same seed would not
     assert results["runs"]["lora"][0]["losses"] != results["runs"]["lora"][1]["losses"]
     assert "steps to lora's final" in out

@@ -61,6 +61,7 @@ def test_a_data_free_solve_can_offload_too(tiny, tmp_path):
     (["--offload", "--max-memory", "gpu=1GiB"], "--max-memory gpu=1GiB: each entry is cuda=SIZE or cpu=SIZE"),
     (["--offload", "--max-memory", "cpu=lots"], "--max-memory cpu=lots: each entry is cuda=SIZE or cpu=SIZE"),
     (["--stats-device", "tpu"], "--stats-device tpu is not one of auto, cpu, cuda"),
+    (["--device", "cpu", "--offload", "--max-memory", "cuda=1GiB"], "--max-memory cuda=SIZE limits a GPU, but here --offload keeps"),
 ])
 def test_bad_placement_options_are_refused(tiny, calibration, tmp_path, capsys, args, message):
     assert_refused(capsys, ["capture", tiny["llama"], "--data", calibration, *args], message, tmp_path / "out")
@@ -68,4 +69,5 @@ def test_bad_placement_options_are_refused(tiny, calibration, tmp_path, capsys, 
 
 def test_solve_offload_keeps_weights_off_the_gpu(captured, tmp_path, capsys):
     assert_refused(capsys, ["solve", captured["llama"], "--mode", "cnt-s", "--offload", "--max-memory", "cuda=1GiB"],
-                   "solve --offload keeps the weights in CPU memory and on disk: give --max-memory cpu=SIZE", tmp_path / "out")
+                   "--max-memory cuda=SIZE limits a GPU, but here --offload keeps the weights in CPU memory and on disk: "
+                   "give --max-memory cpu=SIZE", tmp_path / "out")
