@@ -356,7 +356,7 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         recorder.check_finite()
     stats, module_map = recorder.stats, recorder.module_map
     if world.size > 1:
-        done, feed.data["sequences"] = distributed.add_across_ranks(stats, [done, feed.total])
+        done, feed.data["sequences"] = distributed.add_across_ranks(world, stats, [done, feed.total])
         if not world.leader:
             if saved is not None:
                 checkpoint.remove(saved)

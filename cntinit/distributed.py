@@ -6,6 +6,9 @@ Capture is data-parallel: every rank streams its own share of the data (the shar
 up to float rounding, to one process over all the data. Solve is module-parallel: units of
 work (modules, or the modules sharing one statistic) go to ranks by cost, largest first, and
 rank 0 gathers the factors and writes the solve directory.
+
+Every meeting of the ranks starts with an exchange of how each one is doing (`everyone`): a
+rank that fails says so there, and the others stop with its message.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .errors import CntinitError, first_line
 from .stats import InputStats
 
 
@@ -24,6 +28,7 @@ from .stats import InputStats
 class World:
     rank: int = 0
     size: int = 1
+    finished: bool = False  # past the last meeting of the ranks: a failure now concerns this rank alone
 
     @property
     def leader(self) -> bool:
@@ -45,17 +50,26 @@ def joined() -> Iterator[World]:
     ours = not dist.is_initialized()
     if ours:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    world = World(dist.get_rank(), dist.get_world_size())
     try:
-        yield World(dist.get_rank(), dist.get_world_size())
+        yield world
+    except Exception as exc:
+        if not world.finished:  # the others wait at the next meeting: tell them why this rank is not coming
+            with contextlib.suppress(Exception):
+                _exchange(world, (first_line(exc), None))
+        raise
     finally:
         if ours:
             dist.destroy_process_group()
 
 
-def add_across_ranks(stats: dict[str, InputStats], counters: list[int]) -> list[int]:
-    """Sum every statistic (in place) and the `counters` over all ranks; returns the summed counters."""
+def add_across_ranks(world: World, stats: dict[str, InputStats], counters: list[int]) -> list[int]:
+    """Sum every statistic (in place) and the `counters` over all ranks; returns the summed counters.
+    The capture's one meeting of the ranks."""
     import torch.distributed as dist
 
+    everyone(world, None)
+    world.finished = True
     for entry in stats.values():
         dist.all_reduce(entry.xxt)
         dist.all_reduce(entry.sum)
@@ -81,21 +95,36 @@ def assign(costs: dict[str, float], size: int) -> dict[str, int]:
 
 
 def everyone(world: World, value: Any) -> list[Any]:
-    """`value` from every rank, in rank order (small picklable objects between our own processes)."""
-    import torch.distributed as dist
-
+    """`value` from every rank, in rank order (small picklable objects between our own processes).
+    Every meeting of the ranks starts here, so a rank that failed before it (and said so from
+    `joined`) stops the others with its error rather than leaving them a broken connection."""
     if world.size == 1:
         return [value]
-    values = [None] * world.size
-    dist.all_gather_object(values, value)
-    return values
+    reports = _exchange(world, (None, value))
+    failed = [(rank, failure) for rank, (failure, _) in enumerate(reports) if failure is not None]
+    if failed:
+        world.finished = True  # the failed ranks have left: no meeting is ahead
+        rank, failure = failed[0]
+        raise CntinitError(f"process {rank} of {world.size} stopped, so this one stops too: {failure}")
+    return [value for _, value in reports]
+
+
+def _exchange(world: World, report: tuple) -> list[tuple]:
+    import torch.distributed as dist
+
+    reports = [None] * world.size
+    dist.all_gather_object(reports, report)
+    return reports
 
 
 def gather_factors(world: World, factors: dict[str, tuple[torch.Tensor, ...]], rows: dict[str, dict]):
     """Every rank's factors and report rows at rank 0, as (factors, rows); other ranks get ({}, {}).
-    Rows and tensor layouts travel as objects, the tensors point to point, one at a time."""
+    Rows and tensor layouts travel as objects, the tensors point to point, one at a time. The
+    solve's last meeting of the ranks."""
     import torch.distributed as dist
 
+    everyone(world, None)
+    world.finished = True
     layout = {name: [(tuple(t.shape), t.dtype) for t in pair] for name, pair in factors.items()}
     gathered = [None] * world.size if world.leader else None
     dist.gather_object((rows, layout), gathered, dst=0)

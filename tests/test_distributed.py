@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from cntinit import capture, distributed, solve
@@ -108,3 +109,49 @@ def test_under_torchrun_the_output_goes_to_out_not_the_cache(captured, tiny, cal
     for args in (["capture", tiny["llama"], "--data", calibration], ["solve", captured["llama"], "--mode", "cnt-s"]):
         code, out, err = run(capsys, *args)
         assert code == 2 and out == "" and "under torchrun give --out (a directory every process can reach)" in err, err
+
+
+FAILING_ON_RANK_1 = """
+import importlib, os, sys
+from cntinit import cli
+from cntinit.errors import CntinitError
+
+module_name, attribute = sys.argv[1], sys.argv[2]
+owner = importlib.import_module(module_name)
+*path, name = attribute.split(".")
+for part in path:
+    owner = getattr(owner, part)
+real = getattr(owner, name)
+
+def failing(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise CntinitError("unreadable image (simulated, rank 1 only)")
+    return real(*args, **kwargs)
+
+setattr(owner, name, failing)
+cli.main(sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("stage, where", [
+    ("capture", "cntinit.capture Recorder.run"),  # mid-stream, before the sums are added
+    ("eva", "cntinit.modes eigen"),  # before the first meeting (the explained variances)
+    ("vas", "cntinit.solve _factor"),  # between the VAS meeting and the gather
+])
+def test_a_failure_on_one_rank_stops_every_rank_with_its_message(tiny, calibration, captured, tmp_path, stage, where):
+    """Rank 0 says which process failed and why, in one line, instead of a broken-connection traceback."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_ON_RANK_1)
+    out = tmp_path / "out"
+    args = {"capture": ["capture", str(tiny["llama"]), "--data", str(calibration), "--batch-size", "2"],
+            "eva": ["solve", str(captured["llama"]), "--mode", "eva", "--rank", "2"],
+            "vas": ["solve", str(captured["llama"]), "--mode", "cnt-s", "--rank", "2", "--vas"]}[stage]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+                           *where.split(), *args, "--out", str(out)],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert sorted(errors) == ["error: process 1 of 2 stopped, so this one stops too: unreadable image (simulated, rank 1 only)",
+                              "error: unreadable image (simulated, rank 1 only)"], done.stderr[-3000:]
+    assert "[rank0]: Traceback" not in done.stderr and "Connection closed" not in done.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
