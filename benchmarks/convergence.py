@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 DEFAULT_INITS = "lora,pissa,eva,corda,inilora,cnt-x,cnt-s,cnt-sh,cnt-x:vas=true"
 TARGETS = "query,key,value,intermediate.dense,output.dense"  # every encoder linear; not the unused pooler
@@ -187,7 +187,7 @@ def spread(values: list[float]) -> str:
 def report(summary: dict, args, seconds: float) -> None:
     reference = "lora" if "lora" in summary else next(iter(summary))
     lora_steps = summary[reference]["steps_to_reference"]
-    table = Table("init", *[f"loss @{int(f * 100)}%" for f in FRACTIONS], f"steps to {reference}'s final",
+    table = Table(Column("init", no_wrap=True), *[f"loss @{int(f * 100)}%" for f in FRACTIONS], f"steps to {reference}'s final",
                   "held-out accuracy", "held-out loss", "start ‖sBA‖/‖W‖", "start ‖A‖, ‖B‖",
                   title=f"fine-tuning from each init: MiniLM, fine-food reviews, rank {args.rank}, α {args.alpha}, "
                         f"lr {args.lr}, {args.steps} steps × batch {args.batch_size}, {args.seeds} seeds, {seconds / 60:.1f} min")
@@ -208,8 +208,9 @@ def plot(summary: dict, path: Path, args) -> None:
 
     figure, axes = pyplot.subplots(figsize=(9, 5.5))
     steps = np.arange(1, args.steps + 1)
-    for spec, entry in summary.items():
-        line, = axes.plot(steps, entry["mean"], label=spec, linewidth=1.4)
+    for index, (spec, entry) in enumerate(summary.items()):
+        style = ("-", "--", ":")[index // 10 % 3]  # the colour cycle has 10 colours
+        line, = axes.plot(steps, entry["mean"], label=spec, linewidth=1.4, linestyle=style)
         axes.fill_between(steps, entry["mean"] - entry["std"], entry["mean"] + entry["std"], color=line.get_color(), alpha=0.15)
     axes.set_xlabel("step")
     axes.set_ylabel(f"training loss (trailing mean of {max(1, args.steps // 10)} steps)")
