@@ -68,8 +68,7 @@ def add_across_ranks(world: World, stats: dict[str, InputStats], counters: list[
     The capture's one meeting of the ranks."""
     import torch.distributed as dist
 
-    everyone(world, None)
-    world.finished = True
+    _last_meeting(world)
     for entry in stats.values():
         dist.all_reduce(entry.xxt)
         dist.all_reduce(entry.sum)
@@ -109,6 +108,12 @@ def everyone(world: World, value: Any) -> list[Any]:
     return [value for _, value in reports]
 
 
+def _last_meeting(world: World) -> None:
+    """Every rank is here and well; from now on a failure concerns its own rank alone."""
+    everyone(world, None)
+    world.finished = True
+
+
 def _exchange(world: World, report: tuple) -> list[tuple]:
     import torch.distributed as dist
 
@@ -123,8 +128,7 @@ def gather_factors(world: World, factors: dict[str, tuple[torch.Tensor, ...]], r
     solve's last meeting of the ranks."""
     import torch.distributed as dist
 
-    everyone(world, None)
-    world.finished = True
+    _last_meeting(world)
     layout = {name: [(tuple(t.shape), t.dtype) for t in pair] for name, pair in factors.items()}
     gathered = [None] * world.size if world.leader else None
     dist.gather_object((rows, layout), gathered, dst=0)
