@@ -108,6 +108,14 @@ def everyone(world: World, value: Any) -> list[Any]:
     return [value for _, value in reports]
 
 
+def pooled(world: World, part: dict) -> dict:
+    """The union of every rank's `part` (each rank computed the entries of its own modules)."""
+    whole = {}
+    for theirs in everyone(world, part):
+        whole |= theirs
+    return whole
+
+
 def _last_meeting(world: World) -> None:
     """Every rank is here and well; from now on a failure concerns its own rank alone."""
     everyone(world, None)

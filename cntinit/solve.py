@@ -243,8 +243,7 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, world:
         for batch, _ in batches("singular values"):
             split_input = batch.delta if batch.metric is None else batch.delta @ batch.metric[0]
             singular_values.update(zip(batch.names, torch.linalg.svdvals(split_input).cpu()))
-        for theirs in distributed.everyone(world, singular_values):
-            singular_values |= theirs
+        singular_values = distributed.pooled(world, singular_values)
         ranks = vas.allocate({name: singular_values[name] for name in modules}, max_ranks, options.budget, options.min_rank)
     else:
         singular_values = {}
@@ -463,8 +462,7 @@ def _eva(stats: store.Store, modules: dict, mine: dict, options: Options, dev: t
             components[key] = vectors[0, :, :cap].mT.cpu()
             explained[key] = baselines.explained_variance(values[0])[:cap].cpu()
             bar.update(task, advance=1)
-    for theirs in distributed.everyone(world, explained):
-        explained |= theirs
+    explained = distributed.pooled(world, explained)
     ranks = vas.top_counts({name: explained[key] for name, key in keys.items()}, options.rank * len(modules))
     factors, rows = {}, {}
     for name, module in mine.items():
