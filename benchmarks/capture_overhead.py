@@ -11,9 +11,11 @@ Prints a table: forward seconds, capture seconds and their ratio, for attention 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -23,11 +25,14 @@ from rich.table import Table
 from cntinit import data, embedded, models
 from cntinit.capture import ACCUMULATE, Recorder, exact_float32
 
+COLUMNS = ("targets", "modules", "statistics", "forward s", "capture s", "ratio", "target")
 ATTENTION = {"q_proj": "q_proj,k_proj,v_proj,o_proj", "query": "query,key,value,attention.output.dense"}
 SYNTHETIC = {  # Llama shapes; weights are random, which does not change the timing
+    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "llama-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
 }
 
 
@@ -75,6 +80,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--accumulate", default="float32", choices=sorted(ACCUMULATE))
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported) after one warm-up")
+    parser.add_argument("--json", help="also write the table's rows to this JSON file")
     args = parser.parse_args()
     device = models.resolve_device(args.device)
     net, sequences, pad_id = load(args, device)
@@ -89,9 +95,10 @@ def main() -> None:
             for ids, mask in batches:
                 root(input_ids=ids.to(device), attention_mask=mask.to(device))
 
+    rows = []
     table = Table(title=f"capture / forward on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
                         f"{type(net).__name__} {next(net.parameters()).dtype}, {len(sequences)} seqs, {tokens:,} tokens")
-    for column in ("targets", "modules", "statistics", "forward s", "capture s", "ratio", "target"):
+    for column in COLUMNS:
         table.add_column(column)
     for label, targets, goal in (("attention", attention, 1.3), ("all-linear", models.ALL_LINEAR, 2.0)):
         modules = models.select_targets(net, targets)
@@ -107,10 +114,13 @@ def main() -> None:
         forward(), capture()  # warm-up
         plain, captured = side_by_side(forward, capture, device, args.repeat)
         ratio = captured / plain
-        table.add_row(label, str(len(modules)), str(len(recorder.stats)), f"{plain:.3f}", f"{captured:.3f}",
-                      f"{ratio:.2f}×", f"≤ {goal}× {'ok' if ratio <= goal else 'MISSED'}")
+        rows.append(dict(zip(COLUMNS, (label, str(len(modules)), str(len(recorder.stats)), f"{plain:.3f}", f"{captured:.3f}",
+                                       f"{ratio:.2f}×", f"≤ {goal}× {'ok' if ratio <= goal else 'MISSED'}"))))
+        table.add_row(*rows[-1].values())
         del recorder
     Console().print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"title": table.title, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--targets", default="all-linear")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-memory", default=None, help="--offload limits (default: see above)")
+    parser.add_argument("--json", help="also write the table's rows to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -98,15 +99,21 @@ def main() -> None:
             reference, store = Store(Path(tmp) / "normal"), Store(Path(tmp) / name.replace(" ", "_"))
             rows[name]["drift"] = max(float((store.tensors(k)["xxt"].double() - reference.tensors(k)["xxt"].double()).abs().max())
                                       for k in reference.keys)
-    table = Table("setting", "wall s", "peak RSS MiB", "peak GPU MiB", "weights on", "max |ΔΣxxᵀ|",
-                  title=f"capture memory: {args.model.name}, {args.samples} samples × {args.seq_len} tokens, {args.device}, "
-                        f"--max-memory {args.max_memory}")
+    title = (f"capture memory: {args.model.name}, {args.samples} samples × {args.seq_len} tokens, {args.device}, "
+             f"--max-memory {args.max_memory}")
+    table_rows = []
     for name, row in rows.items():
-        gpu = "-" if row["gpu"] is None else f"{row['gpu'] / 2**20:,.0f}"
-        label = "(imports only)" if name == "idle" else name
-        table.add_row(label, f"{row['seconds']:.1f}", f"{row['rss'] / 2**20:,.0f}", gpu,
-                      "-" if name == "idle" else row["where"], "-" if name == "idle" else f"{row['drift']:.1e}")
+        idle = name == "idle"
+        table_rows.append({"setting": "(imports only)" if idle else name, "wall s": f"{row['seconds']:.1f}",
+                           "peak RSS MiB": f"{row['rss'] / 2**20:,.0f}",
+                           "peak GPU MiB": "-" if row["gpu"] is None else f"{row['gpu'] / 2**20:,.0f}",
+                           "weights on": "-" if idle else row["where"], "max |ΔΣxxᵀ|": "-" if idle else f"{row['drift']:.1e}"})
+    table = Table(*table_rows[0], title=title)
+    for row in table_rows:
+        table.add_row(*row.values())
     Console(width=140).print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"title": title, "rows": table_rows}, indent=1))
 
 
 if __name__ == "__main__":

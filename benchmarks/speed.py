@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--precision", default="float32", help="cntinit's solve precision (PEFT works in float32)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--json", help="also write the table's rows and each step's measurements to this JSON file")
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)  # internal: run one step, print JSON
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -135,39 +136,58 @@ def main() -> None:
     if args.step:
         print(json.dumps(run_step(args.step, args, Path(args.scratch))))
         return
-    passthrough = [a for a in sys.argv[1:]]
+    passthrough = sys.argv[1:]  # a step ignores --json
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for step in STEPS:
             done = subprocess.run([sys.executable, __file__, *passthrough, "--step", step, "--scratch", scratch],
                                   capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"{step} failed:\n{done.stderr[-2000:]}")
+            if done.returncode:  # the other comparisons still run; this one's rows say "failed"
+                results[step] = None
+                Console(stderr=True).print(f"{step} failed:\n{done.stderr[-2000:]}", highlight=False, markup=False)
+                continue
             results[step] = json.loads(done.stdout.strip().splitlines()[-1])
             Console(stderr=True).print(f"{step}: {results[step]['seconds']:.2f} s, peak {results[step]['peak_mb']:.0f} MB", highlight=False)
-    s = {step: r["seconds"] for step, r in results.items()}
-    table = Table("what", "cntinit s", "PEFT / plain s", "ratio", "peak MB (cntinit / other)",
-                  title=f"speed: {args.model or 'embedded MiniLM'}, {args.samples} samples × ≤{args.seq_len} tokens, "
-                        f"{args.targets}, rank {args.rank}, {args.device}")
+    title = (f"speed: {args.model or 'embedded MiniLM'}, {args.samples} samples × ≤{args.seq_len} tokens, "
+             f"{args.targets}, rank {args.rank}, {args.device}")
+    rows = comparisons(results)
+    table = Table(*rows[0], title=title)
+    for row in rows:
+        table.add_row(*row.values())
+    Console(width=160).print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"title": title, "rows": rows, "steps": results}, indent=1))
+    if None in results.values():
+        raise SystemExit(f"failed: {', '.join(step for step, r in results.items() if r is None)}")
+
+
+def comparisons(results: dict) -> list[dict]:
+    """The table's rows from each step's {seconds, peak_mb} (None where the step failed)."""
+    def seconds(*steps):
+        return sum(results[x]["seconds"] for x in steps) if all(results[x] for x in steps) else None
 
     def peak(*steps):
-        return f"{max(results[x]['peak_mb'] for x in steps):.0f}"
+        return f"{max(results[x]['peak_mb'] for x in steps):.0f}" if all(results[x] for x in steps) else "failed"
 
-    table.add_row("capture vs plain forward", f"{s['capture']:.2f}", f"{s['forward']:.2f}",
-                  f"{s['capture'] / s['forward']:.2f}× (target ≤ 1.3× attention, ≤ 2× with MLPs)", f"{peak('capture')} / {peak('forward')}")
-    ours = s["capture"] + s["solve cnt-x"] + s["solve corda"] + s["solve eva"]
-    theirs = s["peft corda"] + s["peft eva"]
+    def row(what, ours, theirs, ratio, peaks):
+        if ours is None or theirs is None:
+            return {"what": what, "cntinit s": "failed" if ours is None else f"{ours:.2f}",
+                    "PEFT / plain s": "failed" if theirs is None else f"{theirs:.2f}", "ratio": "-", "peak MB (cntinit / other)": peaks}
+        return {"what": what, "cntinit s": f"{ours:.2f}", "PEFT / plain s": f"{theirs:.2f}", "ratio": ratio(ours, theirs),
+                "peak MB (cntinit / other)": peaks}
+
+    rows = [row("capture vs plain forward", seconds("capture"), seconds("forward"),
+                lambda o, t: f"{o / t:.2f}× (target ≤ 1.3× attention, ≤ 2× with MLPs)", f"{peak('capture')} / {peak('forward')}")]
     for mode in ("corda", "eva"):
-        table.add_row(f"{mode}: capture + solve vs PEFT", f"{s['capture'] + s['solve ' + mode]:.2f}", f"{s['peft ' + mode]:.2f}",
-                      f"{s['peft ' + mode] / (s['capture'] + s['solve ' + mode]):.2f}× faster",
-                      f"{peak('capture', 'solve ' + mode)} / {peak('peft ' + mode)}")
-    table.add_row("one capture + cnt-x, corda, eva vs PEFT corda + eva", f"{ours:.2f}", f"{theirs:.2f}",
-                  f"{theirs / ours:.2f}× faster (target ≥ 2×)", f"{peak('capture', 'solve cnt-x', 'solve corda', 'solve eva')} / "
-                                                               f"{peak('peft corda', 'peft eva')}")
+        rows.append(row(f"{mode}: capture + solve vs PEFT", seconds("capture", "solve " + mode), seconds("peft " + mode),
+                        lambda o, t: f"{t / o:.2f}× faster", f"{peak('capture', 'solve ' + mode)} / {peak('peft ' + mode)}"))
+    rows.append(row("one capture + cnt-x, corda, eva vs PEFT corda + eva", seconds("capture", "solve cnt-x", "solve corda", "solve eva"),
+                    seconds("peft corda", "peft eva"), lambda o, t: f"{t / o:.2f}× faster (target ≥ 2×)",
+                    f"{peak('capture', 'solve cnt-x', 'solve corda', 'solve eva')} / {peak('peft corda', 'peft eva')}"))
     for variant in ("pissa", "pissa_niter_4"):
-        table.add_row(f"{variant} vs PEFT {variant}", f"{s['solve ' + variant]:.2f}", f"{s['peft ' + variant]:.2f}",
-                      f"{s['peft ' + variant] / s['solve ' + variant]:.2f}× faster", f"{peak('solve ' + variant)} / {peak('peft ' + variant)}")
-    Console(width=160).print(table)
+        rows.append(row(f"{variant} vs PEFT {variant}", seconds("solve " + variant), seconds("peft " + variant),
+                        lambda o, t: f"{t / o:.2f}× faster", f"{peak('solve ' + variant)} / {peak('peft ' + variant)}"))
+    return rows
 
 
 if __name__ == "__main__":

