@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cntinit import data, embedded, models
-from cntinit.capture import ACCUMULATE, Recorder, exact_float32
+from cntinit.capture import ACCUMULATE, Recorder, exact_float32, shared_input_groups
 
 COLUMNS = ("targets", "modules", "statistics", "forward s", "capture s", "ratio", "target")
 ATTENTION = {"q_proj": "q_proj,k_proj,v_proj,o_proj", "query": "query,key,value,attention.output.dense"}
@@ -33,7 +33,26 @@ SYNTHETIC = {  # Llama shapes; weights are random, which does not change the tim
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
+    "width-512": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=32, num_attention_heads=8, num_key_value_heads=8),
 }
+
+
+def save_synthetic(directory: Path, shape: str, device: str, dtype: torch.dtype, layers: int | None = None) -> Path:
+    """A Llama of `shape` with random weights (built on `device`), saved with the embedded model's
+    tokenizer: a model directory of real shapes that needs no download."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(embedded.model_dir())
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, architectures=["LlamaForCausalLM"],
+                                      **SYNTHETIC[shape] | ({"num_hidden_layers": layers} if layers else {}))
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = transformers.LlamaForCausalLM(config).to(dtype)
+    net.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    del net
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return Path(directory)
 
 
 def load(args, device):
@@ -46,7 +65,7 @@ def load(args, device):
         sequences = [[rng.randrange(32000) for _ in range(rng.randint(args.seq_len // 2, args.seq_len))] for _ in range(args.samples)]
         return net.requires_grad_(False), sequences, 0
     net, tokenizer = models.load(args.model or embedded.model_dir())
-    net.to(device, models.resolve_dtype(args.dtype, net, device))
+    net.to(device, models.resolve_dtype(args.dtype, net.dtype, device))
     samples = data.read_samples(args.data or embedded.data_file(), max_samples=args.samples)
     sequences = data.tokenize(samples, tokenizer, args.seq_len)
     return net, sequences, tokenizer.pad_token_id or 0
@@ -102,9 +121,9 @@ def main() -> None:
         table.add_column(column)
     for label, targets, goal in (("attention", attention, 1.3), ("all-linear", models.ALL_LINEAR, 2.0)):
         modules = models.select_targets(net, targets)
-        probe = torch.tensor([sequences[0][:8]])
-        recorder = Recorder(root, modules, {"input_ids": probe, "attention_mask": torch.ones_like(probe)}, 1,
-                            ACCUMULATE[args.accumulate], device)
+        probe = torch.tensor([sequences[0][:8]], device=device)
+        groups = shared_input_groups(modules, lambda: root(input_ids=probe, attention_mask=torch.ones_like(probe)))
+        recorder = Recorder(modules, groups, 1, ACCUMULATE[args.accumulate], device, root=root)
 
         def capture():
             with recorder, exact_float32(), torch.inference_mode():

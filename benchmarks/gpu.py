@@ -17,7 +17,7 @@ tokenizer and calibration text come from the kit. Steps, most valuable first:
     speed      benchmarks/speed.py on a SmolLM2-135M-shaped model, against PEFT
     capture    benchmarks/capture_overhead.py at Llama-3.2-1B and Llama-3-8B shapes
     offload    benchmarks/offload.py: peak GPU memory of an offloaded capture (1B shape)
-    layerwise  the per-block figures of a layerwise capture, once that exists
+    layerwise  a layerwise capture at Llama-3-70B widths (2 and 4 blocks): peak GPU memory, seconds per block
 
 Each step runs in its own process under a time limit (the smaller of its own and what is left
 of --budget); a step that would start with too little time left is skipped. Rows are appended
@@ -54,7 +54,7 @@ STEPS = {  # name: (seconds allowed on the GPU, what it measures)
     "speed": (150, "speed.py against PEFT, SmolLM2-135M shape"),
     "capture": (150, "capture overhead, Llama-3.2-1B and Llama-3-8B shapes"),
     "offload": (90, "offloaded capture's peak memory, Llama-3.2-1B shape"),
-    "layerwise": (60, "layerwise capture per block, Llama-3-70B shape"),
+    "layerwise": (120, "layerwise capture per block, Llama-3-70B shape"),
 }
 MIN_START = 20  # seconds: a step is not started with less left
 
@@ -146,28 +146,6 @@ def emit(out: Path, table: str, title: str, row: dict) -> None:
 
 # ---------------------------------------------------------------- helpers the steps share
 
-def synthetic_model(directory: Path, shape: str, device: str, dtype, layers: int | None = None) -> Path:
-    """A Llama of `shape` (capture_overhead.SYNTHETIC) with random weights, saved with the kit's tokenizer."""
-    import torch
-    import transformers
-    from capture_overhead import SYNTHETIC
-
-    from cntinit import embedded
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(embedded.model_dir())
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, architectures=["LlamaForCausalLM"],
-                                      **SYNTHETIC[shape] | ({"num_hidden_layers": layers} if layers else {}))
-    torch.manual_seed(0)
-    with torch.device(device):
-        net = transformers.LlamaForCausalLM(config).to(dtype)
-    net.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    del net
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return directory
-
-
 def script(name: str, *args: str, timeout: float) -> dict:
     """Run benchmarks/NAME with --json and return what it wrote."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,6 +176,7 @@ def step_tests(args) -> None:
 def step_solve(args) -> None:
     """Solve seconds per mode on a 2-block model of Llama-2-7B's widths, extrapolated per block."""
     import torch
+    from capture_overhead import save_synthetic  # benchmarks/ is this script's directory
 
     from cntinit import capture, console, embedded, solve
     from cntinit.solution import Solution
@@ -205,7 +184,7 @@ def step_solve(args) -> None:
     console.quiet = True
     shape, blocks = ("tiny", 2) if args.dry_run else ("llama-2-7b", 2)
     scratch = Path(tempfile.mkdtemp(prefix="gpu-solve-"))
-    model = synthetic_model(scratch / "model", shape, args.device, torch.float32 if args.dry_run else torch.bfloat16, layers=blocks)
+    model = save_synthetic(scratch / "model", shape, args.device, torch.float32 if args.dry_run else torch.bfloat16, layers=blocks)
     samples = 16 if args.dry_run else 256
     stores = {}
     for label, targets in (("q,v", "q_proj,v_proj"), ("all-linear", "all-linear")):
@@ -343,12 +322,13 @@ def step_inilora(args) -> None:
 
 def step_speed(args) -> None:
     import torch
+    from capture_overhead import save_synthetic
 
     from cntinit import embedded
 
     scratch = Path(tempfile.mkdtemp(prefix="gpu-speed-"))
     shape = "tiny" if args.dry_run else "llama-135m"
-    model = synthetic_model(scratch / "model", shape, args.device, torch.float32)
+    model = save_synthetic(scratch / "model", shape, args.device, torch.float32)
     extra = ["--samples", "8", "--seq-len", "24", "--rank", "4"] if args.dry_run else []
     result = script("speed.py", "--model", str(model), "--data", str(embedded.data_file()), "--device", args.device, *extra,
                     timeout=args.deadline - time.time())
@@ -370,12 +350,13 @@ def step_capture(args) -> None:
 
 def step_offload(args) -> None:
     import torch
+    from capture_overhead import save_synthetic
 
     from cntinit import embedded
 
     scratch = Path(tempfile.mkdtemp(prefix="gpu-offload-"))
     shape = "tiny" if args.dry_run else "llama-1b"
-    model = synthetic_model(scratch / "model", shape, args.device, torch.float32 if args.dry_run else torch.bfloat16)
+    model = save_synthetic(scratch / "model", shape, args.device, torch.float32 if args.dry_run else torch.bfloat16)
     samples = "8" if args.dry_run else "128"
     result = script("offload.py", "--model", str(model), "--data", str(embedded.data_file()), "--device", args.device,
                     "--samples", samples, timeout=args.deadline - time.time())
@@ -385,7 +366,12 @@ def step_offload(args) -> None:
 
 
 def step_layerwise(args) -> None:
-    raise SystemExit("not built yet: capture has no layerwise mode (issue 17); its per-block figures come with it")
+    """Layerwise capture at Llama-3-70B widths, 2 and 4 blocks: peak GPU memory and seconds per block."""
+    extra = ["--shape", "tiny", "--blocks", "2,4", "--samples", "8", "--seq-len", "24", "--solve-offload", "1MB"] if args.dry_run else \
+            ["--shape", "llama-70b", "--blocks", "2,4", "--modes", "layerwise", "--samples", "64", "--seq-len", "512"]
+    result = script("layerwise.py", "--device", args.device, *extra, timeout=args.deadline - time.time())
+    for row in result["rows"]:
+        emit(args.out, "layerwise", result["title"] + " (whole model ≈ fixed + 80 × one more block)", row)
 
 
 # ---------------------------------------------------------------- the driver
@@ -427,7 +413,7 @@ def run_steps(args) -> int:
             stderr = errors.read()
             log.write(stderr[-20000:])
             last = stderr.strip().splitlines()[-1:] if code else []
-            status = "ok" if code == 0 else ("not built" if name == "layerwise" else "failed")
+            status = "ok" if code == 0 else "failed"
             results.steps[name] = {"status": status, "note": last[0][:300] if last else what}
             failures += status == "failed"
         except subprocess.TimeoutExpired:

@@ -4,7 +4,7 @@
     python benchmarks/offload.py --model DIR --data calib.jsonl --device cuda --max-memory cuda=2GiB
 
 Each setting runs in a fresh process (so peaks do not mix) over the same data. Prints wall
-seconds, the process's peak resident memory (ru_maxrss: weights, activations, sums, and the
+seconds, the process's peak resident memory (VmHWM: weights, activations, sums, and the
 libraries — the first row shows what importing them alone costs), the peak GPU memory torch
 allocated, where the weights were, and the largest difference of Σxxᵀ from the normal run.
 Default --max-memory: cpu=1MB on CPU (every weight streamed from disk), on CUDA a quarter of
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cntinit import embedded
+from peaks import peak_rss
 from cntinit.store import Store
 
 SETTINGS = {  # name: extra capture options
@@ -50,7 +50,7 @@ def child(args) -> None:
         capture(args.model, args.data, args.out, targets=args.targets, seq_len=args.seq_len, batch_size=args.batch_size,
                 max_samples=args.samples, device=args.device, **extra)
     print(json.dumps({"seconds": time.perf_counter() - started,
-                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+                      "rss": peak_rss(),
                       "gpu": torch.cuda.max_memory_allocated() if cuda else None}))
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from peaks import peak_rss
 
 # MiniLM's linears but the pooler: PEFT's CorDA hook squeezes the batch dimension, so a 2-D input
 # (the pooler sees one token per sequence) becomes a vector and its covariance a scalar.
@@ -51,7 +52,7 @@ def run_step(step: str, args, scratch: Path) -> dict:
 
     def fresh_model():
         net, tokenizer = models.load(model_dir)
-        return net.to(device, models.resolve_dtype(args.dtype, net, device)), tokenizer
+        return net.to(device, models.resolve_dtype(args.dtype, net.dtype, device)), tokenizer
 
     def tokenized(tokenizer):
         samples = data.read_samples(args.data or embedded.data_file(), max_samples=args.samples)
@@ -112,7 +113,7 @@ def run_step(step: str, args, scratch: Path) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss() / 2**20
     return {"seconds": time.perf_counter() - started, "peak_mb": peak}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from rich.progress import TextColumn
 from torch import nn
 
 from . import checkpoint, console, distributed, feeds, models, store
+from . import layerwise as layerwise_mod
 from .atomic import atomic_directory
 from .console import log, progress
 from .errors import CntinitError
@@ -39,11 +41,12 @@ def exact_float32():
         torch.set_float32_matmul_precision(previous)
 
 
-def shared_input_groups(root: nn.Module, modules: dict[str, nn.Module], probe: dict[str, torch.Tensor]) -> list[list[str]]:
-    """Group target modules that read the very same tensor in one forward pass.
+def shared_input_groups(modules: dict[str, nn.Module], run, ran: set | None = None) -> list[list[str]]:
+    """Group target modules that read the very same tensor when `run()` forwards a small input.
 
-    A short probe forward records every target's input; tensors are kept alive until the
-    grouping is done, so equal (data_ptr, shape, stride, version) means the same tensor.
+    Every target's input is kept alive until the grouping is done, so equal (data_ptr, shape,
+    stride, version) means the same tensor. A target that does not run is a group of its own
+    (`ran`, when given, receives the names of those that did).
     """
     seen: dict[str, torch.Tensor] = {}
     handles = []
@@ -53,10 +56,12 @@ def shared_input_groups(root: nn.Module, modules: dict[str, nn.Module], probe: d
         handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
     try:
         with torch.no_grad():  # not inference_mode: it hides the version counters used below
-            root(**probe)
+            run()
     finally:
         for handle in handles:
             handle.remove()
+    if ran is not None:
+        ran.update(seen)
     groups: dict[tuple, list[str]] = {}
     for name in modules:
         x = seen.get(name)
@@ -131,21 +136,22 @@ def _per_sample_max_norm(rows: torch.Tensor, samples: torch.Tensor | None, size:
 
 
 class Recorder:
-    """Forward hooks that sum each unique input's statistics while `root` runs batches.
+    """Forward hooks that sum each unique input's statistics while batches run through the model.
 
-    Use as a context manager (hooks are installed inside it), calling `run` per batch.
+    `groups` lists the targets that read one tensor (`shared_input_groups`); the first of each
+    names the statistic. Use as a context manager (hooks are installed inside it), calling `run`
+    per batch to forward it through `root`, or `begin` before forwarding a batch some other way.
     """
 
-    def __init__(self, root: nn.Module, modules: dict[str, nn.Module], probe: dict[str, torch.Tensor], buckets: int,
-                 accumulate_dtype: torch.dtype, device: torch.device, sample_max_norm: bool = False,
-                 stats_device: torch.device | None = None):
+    def __init__(self, modules: dict[str, nn.Module], groups: list[list[str]], buckets: int, accumulate_dtype: torch.dtype,
+                 device: torch.device, sample_max_norm: bool = False, stats_device: torch.device | None = None,
+                 root: nn.Module | None = None):
         self.root, self.modules, self.device = root, modules, device
         self.sample_max_norm, self.accumulate_dtype = sample_max_norm, accumulate_dtype
         self.batch = _Batch()
         self.stats: dict[str, InputStats] = {}
         self.module_map: dict[str, dict] = {}
-        probe = {name: value.to(device) for name, value in probe.items()}
-        for group in shared_input_groups(root, modules, probe):
+        for group in groups:
             key = group[0]
             self.stats[key] = InputStats(models.in_out_features(modules[key])[0], buckets, accumulate_dtype, stats_device or device)
             for name in group:
@@ -171,19 +177,25 @@ class Recorder:
             handle.remove()
         self.handles.clear()
 
-    def run(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor | None, bucket: int) -> int:
-        """Forward one batch into bucket `bucket` (`mask`: which positions of right-padded sequences are
-        real; None when nothing is padding); returns its real token count, or its sample count without a mask."""
+    def begin(self, size: int, mask: torch.Tensor | None, bucket: int) -> int:
+        """Say where the real tokens of the next batch are (`mask`: which positions of right-padded
+        sequences are real; None when nothing is padding); returns its real token count, or its
+        sample count without a mask."""
         batch = self.batch
-        batch.size, batch.bucket = next(iter(inputs.values())).shape[0], bucket
+        batch.size, batch.bucket = size, bucket
         batch.length = 0 if mask is None else mask.shape[1]
         flat_mask = None if mask is None else mask.flatten()
         batch.index = None if flat_mask is None or bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1).to(self.device)
+        return size if flat_mask is None else int(flat_mask.sum())
+
+    def run(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor | None, bucket: int) -> int:
+        """Forward one batch through `root` into bucket `bucket`; returns what `begin` does."""
+        count = self.begin(next(iter(inputs.values())).shape[0], mask, bucket)
         self.root(**{name: value.to(self.device) for name, value in inputs.items()})
         if self.batches % FINITE_CHECK_EVERY == 0:
             self.check_finite()
         self.batches += 1
-        return batch.size if flat_mask is None else int(flat_mask.sum())
+        return count
 
     def check_finite(self) -> None:
         """One device sync: NaN/Inf in any input shows up in its running Σx."""
@@ -240,6 +252,8 @@ def capture(
     offload: bool = False,
     max_memory: str | None = None,
     stats_device: str | None = None,
+    layerwise: bool = False,
+    activations_device: str | None = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
 ) -> Path:
@@ -248,11 +262,13 @@ def capture(
     `model` is a transformers directory (text or vision) or a diffusers Stable-Diffusion-style
     pipeline directory; `data` is text for a text model, a folder of images otherwise. `shard`
     ('i/N') captures only share i of N of every bucket; `merge` of all N equals one run. With
-    `checkpoint_every`, the sums are saved every N batches and on SIGINT/SIGTERM, and a restart
-    with the same arguments resumes from them. Under `torchrun`, every process captures its own
-    share and rank 0 writes the summed store. `offload` spreads a model too large for the device
-    over device, CPU memory and disk (accelerate; limits in `max_memory`, 'cuda=20GiB,cpu=64GiB');
-    `stats_device` ('cpu') keeps the sums off the device. Neither changes the statistics."""
+    `checkpoint_every`, the sums are saved every N batches (N blocks with `layerwise`) and on
+    SIGINT/SIGTERM, and a restart with the same arguments resumes from them. Under `torchrun`,
+    every process captures its own share and rank 0 writes the summed store. `offload` spreads a
+    model too large for the device over device, CPU memory and disk (accelerate; limits in
+    `max_memory`, 'cuda=20GiB,cpu=64GiB'); `stats_device` ('cpu') keeps the sums off the device.
+    `layerwise` reads and runs one block at a time, holding one block's weights and statistics
+    and every batch's hidden states (on `activations_device`). None of these changes the statistics."""
     arguments = dict(locals())
     with distributed.joined() as world, contextlib.ExitStack() as scratch:
         return _capture(world, scratch, **arguments)
@@ -260,7 +276,7 @@ def capture(
 
 def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, data, out, *, targets, seq_len, batch_size, max_samples, device, dtype, buckets,
              pack, accumulate, text_field, sample_max_norm, image_size, image_mean, image_std, prompt, noise_timestep, seed,
-             shard, checkpoint_every, offload, max_memory, stats_device, overwrite, trust_remote_code) -> Path:
+             shard, checkpoint_every, offload, max_memory, stats_device, layerwise, activations_device, overwrite, trust_remote_code) -> Path:
     for option, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--buckets", buckets)):
         if value < 1:
             raise CntinitError(f"{option} must be at least 1, got {value}")
@@ -274,14 +290,19 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         raise CntinitError(f"--accumulate {accumulate} is not one of {', '.join(ACCUMULATE)}")
     if world.size > 1 and shard is not None:
         raise CntinitError("under torchrun every process already captures its own share: leave out --shard")
+    if layerwise and offload:
+        raise CntinitError("--layerwise already reads one block at a time from the checkpoint: leave out --offload")
+    if activations_device is not None and not layerwise:
+        raise CntinitError("--activations-device says where --layerwise keeps the hidden states between blocks: add --layerwise")
     share = (world.rank, world.size) if world.size > 1 else parse_shard(shard)
     if not world.leader:
         console.quiet = True  # one progress bar and log, rank 0's
     dev = models.resolve_device(device)
     sums_on = models.resolve_device(stats_device, "--stats-device") if stats_device is not None else dev
+    activations_on = models.resolve_device(activations_device, "--activations-device") if activations_device is not None else dev
     started = time.perf_counter()
     placement = models.offload_placement(scratch, out, offload, max_memory, dev, _offload_dtype(dtype, dev))
-    net, tokenizer = models.load(model, trust_remote_code, placement)
+    net, tokenizer = models.load(model, trust_remote_code, placement, empty=layerwise)
     kind = models.modality(net)
     wrong = [option for option, value, kinds in (
         ("--prompt", prompt, ("diffusion",)), ("--noise-timestep", noise_timestep, ("diffusion",)),
@@ -289,10 +310,18 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         ("--sample-max-norm", sample_max_norm or None, ("text", "vision"))) if value is not None and kind not in kinds]
     if wrong:
         raise CntinitError(f"{wrong[0]} does not apply to a {kind} model ({model}): leave it out")
+    if layerwise and (kind == "diffusion" or getattr(net.config, "is_encoder_decoder", False)):
+        what = "a diffusers pipeline, whose UNet" if kind == "diffusion" else "an encoder-decoder model, whose decoder"
+        raise CntinitError(f"--layerwise runs one chain of repeated blocks; {model} is {what} is not one: capture without --layerwise")
     modules = models.select_targets(net, targets)
-    model_fingerprint = models.fingerprint(modules)
+    root = models.forward_root(net, list(modules))
+    if layerwise:
+        layerwise_mod.chain(net, root, modules)  # refuses, before any work, a model without one chain of blocks
+    weights = layerwise_mod.Weights(Path(model), net) if layerwise else None
+    checkpoint_dtype = layerwise_mod.load_dtype(net, weights) if layerwise else net.dtype
+    model_fingerprint = models.fingerprint(modules, weights.matrix if layerwise else None, checkpoint_dtype)
     store.check_out(out, model_fingerprint, overwrite)
-    run_dtype = net.dtype if placement is not None else models.resolve_dtype(dtype, net, dev)
+    run_dtype = net.dtype if placement is not None else models.resolve_dtype(dtype, checkpoint_dtype, dev)
     if kind == "text":
         feed = feeds.text(net, tokenizer, data, seq_len=seq_len, batch_size=batch_size, buckets=buckets,
                           max_samples=max_samples, pack=pack, text_field=text_field, shard=share)
@@ -302,7 +331,9 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
     else:
         feed = feeds.diffusion(net, tokenizer, data, batch_size=batch_size, buckets=buckets, max_samples=max_samples,
                                image_size=image_size, prompt=prompt, noise_timestep=noise_timestep, seed=seed, shard=share)
-    if placement is None:
+    if layerwise:
+        where = f"{dev}, weights read block by block"
+    elif placement is None:
         net.to(dev, run_dtype)
         where = str(dev)
     else:
@@ -310,8 +341,6 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         spread = list(dict.fromkeys(f"cuda:{v}" if isinstance(v, int) else str(v) for v in places))
         where = f"{dev}, weights on {' + '.join(spread)}"
     log(f"loaded {type(net).__name__} from {model} ({len(modules)} targets, {run_dtype}, {where}) in {time.perf_counter() - started:.1f}s")
-    root = models.forward_root(net, list(modules))
-    recorder = Recorder(root, modules, feed.probe, buckets, ACCUMULATE[accumulate], dev, sample_max_norm, sums_on)
     recorded = {
         "targets": targets if isinstance(targets, str) else ",".join(targets),
         "seq_len": seq_len,
@@ -326,7 +355,61 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         "shard": shard,
     } | feed.settings
     saved = checkpoint.location(out, world.rank if world.size > 1 else None) if checkpoint_every else None
-    ident = checkpoint.identity(model_fingerprint, feed.data, recorded, share)
+    ident = checkpoint.identity(model_fingerprint, feed.data, recorded, share, *(["layerwise"] if layerwise else []))
+    if layerwise:
+        parent = Path(out).absolute().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        if saved is not None:
+            saved.mkdir(exist_ok=True)  # the finished blocks' payloads wait in the checkpoint
+        work = saved or Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.layerwise-", dir=parent)))
+        setup = layerwise_mod.Setup(dev, run_dtype, weights, checkpoint_dtype, buckets, ACCUMULATE[accumulate], sample_max_norm,
+                                    sums_on, activations_on, work, saved, checkpoint_every, ident)
+        payloads, written, done = layerwise_mod.capture(net, root, modules, feed, setup, world)
+        module_map = {name: written.modules[name] for name in modules}
+        stats = {key: written.stats[key] for key in dict.fromkeys(entry["key"] for entry in module_map.values())}
+        sums = {}
+    else:
+        payloads = None
+        sums, module_map, done = _stream(root, modules, feed, net, buckets, accumulate, dev, sample_max_norm, sums_on, saved, ident,
+                                         checkpoint_every)
+    if world.size > 1:
+        done, feed.data["sequences"] = distributed.add_across_ranks(world, sums, [done, feed.total])
+        if not world.leader:
+            if saved is not None:
+                checkpoint.remove(saved)
+            return Path(out)
+    if not layerwise:
+        silent = [name for name, entry in module_map.items() if sum(sums[entry["key"]].count) == 0]
+        if silent:
+            raise CntinitError(f"targets never ran in the forward pass: {', '.join(silent[:5])}: drop them from --targets")
+        stats = {key: {"dim": s.dim, "count": sum(s.count), "modules": [n for n, e in module_map.items() if e["key"] == key]}
+                 for key, s in sums.items()}
+    tokens = done if kind == "text" else max(entry["count"] for entry in stats.values())
+    manifest = store.new_manifest(
+        model={"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": model_fingerprint, "kind": kind},
+        data=feed.data | {"tokens": tokens},
+        capture=recorded,
+        modules=module_map,
+        stats=stats,
+    )
+    with atomic_directory(out) as tmp:
+        if payloads is None:
+            payloads = store.Payloads(tmp)
+            for key, s in sums.items():  # one key's full matrices at a time on the CPU
+                payloads.add(key, s.tensors(key))
+        payloads.finish(manifest, into=tmp)
+    if saved is not None:
+        checkpoint.remove(saved)
+    log(f"captured {tokens:,} {'tokens' if kind == 'text' else 'rows'} from {feed.total:,} samples into {len(stats)} statistics "
+        f"({time.perf_counter() - started:.1f}s)")
+    return Path(out)
+
+
+def _stream(root, modules, feed, net, buckets, accumulate, dev, sample_max_norm, sums_on, saved, ident, checkpoint_every):
+    """The whole model over every batch, hooks on every target: (sums by key, module map, real tokens or samples)."""
+    probe = {name: value.to(dev) for name, value in feed.probe.items()}
+    groups = shared_input_groups(modules, lambda: root(**probe))
+    recorder = Recorder(modules, groups, buckets, ACCUMULATE[accumulate], dev, sample_max_norm, sums_on, root)
     resumed = checkpoint.load(saved, ident) if saved is not None and saved.exists() else None
     skip, done = (resumed[0]["batches"], resumed[0]["done"]) if resumed else (0, 0)
     if resumed:
@@ -354,29 +437,4 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
                 raise Interrupted(f"stopped by {stop[0]} after {index + 1} batches; the checkpoint at {saved} keeps them: "
                                   "run the same command to resume")
         recorder.check_finite()
-    stats, module_map = recorder.stats, recorder.module_map
-    if world.size > 1:
-        done, feed.data["sequences"] = distributed.add_across_ranks(world, stats, [done, feed.total])
-        if not world.leader:
-            if saved is not None:
-                checkpoint.remove(saved)
-            return Path(out)
-
-    silent = [name for name, entry in module_map.items() if sum(stats[entry["key"]].count) == 0]
-    if silent:
-        raise CntinitError(f"targets never ran in the forward pass: {', '.join(silent[:5])}: drop them from --targets")
-    tokens = done if kind == "text" else max(sum(s.count) for s in stats.values())
-    manifest = store.new_manifest(
-        model={"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": model_fingerprint, "kind": kind},
-        data=feed.data | {"tokens": tokens},
-        capture=recorded,
-        modules=module_map,
-        stats={key: {"dim": s.dim, "count": sum(s.count), "modules": [n for n, e in module_map.items() if e["key"] == key]} for key, s in stats.items()},
-    )
-    with atomic_directory(out) as tmp:
-        store.write(tmp, manifest, {key: s.tensors(key) for key, s in stats.items()})
-    if saved is not None:
-        checkpoint.remove(saved)
-    log(f"captured {tokens:,} {'tokens' if kind == 'text' else 'rows'} from {feed.total:,} samples into {len(stats)} statistics "
-        f"({time.perf_counter() - started:.1f}s)")
-    return Path(out)
+    return recorder.stats, recorder.module_map, done

@@ -96,10 +96,12 @@ def capture(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Pipelines: this prompt for every image instead of captions, e.g. \"a photo of sks dog\"."),
     noise_timestep: Optional[int] = typer.Option(None, "--noise-timestep", help="Pipelines: feed the UNet latents noised to timestep t by the pipeline's scheduler (default: clean latents, t = 0)."),
     seed: int = typer.Option(0, "--seed", help="Pipelines: seed of the --noise-timestep noise."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save the running sums every N batches (and on Ctrl-C/SIGTERM) beside --out; the same command run again resumes from them."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save the running sums every N batches (N blocks with --layerwise), and on Ctrl-C/SIGTERM, beside --out; the same command run again resumes from them."),
     offload: bool = typer.Option(False, "--offload", help="For models larger than the device: accelerate places the weights on the device, then CPU memory, then disk (beside --out), and streams them in layer by layer."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="--offload: limits per place, e.g. cuda=20GiB,cpu=64GiB (default: what accelerate finds free)."),
     stats_device: Optional[str] = typer.Option(None, "--stats-device", help="Where the running sums live: cpu keeps their d² per statistic off the GPU (default: --device)."),
+    layerwise: bool = typer.Option(False, "--layerwise", help="Read and run one block at a time (a 70B model on one GPU): the memory of one block's weights and statistics plus every batch's hidden states; the same statistics. --checkpoint-every then counts blocks."),
+    activations_device: Optional[str] = typer.Option(None, "--activations-device", help="--layerwise: where the hidden states wait between blocks: cpu keeps them off the GPU (default: --device)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Capture only share I of N of the data (I/N, e.g. 0/4), for array jobs; `cntinit merge` of all N equals one run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a store of this model."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
@@ -126,7 +128,7 @@ def capture(
         accumulate=accumulate, text_field=text_field, sample_max_norm=sample_max_norm, image_size=image_size,
         image_mean=_rgb(image_mean, "--image-mean"), image_std=_rgb(image_std, "--image-std"), prompt=prompt,
         noise_timestep=noise_timestep, seed=seed, shard=shard, checkpoint_every=checkpoint_every, offload=offload,
-        max_memory=max_memory, stats_device=stats_device,
+        max_memory=max_memory, stats_device=stats_device, layerwise=layerwise, activations_device=activations_device,
     )
     _torchrun_needs_out(out)
     if out is None:

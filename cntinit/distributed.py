@@ -63,19 +63,25 @@ def joined() -> Iterator[World]:
             dist.destroy_process_group()
 
 
-def add_across_ranks(world: World, stats: dict[str, InputStats], counters: list[int]) -> list[int]:
+def add_across_ranks(world: World, stats: dict[str, InputStats], counters: list[int], last: bool = True) -> list[int]:
     """Sum every statistic (in place) and the `counters` over all ranks; returns the summed counters.
-    The capture's one meeting of the ranks."""
+    A meeting of the ranks: the capture's only one, or with `last=False` one of a layerwise
+    capture's (one per block), after which failures still stop every rank."""
     import torch.distributed as dist
 
-    _last_meeting(world)
+    if last:
+        _last_meeting(world)
+    else:
+        everyone(world, None)
     for entry in stats.values():
         dist.all_reduce(entry.xxt)
         dist.all_reduce(entry.sum)
         counts = torch.tensor(entry.count, dtype=torch.int64, device=entry.sum.device)
         dist.all_reduce(counts)
         entry.count = counts.tolist()
-    device = next(iter(stats.values())).sum.device
+    if not counters:
+        return []
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     totals = torch.tensor(counters, dtype=torch.int64, device=device)
     dist.all_reduce(totals)
     return totals.tolist()

@@ -27,13 +27,15 @@ ALL_LINEAR = "all-linear"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 
 
-def load(path: str | Path, trust_remote_code: bool = False, placement: "Placement | None" = None):
+def load(path: str | Path, trust_remote_code: bool = False, placement: "Placement | None" = None, empty: bool = False):
     """(model, tokenizer or None) from a local directory, in the checkpoint's own dtype, eval mode.
 
     The class is the one config.json names (so module paths match what trainers load),
     falling back to AutoModel. A diffusers pipeline directory loads as `pipelines.DiffusionParts`.
     A model without tokenizer files (a vision encoder) gets None. With a `placement`, accelerate
-    spreads the weights over the device, then CPU memory, then disk, within its limits.
+    spreads the weights over the device, then CPU memory, then disk, within its limits. `empty`
+    builds the model without reading its weights: parameters on the meta device, buffers real
+    (a layerwise capture reads the weights itself, block by block).
     """
     path = Path(path)
     if not path.exists():
@@ -51,8 +53,16 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
         names = getattr(config, "architectures", None) or []
         model_class = getattr(transformers, names[0], None) if names else None
         model_class = model_class or transformers.AutoModel
-        spread = placement.arguments() if placement is not None else {}
-        model = model_class.from_pretrained(path, dtype=spread.pop("dtype", "auto"), trust_remote_code=trust_remote_code, **spread)
+        if empty:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                model = (transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code) if model_class is transformers.AutoModel
+                         else model_class._from_config(config))
+            model.tie_weights()  # as from_pretrained does: a tied output layer shares the embeddings' parameter
+        else:
+            spread = placement.arguments() if placement is not None else {}
+            model = model_class.from_pretrained(path, dtype=spread.pop("dtype", "auto"), trust_remote_code=trust_remote_code, **spread)
         has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) if has_tokenizer else None
     except CntinitError:
@@ -194,14 +204,16 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
     return in_features, out_features
 
 
-def fingerprint(modules: dict[str, nn.Module]) -> str:
+def fingerprint(modules: dict[str, nn.Module], read=None, loaded: torch.dtype | None = None) -> str:
     """sha256 over the names, shapes and float32 values of the target weights.
 
-    Float32 values make it independent of the dtype the model was run in.
+    Float32 values make it independent of the dtype the model was run in. `read(name, module,
+    loaded)` supplies W (out × in) where the module holds none (a layerwise capture reads it
+    from the checkpoint, in the dtype `loaded` that from_pretrained would give it).
     """
     digest = hashlib.sha256()
     for name in sorted(modules):
-        weight = weight_values(modules[name]).to("cpu", torch.float32).contiguous()
+        weight = (read(name, modules[name], loaded) if read else weight_values(modules[name])).to("cpu", torch.float32).contiguous()
         digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
         digest.update(weight.numpy().tobytes())
     return "sha256:" + digest.hexdigest()
@@ -260,10 +272,10 @@ def resolve_device(device: str, option: str = "--device") -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype: str, model: nn.Module, device: torch.device) -> torch.dtype:
-    """`auto`: the checkpoint's dtype on GPU; float32 on CPU, where half precision is slow."""
+def resolve_dtype(dtype: str, checkpoint: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`auto`: the `checkpoint`'s dtype on GPU; float32 on CPU, where half precision is slow."""
     if dtype == "auto":
-        return model.dtype if device.type == "cuda" else torch.float32
+        return checkpoint if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise CntinitError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]

@@ -30,7 +30,7 @@ def _defaults(function, keys) -> dict:
 
 
 CAPTURE_DEFAULTS = _defaults(capture, recipe.CAPTURE)
-PLACEMENT = ("offload", "max_memory", "stats_device")  # where the work runs, not what it computes: not in cache keys
+PLACEMENT = ("offload", "max_memory", "stats_device", "layerwise", "activations_device")  # how the work runs, not what it computes: not in cache keys
 EXPORT_DEFAULTS = _defaults(export, recipe.EXPORT)  # what an export manifest's "options" records
 
 

@@ -39,27 +39,61 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def write(directory: Path, manifest: dict, tensors_by_key: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Write the shards and the manifest into `directory` (already a temporary one)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    files: dict[str, str] = {}
-    for key, tensors in tensors_by_key.items():
+class Payloads:
+    """The store's payload files, written as statistics arrive — all at the end of a capture, one
+    block's at a time in a layerwise one — each holding whole keys, up to about SHARD_BYTES.
+    `state`/`Payloads(directory, state)` carry an unfinished set across a checkpoint."""
+
+    def __init__(self, directory: Path, state: dict | None = None):
+        self.directory = Path(directory)
+        self.where: dict[str, str] = dict(state["where"]) if state else {}  # key -> file name
+        self.written = state["written"] if state else 0
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_keys: list[str] = []
+        self.size = 0
+
+    def add(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1].update(tensors)
-        size += nbytes
-        files[key] = f"stats-{len(shards):05d}.safetensors"
-    manifest["files"] = {}
-    for index, shard in enumerate(shards, start=1):
-        name = f"stats-{index:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in shard.items()}, directory / name, metadata={"format": "pt"})
-        manifest["files"][name] = file_entry(directory / name)
-    for key, name in files.items():
-        manifest["stats"][key]["file"] = name
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if self.pending and self.size + nbytes > SHARD_BYTES:
+            self.flush()
+        self.pending.update(tensors)
+        self.pending_keys.append(key)
+        self.size += nbytes
+
+    def flush(self) -> None:
+        """Write what is pending as the next file."""
+        if not self.pending:
+            return
+        self.written += 1
+        name = f"stats-{self.written:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in self.pending.items()}, self.directory / name, metadata={"format": "pt"})
+        self.where.update(dict.fromkeys(self.pending_keys, name))
+        self.pending, self.pending_keys, self.size = {}, [], 0
+
+    def state(self) -> dict:
+        self.flush()
+        return {"where": self.where, "written": self.written}
+
+    def finish(self, manifest: dict, into: Path | None = None) -> None:
+        """Write what is pending, move the files `into` the store directory (when they were written
+        elsewhere), and write the manifest with every file's checksum and every key's file."""
+        self.flush()
+        into = Path(into or self.directory)
+        if into != self.directory:
+            for name in sorted(set(self.where.values())):
+                os.replace(self.directory / name, into / name)
+        manifest["files"] = {name: file_entry(into / name) for name in sorted(set(self.where.values()))}
+        for key, name in self.where.items():
+            manifest["stats"][key]["file"] = name
+        (into / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def write(directory: Path, manifest: dict, tensors_by_key: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Write the payloads and the manifest into `directory` (already a temporary one)."""
+    payloads = Payloads(directory)
+    for key, tensors in tensors_by_key.items():
+        payloads.add(key, tensors)
+    payloads.finish(manifest)
 
 
 def header(format: str, version: int) -> dict:

@@ -58,7 +58,7 @@ def test_gpu_run_dry_run_measures_every_step(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert {name: step["status"] for name, step in results["steps"].items()} == {
         "tests": "ok", "solve": "ok", "primitives": "ok", "inilora": "ok", "speed": "ok", "capture": "ok", "offload": "ok",
-        "layerwise": "not built"}
+        "layerwise": "ok"}
     tables = {name: table["rows"] for name, table in results["tables"].items()}
     markdown = (out / "results.md").read_text()
     assert all(table["title"] in markdown for table in results["tables"].values())
@@ -95,3 +95,7 @@ def test_gpu_run_dry_run_measures_every_step(tmp_path):
     assert list(offload) == ["(imports only)", "normal", "--stats-device cpu", "--offload", "--offload --stats-device cpu"]
     assert all(float(r["max |ΔΣxxᵀ|"]) == 0 for r in list(offload.values())[1:])  # placement never changes the statistics
     assert offload["--offload"]["weights on"] == "disk"  # cpu=1MB: every weight streamed from disk
+
+    blocks = {row["blocks"]: row for row in tables["layerwise"]}
+    assert {2, 4} <= set(blocks) and all(float(blocks[b]["layerwise s"]) > 0 and float(blocks[b]["normal s"]) > 0 for b in (2, 4))
+    assert "layerwise: peak 4 / 2 blocks" in blocks and "solve --offload --max-memory cpu=1MB (4 blocks)" in blocks
