@@ -9,6 +9,7 @@ changes the result beyond float rounding.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import tempfile
 import threading
@@ -198,14 +199,18 @@ class Recorder:
         return count
 
     def check_finite(self) -> None:
-        """One device sync: NaN/Inf in any input shows up in its running Σx."""
+        """One device sync: NaN/Inf in any input shows up in its running Σx, and a square beyond the
+        sums' range on the diagonal of Σxxᵀ (which bounds every other entry)."""
         keys = list(self.stats)
-        totals = torch.stack([self.stats[key].sum.sum() for key in keys])
+        if not keys:
+            return
+        totals = torch.stack([self.stats[key].sum.sum() + self.stats[key].xxt.diagonal(dim1=-2, dim2=-1).sum() for key in keys])
         if bool(torch.isfinite(totals).all()):
             return
         bad_key = keys[int((~torch.isfinite(totals)).nonzero()[0])]
         names = [n for n, e in self.module_map.items() if e["key"] == bad_key]
-        raise CntinitError(f"non-finite activations (NaN/Inf) entering {', '.join(names)}: run with --dtype float32")
+        raise CntinitError(f"non-finite activations (NaN/Inf, or squares beyond the sums' range) entering {', '.join(names)}: "
+                           "run with --dtype float32, or --accumulate float64 for activations this large")
 
 
 def _offload_dtype(dtype: str, dev: torch.device) -> torch.dtype | str:
@@ -288,6 +293,8 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         raise CntinitError(f"--image-size must be at least 1, got {image_size}")
     if accumulate not in ACCUMULATE:
         raise CntinitError(f"--accumulate {accumulate} is not one of {', '.join(ACCUMULATE)}")
+    if not all(math.isfinite(v) for v in (*image_mean, *image_std)) or min(image_std) <= 0:
+        raise CntinitError(f"--image-mean and --image-std must be finite, --image-std above 0; got {image_mean} and {image_std}")
     if world.size > 1 and shard is not None:
         raise CntinitError("under torchrun every process already captures its own share: leave out --shard")
     if layerwise and offload:

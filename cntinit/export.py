@@ -46,10 +46,9 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
            model: str | Path | None = None, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """Write the adapter of the solve at `solve_dir` to `out` (and the residual base when the init needs one)."""
     options = {"format": format, "alpha": alpha, "rslora": rslora, "dora": dora, "fixed_alpha": fixed_alpha, "module_prefix": module_prefix}
-    if alpha is not None and alpha <= 0:
-        raise CntinitError(f"--alpha must be positive, got {alpha}")
     sol = solution.Solution(solve_dir)
     manifest = sol.manifest
+    _check_alpha(alpha, manifest["params"]["rank"])
     if not sol.modules:
         raise CntinitError(f"{solve_dir} gives every module rank 0: solve with a larger --budget or --min-rank 1")
     pipeline = manifest["model"].get("class") == pipelines.DiffusionParts.__name__
@@ -117,6 +116,20 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
         }, indent=2) + "\n")
     log(f"wrote a {format} adapter for {len(ranks)} modules to {out} ({manifest['init']} init: " + _how_to_load(format, residual, Path(out)) + ")")
     return Path(out)
+
+
+SCALE_RANGE = (1e-4, 1e4)  # α/r: the folded factors stay well inside half precision's range
+
+
+def _check_alpha(alpha: float | None, rank: int) -> None:
+    if alpha is None:
+        return
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise CntinitError(f"--alpha must be a positive finite number, got {alpha}")
+    low, high = SCALE_RANGE
+    if not low <= alpha / rank <= high:
+        raise CntinitError(f"--alpha {alpha:g} gives the scale α/r = {alpha / rank:.3g} at rank {rank}, outside [{low:g}, {high:g}] where "
+                           f"the factors folded with it stay inside half precision: choose --alpha between {low * rank:g} and {high * rank:g}")
 
 
 def _check_format(format: str, pipeline: bool, alpha, rslora: bool, dora: bool, fixed_alpha: bool, module_prefix: str) -> None:
@@ -254,7 +267,10 @@ def _worst_error(adapted: dict, original: dict, factors: dict, residual: bool) -
             want = x @ (w if residual else w + b.double() @ a.double()).T + bias
             module = adapted[name]
             got = module(x.to(module.weight.dtype)).double()
-            worst = max(worst, float((got - want).norm() / want.norm().clamp(min=1e-30)))
+            error = float((got - want).norm() / want.norm().clamp(min=1e-30))
+            if not math.isfinite(error):  # max() would drop a NaN
+                return math.inf
+            worst = max(worst, error)
     return worst
 
 
@@ -286,6 +302,9 @@ def verify(out: str | Path, solve_dir: str | Path, model: str | Path | None = No
     exported = json.loads((Path(out) / store.MANIFEST).read_text())
     peft_format = exported["adapter_format"] == "peft"
     error = (check_peft if peft_format else check_pipeline)(out, solve_dir, model)
+    if not math.isfinite(error):
+        raise CntinitError(f"the adapter loaded from {out} computes NaN or Inf: its files or its base hold non-finite values; "
+                           "export again from an intact solve directory")
     if error > CHECK_TOLERANCE:
         raise CntinitError(f"the adapter loaded from {out} differs from the initial layers by {error:.2e} (relative), above "
                            f"{CHECK_TOLERANCE:g}; see the warnings above")

@@ -205,7 +205,7 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
 
 
 def fingerprint(modules: dict[str, nn.Module], read=None, loaded: torch.dtype | None = None) -> str:
-    """sha256 over the names, shapes and float32 values of the target weights.
+    """sha256 over the names, shapes and float32 values of the target weights, which must be finite.
 
     Float32 values make it independent of the dtype the model was run in. `read(name, module,
     loaded)` supplies W (out × in) where the module holds none (a layerwise capture reads it
@@ -214,6 +214,8 @@ def fingerprint(modules: dict[str, nn.Module], read=None, loaded: torch.dtype | 
     digest = hashlib.sha256()
     for name in sorted(modules):
         weight = (read(name, modules[name], loaded) if read else weight_values(modules[name])).to("cpu", torch.float32).contiguous()
+        if not bool(torch.isfinite(weight).all()):  # every stage reads the weights through here: one check for all
+            raise CntinitError(f"the weight of {name} holds NaN or Inf: the model's checkpoint is damaged; use an intact copy")
         digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
         digest.update(weight.numpy().tobytes())
     return "sha256:" + digest.hexdigest()

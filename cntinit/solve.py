@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -122,8 +123,15 @@ class Options:
             raise CntinitError("--budget, --min-rank and --max-rank shape variable ranks: add --vas")
         if self.niter is not None and self.niter < 0:
             raise CntinitError(f"--niter must be at least 0, got {self.niter}")
-        if self.rho is not None and self.rho < 1:
-            raise CntinitError(f"--rho must be at least 1 (1 = no redistribution), got {self.rho}")
+        if self.rho is not None and not (math.isfinite(self.rho) and self.rho >= 1):
+            raise CntinitError(f"--rho must be at least 1 and finite (1 = no redistribution), got {self.rho}")
+        if not (math.isfinite(self.shift_c) and 0 < self.shift_c <= 1e6):
+            raise CntinitError(f"--shift-c must be a positive finite number up to 1e6 (C = c·I scales the target), got {self.shift_c}")
+        if self.bucket_weights is not None:
+            bad = [w for w in self.bucket_weights if not (math.isfinite(w) and w >= 0)]
+            if bad or not any(w > 0 for w in self.bucket_weights):
+                raise CntinitError(f"--bucket-weights are the buckets' shares of the robust estimate: give finite numbers ≥ 0, "
+                                   f"at least one above 0 (got {','.join(f'{w:g}' for w in self.bucket_weights)})")
         if self.steps is not None and self.steps < 0:
             raise CntinitError(f"--steps must be at least 0, got {self.steps}")
 

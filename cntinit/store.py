@@ -180,7 +180,11 @@ class Store:
             raise CntinitError(f"{self.path} holds no statistics key {key}")
         prefix = key + "."
         with safe_open(self.path / entry["file"], framework="pt") as handle:
-            return {name[len(prefix) :]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
+            tensors = {name[len(prefix) :]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
+        if not all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()):
+            raise CntinitError(f"{self.path / entry['file']} holds NaN or Inf in the statistics of {key}: the statistics store "
+                               "is damaged, capture again")
+        return tensors
 
 
 def check_out(out: str | Path, model_fingerprint: str, overwrite: bool, format: str = FORMAT, what: str = "a statistics store") -> None:

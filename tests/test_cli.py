@@ -43,7 +43,7 @@ def inf_model(tmp_path):
     directory = build_tiny("bert", tmp_path / "inf")
     model = transformers.BertModel.from_pretrained(directory)
     with torch.no_grad():
-        model.encoder.layer[0].intermediate.dense.weight[0, 0] = float("inf")
+        model.encoder.layer[0].intermediate.dense.weight[0, 0] = 1e25  # finite, but its outputs' squares overflow float32
     model.save_pretrained(directory)
     return directory
 
@@ -68,7 +68,8 @@ def bad_cases(tiny, tmp_path, text_jsonl, inf_model):
         ([llama, "-d", no_field], r"nofield.jsonl:1: no string field 'text'"),
         ([llama, "-d", text_jsonl, "--buckets", "0"], "--buckets must be at least 1"),
         ([llama, "-d", text_jsonl, "--dtype", "int8"], "--dtype int8 is not one of"),
-        ([inf_model, "-d", text_jsonl], r"non-finite activations \(NaN/Inf\) entering encoder.layer.0.output.dense: run with --dtype float32"),
+        ([inf_model, "-d", text_jsonl], r"non-finite activations \(NaN/Inf, or squares beyond the sums' range\) entering "
+                                        r"encoder.layer.0.output.dense: run with --dtype float32"),
     ]
 
 

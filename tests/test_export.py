@@ -171,7 +171,7 @@ def test_bad_export_input(captured, tmp_path, capsys):
     cases = [
         ([captured["bert"]], "is not a cntinit solve directory"),
         ([tmp_path / "s", "--format", "onnx"], "--format onnx is not one of peft"),
-        ([tmp_path / "s", "--alpha", "0"], "--alpha must be positive"),
+        ([tmp_path / "s", "--alpha", "0"], "--alpha must be a positive finite number"),
         ([tmp_path / "s", "--out", foreign], "exists and is not an export of this model"),
     ]
     for args, message in cases:
