@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import __version__
-from .atomic import atomic_file
+from .atomic import atomic_file, remove_leftovers
 from .console import log
 from .errors import CntinitError
 from .store import read_manifest
@@ -102,10 +102,7 @@ class Entry:
     key: str
     path: Path
     meta: dict
-
-    @property
-    def bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+    bytes: int  # measured when listed, so a removal can still say how much it freed
 
     @property
     def used(self) -> float:
@@ -117,32 +114,52 @@ def entry_dir(cache: Path, kind: str, key: str) -> Path:
 
 
 def obtain(kind: str, inputs: dict, label: str, compute: Callable[[Path], object], cache: Path | None = None) -> tuple[Path, bool]:
-    """(the entry's directory, whether it was already there). On a miss `compute(directory)`
-    writes it (atomically, as capture and solve do), under the key's lock."""
+    """(the entry's directory, whether it was already there and intact). A hit is checked under a
+    shared lock (runs using one entry do not wait for each other); a miss, or an entry whose files
+    no longer match their checksums, is computed by `compute(directory)` (atomically, as capture
+    and solve write) under the key's exclusive lock, so two runs never compute it twice."""
     cache = cache or root()
     digest = key(kind, inputs)
     path = entry_dir(cache, kind, digest)
+    with _locked(cache, digest, label, shared=True):
+        if _intact(path, KINDS[kind][1], cache):
+            _touch(path, kind, digest, label, inputs)
+            return path, True
     with _locked(cache, digest, label):
-        hit = _complete(path, KINDS[kind][1])
+        hit = _intact(path, KINDS[kind][1], cache)  # another run may have computed it meanwhile
         if not hit:
-            if path.exists():  # damaged (a payload missing or of the wrong size): compute it again
-                log(f"cache entry {digest[:12]} ({label}) is damaged; computing it again")
+            if path.exists():
+                log(f"cache entry {digest[:12]} ({label}) is damaged (a file is missing or changed); computing it again")
                 shutil.rmtree(path)
             compute(path)
-        meta_file = path.with_suffix(".json")
-        meta = _read_json(meta_file) or {"kind": kind, "key": digest, "label": label, "created": time.time(), "inputs": inputs}
-        _write_atomic(meta_file, json.dumps(meta | {"used": time.time()}, indent=2, default=str))
+        _touch(path, kind, digest, label, inputs)
     return path, hit
 
 
-def _complete(path: Path, format: str) -> bool:
-    """A readable manifest whose payloads all exist with their recorded sizes (checksums are
-    verified by whoever opens the entry)."""
+@contextlib.contextmanager
+def in_use(path: Path, cache: Path | None = None) -> Iterator[None]:
+    """Hold the entry at `path` while a run reads it: `cache rm` and `prune` leave it alone."""
+    with _locked(cache or root(), path.name, path.name, shared=True):
+        yield
+
+
+def _touch(path: Path, kind: str, digest: str, label: str, inputs: dict) -> None:
+    meta_file = path.with_suffix(".json")
+    meta = _read_json(meta_file) or {"kind": kind, "key": digest, "label": label, "created": time.time(), "inputs": inputs}
+    _write_atomic(meta_file, json.dumps(meta | {"used": time.time()}, indent=2, default=str))
+
+
+def _intact(path: Path, format: str, cache: Path) -> bool:
+    """A readable manifest whose payloads all exist with their recorded sizes and checksums (each
+    file's hash is remembered by its size, mtime and inode, so a repeated hit reads nothing)."""
     manifest = read_manifest(path, format)
     if manifest is None:
         return False
-    files = manifest.get("files", {})
-    return all((path / name).is_file() and (path / name).stat().st_size == entry.get("bytes") for name, entry in files.items())
+    for name, entry in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != entry.get("bytes") or "sha256:" + file_digest(file, cache) != entry.get("sha256"):
+            return False
+    return True
 
 
 def entries(cache: Path | None = None) -> list[Entry]:
@@ -155,7 +172,8 @@ def entries(cache: Path | None = None) -> list[Entry]:
             continue
         for path in directory.iterdir():
             if path.is_dir() and not path.name.startswith(".") and read_manifest(path, format) is not None:
-                found.append(Entry(kind, path.name, path, _read_json(path.with_suffix(".json")) or {}))
+                size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                found.append(Entry(kind, path.name, path, _read_json(path.with_suffix(".json")) or {}, size))
     return sorted(found, key=lambda e: e.used, reverse=True)
 
 
@@ -207,7 +225,12 @@ def parse_size(text: str) -> int:
 
 def prune(older_than: float | None, max_bytes: int | None, cache: Path | None = None) -> tuple[list[Entry], list[Entry]]:
     """(removed, kept because in use): entries unused for `older_than` seconds, then the least
-    recently used until the rest fits in `max_bytes`."""
+    recently used until the rest fits in `max_bytes`. Temporary directories that interrupted
+    runs left behind go too (`atomic.remove_leftovers`)."""
+    cache = cache or root()
+    for folder, _ in KINDS.values():
+        if (cache / folder).is_dir():
+            remove_leftovers(cache / folder)
     now = time.time()
     remaining = entries(cache)
     doomed = [e for e in remaining if older_than is not None and now - e.used > older_than]
@@ -224,17 +247,25 @@ def prune(older_than: float | None, max_bytes: int | None, cache: Path | None = 
     return removed, busy
 
 
+def leftovers(cache: Path | None = None) -> list[Path]:
+    """Temporary directories interrupted writes left among the entries."""
+    cache = cache or root()
+    return [p for folder, _ in KINDS.values() for pattern in (".*.tmp-*", ".*.old-*") for p in (cache / folder).glob(pattern)]
+
+
 @contextlib.contextmanager
-def _locked(cache: Path, digest: str, label: str, wait: bool = True) -> Iterator[None]:
+def _locked(cache: Path, digest: str, label: str, wait: bool = True, shared: bool = False) -> Iterator[None]:
+    """The key's lock: exclusive to compute or remove an entry, shared to read one."""
     handle = open(ready(cache) / "locks" / f"{digest}.lock", "a+")
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             if not wait:
                 raise
-            log(f"waiting for another run that is computing {label} ({digest[:12]})")
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            log(f"waiting for another run that is {'computing' if shared else 'computing or using'} {label} ({digest[:12]})")
+            fcntl.flock(handle, mode)
         try:
             yield
         finally:

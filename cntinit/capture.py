@@ -23,7 +23,7 @@ from torch import nn
 from . import checkpoint, console, distributed, feeds, models, store
 from . import layerwise as layerwise_mod
 from .atomic import atomic_directory
-from .console import log, progress
+from .console import log, progress, warn
 from .errors import CntinitError
 from .stats import InputStats
 
@@ -418,6 +418,9 @@ def _stream(root, modules, feed, net, buckets, accumulate, dev, sample_max_norm,
     groups = shared_input_groups(modules, lambda: root(**probe))
     recorder = Recorder(modules, groups, buckets, ACCUMULATE[accumulate], dev, sample_max_norm, sums_on, root)
     resumed = checkpoint.load(saved, ident) if saved is not None and saved.exists() else None
+    if resumed and not all(stats.fits(resumed[1], key) for key, stats in recorder.stats.items()):
+        warn(f"the checkpoint at {saved} is damaged (its sums do not fit this capture): starting from the beginning")
+        resumed = None
     skip, done = (resumed[0]["batches"], resumed[0]["done"]) if resumed else (0, 0)
     if resumed:
         for key, stats in recorder.stats.items():

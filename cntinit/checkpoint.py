@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_directory
@@ -41,15 +42,23 @@ def save(directory: Path, ident: str, batches: int, done: int, sums: dict[str, t
 
 
 def load(directory: Path, ident: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """(state, tensors) of the checkpoint at `directory` when it continues this capture; else None
-    (a checkpoint of another capture is left alone, with a warning, and overwritten later)."""
+    """(state, tensors) of the checkpoint at `directory` when it continues this capture; else None,
+    with a warning: a checkpoint of another capture, or a damaged one, is overwritten later.
+    The identity is read first, so another capture's checkpoint is never loaded."""
     try:
         state = json.loads((directory / STATE).read_text())
-        tensors = load_file(directory / SUMS)
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
-    if state.get("identity") != ident:
+    except (OSError, ValueError):
+        warn(f"the checkpoint at {directory} is damaged ({STATE} cannot be read): starting from the beginning")
+        return None
+    if not isinstance(state, dict) or state.get("identity") != ident:
         warn(f"the checkpoint at {directory} is from a capture with other arguments or data: starting from the beginning")
+        return None
+    try:
+        tensors = load_file(directory / SUMS)
+    except (OSError, ValueError, SafetensorError):
+        warn(f"the checkpoint at {directory} is damaged ({SUMS} cannot be read): starting from the beginning")
         return None
     return state, tensors
 

@@ -377,9 +377,7 @@ def export(
     """
     console.quiet = quiet
     path = run_export(solve_dir, out, format=format, alpha=alpha, rslora=rslora, dora=dora, fixed_alpha=fixed_alpha,
-                      module_prefix=module_prefix, model=model, overwrite=overwrite, trust_remote_code=trust_remote_code)
-    if check:
-        verify(path, solve_dir, model)
+                      module_prefix=module_prefix, model=model, overwrite=overwrite, trust_remote_code=trust_remote_code, check=check)
     typer.echo(str(path))
 
 
@@ -460,6 +458,10 @@ def cache_ls(as_json: bool = typer.Option(False, "--json", help="Print the entri
         table.add_row(e.key[:12], e.kind, e.meta.get("label", "?"), _size(e.bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used)))
     Console().print(table)
     Console().print(f"{len(found)} entries, {_size(sum(e.bytes for e in found))}", highlight=False)
+    stale = cache.leftovers()
+    if stale:
+        Console().print(f"and {len(stale)} temporary director{'y' if len(stale) == 1 else 'ies'} left by an interrupted run "
+                        "(`cntinit cache prune` removes those of runs no longer alive)", highlight=False)
 
 
 def _size(count: int) -> str:

@@ -43,8 +43,10 @@ RESIDUAL_PRECISION = 1e-4  # warn when ‖BA‖/‖W‖ × eps(dtype) exceeds th
 
 def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alpha: float | None = None,
            rslora: bool = False, dora: bool = False, fixed_alpha: bool = False, module_prefix: str = "",
-           model: str | Path | None = None, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
-    """Write the adapter of the solve at `solve_dir` to `out` (and the residual base when the init needs one)."""
+           model: str | Path | None = None, overwrite: bool = False, trust_remote_code: bool = False, check: bool = False) -> Path:
+    """Write the adapter of the solve at `solve_dir` to `out` (and the residual base when the init needs one).
+    With `check`, the export is loaded in its real client and verified (`verify`) before it replaces
+    what `out` held, and the manifest records the largest error."""
     options = {"format": format, "alpha": alpha, "rslora": rslora, "dora": dora, "fixed_alpha": fixed_alpha, "module_prefix": module_prefix}
     sol = solution.Solution(solve_dir)
     manifest = sol.manifest
@@ -102,7 +104,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
             save_file(tensors, tmp / DIFFUSERS_FILE, metadata={"format": "pt"})
         if writes_base:
             _write_residual_base(net, tokenizer, factors, sol.modules, tmp / BASE_DIR, manifest["model"]["path"])
-        (tmp / store.MANIFEST).write_text(json.dumps({
+        record = {
             **store.header(FORMAT, FORMAT_VERSION),
             "adapter_format": format,
             "adapter_file": {"peft": ADAPTER_FILE, "kohya": KOHYA_FILE, "diffusers": DIFFUSERS_FILE}[format],
@@ -113,7 +115,11 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
             "alpha": alpha, "rslora": rslora, "dora": dora, "fixed_alpha": fixed_alpha, "module_prefix": prefix,
             "options": options,
             "residual_base": BASE_DIR if writes_base else None,
-        }, indent=2) + "\n")
+        }
+        (tmp / store.MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+        if check:  # before the swap: a failed check leaves what `out` held
+            record["check"] = {"max_relative_error": verify(tmp, solve_dir, model, trust_remote_code, shown=Path(out))}
+            (tmp / store.MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
     log(f"wrote a {format} adapter for {len(ranks)} modules to {out} ({manifest['init']} init: " + _how_to_load(format, residual, Path(out)) + ")")
     return Path(out)
 
@@ -233,7 +239,7 @@ def _write_residual_base(net, tokenizer, factors: dict, modules: dict, directory
         tokenizer.save_pretrained(directory)
 
 
-def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None = None) -> float:
+def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None = None, trust_remote_code: bool = False) -> float:
     """Load the export at `out` with PEFT and return the largest relative difference, over every
     adapted module, between its output and (W + B@A) x computed from the solve directory.
 
@@ -244,9 +250,9 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
     exported = json.loads((Path(out) / store.MANIFEST).read_text())
     if exported["module_prefix"]:
         raise CntinitError("the check loads the captured model class, which has no module prefix: export without --module-prefix to check")
-    pretrained, _ = _load_solved_model(sol.manifest, model, trust_remote_code=False)
+    pretrained, _ = _load_solved_model(sol.manifest, model, trust_remote_code)
     base_path = Path(out) / BASE_DIR
-    base, _ = models.load(base_path) if exported["residual_base"] else (copy.deepcopy(pretrained), None)
+    base, _ = models.load(base_path, trust_remote_code) if exported["residual_base"] else (copy.deepcopy(pretrained), None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations PEFT triggers, not ours to fix
         wrapped = peft.PeftModel.from_pretrained(base, str(out))
@@ -274,7 +280,7 @@ def _worst_error(adapted: dict, original: dict, factors: dict, residual: bool) -
     return worst
 
 
-def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | None = None) -> float:
+def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | None = None, trust_remote_code: bool = False) -> float:
     """Load the pipeline (the written residual base where there is one) with diffusers, load the
     kohya or diffusers file with `pipe.load_lora_weights`, and return the largest relative
     difference between an adapted module's output and (W + B@A) x (W x for a residual base)."""
@@ -286,7 +292,7 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
     if exported["adapter_format"] == "kohya" and len(ranks) > 1 and not exported["fixed_alpha"]:
         raise CntinitError("diffusers (0.42) ignores the per-module alphas of a kohya file, so it cannot check one with variable "
                            "ranks; sd-scripts reads them: export with --fixed-alpha to check it with diffusers")
-    pretrained, _ = _load_solved_model(sol.manifest, model, trust_remote_code=False)
+    pretrained, _ = _load_solved_model(sol.manifest, model, trust_remote_code)
     base = Path(out) / BASE_DIR if exported["residual_base"] else Path(model or sol.manifest["model"]["path"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecations and "no safety checker" notices, not ours to fix
@@ -296,18 +302,21 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
     return _worst_error(adapted, dict(pretrained.named_modules()), sol.factors(), bool(exported["residual_base"]))
 
 
-def verify(out: str | Path, solve_dir: str | Path, model: str | Path | None = None) -> float:
+def verify(out: str | Path, solve_dir: str | Path, model: str | Path | None = None, trust_remote_code: bool = False,
+           shown: Path | None = None) -> float:
     """Load the export at `out` in its real client (PEFT, or diffusers for kohya/diffusers files),
-    log how closely every adapted module computes the initial layer, and fail above CHECK_TOLERANCE."""
+    log how closely every adapted module computes the initial layer, and fail above CHECK_TOLERANCE
+    (`shown`: the name to say, when `out` is the temporary directory an export is written in)."""
     exported = json.loads((Path(out) / store.MANIFEST).read_text())
     peft_format = exported["adapter_format"] == "peft"
-    error = (check_peft if peft_format else check_pipeline)(out, solve_dir, model)
+    error = (check_peft if peft_format else check_pipeline)(out, solve_dir, model, trust_remote_code)
+    shown = shown or out
     if not math.isfinite(error):
-        raise CntinitError(f"the adapter loaded from {out} computes NaN or Inf: its files or its base hold non-finite values; "
+        raise CntinitError(f"the adapter loaded from {shown} computes NaN or Inf: its files or its base hold non-finite values; "
                            "export again from an intact solve directory")
     if error > CHECK_TOLERANCE:
-        raise CntinitError(f"the adapter loaded from {out} differs from the initial layers by {error:.2e} (relative), above "
+        raise CntinitError(f"the adapter loaded from {shown} differs from the initial layers by {error:.2e} (relative), above "
                            f"{CHECK_TOLERANCE:g}; see the warnings above")
-    log(f"check: {'PEFT' if peft_format else 'diffusers'} loads {out}; every adapted module computes the initial layer "
+    log(f"check: {'PEFT' if peft_format else 'diffusers'} loads {shown}; every adapted module computes the initial layer "
         f"(W + BA, or W for a residual init) to {error:.1e} (relative)")
     return error

@@ -27,7 +27,7 @@ EMBEDDED = "embedded"  # `model: embedded`, `data: embedded`: the model and vers
 TOP = {"name": str, "model": str, "targets": str | list[str], "out": str, "device": str, "plot": bool,
        "capture": dict, "solves": list, "exports": list}
 NOT_IN_CAPTURE = {"model", "out", "targets", "device", "overwrite", "trust_remote_code"}  # set at the top or on the command line
-NOT_IN_EXPORT = {"solve_dir", "out", "model", "overwrite", "trust_remote_code"}
+NOT_IN_EXPORT = {"solve_dir", "out", "model", "overwrite", "trust_remote_code", "check"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # solve and export names become directory names under `out`
 
 

@@ -76,6 +76,11 @@ class InputStats:
         """The running sums exactly as held (upper blocks, per bucket), for a checkpoint."""
         return {f"{key}.xxt": self.xxt.cpu(), f"{key}.sum": self.sum.cpu(), f"{key}.count": torch.tensor(self.count, dtype=torch.int64)}
 
+    def fits(self, state: dict[str, torch.Tensor], key: str) -> bool:
+        """Whether a checkpoint's `state` holds this input's sums, in their shapes."""
+        return all(name in state and state[name].shape == shape for name, shape in
+                   ((f"{key}.xxt", self.xxt.shape), (f"{key}.sum", self.sum.shape), (f"{key}.count", (len(self.count),))))
+
     def restore(self, state: dict[str, torch.Tensor], key: str) -> None:
         """Continue from a checkpoint's sums (bit for bit: the resumed run adds in the same order)."""
         self.xxt.copy_(state[f"{key}.xxt"])

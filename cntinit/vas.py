@@ -22,10 +22,10 @@ def allocate(
 
     v_m = s_m² / Σ s² within each module; all v_m are pooled and sorted descending (ties keep
     module order), the top `budget` kept, and a module's rank is how many of the kept values
-    are its own, clamped to [min_rank, max_ranks[name]].
+    are its own, clamped to [min_rank, max_ranks[name]] — a module smaller than min_rank gets all it has.
     """
     counts = top_counts({name: relative_variances(s) for name, s in singular_values.items()}, budget)
-    return {name: max(min_rank, min(count, max_ranks[name])) for name, count in counts.items()}
+    return {name: min(max(min_rank, count), max_ranks[name]) for name, count in counts.items()}
 
 
 def top_counts(shares: dict[str, torch.Tensor], budget: int) -> dict[str, int]:

@@ -139,3 +139,26 @@ def test_noised_pipeline_capture_resumes_with_the_same_noise(tmp_path, capsys, m
     assert code == 0 and "3 batches already summed" in err, err
     assert run(capsys, *args, "-o", tmp_path / "whole")[0] == 0
     assert_identical(tmp_path / "stats", tmp_path / "whole")
+
+
+@pytest.mark.parametrize("damage", ["garbage sums", "sums of another shape", "garbage state"])
+def test_a_damaged_checkpoint_is_set_aside(damage, tmp_path, capture_args, capsys, monkeypatch):
+    """It used to be loaded before its identity was checked, and a SafetensorError escaped: every
+    later checkpointed capture to that --out failed, whatever its arguments."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "stats"
+    stop_at = interrupt_at(monkeypatch, 3)
+    assert run(capsys, *capture_args, "-o", out)[0] == 130 and stop_at()
+    monkeypatch.undo()
+    saved = checkpoint.location(out)
+    if damage == "garbage sums":
+        (saved / checkpoint.SUMS).write_bytes(b"\x00" * 64)
+    elif damage == "sums of another shape":
+        save_file({name: t[..., :1].contiguous() for name, t in load_file(saved / checkpoint.SUMS).items()}, saved / checkpoint.SUMS)
+    else:
+        (saved / checkpoint.STATE).write_text("{not json")
+    code, _, err = run(capsys, *capture_args, "-o", out)
+    assert code == 0 and "starting from the beginning" in err, err
+    assert run(capsys, *capture_args, "-o", tmp_path / "whole")[0] == 0
+    assert_identical(out, tmp_path / "whole")

@@ -1,5 +1,6 @@
 """`cntinit export --format peft`, proven by loading the files with PEFT itself."""
 
+import importlib
 import json
 import math
 import re
@@ -233,3 +234,33 @@ def test_check_catches_a_tampered_adapter(captured, tmp_path):
     tensors[key] = tensors[key] * 1.5
     save_file(tensors, path, metadata={"format": "pt"})
     assert check_peft(tmp_path / "e", tmp_path / "s") > 1e-2
+
+
+def test_a_failed_check_leaves_the_previous_export(captured, tmp_path, capsys, monkeypatch):
+    """The check used to run after the swap: a failing one had already replaced the good export."""
+    import hashlib
+
+    export_module = importlib.import_module("cntinit.export")
+
+    run(capsys, "solve", captured["llama"], "-m", "cnt-s", "-r", "2", "-o", tmp_path / "s", "-q")
+    assert run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e", "--check", "-q")[0] == 0
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["check"]["max_relative_error"] < 1e-5  # the check's result is recorded
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "e").iterdir() if p.is_file()}
+    monkeypatch.setattr(export_module, "_worst_error", lambda *a, **k: 0.5)
+    code, _, err = run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e", "--alpha", "4", "--check", "-q")
+    assert code == 2 and "differs from the initial layers by 5.00e-01" in err and f"loaded from {tmp_path / 'e'}" in err
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "e").iterdir() if p.is_file()} == before
+    assert leftovers(tmp_path) == []
+
+
+def test_the_check_honours_trust_remote_code(captured, tmp_path, monkeypatch):
+    """The check loaded the model with trust_remote_code=False whatever the export was given."""
+    export_module = importlib.import_module("cntinit.export")
+
+    seen = []
+    real = export_module._load_solved_model
+    monkeypatch.setattr(export_module, "_load_solved_model", lambda m, model, trust: seen.append(trust) or real(m, model, trust))
+    solve(captured["llama"], tmp_path / "s", Options(mode="pissa", rank=2))
+    export(tmp_path / "s", tmp_path / "e", trust_remote_code=True, check=True)
+    assert seen and all(seen)

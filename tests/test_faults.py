@@ -81,3 +81,105 @@ def test_sigint_during_capture_stops_cleanly(tiny, tmp_path):
     assert process.wait(timeout=60) == 130
     assert rest.strip().splitlines()[-1] == "interrupted: nothing was written" and "Traceback" not in rest
     assert contents(out) == before and leftovers(tmp_path) == []
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 320 KiB filesystem (tmpfs), where the machine lets this process mount one."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()[:80]}); the injected full disk above still runs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("stage", ["capture", "solve", "export", "cached capture"])
+def test_a_real_full_filesystem(stage, small_disk, tiny, calibration, captured, tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as SafetensorError, not OSError: it used to escape as a traceback."""
+    small = ["-t", "q_proj", "-d", calibration]  # a store of 2 × 64² floats fits; all-linear with 3 buckets does not
+    large = ["-d", calibration, "--buckets", "3"]
+    if stage == "export":
+        run(capsys, "solve", captured["llama"], "-m", "pissa", "-r", "2", "-o", tmp_path / "s", "-q")  # a base of ~1 MB
+    commands = {"capture": (["capture", tiny["llama"], *small], ["capture", tiny["llama"], *large]),
+                "solve": (["solve", captured["llama"], "-m", "cnt-s", "-r", "1", "--vas", "--budget", "2"],
+                          ["solve", captured["llama"], "-m", "cnt-s", "-r", "16", "--vas", "--budget", "5000"]),  # full ranks
+                "export": (None, ["export", tmp_path / "s"])}
+    if stage == "cached capture":
+        monkeypatch.setenv("CNTINIT_CACHE", str(small_disk / "cache"))
+        code, _, err = run(capsys, "capture", tiny["llama"], *large, "-q")
+        assert code == 2 and err.startswith("error: writing ") and "No space left on device" in err and err.count("\n") == 1, err
+        assert leftovers(small_disk / "cache" / "captures") == []
+        return
+    first, second = commands[stage]
+    out = small_disk / "out"
+    if first is not None:
+        assert run(capsys, *first, "-o", out, "-q")[0] == 0
+    before = contents(out) if out.exists() else None
+    code, stdout, err = run(capsys, *second, "-o", out, "-q", "--overwrite")
+    assert code == 2 and stdout == "" and err.count("\n") == 1 and "No space left on device" in err and "untouched" in err, err
+    assert (contents(out) if out.exists() else None) == before and leftovers(small_disk) == []
+
+
+SWAP_KILLED = """
+import os, sys
+import cntinit.atomic as atomic
+if sys.argv[1] == "between-renames":  # a filesystem without RENAME_EXCHANGE, killed after moving the old output aside
+    atomic._exchange = lambda a, b: False
+    real = os.replace
+    def replace(src, dst):
+        real(src, dst)
+        if ".old-" in str(dst):
+            os._exit(9)
+    atomic.os.replace = replace
+else:  # killed after the exchange, before the old output is deleted
+    atomic.shutil.rmtree = lambda *a, **k: os._exit(9)
+from cntinit import cli
+cli.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("moment", ["between-renames", "after-exchange"])
+def test_a_kill_during_the_swap_loses_nothing(moment, captured, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "s"
+    args = ["solve", str(captured["llama"]), "-m", "cnt-s", "-r", "2", "-q", "-o", str(out)]
+    assert run(capsys, *args)[0] == 0
+    old = contents(out)
+    script = tmp_path / "killed.py"
+    script.write_text(SWAP_KILLED)
+    done = subprocess.run([sys.executable, str(script), moment, *args[:-2], "-r", "3", "-o", str(out)], capture_output=True, text=True)
+    assert done.returncode == 9
+    if moment == "between-renames":
+        assert not out.exists() and len(list(tmp_path.glob(".s.old-*/s"))) == 1  # the old output waits aside
+    else:
+        assert json_rank(out) == 3 and len(list(tmp_path.glob(".s.tmp-*"))) == 1  # the new one is in place, the old one aside
+    code, _, err = run(capsys, *args[:-2], "-r", "4", "-o", str(out))  # the next write repairs and cleans
+    assert code == 0 and json_rank(out) == 4 and leftovers(tmp_path) == []
+    if moment == "between-renames":
+        assert "restored" in err and old != contents(out)
+
+
+def json_rank(out):
+    import json
+
+    return json.loads((out / "manifest.json").read_text())["params"]["rank"]
+
+
+def test_leftovers_of_dead_processes_are_removed_and_others_reported(captured, tmp_path, capsys):
+    import socket
+
+    host = socket.gethostname().replace("-", "_")
+    dead = tmp_path / f".s.tmp-{host}-999999999-abc"  # no such process
+    alive = tmp_path / f".s.tmp-{host}-{__import__('os').getpid()}-def"
+    foreign = tmp_path / ".s.tmp-otherhost-123-ghi"
+    for path in (dead, alive, foreign):
+        path.mkdir()
+    code, _, err = run(capsys, "solve", captured["llama"], "-m", "cnt-s", "-r", "2", "-o", tmp_path / "s")
+    assert code == 0 and not dead.exists() and alive.exists() and foreign.exists()
+    assert f"{foreign} was left by a write on host otherhost" in err and "removed 1 temporary directory" in err

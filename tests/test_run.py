@@ -292,7 +292,7 @@ def test_a_damaged_entry_is_computed_again(tmp_path, tiny, calibration, cache_di
     payload = next(path.glob("*.safetensors"))
     payload.write_bytes(payload.read_bytes()[:100])  # truncated
     again, hit = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
-    assert again == path and not hit and "is damaged; computing it again" in capsys.readouterr().err
+    assert again == path and not hit and "is damaged (a file is missing or changed); computing it again" in capsys.readouterr().err
     from cntinit.store import Store
     Store(again)  # checksums verify
 
@@ -318,3 +318,61 @@ def test_without_matplotlib_the_run_says_once_how_to_get_plots(tmp_path, tiny, c
     code, _, err = run(capsys, "run", tiny_recipe(tmp_path, tiny, calibration))
     assert code == 0 and err.count("pip install 'cntinit[plot]'") == 1, err  # the extra's [plot] is text, not markup
     assert not list((tmp_path / "out").rglob("report.png")) and (tmp_path / "out" / "cnt-s-r4" / "report.json").is_file()
+
+
+def test_a_corrupted_entry_of_the_right_size_is_computed_again(tiny, calibration, cache_dir, capsys):
+    """A flipped byte kept the payload's size, so the entry stayed a hit that every solve refused."""
+    path, _ = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
+    payload = next(path.glob("*.safetensors"))
+    data = bytearray(payload.read_bytes())
+    data[-7] ^= 0xFF
+    payload.write_bytes(bytes(data))
+    again, hit = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
+    assert again == path and not hit and "is damaged" in capsys.readouterr().err
+    from cntinit.store import Store
+
+    Store(again)  # checksums verify
+    assert runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)[1]  # a hit again
+
+
+def test_rm_and_prune_say_how_much_they_freed(tiny, calibration, cache_dir, capsys):
+    path, _ = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    capsys.readouterr()
+    code, _, err = run(capsys, "cache", "rm", path.name[:10])
+    assert code == 0 and f"{size / 1024:.1f} KiB" in err and "0 B" not in err, err
+    runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
+    capsys.readouterr()
+    code, _, err = run(capsys, "cache", "prune", "--all")
+    assert code == 0 and f"removed 1 entries ({size / 1024:.1f} KiB)" in err, err
+
+
+def test_prune_removes_leftovers_of_interrupted_runs_and_ls_reports_them(tiny, calibration, cache_dir, capsys):
+    import socket
+
+    path, _ = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
+    host = socket.gethostname().replace("-", "_")
+    stale = path.parent / f".{path.name[:20]}.tmp-{host}-999999999-xyz"
+    stale.mkdir()
+    code, out, _ = run(capsys, "cache", "ls")
+    assert code == 0 and "1 temporary directory left by an interrupted run" in out, out
+    assert run(capsys, "cache", "prune", "--older-than", "30d")[0] == 0
+    assert not stale.exists() and path.exists()
+
+
+def test_a_running_recipe_keeps_its_entries_from_rm(tmp_path, tiny, calibration, cache_dir, capsys, monkeypatch):
+    """`cache rm` of the capture a run is solving from used to pull the store from under it."""
+    attempts = []
+    real_solve = runner.solve
+
+    def solve_while_someone_removes(capture_dir, out, *args, **kwargs):
+        attempts.append(run(capsys, "cache", "rm", Path(capture_dir).name[:12]))
+        return real_solve(capture_dir, out, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "solve", solve_while_someone_removes)
+    plan = recipe.load(write_recipe(tmp_path / "r.yaml", model=str(tiny["llama"]), targets="q_proj", out=str(tmp_path / "out"),
+                                    capture={"data": str(calibration), "seq_len": 32}, solves=[{"mode": "cnt-s", "rank": 2}],
+                                    plot=False), [])
+    summary = runner.run(plan, cache_dir=cache_dir)
+    assert attempts and attempts[0][0] == 2 and "is in use by a running cntinit" in attempts[0][2]
+    assert [row["status"] for row in summary["stages"]] == ["computed", "computed"]

@@ -271,3 +271,12 @@ def test_big_models_get_one_report_row_per_module_kind(captured, tmp_path, capsy
     assert code == 0 and "medians over layers" in out and "layers.0" not in out
     assert line.split()[1] == "3" and line.split()[-1] == str(max(r["floored"] for r in q_rows))
     assert f"{100 * np.median([r['kept'] for r in q_rows]):.1f}%" in line
+
+
+def test_vas_min_rank_above_a_modules_size_records_the_rank_it_has(captured, tmp_path):
+    """k_proj maps 64 → 32: --min-rank 40 used to record rank 40 for factors of rank 32."""
+    out = solve(captured["llama"], tmp_path / "s", Options(mode="cnt-s", rank=2, vas=True, min_rank=40))
+    manifest, factors = solved(out)
+    for name, (b, a) in factors.items():
+        entry = manifest["modules"][name]
+        assert entry["rank"] == b.shape[1] == a.shape[0] == min(40, entry["in_features"], entry["out_features"]), name
