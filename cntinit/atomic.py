@@ -28,6 +28,15 @@ from .errors import CntinitError, first_line
 AT_FDCWD, RENAME_EXCHANGE = -100, 2
 
 
+def check_writable(directory: Path, advice: str = "choose an --out in a writable place") -> None:
+    """Refuse, before any work, a `directory` that cannot be created or written in."""
+    ancestor = Path(directory).absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CntinitError(f"cannot write in {ancestor} ({'not a directory' if not ancestor.is_dir() else 'permission denied'}): {advice}")
+
+
 def _failed(out: Path, exc: BaseException) -> CntinitError:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
     return CntinitError(f"writing {out} failed ({reason}): nothing was written and what was there is untouched; "

@@ -509,24 +509,29 @@ def demo(
     mode: str = typer.Option("cnt-s", "--mode", "-m", help="cnt-x, cnt-s or cnt-sh."),
     rank: int = typer.Option(8, "--rank", "-r", help="Adapter rank."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out/stats, --out/solve-… and --out/adapter hold even if it is not an earlier demo's output."),
 ) -> None:
     """Run the main job end to end on the embedded default (all-MiniLM-L6-v2 over KJV verses).
 
     Captures statistics, solves CNTLoRA, exports a PEFT adapter, loads it back with PEFT to check it.
     """
     stats_dir, solve_dir, adapter_dir = out / "stats", out / f"solve-{mode}-r{rank}", out / "adapter"
+    for path, format in ((stats_dir, "cntinit.stats"), (solve_dir, "cntinit.solve"), (adapter_dir, "cntinit.export")):
+        empty = path.is_dir() and not any(path.iterdir())
+        if path.exists() and not (overwrite or empty) and read_manifest(path, format) is None:  # before any work
+            raise CntinitError(f"{path} exists and is not an earlier demo's output: choose another --out or pass --overwrite")
     times = {}
     started = time.perf_counter()
     run_capture(embedded.model_dir(), embedded.data_file(), stats_dir, max_samples=samples, seq_len=128,
-                batch_size=32, device=device, overwrite=True)
+                batch_size=32, device=device, overwrite=overwrite)
     times["capture"] = time.perf_counter() - started
     print_store(Store(stats_dir), console.err)
     started = time.perf_counter()
-    run_solve(stats_dir, solve_dir, Options(mode=mode, rank=rank), device=device, overwrite=True)
+    run_solve(stats_dir, solve_dir, Options(mode=mode, rank=rank), device=device, overwrite=overwrite)
     times["solve"] = time.perf_counter() - started
     print_report(Solution(solve_dir).report, console.err)
     started = time.perf_counter()
-    run_export(solve_dir, adapter_dir, overwrite=True)
+    run_export(solve_dir, adapter_dir, overwrite=overwrite)
     times["export"] = time.perf_counter() - started
     started = time.perf_counter()
     error = verify(adapter_dir, solve_dir)

@@ -52,11 +52,13 @@ def read_samples(source: str | Path, text_field: str = "text", max_samples: int 
 
 def _sources(source: str | Path) -> Iterator[tuple[str, Any]]:
     if str(source) == "-":
-        yield "<stdin>.jsonl", sys.stdin
+        yield "<stdin>.jsonl", _stdin_lines()
         return
     path = Path(source)
     if not path.exists():
         raise CntinitError(f"data path {path} does not exist")
+    if not path.is_dir() and not path.is_file():
+        raise CntinitError(f"data path {path} is not a regular file (a pipe or a device): give a file, or - to read JSONL from stdin")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
         if not files:
@@ -70,13 +72,28 @@ def _sources(source: str | Path) -> Iterator[tuple[str, Any]]:
 
 
 def _text_lines(file: Path) -> list[str]:
+    """The file's lines, split at \\n only: U+2028 or U+0085 inside a JSON string is text, not a line end."""
     raw = file.read_bytes()
     if b"\x00" in raw:
         raise CntinitError(f"data file {file} looks binary (it holds NUL bytes): give UTF-8 text")
     try:
-        return raw.decode("utf-8").splitlines()
+        return [line.removesuffix("\r") for line in raw.decode("utf-8").split("\n")]
     except UnicodeDecodeError as exc:
         raise CntinitError(f"data file {file} is not UTF-8 (byte {exc.start}): re-encode it as UTF-8") from None
+
+
+def _stdin_lines() -> Iterator[str]:
+    """Standard input's lines, as the files' are read (UTF-8, split at \\n only)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None or sys.stdin.closed:
+        raise CntinitError("--data - reads JSONL from stdin, but stdin is closed: pipe the data in (cat calib.jsonl | cntinit ...)")
+    for lineno, raw in enumerate(stream, start=1):
+        if b"\x00" in raw:
+            raise CntinitError(f"stdin line {lineno} looks binary (it holds NUL bytes): give UTF-8 JSONL")
+        try:
+            yield raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError as exc:
+            raise CntinitError(f"stdin line {lineno} is not UTF-8 (byte {exc.start}): re-encode the data as UTF-8") from None
 
 
 def _parse_jsonl(line: str, where: str, text_field: str) -> Sample:
@@ -106,32 +123,66 @@ def tokenize(samples: list[Sample], tokenizer, seq_len: int, pack: bool = False)
     """Token ids per sequence: each sample alone, truncated to `seq_len` the tokenizer's own
     way (special tokens kept); or, with `pack`, all samples concatenated and cut into
     `seq_len` pieces (the last may be shorter)."""
-    ids = [_encode(sample, tokenizer) for sample in samples]
+    texts = [_text(sample, tokenizer) for sample in samples]
+    special = [not sample.is_chat for sample in samples]  # a chat template writes its own special tokens
     if pack:
-        stream = [token for seq in ids for token in seq]
+        stream = [token for text, add in zip(texts, special) for token in _ids(tokenizer, text, add)]
         return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
-    long = [i for i, seq in enumerate(ids) if len(seq) > seq_len]
+    bound = _char_bound(tokenizer, seq_len)
+    ids, long = [], 0
+    for text, add in zip(texts, special):
+        seq, cut = _leading_ids(tokenizer, text, add, seq_len, bound)
+        ids.append(seq)
+        long += cut
     if long:
-        warn(f"{len(long)} of {len(ids)} samples are longer than --seq-len {seq_len} tokens and were truncated")
-        for i in long:
-            ids[i] = _encode(samples[i], tokenizer, max_length=seq_len)
+        warn(f"{long} of {len(ids)} samples are longer than --seq-len {seq_len} tokens and were truncated")
     empty = sum(not seq for seq in ids)
     if empty:
         warn(f"{empty} samples tokenize to zero tokens and were skipped")
     return [seq for seq in ids if seq]
 
 
-def _encode(sample: Sample, tokenizer, max_length: int | None = None) -> list[int]:
-    cut = {"truncation": True, "max_length": max_length} if max_length else {}
+def _text(sample: Sample, tokenizer) -> str:
     if not sample.is_chat:
-        return tokenizer(sample.content, add_special_tokens=True, **cut)["input_ids"]
+        return sample.content
     if not getattr(tokenizer, "chat_template", None):
         raise CntinitError(f"{sample.origin}: 'messages' needs a chat template, and this model's tokenizer has none: give 'text' instead")
     try:
-        text = tokenizer.apply_chat_template(sample.content, tokenize=False)
+        return tokenizer.apply_chat_template(sample.content, tokenize=False)
     except Exception as exc:  # jinja errors name the bad message shape
         raise CntinitError(f"{sample.origin}: the chat template rejected these messages ({exc})") from None
-    return tokenizer(text, add_special_tokens=False, **cut)["input_ids"]
+
+
+def _ids(tokenizer, text: str, special: bool, max_length: int | None = None) -> list[int]:
+    cut = {"truncation": True, "max_length": max_length} if max_length else {}
+    return tokenizer(text, add_special_tokens=special, **cut)["input_ids"]
+
+
+def _char_bound(tokenizer, seq_len: int) -> int | None:
+    """Characters that surely hold the first `seq_len` tokens: no token is longer than the longest
+    string in the vocabulary (a margin covers special tokens); None when the vocabulary is unknown."""
+    if not hasattr(tokenizer, "get_vocab"):
+        return None
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=16)
+    return (seq_len + 16) * max(longest, 1)
+
+
+def _leading_ids(tokenizer, text: str, special: bool, seq_len: int, bound: int | None) -> tuple[list[int], bool]:
+    """(the first `seq_len` tokens of `text`, exactly as truncating the whole text gives them;
+    whether it was longer). A long text is tokenized only up to a whitespace past `bound`
+    characters — a 20 MB line costs what its first tokens do — and the cut grows while it yields
+    too few tokens to be sure (a normalizer that drops characters, one endless word)."""
+    while bound is not None and len(text) > bound and getattr(tokenizer, "truncation_side", "right") == "right":
+        end = next((i for i in range(bound, min(len(text), 2 * bound)) if text[i].isspace()), None)
+        if end is None:  # no word boundary near: a longer cut, or the whole text
+            bound *= 2
+            continue
+        ids = _ids(tokenizer, text[:end], special)
+        if len(ids) > seq_len + 1:  # the cut lies beyond the tokens kept, so they are the whole text's
+            return _ids(tokenizer, text[:end], special, seq_len), True
+        bound *= 2
+    ids = _ids(tokenizer, text, special)
+    return (ids if len(ids) <= seq_len else _ids(tokenizer, text, special, seq_len)), len(ids) > seq_len
 
 
 def split_buckets(sequences: list[list[int]], buckets: int) -> list[list[list[int]]]:

@@ -112,9 +112,10 @@ def diffusion(net: pipelines.DiffusionParts, tokenizer, data, *, batch_size: int
     size = image_size or net.resolution
     pixels = images.Pixels(None, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     pictures = images.read_pictures(data, max_samples, prompt, need_captions=True)
+    length = models.context_length(net.text_encoder, tokenizer)  # the tokenizer's limit, else the position table
 
     def inputs(chunk):
-        ids = tokenizer([p.caption for p in chunk], padding="max_length", max_length=tokenizer.model_max_length,
+        ids = tokenizer([p.caption for p in chunk], padding="max_length", max_length=length,
                         truncation=True, return_tensors="pt")["input_ids"]
         return {"pixel_values": pixels([p.path for p in chunk]), "input_ids": ids}
 

@@ -43,9 +43,12 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
     if pipelines.is_pipeline(path):
         if placement is not None:
             raise CntinitError(f"--offload places transformers models; {path} is a diffusers pipeline: leave out --offload")
+        for part in ("unet", "text_encoder", "vae"):
+            refuse_pickles(path / part)
         return pipelines.load(path)
     if not (path / "config.json").is_file():
         raise CntinitError(f"{path} is not a transformers model directory (no config.json): give the folder save_pretrained wrote")
+    refuse_pickles(path)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     try:
@@ -75,6 +78,17 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
                            "of an architecture this transformers knows (custom code needs --trust-remote-code)") from None
     model.eval().requires_grad_(False)
     return model, tokenizer
+
+
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def refuse_pickles(directory: Path) -> None:
+    """Weights only in pickle files (pytorch_model.bin) are refused: unpickling runs whatever the
+    file says, and cntinit reads safetensors only."""
+    if not any(directory.glob("*.safetensors")) and any(p for pattern in PICKLED for p in directory.glob(pattern)):
+        raise CntinitError(f"{directory} holds its weights only in pickle files ({', '.join(sorted(p.name for pattern in PICKLED for p in directory.glob(pattern))[:2])}), "
+                           "which cntinit never loads: convert them to safetensors with a tool you trust (save_pretrained writes safetensors)")
 
 
 def modality(model: nn.Module) -> str:

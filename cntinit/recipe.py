@@ -58,9 +58,13 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override (`capture.max_samples=64`, `solves.0.rank=16`) and check a recipe."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except OSError as exc:
         raise CntinitError(f"cannot read the recipe {path} ({exc.strerror or exc}): check the path") from None
+    except UnicodeDecodeError as exc:
+        raise CntinitError(f"the recipe {path} is not UTF-8 (byte {exc.start}): save it as UTF-8") from None
+    except RecursionError:
+        raise CntinitError(f"the recipe {path} nests too deeply to be a recipe: a recipe is a few levels of keys and lists") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -104,7 +108,11 @@ def check(raw: dict, default_name: str = "recipe") -> Recipe:
     name = values.get("name", default_name)
     if not NAME.match(name):
         raise CntinitError(f"recipe key name {name!r} must be a plain name (letters, digits, . _ -)")
-    return Recipe(name=name, model=values["model"], out=Path(values.get("out", Path("cntinit-out") / name)),
+    out = Path(values.get("out", Path("cntinit-out") / name)).expanduser()
+    if out.absolute() in (Path(out.absolute().anchor), Path.home()):
+        raise CntinitError(f"recipe key out: {out} would put the recipe's solves and exports straight into {out.absolute()}: "
+                           "name a directory of their own, e.g. cntinit-out/NAME")
+    return Recipe(name=name, model=values["model"], out=out,
                   targets=values.get("targets", "all-linear"), device=values.get("device", "auto"), plot=values.get("plot", True),
                   capture=capture, solves=solves, exports=exports)
 
@@ -178,7 +186,7 @@ def _override(raw: dict, text: str) -> None:
         raise CntinitError(f"override {text!r} must be key=value, e.g. capture.max_samples=64 or solves.0.rank=16")
     try:
         parsed = yaml.safe_load(value) if value else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         parsed = value
     parts = dotted.split(".")
     node = raw

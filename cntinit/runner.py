@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from . import cache, console, embedded, models, modes, plots, recipe, store
-from .atomic import atomic_file
-from .capture import capture
+from .atomic import atomic_file, check_writable
+from .capture import Interrupted, capture
 from .errors import CntinitError
 from .export import FORMATS, export
 from .solution import REPORT, Solution
@@ -89,13 +89,19 @@ def run(plan: recipe.Recipe, trust_remote_code: bool = False, cache_dir: Path | 
     solves = _checked_solves(plan)
     if not model.exists():
         raise CntinitError(f"recipe key model: {model} does not exist; give a local model directory (override: model=PATH)")
-    with contextlib.ExitStack() as held:  # entries this run reads are kept from `cache rm` and `prune` until it is done
-        return _run(plan, model, solves, trust_remote_code, cache_dir, held)
+    check_writable(plan.out, "recipe key out: name a writable directory (override: out=PATH)")
+    rows: list[dict] = []
+    try:
+        with contextlib.ExitStack() as held:  # entries this run reads are kept from `cache rm` and `prune` until it is done
+            return _run(plan, model, solves, trust_remote_code, cache_dir, held, rows)
+    except KeyboardInterrupt:
+        kept = ", ".join(f"{row['stage']} {row['name']}" for row in rows)
+        raise Interrupted(f"stopped by SIGINT; {'what finished is kept: ' + kept if rows else 'nothing had finished'} "
+                          "(captures and solves in the cache, exports under out): run it again to go on from there") from None
 
 
 def _run(plan: recipe.Recipe, model: Path, solves: dict[str, Options], trust_remote_code: bool, cache_dir: Path,
-         held: contextlib.ExitStack) -> dict:
-    rows: list[dict] = []
+         held: contextlib.ExitStack, rows: list[dict]) -> dict:
     capture_dir = None
     if plan.capture is not None:
         settings = dict(plan.capture)

@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import manifests
+from .errors import CntinitError
 from .store import MANIFEST, file_entry, header, open_manifest
 
 FORMAT = "cntinit.solve"
@@ -47,7 +49,7 @@ class Solution:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.manifest = open_manifest(self.path, FORMAT, FORMAT_VERSION, "solve directory", "solve")
+        self.manifest = open_manifest(self.path, FORMAT, FORMAT_VERSION, "solve directory", "solve", problem=manifests.solve_problem)
 
     @property
     def modules(self) -> dict[str, dict]:
@@ -59,6 +61,15 @@ class Solution:
         return json.loads((self.path / REPORT).read_text())
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """module -> (B, A), float32, with B @ A the intended weight update."""
+        """module -> (B, A), float32, with B @ A the intended weight update; each of the shape its
+        manifest entry says (out × rank, rank × in)."""
+        factors = {}
         with safe_open(self.path / ADAPTER, framework="pt") as handle:
-            return {name: (handle.get_tensor(f"{name}.B"), handle.get_tensor(f"{name}.A")) for name in self.modules}
+            present = set(handle.keys())
+            for name, entry in self.modules.items():
+                want = {"B": (entry["out_features"], entry["rank"]), "A": (entry["rank"], entry["in_features"])}
+                for part, shape in want.items():
+                    if f"{name}.{part}" not in present or tuple(handle.get_slice(f"{name}.{part}").get_shape()) != shape:
+                        raise CntinitError(f"{self.path / ADAPTER} is corrupt: {name}.{part} is missing or not of shape {shape}: solve again")
+                factors[name] = (handle.get_tensor(f"{name}.B"), handle.get_tensor(f"{name}.A"))
+        return factors

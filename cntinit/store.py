@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .atomic import atomic_directory
+from . import __version__, manifests
+from .atomic import atomic_directory, check_writable
 from .console import warn
 from .errors import CntinitError
 
@@ -134,20 +134,28 @@ def read_manifest(path: str | Path, format: str = FORMAT) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get("format") == format else None
 
 
-def open_manifest(path: Path, format: str, version: int, noun: str, command: str, checksums: bool = True) -> dict:
+def open_manifest(path: Path, format: str, version: int, noun: str, command: str, checksums: bool = True, problem=None) -> dict:
     """The manifest of the `format` directory `path` that `cntinit {command}` wrote, after checking its
-    version and that every payload lies inside, exists, and (with `checksums`) matches its sha256."""
+    version, its shape (`problem(manifest)` says what is wrong, if anything), and that every payload
+    is a file inside, exists, and (with `checksums`) matches its sha256."""
     if not path.is_dir():
         raise CntinitError(f"{path} is not a directory: give the directory `cntinit {command}` wrote")
     manifest = read_manifest(path, format)
     if manifest is None:
         raise CntinitError(f"{path} is not a cntinit {noun} (no valid {MANIFEST}): give the directory `cntinit {command}` wrote")
-    if manifest.get("format_version") != version:
-        raise CntinitError(f"{path} has {noun} format version {manifest.get('format_version')}, this cntinit reads {version}: {command} again")
+    found = manifest.get("format_version")
+    if not isinstance(found, int) or isinstance(found, bool):
+        raise CntinitError(f"{path}/{MANIFEST} is corrupt: format_version is {found!r}, not a number: {command} again")
+    if found != version:
+        raise CntinitError(f"{path} has {noun} format version {found}, this cntinit reads {version}: {command} again")
+    for name in manifest.get("files") or {}:
+        if not isinstance(name, str) or Path(name).name != name or (path / name).is_symlink():
+            raise CntinitError(f"{path}/{MANIFEST} names a payload outside the {noun} ({name}): the manifest was edited")
+    wrong = problem(manifest) if problem else None
+    if wrong:
+        raise CntinitError(f"{path}/{MANIFEST} is corrupt: {wrong}: {command} again")
     for name, entry in manifest["files"].items():
         file = path / name
-        if Path(name).name != name:
-            raise CntinitError(f"{path}/{MANIFEST} names a payload outside the {noun} ({name}): the manifest was edited")
         if not file.is_file():
             raise CntinitError(f"{file} is missing: the {noun} is incomplete, {command} again")
         if checksums and sha256_file(file) != entry["sha256"]:
@@ -160,10 +168,8 @@ class Store:
 
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
-        self.manifest = open_manifest(self.path, FORMAT, FORMAT_VERSION, "statistics store", "capture", checksums=verify)
-        for entry in self.manifest["stats"].values():
-            if entry.get("file") not in self.manifest["files"]:  # read only payloads open_manifest checked
-                raise CntinitError(f"{self.path}/{MANIFEST} names a payload outside the statistics store ({entry.get('file')}): the manifest was edited")
+        self.manifest = open_manifest(self.path, FORMAT, FORMAT_VERSION, "statistics store", "capture", checksums=verify,
+                                      problem=manifests.store_problem)
 
     @property
     def keys(self) -> list[str]:
@@ -181,6 +187,14 @@ class Store:
         prefix = key + "."
         with safe_open(self.path / entry["file"], framework="pt") as handle:
             tensors = {name[len(prefix) :]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
+        dim, buckets = entry["dim"], self.buckets
+        shapes = {"xxt": (dim, dim), "sum": (dim,), "count": ()}
+        if buckets > 1:
+            shapes |= {"bucket_xxt": (buckets, dim, dim), "bucket_sum": (buckets, dim), "bucket_count": (buckets,)}
+        wrong = next((f"{key}.{name} {'is missing' if name not in tensors else f'has shape {tuple(tensors[name].shape)}, not {shape}'}"
+                      for name, shape in shapes.items() if name not in tensors or tuple(tensors[name].shape) != shape), None)
+        if wrong:
+            raise CntinitError(f"{self.path / entry['file']} is corrupt: {wrong}: capture again")
         if not all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()):
             raise CntinitError(f"{self.path / entry['file']} holds NaN or Inf in the statistics of {key}: the statistics store "
                                "is damaged, capture again")
@@ -191,12 +205,7 @@ def check_out(out: str | Path, model_fingerprint: str, overwrite: bool, format: 
     """Refuse, before any work, an `out` that cannot be written, and to replace anything but a
     `format` directory of the same model unless --overwrite."""
     out = Path(out).absolute()
-    ancestor = out.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CntinitError(f"cannot write in {ancestor} ({'not a directory' if not ancestor.is_dir() else 'permission denied'}): "
-                           "choose an --out in a writable place")
+    check_writable(out.parent)
     if not out.exists() or overwrite:
         return
     manifest = read_manifest(out, format)

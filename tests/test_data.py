@@ -29,9 +29,43 @@ def test_txt_lines_directory_order_and_max_samples(tmp_path):
     assert [s.content for s in data.read_samples(tmp_path, text_field="body", max_samples=2)] == ["first", "second"]
 
 
+def stdin(raw: bytes):
+    return io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8")
+
+
 def test_stdin_reads_jsonl(monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO('{"text": "a"}\n{"text": "b"}\n'))
+    monkeypatch.setattr("sys.stdin", stdin(b'{"text": "a"}\n{"text": "b"}\n'))
     assert [s.content for s in data.read_samples("-")] == ["a", "b"]
+
+
+def test_closed_or_non_utf8_stdin_is_named(monkeypatch):
+    monkeypatch.setattr("sys.stdin", None)  # `cntinit capture --data - 0<&-`
+    with pytest.raises(CntinitError, match="stdin is closed: pipe the data in"):
+        data.read_samples("-")
+    monkeypatch.setattr("sys.stdin", stdin('{"text": "ok"}\n{"text": "café"}\n'.encode("latin-1")))
+    with pytest.raises(CntinitError, match="stdin line 2 is not UTF-8"):
+        data.read_samples("-")
+
+
+def test_only_newlines_end_lines(tmp_path):
+    """str.splitlines() also splits at U+2028, U+0085 and friends, which JSON strings may hold raw."""
+    jsonl = write(tmp_path / "a.jsonl", '{"text": "one\u2028two"}\r\n{"text": "three\x85four"}\n', mode="w")
+    assert [s.content for s in data.read_samples(jsonl)] == ["one\u2028two", "three\x85four"]
+    txt = write(tmp_path / "b.txt", "six\u2029seven\neight\n")
+    assert [s.content for s in data.read_samples(txt)] == ["six\u2029seven", "eight"]
+
+
+def test_a_pipe_is_refused_not_waited_on(tiny, tmp_path):
+    """A FIFO named calib.jsonl used to block the capture forever."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "calib.jsonl"
+    os.mkfifo(fifo)
+    done = subprocess.run([sys.executable, "-m", "cntinit", "capture", str(tiny["llama"]), "--data", str(fifo), "-o", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "is not a regular file (a pipe or a device)" in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -108,3 +142,44 @@ def test_zero_token_samples_are_skipped_with_a_warning(tokenizer, capsys):
     sequences = data.tokenize(samples, NoSpecials(), seq_len=64)
     assert len(sequences) == 2 and all(sequences)
     assert "1 samples tokenize to zero tokens and were skipped" in capsys.readouterr().err
+
+
+class Counting:
+    """A tokenizer that records how many characters it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.seen = tokenizer, []
+
+    def __call__(self, text, **kwargs):
+        self.seen.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize("shape", ["words", "endless word", "dropped characters", "long word at the cut"])
+def test_long_samples_are_cut_before_tokenizing_exactly_as_truncation_would(tokenizer, shape):
+    """A 20 MB line used to be tokenized whole (3.3 GB, 99 s) to keep its first --seq-len tokens."""
+    import random
+
+    rng = random.Random(0)
+    words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "épsilon", "z"]) for _ in range(60_000))
+    text = {"words": words, "endless word": "x" * 200_000,
+            "dropped characters": "\x01" * 200_000 + words,  # BERT's normalizer removes control characters
+            "long word at the cut": words[:3000] + "y" * 5000 + words}[shape]
+    counting = Counting(tokenizer)
+    got = data.tokenize([data.Sample(text, "x:1")], counting, seq_len=64)
+    assert got == [tokenizer(text, truncation=True, max_length=64)["input_ids"]]
+    if shape == "words":
+        assert max(counting.seen) < 20_000  # not the 360,000 characters
+
+
+def test_long_chat_and_bpe_samples_are_exact(smollm2):
+    bpe = transformers.AutoTokenizer.from_pretrained(smollm2)
+    text = " ".join(["the quick brown fox", "jumps", "über", "lazy dogs"] * 20_000)
+    messages = [{"role": "user", "content": text}]
+    got = data.tokenize([data.Sample(text, "x:1"), data.Sample(messages, "x:2")], bpe, seq_len=100)
+    rendered = bpe.apply_chat_template(messages, tokenize=False)
+    assert got == [bpe(text, truncation=True, max_length=100)["input_ids"],
+                   bpe(rendered, add_special_tokens=False, truncation=True, max_length=100)["input_ids"]]

@@ -25,3 +25,14 @@ def test_demo_runs_capture_solve_export_and_peft_check(tmp_path):
     assert config["r"] == 8 and config["init_lora_weights"] is True and len(config["target_modules"]) == 37
     for text in ("statistics key", "‖BA‖²/‖ΔW‖²", "check: PEFT loads", "cntinit demo", "load with PEFT"):
         assert text in done.stderr, text
+
+
+def test_demo_keeps_what_it_did_not_write(tmp_path, capsys):
+    """`demo -o DIR` used to replace DIR/stats, DIR/solve-… and DIR/adapter whatever they held."""
+    from conftest import run
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "demo", "--out", tmp_path, "--samples", "8")
+    assert code == 2 and "adapter exists and is not an earlier demo's output: choose another --out or pass --overwrite" in err
+    assert (tmp_path / "adapter" / "notes.txt").read_text() == "mine" and not (tmp_path / "stats").exists()

@@ -202,3 +202,17 @@ def test_pipeline_errors(sd, captured, tmp_path, capsys):
     assert not list(tmp_path.glob(".i.offload-*"))  # its disk folder went with the error
     code, _, err = run(capsys, "capture", sd["model"], "--data", uncaptioned, "--prompt", "a photo of sks dog", "-o", tmp_path / "h")
     assert code == 0, err
+
+
+def test_a_tokenizer_without_a_length_limit_pads_to_the_text_encoders_positions(sd, tmp_path):
+    """Without model_max_length the tokenizer reports 1e30 (transformers' "no limit"); padding to it crashed."""
+    import shutil
+
+    pipe = shutil.copytree(sd["model"], tmp_path / "pipe")
+    config_file = pipe / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("model_max_length")
+    config_file.write_text(json.dumps(config))
+    stats = store.Store(capture(pipe, sd["images"], tmp_path / "stats", targets="to_k"))
+    cross = [entry for name, entry in stats.manifest["stats"].items() if "attn2" in name]
+    assert cross and all(entry["count"] == 16 * 5 for entry in cross)  # 5 images × the encoder's 16 positions

@@ -104,3 +104,88 @@ def test_the_package_never_unpickles():
         assert not re.search(r"\bimport pickle\b|\bpickle\.|\bdill\b|yaml\.load\(|yaml\.unsafe_load", text), source
         for call in re.finditer(r"torch\.load\(([^)]*)\)", text):
             assert "weights_only=True" in call.group(1), (source, call.group(0))
+
+
+def test_pickled_weights_are_refused(tiny, text_jsonl, tmp_path, capsys):
+    """A checkpoint with only pytorch_model.bin used to go through torch's unpickler; cntinit reads safetensors only."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    model = shutil.copytree(tiny["llama"], tmp_path / "pickled")
+    torch.save(load_file(model / "model.safetensors"), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    code, _, err = run(capsys, "capture", model, "-d", text_jsonl, "-o", tmp_path / "s")
+    assert code == 2 and "holds its weights only in pickle files (pytorch_model.bin), which cntinit never loads" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "s").exists()
+
+
+def rewrite_payload(directory, change):
+    """Change the first payload's tensors and update its checksum: damage the checksums cannot see."""
+    from safetensors.torch import load_file, save_file
+
+    from cntinit.store import file_entry
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    name = next(n for n in manifest["files"] if n.endswith(".safetensors"))
+    tensors = load_file(directory / name)
+    change(tensors)
+    save_file(tensors, directory / name, metadata={"format": "pt"})
+    manifest["files"][name] = file_entry(directory / name)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def first_module(manifest):
+    return next(iter(manifest["modules"].values()))
+
+
+def shrink_first(suffix):
+    def change(tensors):
+        key = next(k for k in tensors if k.endswith(suffix))
+        tensors[key] = tensors[key][..., :-1].contiguous()
+    return change
+
+
+MALFORMED = {  # (kind, damage, message)
+    "files missing": ("store", lambda d: edit_manifest(d, lambda m: m.pop("files")), "is corrupt: files is missing"),
+    "checksum not text": ("store", lambda d: edit_manifest(d, lambda m: next(iter(m["files"].values())).update(sha256=5)),
+                          "sha256 is int 5, not str"),
+    "stats missing": ("store", lambda d: edit_manifest(d, lambda m: m.pop("stats")), "is corrupt: stats is missing"),
+    "capture missing": ("store", lambda d: edit_manifest(d, lambda m: m.pop("capture")), "is corrupt: capture is missing"),
+    "unknown key": ("store", lambda d: edit_manifest(d, lambda m: m.update(extra=1)), "is corrupt: extra is not a field of this format"),
+    "count 0": ("store", lambda d: edit_manifest(d, lambda m: first_stats_entry(m).update(count=0)), "and count 0"),
+    "module without statistic": ("store", lambda d: edit_manifest(d, lambda m: first_module(m).update(key="nothing")),
+                                 "key nothing is not among its statistics"),
+    "version as text": ("store", lambda d: edit_manifest(d, lambda m: m.update(format_version="1")), "format_version is '1', not a number"),
+    "payload of the wrong shape": ("store", lambda d: rewrite_payload(d, shrink_first(".xxt")), "is corrupt: "),
+    "tensor missing": ("store", lambda d: rewrite_payload(d, lambda t: t.pop(next(k for k in t if k.endswith(".sum")))), ".sum is missing"),
+    "params missing": ("solve", lambda d: edit_manifest(d, lambda m: m.pop("params")), "is corrupt: params is missing"),
+    "rank as text": ("solve", lambda d: edit_manifest(d, lambda m: first_module(m).update(rank="2")), "rank is str '2', not an integer"),
+    "params of another version": ("solve", lambda d: edit_manifest(d, lambda m: m["params"].update(learning_rate=1)),
+                                  "params do not fit this version's options"),
+    "rank above the module": ("solve", lambda d: edit_manifest(d, lambda m: first_module(m).update(rank=10_000)), "is outside 0..min(in, out)"),
+    "factor of the wrong shape": ("solve", lambda d: rewrite_payload(d, shrink_first(".A")), "adapter.safetensors is corrupt"),
+}
+
+
+@pytest.mark.parametrize("damage", list(MALFORMED))
+def test_malformed_manifests_and_payloads_are_named(damage, dirs, tmp_path, capsys):
+    kind, harm, message = MALFORMED[damage]
+    harm(dirs[kind])
+    reader = ("solve", dirs["store"], "-m", "cnt-x", "-q", "-o", tmp_path / "again") if kind == "store" else \
+             ("export", dirs["solve"], "-q", "-o", tmp_path / "adapter")
+    readers = [reader] if "payload" in damage or "tensor" in damage or "factor" in damage else [("inspect", dirs[kind]), reader]
+    for args in readers:  # inspect reads manifests, not tensors
+        code, out, err = run(capsys, *args)
+        assert code == 2 and out == "" and message in err and err.count("\n") == 1, (args, err)
+    assert not (tmp_path / "again").exists() and not (tmp_path / "adapter").exists()
+
+
+def test_a_payload_linked_out_of_the_directory_is_refused(dirs, tmp_path, capsys):
+    target = payload(dirs["store"])
+    outside = tmp_path / "elsewhere.safetensors"
+    target.rename(outside)
+    target.symlink_to(outside)
+    code, _, err = run(capsys, "inspect", dirs["store"])
+    assert code == 2 and "names a payload outside the statistics store" in err and err.count("\n") == 1, err

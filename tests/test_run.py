@@ -376,3 +376,44 @@ def test_a_running_recipe_keeps_its_entries_from_rm(tmp_path, tiny, calibration,
     summary = runner.run(plan, cache_dir=cache_dir)
     assert attempts and attempts[0][0] == 2 and "is in use by a running cntinit" in attempts[0][2]
     assert [row["status"] for row in summary["stages"]] == ["computed", "computed"]
+
+
+def test_recipes_that_are_not_text_or_nest_too_deep(tmp_path, capsys):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("model: ./modèle\nsolves: [{mode: lora}]\n".encode("latin-1"))
+    code, _, err = run(capsys, "run", latin)
+    assert code == 2 and "is not UTF-8 (byte 12): save it as UTF-8" in err and err.count("\n") == 1, err
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: x\nsolves: " + "[" * 20000 + "]" * 20000 + "\n")
+    code, _, err = run(capsys, "run", deep)
+    assert code == 2 and "nests too deeply to be a recipe" in err and err.count("\n") == 1, err
+
+
+def test_recipe_out_is_expanded_checked_first_and_never_a_root(tmp_path, tiny, calibration, cache_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    plan = recipe.load(tiny_recipe(tmp_path, tiny, calibration, out="~/adapters"))
+    assert plan.out == tmp_path / "home" / "adapters"  # not a directory named "~"
+    for root in ("/", "~"):
+        code, _, err = run(capsys, "run", tiny_recipe(tmp_path, tiny, calibration, out=root))
+        assert code == 2 and "would put the recipe's solves and exports straight into" in err, err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run(capsys, "run", tiny_recipe(tmp_path, tiny, calibration, out=str(blocker / "out")))
+    assert code == 2 and f"cannot write in {blocker} (not a directory): recipe key out" in err and err.count("\n") == 1, err
+    assert not (cache_dir / "captures").exists()  # refused before the capture ran
+
+
+def test_sigint_during_a_run_says_what_was_kept(tmp_path, tiny, calibration, cache_dir, capsys, monkeypatch):
+    real_solve = runner.solve
+
+    def interrupted_second_solve(*args, **kwargs):
+        if interrupted_second_solve.calls:
+            raise KeyboardInterrupt
+        interrupted_second_solve.calls += 1
+        return real_solve(*args, **kwargs)
+
+    interrupted_second_solve.calls = 0
+    monkeypatch.setattr(runner, "solve", interrupted_second_solve)
+    code, _, err = run(capsys, "run", tiny_recipe(tmp_path, tiny, calibration), "-q")
+    assert code == 130 and "interrupted: stopped by SIGINT; what finished is kept: capture calib.jsonl, solve cnt-s-r4" in err, err
+    assert "nothing was written" not in err
