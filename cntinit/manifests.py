@@ -8,6 +8,7 @@ allows null; a list holds items of its one shape.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -110,6 +111,9 @@ def solve_problem(manifest: dict) -> str | None:
     found = problem(manifest, SOLVE)
     if found:
         return found
+    missing = [f.name for f in dataclasses.fields(Options) if f.name not in ("mode", "init") and f.name not in manifest["params"]]
+    if missing:
+        return f"params.{missing[0]} is missing"
     try:
         Options(mode=manifest["mode"], init=manifest["init"], **{k: v for k, v in manifest["params"].items()}).check()
     except TypeError as exc:

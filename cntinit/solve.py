@@ -123,14 +123,14 @@ class Options:
             raise CntinitError("--budget, --min-rank and --max-rank shape variable ranks: add --vas")
         if self.niter is not None and self.niter < 0:
             raise CntinitError(f"--niter must be at least 0, got {self.niter}")
-        if self.rho is not None and not (math.isfinite(self.rho) and self.rho >= 1):
-            raise CntinitError(f"--rho must be at least 1 and finite (1 = no redistribution), got {self.rho}")
+        if self.rho is not None and not (math.isfinite(self.rho) and 1 <= self.rho <= 1e6):
+            raise CntinitError(f"--rho must be at least 1 and finite, at most 1e6 (1 = no redistribution), got {self.rho}")
         if not (math.isfinite(self.shift_c) and 0 < self.shift_c <= 1e6):
             raise CntinitError(f"--shift-c must be a positive finite number up to 1e6 (C = c·I scales the target), got {self.shift_c}")
         if self.bucket_weights is not None:
-            bad = [w for w in self.bucket_weights if not (math.isfinite(w) and w >= 0)]
+            bad = [w for w in self.bucket_weights if not (math.isfinite(w) and 0 <= w <= 1e6)]
             if bad or not any(w > 0 for w in self.bucket_weights):
-                raise CntinitError(f"--bucket-weights are the buckets' shares of the robust estimate: give finite numbers ≥ 0, "
+                raise CntinitError(f"--bucket-weights are the buckets' shares of the robust estimate: give numbers from 0 to 1e6, "
                                    f"at least one above 0 (got {','.join(f'{w:g}' for w in self.bucket_weights)})")
         if self.steps is not None and self.steps < 0:
             raise CntinitError(f"--steps must be at least 0, got {self.steps}")
@@ -209,6 +209,10 @@ def _solve(world: distributed.World, capture_dir, out, options: Options, model, 
         if not world.leader:
             return Path(out)
     seconds = time.perf_counter() - started - loaded
+    overflow = next((name for name, pair in factors.items() if not all(bool(torch.isfinite(t.float()).all()) for t in pair)), None)
+    if overflow:
+        raise CntinitError(f"the factors of {overflow} come out NaN or Inf (beyond float32, which the solve directory stores): "
+                           "these options make the target too large; use smaller --bucket-weights or --shift-c, or a larger --rcond")
 
     report = _report(options, {name: rows[name] for name in modules}, ranks, seconds, loaded)  # model order
     manifest = solution.new_manifest(
