@@ -65,12 +65,29 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
         raise CntinitError(f"cannot write in {out.parent} ({exc.strerror or exc}): choose an --out in a writable place") from exc
     try:
         yield tmp
+        _as_the_umask_says(tmp)
         _swap_in(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (OSError, SafetensorError)):
             raise _failed(out, exc) from exc
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_the_umask_says(root: Path) -> None:
+    """Give a finished output the permissions any new file gets: mkdtemp makes its directory 0700
+    and safetensors writes 0600, which a trainer running as another user could not read."""
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -171,6 +188,7 @@ def atomic_file(out: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        tmp.chmod(0o666 & ~_umask())  # mkstemp makes it 0600
         os.replace(tmp, out)
     except (OSError, SafetensorError) as exc:
         raise _failed(out, exc) from exc

@@ -183,3 +183,23 @@ def test_leftovers_of_dead_processes_are_removed_and_others_reported(captured, t
     code, _, err = run(capsys, "solve", captured["llama"], "-m", "cnt-s", "-r", "2", "-o", tmp_path / "s")
     assert code == 0 and not dead.exists() and alive.exists() and foreign.exists()
     assert f"{foreign} was left by a write on host otherhost" in err and "removed 1 temporary directory" in err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_permissions_the_umask_gives(umask, tiny, calibration, tmp_path, capsys):
+    """Stores, solve directories and exports were 0700 with 0600 payloads whatever the umask: a trainer
+    running as another user on a shared filesystem could not read them."""
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        assert run(capsys, "capture", tiny["llama"], "-d", calibration, "-t", "q_proj", "-o", tmp_path / "stats", "-q")[0] == 0
+        assert run(capsys, "solve", tmp_path / "stats", "-m", "cnt-s", "-r", "2", "-o", tmp_path / "s", "-q")[0] == 0
+        assert run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e", "-q")[0] == 0
+    finally:
+        os.umask(previous)
+    for output in ("stats", "s", "e"):
+        for path in [tmp_path / output, *(tmp_path / output).rglob("*")]:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, (path, oct(mode))
