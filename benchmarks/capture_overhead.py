@@ -106,7 +106,7 @@ def main() -> None:
     batches = list(data.batches(sequences, args.batch_size, pad_id))
     tokens = sum(len(s) for s in sequences)
     root = models.forward_root(net, list(models.select_targets(net, models.ALL_LINEAR)))
-    suffixes = models.module_suffixes(models.linear_modules(net))
+    suffixes = {models.module_kind(name) for name in models.linear_modules(net)}
     attention = next(v for k, v in ATTENTION.items() if any(s.endswith(k) for s in suffixes))
 
     def forward():

@@ -330,7 +330,8 @@ def step_speed(args) -> None:
     shape = "tiny" if args.dry_run else "llama-135m"
     model = save_synthetic(scratch / "model", shape, args.device, torch.float32)
     extra = ["--samples", "8", "--seq-len", "24", "--rank", "4"] if args.dry_run else []
-    result = script("speed.py", "--model", str(model), "--data", str(embedded.data_file()), "--device", args.device, *extra,
+    # one process: 11 fresh ones spent the first lease's 132 s on imports and CUDA start-up; GPU peaks are reset per step
+    result = script("speed.py", "--model", str(model), "--data", str(embedded.data_file()), "--device", args.device, "--in-process", *extra,
                     timeout=args.deadline - time.time())
     for row in result["rows"]:
         emit(args.out, "speed", f"{result['title']} (synthetic {shape}, float32)", row)

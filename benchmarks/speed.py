@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--json", help="also write the table's rows and each step's measurements to this JSON file")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every step in this process: no minute of imports and CUDA start-ups; GPU peaks stay per step, CPU peaks do not")
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)  # internal: run one step, print JSON
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,6 +143,13 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for step in STEPS:
+            if args.in_process:
+                try:
+                    results[step] = run_step(step, args, Path(scratch))
+                except Exception as exc:  # noqa: BLE001 — the other comparisons still run, as with processes
+                    results[step] = None
+                    Console(stderr=True).print(f"{step} failed: {exc!r}", highlight=False, markup=False)
+                continue
             done = subprocess.run([sys.executable, __file__, *passthrough, "--step", step, "--scratch", scratch],
                                   capture_output=True, text=True)
             if done.returncode:  # the other comparisons still run; this one's rows say "failed"

@@ -24,7 +24,7 @@ from . import checkpoint, console, distributed, feeds, models, store
 from . import layerwise as layerwise_mod
 from .atomic import atomic_directory
 from .console import log, progress, warn
-from .errors import CntinitError
+from .errors import CntinitError, not_one_of
 from .stats import InputStats
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
@@ -292,7 +292,7 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
     if image_size is not None and image_size < 1:
         raise CntinitError(f"--image-size must be at least 1, got {image_size}")
     if accumulate not in ACCUMULATE:
-        raise CntinitError(f"--accumulate {accumulate} is not one of {', '.join(ACCUMULATE)}")
+        raise not_one_of("--accumulate", accumulate, ACCUMULATE)
     if not all(math.isfinite(v) for v in (*image_mean, *image_std)) or min(image_std) <= 0:
         raise CntinitError(f"--image-mean and --image-std must be finite, --image-std above 0; got {image_mean} and {image_std}")
     if world.size > 1 and shard is not None:
@@ -412,6 +412,9 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
     return Path(out)
 
 
+clock = time.perf_counter  # of the progress bar's rate
+
+
 def _stream(root, modules, feed, net, buckets, accumulate, dev, sample_max_norm, sums_on, saved, ident, checkpoint_every):
     """The whole model over every batch, hooks on every target: (sums by key, module map, real tokens or samples)."""
     probe = {name: value.to(dev) for name, value in feed.probe.items()}
@@ -422,6 +425,7 @@ def _stream(root, modules, feed, net, buckets, accumulate, dev, sample_max_norm,
         warn(f"the checkpoint at {saved} is damaged (its sums do not fit this capture): starting from the beginning")
         resumed = None
     skip, done = (resumed[0]["batches"], resumed[0]["done"]) if resumed else (0, 0)
+    resumed_done = done
     if resumed:
         for key, stats in recorder.stats.items():
             stats.restore(resumed[1], key)
@@ -434,11 +438,12 @@ def _stream(root, modules, feed, net, buckets, accumulate, dev, sample_max_norm,
             if index < skip:
                 bar.update(task, advance=size)
                 continue
-            if index == skip and resumed and "rng" in resumed[1]:
-                net.generator.set_state(resumed[1]["rng"])  # the noise continues where the checkpoint left it
+            if index == skip:
+                begun = clock()  # the rate counts this run's work, not the checkpoint's
+                if resumed and "rng" in resumed[1]:
+                    net.generator.set_state(resumed[1]["rng"])  # the noise continues where the checkpoint left it
             done += recorder.run(inputs, mask, bucket)
-            elapsed = bar.tasks[task].elapsed or 1e-9
-            bar.update(task, advance=size, rate=f"{done / elapsed:,.1f} {feed.unit}/s")
+            bar.update(task, advance=size, rate=f"{(done - resumed_done) / max(clock() - begun, 1e-9):,.1f} {feed.unit}/s")
             if saved is not None and ((index + 1) % checkpoint_every == 0 or stop):
                 recorder.check_finite()
                 rng = net.generator.get_state() if getattr(net, "generator", None) is not None else None

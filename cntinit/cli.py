@@ -8,34 +8,57 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
+import typer.core
 from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import cache, console, embedded, models, plots, recipe, runner, solution
-from .capture import capture as run_capture
+from . import console
 from .errors import CntinitError
-from .export import export as run_export
-from .export import verify
-from .solution import Solution
-from .solve import Options
-from .solve import solve as run_solve
-from .store import Store, read_manifest
-from .store import merge as run_merge
+
+if TYPE_CHECKING:
+    from .store import Store
+
+# The stages (torch, transformers, peft) are imported inside the commands that run them, so that
+# `cntinit --help` and `cntinit solve --help` answer at once (benchmarks/startup.py measures it).
+
+class _PlainHelpOption:
+    """--help is a flag too: no `<bool>` beside it."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_PlainHelpOption, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_PlainHelpOption, typer.core.TyperGroup):
+    pass
+
 
 app = typer.Typer(
+    cls=_Group,
     help="Data-driven LoRA initializations: capture activation statistics, solve inits, export adapters.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr.")
-JSON = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of the output path.")
+def _flag(*declarations: str, help: str, default: bool = False):
+    """An on/off option, shown in --help without a `<bool>` type column (a flag takes no value)."""
+    return typer.Option(default, *declarations, help=help, metavar="")
+
+
+QUIET = _flag("--quiet", "-q", help="Nothing on stderr but errors: no progress, logs, tables or warnings.")
+JSON = _flag("--json", help="Print a JSON summary on stdout instead of the output path.")
 
 
 def _follower() -> bool:
@@ -51,6 +74,7 @@ def _torchrun_needs_out(out: Optional[Path]) -> None:
 def _finish(path: Path, as_json: bool) -> None:
     """stdout carries only the path (so `$(cntinit capture ...)` composes), or a JSON summary;
     under torchrun only rank 0 prints it."""
+    from .store import Store
     if _follower():
         return
     if as_json:
@@ -74,9 +98,9 @@ def summary(store: Store) -> dict:
     }
 
 
-@app.command()
+@app.command(cls=_Command)
 def capture(
-    model: Path = typer.Argument(..., help="Local model directory: transformers (text or vision: config.json, weights) or a diffusers Stable-Diffusion-style pipeline (model_index.json, unet, text_encoder, vae, tokenizer, scheduler)."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="Local model directory: transformers (text or vision: config.json, weights) or a diffusers Stable-Diffusion-style pipeline (model_index.json, unet, text_encoder, vae, tokenizer, scheduler)."),
     data: str = typer.Option(..., "--data", "-d", help="Text models: a .jsonl (field `text` or chat `messages`), a .txt (one sample per line), a directory of them, or - for JSONL on stdin. Vision models and pipelines: a folder of .jpg/.png/.webp images (recursive); a pipeline's captions come from metadata.jsonl/captions.jsonl there ({\"file_name\", \"text\"} per line) or --prompt."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store directory to write (default: the cache — $CNTINIT_CACHE — where a repeated capture is a hit that computes nothing)."),
     targets: str = typer.Option("all-linear", "--targets", "-t", help="Comma-separated module-name suffixes (q_proj,v_proj) or all-linear (every linear layer but the output head)."),
@@ -86,10 +110,10 @@ def capture(
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (checkpoint's on GPU, float32 on CPU), float32, bfloat16, float16."),
     buckets: int = typer.Option(1, "--buckets", help="Keep K partial sums over consecutive slices of the data (for the robust estimate)."),
-    pack: bool = typer.Option(False, "--pack", help="Concatenate samples and cut them into --seq-len pieces instead of one sample per sequence."),
+    pack: bool = _flag("--pack", help="Concatenate samples and cut them into --seq-len pieces instead of one sample per sequence."),
     accumulate: str = typer.Option("float32", "--accumulate", help="Precision of the sums: float32 or float64."),
     text_field: str = typer.Option("text", "--text-field", help="JSONL field holding the text."),
-    sample_max_norm: bool = typer.Option(False, "--sample-max-norm", help="Divide each sample's inputs by |its largest entry| before summing, as PEFT's CorDA preprocessing does (to reproduce PEFT's corda exactly)."),
+    sample_max_norm: bool = _flag("--sample-max-norm", help="Divide each sample's inputs by |its largest entry| before summing, as PEFT's CorDA preprocessing does (to reproduce PEFT's corda exactly)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Images: resize the shorter side to N and center-crop N×N (vision default: the model's preprocessor_config.json; pipeline default: the UNet's resolution)."),
     image_mean: str = typer.Option("0.5,0.5,0.5", "--image-mean", help="Vision models with --image-size or without a preprocessor config: per-channel mean."),
     image_std: str = typer.Option("0.5,0.5,0.5", "--image-std", help="Vision models with --image-size or without a preprocessor config: per-channel std."),
@@ -97,14 +121,14 @@ def capture(
     noise_timestep: Optional[int] = typer.Option(None, "--noise-timestep", help="Pipelines: feed the UNet latents noised to timestep t by the pipeline's scheduler (default: clean latents, t = 0)."),
     seed: int = typer.Option(0, "--seed", help="Pipelines: seed of the --noise-timestep noise."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save the running sums every N batches (N blocks with --layerwise), and on Ctrl-C/SIGTERM, beside --out; the same command run again resumes from them."),
-    offload: bool = typer.Option(False, "--offload", help="For models larger than the device: accelerate places the weights on the device, then CPU memory, then disk (beside --out), and streams them in layer by layer."),
+    offload: bool = _flag("--offload", help="For models larger than the device: accelerate places the weights on the device, then CPU memory, then disk (beside --out), and streams them in layer by layer."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="--offload: limits per place, e.g. cuda=20GiB,cpu=64GiB (default: what accelerate finds free)."),
     stats_device: Optional[str] = typer.Option(None, "--stats-device", help="Where the running sums live: cpu keeps their d² per statistic off the GPU (default: --device)."),
-    layerwise: bool = typer.Option(False, "--layerwise", help="Read and run one block at a time (a 70B model on one GPU): the memory of one block's weights and statistics plus every batch's hidden states; the same statistics. --checkpoint-every then counts blocks."),
+    layerwise: bool = _flag("--layerwise", help="Read and run one block at a time (a 70B model on one GPU): the memory of one block's weights and statistics plus every batch's hidden states; the same statistics. --checkpoint-every then counts blocks."),
     activations_device: Optional[str] = typer.Option(None, "--activations-device", help="--layerwise: where the hidden states wait between blocks: cpu keeps them off the GPU (default: --device)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Capture only share I of N of the data (I/N, e.g. 0/4), for array jobs; `cntinit merge` of all N equals one run."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a store of this model."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
+    overwrite: bool = _flag("--overwrite", help="Replace --out even if it is a store of another model or another cntinit output (never a folder or file of yours)."),
+    trust_remote_code: bool = _flag("--trust-remote-code", help="Allow the model directory's own Python code to run."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -122,6 +146,8 @@ def capture(
 
       cntinit export $(cntinit solve $(cntinit capture ./model --data calib.jsonl) --mode cnt-s) --out adapter/   # stores in the cache
     """
+    from . import runner
+    from .capture import capture as run_capture
     console.quiet = quiet
     options = dict(
         seq_len=seq_len, batch_size=batch_size, max_samples=max_samples, dtype=dtype, buckets=buckets, pack=pack,
@@ -151,11 +177,11 @@ def _rgb(text: str, option: str) -> tuple[float, ...]:
     return values
 
 
-@app.command()
+@app.command(cls=_Command)
 def merge(
-    stores: list[Path] = typer.Argument(..., help="Two or more stores of the same model and targets."),
+    stores: list[Path] = typer.Argument(..., metavar="STORES", help="Two or more stores of the same model and targets."),
     out: Path = typer.Option(..., "--out", "-o", help="Merged store directory to write."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a store of this model."),
+    overwrite: bool = _flag("--overwrite", help="Replace --out even if it is a store of another model or another cntinit output (never a folder or file of yours)."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -164,32 +190,36 @@ def merge(
     Example:  for i in 0 1 2; do cntinit capture ./model --data calib.jsonl --shard $i/3 --out stats-$i; done
               cntinit merge stats-0 stats-1 stats-2 --out stats     # equals one capture over calib.jsonl
     """
+    from .store import merge as run_merge
     console.quiet = quiet
     _finish(run_merge(stores, out, overwrite), as_json)
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
-    directory: Path = typer.Argument(..., help="A statistics store or a solve directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check payload checksums (stores; solve directories are always checked)."),
+    directory: Path = typer.Argument(..., metavar="DIRECTORY", help="A statistics store or a solve directory."),
+    as_json: bool = _flag("--json", help="Print the whole manifest as JSON."),
+    verify: bool = _flag("--verify/--no-verify", default=True, help="Check payload checksums (stores; solve directories are always checked)."),
 ) -> None:
     """Show what a store holds (model, data, options, statistics) or a solve's report.
 
     Examples:  cntinit inspect stats/    cntinit inspect init-s16/ --json | jq .params
     """
+    from . import solution
+    from .solution import Solution
+    from .store import Store, read_manifest
     if read_manifest(directory, solution.FORMAT) is not None:
         sol = Solution(directory)
         if as_json:
             typer.echo(json.dumps(sol.manifest, indent=2))
         else:
-            print_report(sol.report, Console())
+            print_report(sol.report, console.stdout())
         return
     store = Store(directory, verify=verify)
     if as_json:
         typer.echo(json.dumps(store.manifest, indent=2))
         return
-    print_store(store, Console())
+    print_store(store, console.stdout())
 
 
 def print_store(store: Store, out: Console) -> None:
@@ -217,22 +247,22 @@ def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
         raise CntinitError(f"{option} {text} is not a comma-separated list of numbers, e.g. 1,1,0.5") from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def solve(
-    capture_dir: Optional[Path] = typer.Argument(None, help="A statistics store written by `cntinit capture` (data-free modes may give --model instead)."),
+    capture_dir: Optional[Path] = typer.Argument(None, metavar="CAPTURE_DIR", help="A statistics store written by `cntinit capture` (data-free modes may give --model instead)."),
     mode: str = typer.Option(..., "--mode", "-m", help="cnt-x (Cross: WΣ⁺), cnt-s (Self: WD^-1/2Pᵀ), cnt-sh (Shift: c((I−Σ)Wᵀ)⁺); from a capture also eva, corda; data-free lora, pissa, milora, olora, inilora, inilora-alpha, inilora-beta."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Solve directory to write (default: the cache — $CNTINIT_CACHE — where a repeated solve is a hit that computes nothing)."),
     rank: int = typer.Option(16, "--rank", "-r", help="Adapter rank per module (the base rank with --vas)."),
     rcond: float = typer.Option(1e-4, "--rcond", help="Eigenvalue floor relative to the largest: below it, values count as zero (pseudo-inverse) or are clamped (inverse root)."),
-    centered: bool = typer.Option(False, "--centered", help="Use the centered covariance Σ − μμᵀ instead of the second moment Σ."),
+    centered: bool = _flag("--centered", help="Use the centered covariance Σ − μμᵀ instead of the second moment Σ."),
     self_form: str = typer.Option("paper", "--self-form", help="cnt-s only: paper (W D^-1/2 Pᵀ, eigenbasis-dependent) or zca (W Σ^-1/2)."),
     shift_c: float = typer.Option(1.0, "--shift-c", help="cnt-sh only: the constant c in C = c·I."),
     bucket_weights: Optional[str] = typer.Option(None, "--bucket-weights", help="Weights w_j of the robust average over the capture's buckets (eq. 18), comma-separated; default all 1."),
-    pooled: bool = typer.Option(False, "--pooled", help="Ignore the capture's buckets: one estimate from the pooled statistics."),
+    pooled: bool = _flag("--pooled", help="Ignore the capture's buckets: one estimate from the pooled statistics."),
     decompose: Optional[str] = typer.Option(None, "--decompose", help="Rank-r split of ΔW: svd (best rank-r approximation; the default) or qr."),
     split_p: float = typer.Option(0.5, "--split-p", help="svd only: B = U S^(1−p), A = S^p Vᵀ."),
     init: Optional[str] = typer.Option(None, "--init", help="offset (CNT, lora, eva): base stays W, initial model W + BA. residual (pissa, milora, olora, corda, inilora*; optional for CNT): base becomes W − BA, initial model = pretrained."),
-    vas: bool = typer.Option(False, "--vas", help="Variable ranks from the pooled relative variances of ΔW's singular values."),
+    vas: bool = _flag("--vas", help="Variable ranks from the pooled relative variances of ΔW's singular values."),
     budget: Optional[int] = typer.Option(None, "--budget", help="--vas: total rank over all modules (default rank × modules)."),
     min_rank: int = typer.Option(0, "--min-rank", help="--vas: smallest rank per module; 0 lets a module go without adapter."),
     max_rank: Optional[int] = typer.Option(None, "--max-rank", help="--vas: largest rank per module (default min(in, out))."),
@@ -243,16 +273,16 @@ def solve(
     steps: Optional[int] = typer.Option(None, "--steps", help="inilora*: run exactly N Adam steps (default: inilora stops early, at most 20000; alpha/beta only draw, no steps)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random draws (lora, pissa --niter, inilora*)."),
     model: Optional[Path] = typer.Option(None, "--model", help="Read the weights from here instead of the path the capture recorded (they must be the same weights); without a capture, the model to solve."),
-    targets: Optional[str] = typer.Option(None, "--targets", "-t", help="Without a capture: module-name suffixes or all-linear (the default)."),
+    targets: Optional[str] = typer.Option(None, "--targets", "-t", help="Which modules to solve: module-name suffixes (q_proj,v_proj) or re:PATTERN; from a capture, a subset of the captured modules (default: all of them); without one, all-linear by default."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, or cuda."),
-    offload: bool = typer.Option(False, "--offload", help="For models larger than the device: accelerate places the weights on the device, then CPU memory, then disk (read one module at a time)."),
+    offload: bool = _flag("--offload", help="For models larger than the device: accelerate places the weights on the device, then CPU memory, then disk (read one module at a time)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="--offload: limits per place, e.g. cuda=20GiB,cpu=64GiB (default: what accelerate finds free)."),
     precision: str = typer.Option("float64", "--precision", help="Precision of the eigen/SVD work: float64 or float32 (IniLoRA's Adam always runs in float32, as the authors' code)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a solve directory of this model."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
+    overwrite: bool = _flag("--overwrite", help="Replace --out even if it is a solve directory of another model or another cntinit output (never a folder or file of yours)."),
+    trust_remote_code: bool = _flag("--trust-remote-code", help="Allow the model directory's own Python code to run."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the rank per module and each split's singular values into this PNG (needs matplotlib)."),
     quiet: bool = QUIET,
-    as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of the output path."),
+    as_json: bool = _flag("--json", help="Print report.json, with the solve directory's path, on stdout instead of the path alone."),
 ) -> None:
     """Compute an initialization per module (ConsNoTrainLoRA, IniLoRA or a baseline) and print a report.
 
@@ -266,8 +296,14 @@ def solve(
 
       cntinit solve stats/ --mode eva --rank 16 --out init-eva/
 
+      cntinit solve stats-all-linear/ --targets q_proj,v_proj --mode cnt-s --out init-qv/   # one capture, any subset
+
       cntinit solve --model ./Llama-3.2-1B --mode inilora --targets q_proj,v_proj --rank 8 --out init-ini/
     """
+    from . import plots, runner
+    from .solution import Solution
+    from .solve import Options
+    from .solve import solve as run_solve
     console.quiet = quiet
     options = Options(
         mode=mode, rank=rank, rcond=rcond, centered=centered, self_form=self_form, shift_c=shift_c,
@@ -292,7 +328,7 @@ def solve(
         if not plots.available():
             raise CntinitError(f"--plot needs matplotlib: {plots.INSTALL}")
         console.log(f"plot: {plots.write_report_plot(report, plot)}")
-    typer.echo(json.dumps(report, indent=2) if as_json else str(path))
+    typer.echo(json.dumps({"path": str(path)} | report, indent=2) if as_json else str(path))
 
 
 TABLE_ROWS = 48
@@ -302,6 +338,7 @@ def print_report(report: dict, out: Console) -> None:
     """Per module — or, past TABLE_ROWS modules, per module kind (rank range, medians over layers,
     floored max) — rank, ‖ΔW‖, ‖BA‖/‖W‖, kept share, output change, floored values (IniLoRA:
     the fit's error over the Eckart–Young optimum instead)."""
+    from .models import module_kind
     rows = report["modules"]
     grouped = len(rows) > TABLE_ROWS
     fitted = "fit_error" in next(iter(rows.values()))
@@ -309,57 +346,64 @@ def print_report(report: dict, out: Console) -> None:
     shared = "" if grouped else shared[: shared.rfind(".") + 1]  # e.g. "model.layers.", left out of every row
     groups: dict[str, list[dict]] = {}
     for name, row in rows.items():
-        groups.setdefault(models.module_kind(name) if grouped else name[len(shared):], []).append(row)
-    caption = {"eva": "kept = explained variance of the kept eigenvectors (B = 0, so BA = 0)",
-               "lora": "B = 0: the adapter starts as zero"}.get(
-        report["mode"], "kept = ‖BA‖²/‖ΔW‖² · out Δ = tr(BA Σ (BA)ᵀ)/tr(W Σ Wᵀ) · floored = eigenvalues under rcond·λmax")
+        groups.setdefault(module_kind(name) if grouped else name[len(shared):], []).append(row)
+    floors = report["mode"].startswith("cnt-")  # only the CNT modes floor eigenvalues at rcond
+    last = "fit ÷ opt" if fitted else "floored" if floors else None
+    notes = {"eva": ["kept = explained variance of the kept eigenvectors (B = 0, so BA = 0)"],
+             "lora": ["B = 0: the adapter starts as zero"]}.get(report["mode"], ["kept = ‖BA‖²/‖ΔW‖²", "out Δ = tr(BA Σ (BA)ᵀ)/tr(W Σ Wᵀ)"])
+    if floors:
+        notes.append("floored = eigenvalues under rcond·λmax")
     if fitted:
-        caption += " · fit ÷ opt = ‖W − BA‖ / ‖W − W_r‖ (Eckart–Young optimum)"
+        notes.append("fit ÷ opt = ‖W − BA‖ / ‖W − W_r‖ (Eckart–Young optimum)")
     if grouped:
-        caption += " · per module kind: rank range, medians over layers, floored max; per module in report.json"
-    table = Table(title=f"{report['mode']} · {report['init']} init · rcond {report['rcond']:g}", box=box.SIMPLE_HEAD, caption=caption)
+        notes.append(f"per module kind: rank range, medians over layers{', floored max' if floors else ''}; per module in report.json")
+    title = f"{report['mode']} · {report['init']} init" + (f" · rcond {report['rcond']:g}" if floors else "")
+    table = Table(title=title, box=box.SIMPLE_HEAD)
     table.add_column("module kind" if grouped else f"module ({shared}…)" if shared else "module", overflow="fold", min_width=22)
-    for header in ("rank", "‖ΔW‖", "‖BA‖/‖W‖", "kept", "out Δ", "fit ÷ opt" if fitted else "floored"):
+    for header in ("rank", "‖ΔW‖", "‖BA‖/‖W‖", "kept", "out Δ", *([last] if last else [])):
         table.add_column(header, justify="right", no_wrap=True)
     typical = statistics.median if grouped else max  # max of one value is the value
     for label, members in groups.items():
         ranks = [m["rank"] for m in members]
-        table.add_row(
+        cells = [
             label,
             f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}–{max(ranks)}",
             f"{typical(m['delta_norm'] for m in members):.3g}",
             f"{typical(m['update_norm'] / m['weight_norm'] if m['weight_norm'] else 0.0 for m in members):.3g}",
             "–" if members[0]["kept"] is None else f"{100 * typical(m['kept'] for m in members):.1f}%",
             "–" if members[0]["output_change"] is None else f"{typical(m['output_change'] for m in members):.3g}",
-            f"{typical(_fit_ratio(m) for m in members):.4f}" if fitted else f"{max(m['floored'] for m in members)}",
-        )
+        ]
+        if last:
+            cells.append(f"{typical(_fit_ratio(m) for m in members):.4f}" if fitted else f"{max(m['floored'] for m in members)}")
+        table.add_row(*cells)
     out.print(table)
+    out.print(" · ".join(notes), style="dim", highlight=False)  # not a caption: that would wrap at the table's width
     budget = f" of budget {report['budget']}" if report["budget"] else ""
     kept = "" if report["kept"] is None else f"‖ΔW‖² kept overall {100 * report['kept']:.1f}%; "
+    floored = f"{report['floored_modules']} modules had values under the floor; " if floors else ""
     steps = f"; Adam ran {max(m['steps'] for m in rows.values())} steps at most" if fitted else ""
     out.print(f"{report['modules_with_adapter']}/{len(rows)} modules get an adapter, total rank {report['total_rank']}{budget}; "
-              f"{kept}{report['floored_modules']} modules had values under the floor; "
-              f"solved in {report['solve_seconds']:.1f}s{steps}", highlight=False)
+              f"{kept}{floored}solved in {report['solve_seconds']:.1f}s{steps}", highlight=False)
 
 
 def _fit_ratio(row: dict) -> float:
     return row["fit_error"] / row["optimal_error"] if row["optimal_error"] > 0 else 1.0
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
-    solve_dir: Path = typer.Argument(..., help="A solve directory written by `cntinit solve`."),
+    solve_dir: Path = typer.Argument(..., metavar="SOLVE_DIR", help="A solve directory written by `cntinit solve`."),
     out: Path = typer.Option(..., "--out", "-o", help="Adapter directory to write."),
     format: str = typer.Option("peft", "--format", "-f", help="peft (transformers models), kohya or diffusers (diffusion pipelines: one safetensors file for sd-scripts' --network_weights, or pytorch_lora_weights.safetensors for pipe.load_lora_weights)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha (default: the solve's --rank, so the scale is 1). The scale is folded into the factors: the adapter adds exactly BA for any alpha."),
-    rslora: bool = typer.Option(False, "--rslora", help="Rank-stabilized scale α/√r."),
-    dora: bool = typer.Option(False, "--dora", help="DoRA: also write the magnitude vectors, as PEFT computes them (needs the model weights)."),
-    fixed_alpha: bool = typer.Option(False, "--fixed-alpha", help="Variable ranks: every module gets --alpha instead of an alpha pattern that keeps the scale α/r constant."),
+    rslora: bool = _flag("--rslora", help="Rank-stabilized scale α/√r (PEFT only)."),
+    dora: bool = _flag("--dora", help="DoRA: also write the magnitude vectors, as PEFT computes them (needs the model weights)."),
+    fixed_alpha: bool = _flag("--fixed-alpha", help="Variable ranks: every module gets --alpha instead of an alpha pattern that keeps the scale α/r constant."),
     module_prefix: str = typer.Option("", "--module-prefix", help="Prepend this to every module path, e.g. bert. when the capture ran BertModel and training loads BertForSequenceClassification."),
     model: Optional[Path] = typer.Option(None, "--model", help="Read the weights (for --dora or a residual base) from here instead of the recorded path."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not an export of this model."),
-    check: bool = typer.Option(False, "--check", help="Load the written adapter with PEFT (peft) or diffusers' load_lora_weights (kohya, diffusers) and compare every module's output with (W + BA)x."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
+    overwrite: bool = _flag("--overwrite", help="Replace --out even if it is an export of another model or another cntinit output (never a folder or file of yours)."),
+    check: bool = _flag("--check", help="Load the written adapter with PEFT (peft) or diffusers' load_lora_weights (kohya, diffusers) and compare every module's output with (W + BA)x."),
+    trust_remote_code: bool = _flag("--trust-remote-code", help="Allow the model directory's own Python code to run."),
     quiet: bool = QUIET,
 ) -> None:
     """Write the solved initialization as adapter files a trainer loads (plus the residual base when the init needs one).
@@ -372,30 +416,28 @@ def export(
 
       cntinit export sd-init/ --format kohya --alpha 256 --out kohya/
 
-    Load it:  PeftModel.from_pretrained(base, "adapter/", is_trainable=True), pipe.load_lora_weights("diffusers-out/"),
-    or sd-scripts' --network_weights kohya/lora.safetensors
+    Load it:  PeftModel.from_pretrained(base, "adapter/", is_trainable=True), pipe.load_lora_weights("diffusers-out/"), or sd-scripts' --network_weights kohya/lora.safetensors
     """
+    from .export import export as run_export
     console.quiet = quiet
     path = run_export(solve_dir, out, format=format, alpha=alpha, rslora=rslora, dora=dora, fixed_alpha=fixed_alpha,
                       module_prefix=module_prefix, model=model, overwrite=overwrite, trust_remote_code=trust_remote_code, check=check)
     typer.echo(str(path))
 
 
-@app.command(name="run")
+@app.command(name="run", cls=_Command)
 def run_recipe(
     recipe_file: Path = typer.Argument(..., metavar="RECIPE", help="A recipe YAML: model, targets, capture, solves, exports (see recipes/ and README)."),
-    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Dotted overrides, values read as YAML: model=./my-model capture.max_samples=64 solves.0.rank=32 exports.0.alpha=64"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model directory's own Python code to run (a recipe cannot ask for it)."),
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="KEY=VALUE", help="Dotted overrides, values read as YAML: model=./my-model capture.max_samples=64 solves.0.rank=32 exports.0.alpha=64"),
+    trust_remote_code: bool = _flag("--trust-remote-code", help="Allow the model directory's own Python code to run (a recipe cannot ask for it)."),
     quiet: bool = QUIET,
-    as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout instead of the export paths."),
+    as_json: bool = _flag("--json", help="Print the run's summary as JSON on stdout instead of the export paths."),
 ) -> None:
     """Run a recipe: its capture, solves and exports, reusing cached captures and solves.
 
-    Captures and solves live in the cache ($CNTINIT_CACHE, default ~/.cache/cntinit); a stage whose
-    inputs (model and data contents, every option) were seen before is a hit that computes nothing.
+    Captures and solves live in the cache ($CNTINIT_CACHE, default ~/.cache/cntinit); a stage whose inputs (model and data contents, every option) were seen before is a hit that computes nothing.
 
-    The recipe is checked whole before anything runs. Exports land in OUT/<solve>/<export>/,
-    beside each solve's report.json and report.png; stdout lists the export directories.
+    The recipe is checked whole before anything runs. Exports land in OUT/<solve>/<export>/, beside each solve's report.json and report.png; stdout lists the export directories.
 
     Examples:
 
@@ -405,6 +447,7 @@ def run_recipe(
 
       cntinit run recipes/llama2-7b-inilora.yaml --json | jq -r '.exports[]'
     """
+    from . import recipe, runner
     console.quiet = quiet
     plan = recipe.load(recipe_file, overrides or [])
     summary = runner.run(plan, trust_remote_code=trust_remote_code)
@@ -437,31 +480,62 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-cache_app = typer.Typer(help="List and clean the cache of captures and solves ($CNTINIT_CACHE, default ~/.cache/cntinit).",
+cache_app = typer.Typer(cls=_Group, help="List and clean the cache of captures and solves ($CNTINIT_CACHE, default ~/.cache/cntinit).",
                         no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
-@cache_app.command("ls")
-def cache_ls(as_json: bool = typer.Option(False, "--json", help="Print the entries as JSON.")) -> None:
+@cache_app.command("ls", cls=_Command)
+def cache_ls(as_json: bool = _flag("--json", help="Print the entries as JSON.")) -> None:
     """List cached captures and solves, most recently used first.
 
     Example:  cntinit cache ls --json | jq -r '.[] | select(.kind == "capture") | .path'
     """
+    from . import cache
     found = cache.entries()
     if as_json:
         typer.echo(json.dumps([{"kind": e.kind, "key": e.key, "label": e.meta.get("label"), "bytes": e.bytes, "used": e.used,
                                 "path": str(e.path)} for e in found], indent=2))
         return
-    table = Table("key", "kind", "what", "size", "last used", title=str(cache.root()), box=box.SIMPLE_HEAD)
+    table = Table("key", "kind", "what", "details", "size", "last used", title=str(cache.root()), box=box.SIMPLE_HEAD)
+    details = _details(found)
     for e in found:
-        table.add_row(e.key[:12], e.kind, e.meta.get("label", "?"), _size(e.bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used)))
-    Console().print(table)
-    Console().print(f"{len(found)} entries, {_size(sum(e.bytes for e in found))}", highlight=False)
+        table.add_row(e.key[:12], e.kind, e.meta.get("label", "?"), details[e.key], _size(e.bytes),
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used)))
+    console.stdout().print(table)
+    console.stdout().print(f"{len(found)} entries, {_size(sum(e.bytes for e in found))}", highlight=False)
     stale = cache.leftovers()
     if stale:
-        Console().print(f"and {len(stale)} temporary director{'y' if len(stale) == 1 else 'ies'} left by an interrupted run "
+        console.stdout().print(f"and {len(stale)} temporary director{'y' if len(stale) == 1 else 'ies'} left by an interrupted run "
                         "(`cntinit cache prune` removes those of runs no longer alive)", highlight=False)
+
+
+def _details(found: list) -> dict[str, str]:
+    """key -> what tells an entry apart: the main facts of every entry (a capture's targets and
+    samples; a solve's init, module count and capture), plus any other option in which entries
+    of one label differ."""
+    facts = {e.key: _facts(e) for e in found}
+    shown = {}
+    for e in found:
+        peers = [facts[p.key] for p in found if p.meta.get("label") == e.meta.get("label")]
+        varying = {name for name in facts[e.key] if len({str(f.get(name)) for f in peers}) > 1}
+        main = ("targets", "samples") if e.kind == "capture" else ("init", "modules", "capture")
+        shown[e.key] = " · ".join(f"{name} {value}" for name, value in facts[e.key].items() if name in main or name in varying)
+    return shown
+
+
+def _facts(entry) -> dict[str, object]:
+    from . import solution
+    from .store import read_manifest
+    manifest = read_manifest(entry.path, "cntinit.stats" if entry.kind == "capture" else solution.FORMAT) or {}
+    if entry.kind == "capture":
+        settings = {k: v for k, v in manifest.get("capture", {}).items() if k not in ("targets", "max_samples")}
+        return {"targets": manifest.get("capture", {}).get("targets"), "samples": manifest.get("data", {}).get("samples"),
+                "tokens": manifest.get("data", {}).get("tokens")} | settings
+    source = (manifest.get("capture") or {}).get("path")
+    params = {k: v for k, v in manifest.get("params", {}).items() if k != "rank"}
+    return {"init": manifest.get("init"), "modules": len(manifest.get("modules", {})),
+            "capture": Path(source).name[:12] if source else "none (data-free)"} | params
 
 
 def _size(count: int) -> str:
@@ -472,28 +546,30 @@ def _size(count: int) -> str:
     return ""
 
 
-@cache_app.command("rm")
-def cache_rm(keys: list[str] = typer.Argument(..., help="Keys or unique key prefixes, as `cntinit cache ls` shows them.")) -> None:
+@cache_app.command("rm", cls=_Command)
+def cache_rm(keys: list[str] = typer.Argument(..., metavar="KEYS", help="Keys or unique key prefixes, as `cntinit cache ls` shows them.")) -> None:
     """Remove cache entries (a solve made from a removed capture stays until removed itself).
 
     Example:  cntinit cache rm 3f9a1c 77be02
     """
+    from . import cache
     for entry in cache.match(keys):
         if not cache.remove(entry):
             raise CntinitError(f"{entry.key[:12]} is in use by a running cntinit: try again when it has finished")
         console.log(f"removed {entry.kind} {entry.key[:12]} ({entry.meta.get('label', '?')}, {_size(entry.bytes)})")
 
 
-@cache_app.command("prune")
+@cache_app.command("prune", cls=_Command)
 def cache_prune(
     older_than: Optional[str] = typer.Option(None, "--older-than", help="Remove entries unused for this long: 12h, 30d, 2w."),
     max_size: Optional[str] = typer.Option(None, "--max-size", help="Then remove the least recently used until the cache fits: 500M, 20G."),
-    everything: bool = typer.Option(False, "--all", help="Remove every entry."),
+    everything: bool = _flag("--all", help="Remove every entry."),
 ) -> None:
     """Remove old entries, or the least recently used until the cache fits a size.
 
     Example:  cntinit cache prune --older-than 30d --max-size 50G
     """
+    from . import cache
     if not (older_than or max_size or everything):
         raise CntinitError("say what to prune: --older-than 30d, --max-size 20G, or --all")
     removed, busy = cache.prune(0.0 if everything else cache.parse_age(older_than) if older_than else None,
@@ -502,23 +578,32 @@ def cache_prune(
                 (f"; {len(busy)} in use by a running cntinit were kept" if busy else ""))
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     out: Path = typer.Option(Path("cntinit-demo"), "--out", "-o", help="Directory for the demo's outputs."),
     samples: int = typer.Option(512, "--samples", "-n", help="Calibration verses to use."),
     mode: str = typer.Option("cnt-s", "--mode", "-m", help="cnt-x, cnt-s or cnt-sh."),
     rank: int = typer.Option(8, "--rank", "-r", help="Adapter rank."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out/stats, --out/solve-… and --out/adapter hold even if it is not an earlier demo's output."),
+    overwrite: bool = _flag("--overwrite", help="Replace --out/stats, --out/solve-… and --out/adapter even if they are cntinit outputs of another kind or model (never a folder or file of yours)."),
 ) -> None:
     """Run the main job end to end on the embedded default (all-MiniLM-L6-v2 over KJV verses).
 
     Captures statistics, solves CNTLoRA, exports a PEFT adapter, loads it back with PEFT to check it.
     """
+    from . import embedded, store
+    from .capture import capture as run_capture
+    from .export import export as run_export
+    from .export import verify
+    from .solution import Solution
+    from .solve import Options
+    from .solve import solve as run_solve
+    from .store import Store, read_manifest
     stats_dir, solve_dir, adapter_dir = out / "stats", out / f"solve-{mode}-r{rank}", out / "adapter"
     for path, format in ((stats_dir, "cntinit.stats"), (solve_dir, "cntinit.solve"), (adapter_dir, "cntinit.export")):
+        store.refuse_foreign(path.absolute())  # before any work
         empty = path.is_dir() and not any(path.iterdir())
-        if path.exists() and not (overwrite or empty) and read_manifest(path, format) is None:  # before any work
+        if path.exists() and not (overwrite or empty) and read_manifest(path, format) is None:
             raise CntinitError(f"{path} exists and is not an earlier demo's output: choose another --out or pass --overwrite")
     times = {}
     started = time.perf_counter()

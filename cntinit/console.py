@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from rich.console import Console
+import os
+
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -13,7 +15,25 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-err = Console(stderr=True)
+class _Console(Console):
+    """As wide as the terminal; piped or redirected, as wide as each line needs (rich would wrap
+    at 80 columns and cut module names and paths mid-word). $COLUMNS still sets a width."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is None and not self.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
+            return ConsoleDimensions(UNWRAPPED, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+UNWRAPPED = 1000  # wide enough for any table row this tool prints, without padding lines out to it
+
+err = _Console(stderr=True)
 quiet = False
 
 
@@ -23,6 +43,9 @@ def log(message: str) -> None:
 
 
 def warn(message: str) -> None:
+    """A warning; --quiet leaves only errors on stderr."""
+    if quiet:
+        return
     err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
@@ -40,3 +63,8 @@ def progress(*extra_columns) -> Progress:
         disable=quiet,
         transient=False,
     )
+
+
+def stdout() -> Console:
+    """A console on stdout (tables that are a command's result: `inspect`, `cache ls`)."""
+    return _Console()

@@ -31,6 +31,9 @@ class Sample:
         return isinstance(self.content, list)
 
 
+STDIN = "stdin"  # the source name of `--data -`, which is JSONL
+
+
 def read_samples(source: str | Path, text_field: str = "text", max_samples: int | None = None) -> list[Sample]:
     """All samples of a .jsonl/.txt file, a directory of them (sorted, recursive), or `-` (JSONL on stdin)."""
     samples: list[Sample] = []
@@ -40,7 +43,7 @@ def read_samples(source: str | Path, text_field: str = "text", max_samples: int 
                 return samples
             if not line.strip():
                 continue
-            where = f"{name}:{lineno}"
+            where = f"stdin line {lineno}" if name == STDIN else f"{name}:{lineno}"
             if name.endswith(".txt"):
                 samples.append(Sample(line.rstrip("\r\n"), where))
             else:
@@ -50,13 +53,19 @@ def read_samples(source: str | Path, text_field: str = "text", max_samples: int 
     return samples
 
 
+def must_exist(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CntinitError(f"data path {path} does not exist: give a .jsonl or .txt file, a folder of them "
+                           "(of images for vision models and pipelines), or - for stdin")
+    return path
+
+
 def _sources(source: str | Path) -> Iterator[tuple[str, Any]]:
     if str(source) == "-":
-        yield "<stdin>.jsonl", _stdin_lines()
+        yield STDIN, _stdin_lines()
         return
-    path = Path(source)
-    if not path.exists():
-        raise CntinitError(f"data path {path} does not exist")
+    path = must_exist(source)
     if not path.is_dir() and not path.is_file():
         raise CntinitError(f"data path {path} is not a regular file (a pipe or a device): give a file, or - to read JSONL from stdin")
     if path.is_dir():
@@ -100,6 +109,10 @@ def _parse_jsonl(line: str, where: str, text_field: str) -> Sample:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
+        if not line.lstrip().startswith(("{", "[", '"')):
+            fix = "send JSONL ({\"text\": \"...\"} per line)" if where.startswith(STDIN) else \
+                "a .txt file takes one sample per line: rename it to .txt, or write JSONL ({\"text\": \"...\"} per line)"
+            raise CntinitError(f"{where}: plain text, not JSON: {fix}") from None
         raise CntinitError(f"{where}: not valid JSON ({exc.msg}): fix or remove that line") from None
     if not isinstance(record, dict):
         raise CntinitError(f"{where}: expected a JSON object with '{text_field}' or 'messages'")

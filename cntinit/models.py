@@ -19,12 +19,26 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import pipelines
-from .errors import CntinitError, first_line
+from .errors import CntinitError, first_line, not_one_of
 
 ALL_LINEAR = "all-linear"
 
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # what `org/name` on the Hugging Face Hub looks like
+
+
+def must_exist(path: str | Path) -> Path:
+    """`path`, or the error every stage gives for a model that is not there."""
+    path = Path(path)
+    if not path.exists() and HUB_ID.match(str(path)):
+        raise CntinitError(f"model path {path} does not exist; it looks like a Hugging Face Hub id, but the Hub is never contacted: "
+                           f"download it first (`huggingface-cli download {path} --local-dir {path.name}`) and give that local directory")
+    if not path.exists():
+        raise CntinitError(f"model path {path} does not exist: give a local model directory (the Hub is not used)")
+    return path
 
 
 def load(path: str | Path, trust_remote_code: bool = False, placement: "Placement | None" = None, empty: bool = False):
@@ -37,9 +51,7 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
     builds the model without reading its weights: parameters on the meta device, buffers real
     (a layerwise capture reads the weights itself, block by block).
     """
-    path = Path(path)
-    if not path.exists():
-        raise CntinitError(f"model path {path} does not exist: give a local model directory (the Hub is not used)")
+    path = must_exist(path)
     if pipelines.is_pipeline(path):
         if placement is not None:
             raise CntinitError(f"--offload places transformers models; {path} is a diffusers pipeline: leave out --offload")
@@ -108,21 +120,33 @@ def select_targets(model: nn.Module, targets: str | list[str]) -> dict[str, nn.M
     entry whole (to tell apart towers that share names, e.g. a VLM's language model and vision
     encoder), or `all-linear` (every linear layer but the output head, as PEFT does)."""
     linears = linear_modules(model)
-    wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
-    wanted = [t for t in wanted if t]
-    if wanted == [ALL_LINEAR]:
+    if _wanted(targets) == [ALL_LINEAR]:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         chosen = {n: m for n, m in linears.items() if m is not head}
     else:
-        chosen = {n: m for n, m in linears.items() if any(_matches(n, t) for t in wanted)}
-        missing = [t for t in wanted if not any(_matches(n, t) for n in chosen)]
-        if missing:
-            raise CntinitError(
-                f"--targets {','.join(missing)} matched no linear module; available: {', '.join(module_suffixes(linears))}"
-            )
+        chosen = {n: linears[n] for n in select_names(list(linears), targets, "linear module")}
     if not chosen:
         raise CntinitError("this model has no linear modules to attach adapters to")
     return chosen
+
+
+def select_names(names: list[str], targets: str | list[str], what: str) -> list[str]:
+    """The `names` that `targets` picks (suffixes, `re:` patterns; `all-linear` picks them all),
+    in their order; a target that picks none is an error listing what there is."""
+    wanted = _wanted(targets)
+    if wanted == [ALL_LINEAR]:
+        return list(names)
+    chosen = [n for n in names if any(_matches(n, t) for t in wanted)]
+    missing = [t for t in wanted if not any(_matches(n, t) for n in chosen)]
+    if missing:
+        available = ", ".join(dict.fromkeys(module_kind(name) for name in names))
+        raise CntinitError(f"--targets {','.join(missing)} matched no {what}; available: {available}")
+    return chosen
+
+
+def _wanted(targets: str | list[str]) -> list[str]:
+    wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    return [t for t in wanted if t]
 
 
 def _matches(name: str, target: str) -> bool:
@@ -137,11 +161,6 @@ def _matches(name: str, target: str) -> bool:
 def module_kind(name: str) -> str:
     """A module path with everything up to the layer index stripped, e.g. `self_attn.q_proj`."""
     return re.sub(r"^.*\.\d+\.", "", name)
-
-
-def module_suffixes(modules: dict[str, nn.Module]) -> list[str]:
-    """Distinct module kinds, in model order."""
-    return list(dict.fromkeys(module_kind(name) for name in modules))
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -281,7 +300,7 @@ def resolve_device(device: str, option: str = "--device") -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise CntinitError(f"{option} cuda but no CUDA GPU is visible: use {option} cpu or auto")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise CntinitError(f"{option} {device} is not one of auto, cpu, cuda")
+        raise not_one_of(option, device, ("auto", "cpu", "cuda"))
     return torch.device(device)
 
 
@@ -293,5 +312,5 @@ def resolve_dtype(dtype: str, checkpoint: torch.dtype | None, device: torch.devi
     if dtype == "auto":
         return checkpoint if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise CntinitError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPES)}")
+        raise not_one_of("--dtype", dtype, ("auto", *DTYPES))
     return DTYPES[dtype]

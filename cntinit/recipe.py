@@ -9,6 +9,7 @@ a misspelled key is an error that names it. Files are read with `yaml.safe_load`
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import re
 import types
@@ -37,7 +38,7 @@ def _schema(function, leave_out: set[str]) -> dict[str, object]:
 
 
 CAPTURE = _schema(capture_function, NOT_IN_CAPTURE)
-SOLVE = {"name": str} | {f.name: typing.get_type_hints(Options)[f.name] for f in dataclasses.fields(Options)}
+SOLVE = {"name": str, "targets": str | list[str]} | {f.name: typing.get_type_hints(Options)[f.name] for f in dataclasses.fields(Options)}
 EXPORT = {"name": str, "check": bool} | _schema(export_function, NOT_IN_EXPORT)
 
 
@@ -136,7 +137,9 @@ def _section(raw, schema: dict, prefix: str) -> dict:
     for name, value in raw.items():
         if name not in schema:
             known = ", ".join(sorted(schema))
-            raise CntinitError(f"recipe key {prefix}{name} is not known; {where} takes: {known}")
+            near = difflib.get_close_matches(str(name), list(schema), n=1)
+            hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
+            raise CntinitError(f"recipe key {prefix}{name} is not known{hint}; {where} takes: {known}")
         checked[name] = _conform(value, schema[name], f"{prefix}{name}")
     return checked
 

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from . import cache, console, embedded, models, modes, plots, recipe, store
+from . import data as calibration_data
 from .atomic import atomic_file, check_writable
 from .capture import Interrupted, capture
-from .errors import CntinitError
+from .errors import CntinitError, not_one_of
 from .export import FORMATS, export
 from .solution import REPORT, Solution
 from .solve import Options, solve
@@ -52,6 +53,8 @@ def cached_capture(model: str | Path, data: str | Path, *, targets: str | list[s
     """(the cached store of this capture, whether it was there already); `options` are capture()'s."""
     if str(data) == "-":
         raise CntinitError("data from stdin cannot be cached (the cache keys on the data's contents): give --out, or a file")
+    models.must_exist(model)
+    calibration_data.must_exist(data)
     cache_dir = cache.ready(cache_dir)
     settings = CAPTURE_DEFAULTS | options
     result_options = {k: v for k, v in settings.items() if k not in PLACEMENT}
@@ -71,8 +74,10 @@ def cached_solve(capture_dir: str | Path | None, options: Options, *, model: str
     resolved = options.resolved()
     if capture_dir is not None:
         source = {"capture": store.sha256_file(Path(capture_dir) / store.MANIFEST) if (Path(capture_dir) / store.MANIFEST).is_file() else str(capture_dir)}
+        if targets is not None:  # a subset of the captured modules
+            source["targets"] = _targets(targets)
     elif model is not None:
-        source = {"model": cache.tree_digest(model, cache_dir), "targets": _targets(targets or models.ALL_LINEAR)}
+        source = {"model": cache.tree_digest(models.must_exist(model), cache_dir), "targets": _targets(targets or models.ALL_LINEAR)}
     else:
         source = {}  # solve() itself explains what is missing
     inputs = source | {"options": _plain(dataclasses.asdict(resolved)), "device": str(models.resolve_device(device))}
@@ -100,7 +105,7 @@ def run(plan: recipe.Recipe, trust_remote_code: bool = False, cache_dir: Path | 
                           "(captures and solves in the cache, exports under out): run it again to go on from there") from None
 
 
-def _run(plan: recipe.Recipe, model: Path, solves: dict[str, Options], trust_remote_code: bool, cache_dir: Path,
+def _run(plan: recipe.Recipe, model: Path, solves: dict[str, tuple[Options, str | None]], trust_remote_code: bool, cache_dir: Path,
          held: contextlib.ExitStack, rows: list[dict]) -> dict:
     capture_dir = None
     if plan.capture is not None:
@@ -114,14 +119,15 @@ def _run(plan: recipe.Recipe, model: Path, solves: dict[str, Options], trust_rem
                                           cache_dir=cache_dir, **settings)
         held.enter_context(cache.in_use(capture_dir, cache_dir))
         rows.append(_row("capture", data.name, hit, started, capture_dir))
+        _check_subsets(plan, solves, list(store.Store(capture_dir, verify=False).manifest["modules"]))
     plot = plan.plot and plots.available()
     if plan.plot and not plot:
         console.warn(f"no rank/spectrum plots: matplotlib is not installed ({plots.INSTALL})")
     exports = []
-    for name, options in solves.items():
+    for name, (options, targets) in solves.items():
         started = time.perf_counter()
         solve_dir, hit = cached_solve(capture_dir, options, model=None if capture_dir else model,
-                                      targets=None if capture_dir else _targets(plan.targets), device=plan.device,
+                                      targets=targets if capture_dir else _targets(targets or plan.targets), device=plan.device,
                                       trust_remote_code=trust_remote_code, cache_dir=cache_dir)
         held.enter_context(cache.in_use(solve_dir, cache_dir))
         rows.append(_row("solve", name, hit, started, solve_dir))
@@ -134,11 +140,12 @@ def _run(plan: recipe.Recipe, model: Path, solves: dict[str, Options], trust_rem
     return summary
 
 
-def _checked_solves(plan: recipe.Recipe) -> dict[str, Options]:
-    """Every solve's options resolved and every export's format known before any work starts."""
+def _checked_solves(plan: recipe.Recipe) -> dict[str, tuple[Options, str | None]]:
+    """Every solve's options resolved, with its own targets (a subset of the capture's) if it
+    names them, and every export's format known before any work starts."""
     solves = {}
     for i, entry in enumerate(plan.solves):
-        fields = {k: v for k, v in entry.items() if k != "name"}
+        fields = {k: v for k, v in entry.items() if k not in ("name", "targets")}
         try:
             options = Options(**fields)
             options.resolved()
@@ -146,11 +153,21 @@ def _checked_solves(plan: recipe.Recipe) -> dict[str, Options]:
             raise CntinitError(f"recipe solves.{i} ({entry['name']}): {exc}") from None
         if plan.capture is None and options.mode in modes.NEED_STATISTICS:
             raise CntinitError(f"recipe solves.{i} ({entry['name']}): --mode {options.mode} needs activation statistics; add a capture section with data")
-        solves[entry["name"]] = options
+        solves[entry["name"]] = (options, _targets(entry["targets"]) if "targets" in entry else None)
     for i, entry in enumerate(plan.exports):
         if entry.get("format", "peft") not in FORMATS:
-            raise CntinitError(f"recipe key exports.{i}.format {entry['format']!r} is not one of {', '.join(FORMATS)}")
+            raise not_one_of(f"recipe key exports.{i}.format", entry["format"], FORMATS)
     return solves
+
+
+def _check_subsets(plan: recipe.Recipe, solves: dict[str, tuple[Options, str | None]], captured: list[str]) -> None:
+    """Before any solve: each solve's own targets pick some of the captured modules."""
+    for i, (name, (_, targets)) in enumerate(solves.items()):
+        if targets is not None:
+            try:
+                models.select_names(captured, targets, "captured module")
+            except CntinitError as exc:
+                raise CntinitError(f"recipe solves.{i} ({name}): {exc}") from None
 
 
 def _row(stage: str, name: str, hit: bool, started: float, path: Path) -> dict:

@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from . import baselines, console, distributed, inilora, models, modes, solution, store, vas
 from .atomic import atomic_directory
 from .console import log, progress
-from .errors import CntinitError
+from .errors import CntinitError, not_one_of
 
 CHUNK_BYTES = 1 << 30
 SPECTRUM_LENGTH = 128  # leading singular values of each split kept in the report (for its plot)
@@ -63,7 +63,7 @@ class Options:
         """These options with the mode's defaults filled in, checked."""
         mode = self.mode
         if mode not in modes.ALL_MODES:
-            raise CntinitError(f"--mode {mode} is not one of {', '.join(modes.ALL_MODES)}")
+            raise not_one_of("--mode", mode, modes.ALL_MODES)
         specific = {"--niter": (self.niter, ("pissa",)), "--lora-init": (self.lora_init, ("lora",)), "--rho": (self.rho, ("eva",)),
                     "--corda-mode": (self.corda_mode, ("corda",)), "--steps": (self.steps, modes.INILORA_MODES)}
         for option, (value, owners) in specific.items():
@@ -106,7 +106,7 @@ class Options:
             choices["--corda-mode"] = (self.corda_mode, baselines.CORDA_MODES)
         for option, (value, allowed) in choices.items():
             if value not in allowed:
-                raise CntinitError(f"{option} {value} is not one of {', '.join(allowed)}")
+                raise not_one_of(option, value, allowed)
         if self.rank < 1:
             raise CntinitError(f"--rank must be at least 1, got {self.rank}")
         if not 0 <= self.rcond < 1:
@@ -289,14 +289,17 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
     """(store or None, target modules, model record, description): from a capture, whose recorded
     (or --model) weights must match its fingerprint, or — data-free modes only — from --model and --targets."""
     if capture_dir is not None:
-        if targets is not None:
-            raise CntinitError("--targets picks modules only without a capture: the capture already fixed them")
         stats = store.Store(capture_dir)
         captured = stats.manifest
+        names = list(captured["modules"]) if targets is None else models.select_names(list(captured["modules"]), targets, "captured module")
         model_path = Path(model) if model is not None else Path(captured["model"]["path"])
         _, _, modules = models.load_matching(model_path, list(captured["modules"]), captured["model"]["fingerprint"], trust_remote_code,
                                             placement)
-        return stats, modules, dict(captured["model"], path=str(model_path.absolute())), f"{model_path} and the statistics of {capture_dir}"
+        record = dict(captured["model"], path=str(model_path.absolute()))
+        if len(names) < len(modules):  # a subset: exports check the weights of the modules solved
+            modules = {name: modules[name] for name in names}
+            record["fingerprint"] = models.fingerprint(modules)
+        return stats, modules, record, f"{model_path} and the statistics of {capture_dir}"
     if options.mode in modes.NEED_STATISTICS:
         raise CntinitError(f"--mode {options.mode} needs activation statistics: give the directory `cntinit capture` wrote")
     if model is None:

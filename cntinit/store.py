@@ -134,6 +134,30 @@ def read_manifest(path: str | Path, format: str = FORMAT) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get("format") == format else None
 
 
+KNOWN = {  # format -> what a directory of it is, and which command takes it
+    "cntinit.stats": "a statistics store (from `cntinit capture`; `cntinit solve` takes it)",
+    "cntinit.solve": "a solve directory (from `cntinit solve`; `cntinit export` takes it)",
+    "cntinit.export": "an export (from `cntinit export`; a trainer loads it)",
+}
+
+
+def what_it_is(path: Path) -> str:
+    """What the directory at `path` holds, for errors that say why it is the wrong one."""
+    try:
+        found = json.loads((path / MANIFEST).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found in KNOWN:
+        return KNOWN[found]
+    if (path / "adapter_config.json").is_file():
+        return "a PEFT adapter"
+    if (path / "config.json").is_file() or (path / "model_index.json").is_file():
+        return "a model directory (`cntinit capture` takes it)"
+    if (path / MANIFEST).exists():
+        return f"a directory whose {MANIFEST} is not a cntinit manifest"
+    return f"a directory without {MANIFEST}"
+
+
 def open_manifest(path: Path, format: str, version: int, noun: str, command: str, checksums: bool = True, problem=None) -> dict:
     """The manifest of the `format` directory `path` that `cntinit {command}` wrote, after checking its
     version, its shape (`problem(manifest)` says what is wrong, if anything), and that every payload
@@ -142,7 +166,7 @@ def open_manifest(path: Path, format: str, version: int, noun: str, command: str
         raise CntinitError(f"{path} is not a directory: give the directory `cntinit {command}` wrote")
     manifest = read_manifest(path, format)
     if manifest is None:
-        raise CntinitError(f"{path} is not a cntinit {noun} (no valid {MANIFEST}): give the directory `cntinit {command}` wrote")
+        raise CntinitError(f"{path} is {what_it_is(path)}, not a cntinit {noun}: give the directory `cntinit {command}` wrote")
     found = manifest.get("format_version")
     if not isinstance(found, int) or isinstance(found, bool):
         raise CntinitError(f"{path}/{MANIFEST} is corrupt: format_version is {found!r}, not a number: {command} again")
@@ -202,15 +226,45 @@ class Store:
 
 
 def check_out(out: str | Path, model_fingerprint: str, overwrite: bool, format: str = FORMAT, what: str = "a statistics store") -> None:
-    """Refuse, before any work, an `out` that cannot be written, and to replace anything but a
-    `format` directory of the same model unless --overwrite."""
+    """Refuse, before any work, an `out` that cannot be written, anything cntinit did not write
+    (even with --overwrite: a user's file or folder is never replaced), and — unless --overwrite —
+    an output of another kind or of another model. An empty directory is taken as it is."""
     out = Path(out).absolute()
     check_writable(out.parent)
-    if not out.exists() or overwrite:
+    if not out.exists() and not out.is_symlink():
         return
+    refuse_foreign(out)
     manifest = read_manifest(out, format)
+    if overwrite or not any(out.iterdir()):
+        return
     if manifest is None or manifest.get("model", {}).get("fingerprint") != model_fingerprint:
-        raise CntinitError(f"--out {out} exists and is not {what} of this model: choose another path or pass --overwrite")
+        raise CntinitError(f"--out {out} is {what_it_is(out) if manifest is None else what + ' of another model'}, "
+                           f"not {what} of this model: choose another path or pass --overwrite to replace it")
+
+
+def refuse_foreign(out: Path) -> None:
+    """An existing `out` must be cntinit's output or an empty directory for anything to replace it."""
+    if (out.exists() or out.is_symlink()) and not _replaceable(out):
+        raise CntinitError(f"--out {out} is {_foreign(out)}: cntinit replaces only what it wrote (a store, solve directory "
+                           "or export) or an empty directory, even with --overwrite; choose another path")
+
+
+def _replaceable(out: Path) -> bool:
+    """cntinit's output or an empty directory (a symbolic link to one: the link is replaced, not what it names)."""
+    if not out.is_dir():
+        return False
+    if not any(out.iterdir()):
+        return True
+    try:
+        return json.loads((out / MANIFEST).read_text()).get("format") in KNOWN
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _foreign(out: Path) -> str:
+    if not out.is_dir():
+        return "a file, not a directory"
+    return what_it_is(out)
 
 
 def _shard_set(stores: list[Store]) -> str | None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,23 @@ TEXTS = [
     "Lights in the firmament.",
     "Two great lights; the greater light to rule the day, and the lesser light to rule the night.",
 ]
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_under_tmp_path(tmp_path_factory):
+    """Everything a test or the processes it starts write goes under pytest's tmp_path (removed when
+    the test passes): the default cache and the temporary directory, never ~/.cache or /tmp itself."""
+    root = tmp_path_factory.mktemp("scratch")
+    saved = {name: os.environ.get(name) for name in ("CNTINIT_CACHE", "TMPDIR")}
+    os.environ["CNTINIT_CACHE"], os.environ["TMPDIR"] = str(root / "cache"), str(root)
+    tempfile.tempdir = None  # read TMPDIR again
+    yield root
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    tempfile.tempdir = None
+
 
 CONFIGS = {
     "llama": lambda vocab: transformers.LlamaConfig(

@@ -86,7 +86,7 @@ def test_data_free_cli_and_its_errors(tiny, captured, tmp_path, capsys):
         (["-m", "pissa"], "give a capture directory, or --model MODEL"),
         (["-m", "pissa", "--model", tiny["gpt2"], "--init", "offset"], "its base must be W − BA: use --init residual"),
         (["-m", "olora", "--model", tiny["gpt2"], "--decompose", "svd"], "--mode olora splits W by qr"),
-        ([captured["gpt2"], "-m", "pissa", "--targets", "c_fc"], "--targets picks modules only without a capture"),
+        ([captured["gpt2"], "-m", "pissa", "--targets", "c_fc,nope"], "--targets nope matched no captured module; available:"),
     ]:
         code, out, err = run(capsys, "solve", *args, "-o", tmp_path / "bad")
         assert code == 2 and out == "" and message in err.strip().split("\n")[-1], err

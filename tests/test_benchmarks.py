@@ -99,3 +99,12 @@ def test_gpu_run_dry_run_measures_every_step(tmp_path):
     blocks = {row["blocks"]: row for row in tables["layerwise"]}
     assert {2, 4} <= set(blocks) and all(float(blocks[b]["layerwise s"]) > 0 and float(blocks[b]["normal s"]) > 0 for b in (2, 4))
     assert "layerwise: peak 4 / 2 blocks" in blocks and "solve --offload --max-memory cpu=1MB (4 blocks)" in blocks
+
+
+def test_startup_benchmark_help_never_imports_torch(tmp_path):
+    """Every command imported torch, transformers and peft first (5 s before `--help` answered)."""
+    rows = json.loads(run_script("startup.py", "--repeat", "1", "--json", cwd=tmp_path))
+    helps = [row for row in rows if row["what"].endswith("--help")]
+    assert len(helps) == 5 and not any(row["torch_imported"] for row in helps)
+    assert rows[-1]["what"].startswith("import the stages") and rows[-1]["torch_imported"]
+    assert all(0 < row["median_s"] <= row["max_s"] for row in rows)

@@ -162,3 +162,18 @@ def test_a_damaged_checkpoint_is_set_aside(damage, tmp_path, capture_args, capsy
     assert code == 0 and "starting from the beginning" in err, err
     assert run(capsys, *capture_args, "-o", tmp_path / "whole")[0] == 0
     assert_identical(out, tmp_path / "whole")
+
+
+def test_the_rate_after_a_resume_counts_only_this_runs_tokens(tmp_path, capture_args, capsys, monkeypatch):
+    """It divided the checkpoint's tokens too by this run's time (201 tok/s shown for 36)."""
+    out = tmp_path / "stats"
+    stop_at = interrupt_at(monkeypatch, 5)
+    assert run(capsys, *capture_args, "-o", out)[0] == 130 and stop_at()
+    monkeypatch.undo()
+    summed = json.loads((checkpoint.location(out) / checkpoint.STATE).read_text())["done"]
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(capture_module, "clock", lambda: 0.0 if next(ticks) == 0 else 1.0)  # this run takes 1 s
+    code, _, err = run(capsys, *capture_args, "-o", out)
+    total = Store(out).manifest["data"]["tokens"]
+    assert code == 0 and 0 < summed < total
+    assert f"{total - summed:,.1f} tok/s" in err, err

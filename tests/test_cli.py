@@ -92,19 +92,33 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny, text_jsonl, tmp_path, i
 
 
 def test_out_policy(tiny, text_jsonl, tmp_path, capsys):
-    foreign = tmp_path / "foreign"
+    """--overwrite replaces only what cntinit wrote: it used to delete a user's file or folder at --out
+    (as the error message advised) and put a store there."""
+    foreign, data_file = tmp_path / "foreign", tmp_path / "results.csv"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
-    code, _, err = run(capsys, "capture", tiny["llama"], "-d", text_jsonl, "-o", foreign, "-t", "o_proj")
-    assert code == 2 and "exists and is not a statistics store of this model" in err and (foreign / "keep.txt").exists()
-    code, _, _ = run(capsys, "capture", tiny["llama"], "-d", text_jsonl, "-o", foreign, "-t", "o_proj", "--overwrite")
-    assert code == 0 and not (foreign / "keep.txt").exists() and (foreign / "manifest.json").exists()
-    first = json.loads((foreign / "manifest.json").read_text())["data"]["samples"]
-    code, _, _ = run(capsys, "capture", tiny["llama"], "-d", text_jsonl, "-o", foreign, "-t", "o_proj", "-n", "3")
-    assert code == 0 and json.loads((foreign / "manifest.json").read_text())["data"]["samples"] == 3 != first
+    data_file.write_text("a,b\n1,2\n")
+    for out in (foreign, data_file):
+        for extra in ([], ["--overwrite"]):
+            code, _, err = run(capsys, "capture", tiny["llama"], "-d", text_jsonl, "-o", out, "-t", "o_proj", *extra)
+            assert code == 2 and "cntinit replaces only what it wrote" in err and "even with --overwrite" in err, err
+    assert (foreign / "keep.txt").read_text() == "mine" and data_file.read_text() == "a,b\n1,2\n"
+    code, _, err = run(capsys, "solve", "--model", tiny["llama"], "-m", "lora", "-r", "2", "-o", data_file, "--overwrite")
+    assert code == 2 and "is a file, not a directory" in err and data_file.read_text() == "a,b\n1,2\n"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, _ = run(capsys, "capture", tiny["llama"], "-d", text_jsonl, "-o", empty, "-t", "o_proj")
+    assert code == 0 and (empty / "manifest.json").exists()  # an empty directory is taken as it is
+    first = json.loads((empty / "manifest.json").read_text())["data"]["samples"]
+    code, _, _ = run(capsys, "capture", tiny["llama"], "-d", text_jsonl, "-o", empty, "-t", "o_proj", "-n", "3")
+    assert code == 0 and json.loads((empty / "manifest.json").read_text())["data"]["samples"] == 3 != first
     other = build_tiny("llama", tmp_path / "other", seed=3)
-    code, _, err = run(capsys, "capture", other, "-d", text_jsonl, "-o", foreign, "-t", "o_proj")
-    assert code == 2 and "not a statistics store of this model" in err
+    code, _, err = run(capsys, "capture", other, "-d", text_jsonl, "-o", empty, "-t", "o_proj")
+    assert code == 2 and "is a statistics store of another model, not a statistics store of this model" in err and "--overwrite" in err
+    code, _, err = run(capsys, "solve", "--model", tiny["llama"], "-m", "lora", "-r", "2", "-o", empty)
+    assert code == 2 and "is a statistics store (from `cntinit capture`" in err
+    assert run(capsys, "capture", other, "-d", text_jsonl, "-o", empty, "-t", "o_proj", "--overwrite")[0] == 0
     assert leftovers(tmp_path) == []
 
 
@@ -126,3 +140,33 @@ def test_stdin_pipeline_as_a_subprocess(tiny, tmp_path):
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["data"]["sources"] == ["-"]
     failed = subprocess.run(cmd[:-2] + ["-t", "nope"], input=lines, capture_output=True, text=True)
     assert failed.returncode == 2 and failed.stdout == "" and "matched no linear module" in failed.stderr
+
+
+def test_a_missing_model_is_named_in_readmes_words(tiny, text_jsonl, tmp_path, capsys, monkeypatch):
+    """Through the cache it said "does not exist: check the path"; a Hub id gets told the Hub is never contacted."""
+    monkeypatch.chdir(tmp_path)
+    for out in ([], ["-o", tmp_path / "s"]):
+        code, _, err = run(capsys, "capture", "./llama-here", "-d", text_jsonl, *out)
+        assert code == 2 and "model path llama-here does not exist: give a local model directory (the Hub is not used)" in err
+        code, _, err = run(capsys, "capture", "meta-llama/Llama-3.2-1B", "-d", text_jsonl, *out)
+        assert code == 2 and "looks like a Hugging Face Hub id, but the Hub is never contacted" in err, err
+        assert "huggingface-cli download meta-llama/Llama-3.2-1B --local-dir Llama-3.2-1B" in err
+    code, _, err = run(capsys, "solve", "--model", "org/model", "-m", "lora")
+    assert code == 2 and "looks like a Hugging Face Hub id" in err
+    code, _, err = run(capsys, "capture", tiny["bert"], "-d", "missing.jsonl")
+    assert code == 2 and "data path missing.jsonl does not exist: give a .jsonl or .txt file" in err
+
+
+def test_help_shows_flags_as_flags_and_misspellings_get_a_suggestion(capsys):
+    for command in ([], ["capture"], ["solve"], ["export"], ["run"], ["cache"], ["cache", "ls"]):
+        code, out, _ = run(capsys, *command, "--help")
+        assert code == 0 and "<bool>" not in out and "--help" in out, command
+    code, _, err = run(capsys, "solve", "--model", "x", "-m", "cnt_s")
+    assert code == 2 and "--mode cnt_s is not one of" in err and "did you mean cnt-s?" in err
+
+
+def test_inspect_names_what_an_export_is(captured, tmp_path, capsys):
+    run(capsys, "solve", captured["bert"], "-m", "cnt-s", "-r", "2", "-o", tmp_path / "s", "-q")
+    run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e", "-q")
+    code, _, err = run(capsys, "inspect", tmp_path / "e")
+    assert code == 2 and "is an export (from `cntinit export`; a trainer loads it), not a cntinit statistics store" in err

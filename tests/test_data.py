@@ -38,6 +38,15 @@ def test_stdin_reads_jsonl(monkeypatch):
     assert [s.content for s in data.read_samples("-")] == ["a", "b"]
 
 
+def test_stdin_lines_are_named_as_such(monkeypatch):
+    monkeypatch.setattr("sys.stdin", stdin(b'{"text": "a"}\n{"body": "b"}\n'))
+    with pytest.raises(CntinitError, match=r"^stdin line 2: no string field 'text'"):  # it said `<stdin>.jsonl:2`
+        data.read_samples("-")
+    monkeypatch.setattr("sys.stdin", stdin(b"plain words\n"))
+    with pytest.raises(CntinitError, match=r"^stdin line 1: plain text, not JSON: send JSONL"):
+        data.read_samples("-")
+
+
 def test_closed_or_non_utf8_stdin_is_named(monkeypatch):
     monkeypatch.setattr("sys.stdin", None)  # `cntinit capture --data - 0<&-`
     with pytest.raises(CntinitError, match="stdin is closed: pipe the data in"):
@@ -76,6 +85,7 @@ def test_a_pipe_is_refused_not_waited_on(tiny, tmp_path):
         ("list.jsonl", '[1, 2]\n', r"list.jsonl:1: expected a JSON object"),
         ("empty.jsonl", "\n\n", r"no samples in"),
         ("data.csv", "a,b\n", r"neither .jsonl nor .txt"),
+        ("plain.jsonl", "In the beginning\n", r"plain.jsonl:1: plain text, not JSON: a .txt file takes one sample per line"),
     ],
 )
 def test_bad_data_names_the_problem(tmp_path, name, content, message):

@@ -33,6 +33,7 @@ def test_demo_keeps_what_it_did_not_write(tmp_path, capsys):
 
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "notes.txt").write_text("mine")
-    code, _, err = run(capsys, "demo", "--out", tmp_path, "--samples", "8")
-    assert code == 2 and "adapter exists and is not an earlier demo's output: choose another --out or pass --overwrite" in err
+    for overwrite in ([], ["--overwrite"]):
+        code, _, err = run(capsys, "demo", "--out", tmp_path, "--samples", "8", *overwrite)
+        assert code == 2 and "adapter is a directory without manifest.json: cntinit replaces only what it wrote" in err
     assert (tmp_path / "adapter" / "notes.txt").read_text() == "mine" and not (tmp_path / "stats").exists()

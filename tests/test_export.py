@@ -169,17 +169,19 @@ def test_bad_export_input(captured, tmp_path, capsys):
     run(capsys, "solve", captured["bert"], "-m", "cnt-s", "-r", "2", "-o", tmp_path / "s", "-q")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
     cases = [
-        ([captured["bert"]], "is not a cntinit solve directory"),
+        ([captured["bert"]], "is a statistics store (from `cntinit capture`; `cntinit solve` takes it), not a cntinit solve directory"),
         ([tmp_path / "s", "--format", "onnx"], "--format onnx is not one of peft"),
         ([tmp_path / "s", "--alpha", "0"], "--alpha must be a positive finite number"),
-        ([tmp_path / "s", "--out", foreign], "exists and is not an export of this model"),
+        ([tmp_path / "s", "--out", foreign], "cntinit replaces only what it wrote"),
+        ([tmp_path / "s", "--out", captured["bert"]], "is a statistics store (from `cntinit capture`; `cntinit solve` takes it), not an export"),
     ]
     for args, message in cases:
         out_args = [] if "--out" in args else ["--out", tmp_path / "e"]
         code, out, err = run(capsys, "export", *args, *out_args)
         assert code == 2 and out == "" and message in err.strip().split("\n")[-1], err
-    assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
+    assert not (tmp_path / "e").exists() and leftovers(tmp_path) == [] and (foreign / "notes.txt").read_text() == "mine"
     payload = tmp_path / "s" / "adapter.safetensors"
     payload.write_bytes(payload.read_bytes()[:-4] + b"\0\0\0\0")
     code, _, err = run(capsys, "export", tmp_path / "s", "--out", tmp_path / "e")
@@ -218,6 +220,28 @@ def test_bfloat16_checkpoint_residual_base_keeps_its_dtype(tmp_path, calibration
         # one bf16 rounding of W − BA: relative error 2⁻⁸ of the larger of the two
         assert (got - (w - b @ a)).abs().max() <= 2**-8 * float((w - b @ a).abs().max())
         assert dict(wrapped.base_model.model.named_modules())[name].r["default"] == 2
+
+
+def test_check_passes_on_bfloat16_models_and_measures_the_residual_rounding(tmp_path, calibration, capsys, monkeypatch):
+    """On a bf16 checkpoint every --check failed (2.5e-3: the module computed in bf16), even for an
+    offset init whose files are exact; a residual base is checked against what bf16 can hold, and the
+    rounding's cost to the initial model is measured and named in the warning."""
+    from cntinit import capture
+    from conftest import build_tiny, run
+
+    exporting = importlib.import_module("cntinit.export")
+    directory = build_tiny("llama", tmp_path / "bf16")
+    load(directory).to(torch.bfloat16).save_pretrained(directory)
+    capture(directory, calibration, tmp_path / "stats", targets="q_proj,v_proj")
+    for init in ("offset", "residual"):
+        solve(tmp_path / "stats", tmp_path / init, Options(mode="cnt-s", rank=2, init=init))
+        code, _, err = run(capsys, "export", tmp_path / init, "-o", tmp_path / f"e-{init}", "--check")
+        assert code == 0 and re.search(r"to \d\.\de-0[6-9] \(relative\)", err), err
+        assert "moves the initial model" not in err
+    monkeypatch.setattr(exporting, "RESIDUAL_PRECISION", 0.0)
+    code, _, err = run(capsys, "export", tmp_path / "residual", "-o", tmp_path / "e-residual", "--check")
+    assert code == 0 and re.search(r"W − B@A rounded to bfloat16 moves the initial model off the pretrained one by up to "
+                                   r"[\d.e-]+ \(relative, model\.layers\.\d\.self_attn\.[qv]_proj\)", err), err
 
 
 def test_check_catches_a_tampered_adapter(captured, tmp_path):

@@ -159,7 +159,7 @@ def test_a_kill_during_the_swap_loses_nothing(moment, captured, tmp_path, capsys
         assert not out.exists() and len(list(tmp_path.glob(".s.old-*/s"))) == 1  # the old output waits aside
     else:
         assert json_rank(out) == 3 and len(list(tmp_path.glob(".s.tmp-*"))) == 1  # the new one is in place, the old one aside
-    code, _, err = run(capsys, *args[:-2], "-r", "4", "-o", str(out))  # the next write repairs and cleans
+    code, _, err = run(capsys, *[a for a in args[:-2] if a != "-q"], "-r", "4", "-o", str(out))  # the next write repairs and cleans
     assert code == 0 and json_rank(out) == 4 and leftovers(tmp_path) == []
     if moment == "between-renames":
         assert "restored" in err and old != contents(out)
@@ -186,7 +186,7 @@ def test_leftovers_of_dead_processes_are_removed_and_others_reported(captured, t
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_outputs_get_the_permissions_the_umask_gives(umask, tiny, calibration, tmp_path, capsys):
+def test_outputs_get_the_permissions_the_umask_gives(umask, tiny, calibration, tmp_path, capsys, monkeypatch):
     """Stores, solve directories and exports were 0700 with 0600 payloads whatever the umask: a trainer
     running as another user on a shared filesystem could not read them."""
     import os
@@ -197,9 +197,11 @@ def test_outputs_get_the_permissions_the_umask_gives(umask, tiny, calibration, t
         assert run(capsys, "capture", tiny["llama"], "-d", calibration, "-t", "q_proj", "-o", tmp_path / "stats", "-q")[0] == 0
         assert run(capsys, "solve", tmp_path / "stats", "-m", "cnt-s", "-r", "2", "-o", tmp_path / "s", "-q")[0] == 0
         assert run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e", "-q")[0] == 0
+        monkeypatch.setenv("CNTINIT_CACHE", str(tmp_path / "cache"))
+        assert run(capsys, "solve", tmp_path / "stats", "-m", "cnt-x", "-r", "2", "-q")[0] == 0
     finally:
         os.umask(previous)
-    for output in ("stats", "s", "e"):
+    for output in ("stats", "s", "e", "cache/solves"):
         for path in [tmp_path / output, *(tmp_path / output).rglob("*")]:
             mode = stat.S_IMODE(path.stat().st_mode)
             assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, (path, oct(mode))

@@ -35,7 +35,7 @@ def first_stats_entry(manifest):
 DAMAGE = {
     "truncated payload": (lambda d: payload(d).write_bytes(payload(d).read_bytes()[:100]), "does not match its checksum"),
     "missing payload": (lambda d: payload(d).unlink(), "is missing"),
-    "manifest not JSON": (lambda d: (d / "manifest.json").write_text("{oops"), "no valid manifest.json"),
+    "manifest not JSON": (lambda d: (d / "manifest.json").write_text("{oops"), "whose manifest.json is not a cntinit manifest"),
     "other format version": (lambda d: edit_manifest(d, lambda m: m.update(format_version=99)), "format version 99, this cntinit reads 1"),
     "payload outside": (lambda d: edit_manifest(d, lambda m: m.update(files={"../x.safetensors": {"sha256": "0", "bytes": 1}})),
                         "names a payload outside"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import multiprocessing
 import os
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from cntinit import cache, recipe, runner
+from cntinit import cache, plots, recipe, runner
 from cntinit.solution import Solution
 
 from conftest import run
@@ -95,6 +96,21 @@ def test_changed_solve_option_reuses_the_capture(tmp_path, tiny, calibration, ca
     assert kinds.count("capture") == 1 and kinds.count("solve") == 3
 
 
+def test_a_solve_may_take_a_subset_of_the_captured_targets(tmp_path, tiny, calibration, cache_dir, capsys):
+    path = tiny_recipe(tmp_path, tiny, calibration, solves=[
+        {"mode": "cnt-s", "rank": 4}, {"name": "qv", "mode": "cnt-s", "rank": 4, "targets": ["q_proj", "v_proj"]}],
+        exports=[{"format": "peft", "check": True}])
+    code, stdout, err = run(capsys, "run", path, "--json", "-q")
+    assert code == 0, err
+    stages = {row["name"]: row for row in json.loads(stdout)["stages"]}
+    whole = json.loads((Path(stages["cnt-s-r4"]["path"]) / "manifest.json").read_text())["modules"]
+    subset = json.loads((Path(stages["qv"]["path"]) / "manifest.json").read_text())["modules"]
+    assert len(whole) == 6 and sorted(subset) == sorted(n for n in whole if not n.endswith("down_proj"))
+    assert stages["qv/peft"]["check"] < 1e-5
+    code, _, err = run(capsys, "run", path, "solves.1.targets=[up_proj]")
+    assert code == 2 and "recipe solves.1 (qv): --targets up_proj matched no captured module" in err
+
+
 def test_changed_capture_option_or_data_misses(tmp_path, tiny, calibration, cache_dir):
     def capture_key(**options):
         return cache.key("capture", {"model": cache.tree_digest(tiny["llama"], cache_dir), **options})
@@ -151,9 +167,9 @@ def test_concurrent_cache_checks_do_not_trip_each_other(cache_dir):
 
 
 BAD_RECIPES = [
-    ({"solves.0.rnk": 8}, "recipe key solves.0.rnk is not known"),
+    ({"solves.0.rnk": 8}, "recipe key solves.0.rnk is not known (did you mean solves.0.rank?)"),
     ({"solves.0.rank": "eight"}, "recipe key solves.0.rank must be an integer, got str 'eight'"),
-    ({"capture.seq_length": 32}, "recipe key capture.seq_length is not known; capture takes:"),
+    ({"capture.seq_length": 32}, "recipe key capture.seq_length is not known (did you mean capture.seq_len?); capture takes:"),
     ({"capture.max_samples": 1.5}, "recipe key capture.max_samples must be an integer or null"),
     ({"modle": "x"}, "recipe key modle is not known"),
     ({"solves": {"mode": "cnt-s"}}, "recipe key solves must be a list"),
@@ -161,7 +177,9 @@ BAD_RECIPES = [
     ({"solves.0.name": "../escape"}, "must be a plain name"),
     ({"capture.data": "-"}, "a recipe cannot read stdin"),
     ({"solves.0.vas": "yes"}, "recipe key solves.0.vas must be true or false"),
-    ({"exports.0.format": "onnx"}, "recipe key exports.0.format 'onnx' is not one of peft, kohya, diffusers"),
+    ({"exports.0.format": "onnx"}, "recipe key exports.0.format onnx is not one of peft, kohya, diffusers"),
+    ({"exports.0.format": "Kohya"}, "recipe key exports.0.format Kohya is not one of peft, kohya, diffusers: did you mean kohya?"),
+    ({"solves.0.mode": "cnt_x"}, "recipe solves.0 (cnt_x-r4): --mode cnt_x is not one of cnt-x, cnt-s, cnt-sh, lora, pissa, milora, olora, inilora, inilora-alpha, inilora-beta, eva, corda: did you mean cnt-x?"),
     ({"solves.0.rank": 4, "solves.0.budget": 10}, "recipe solves.0 (cnt-s-r4): --budget, --min-rank and --max-rank shape variable ranks"),
     ({"capture": None}, "recipe key capture must be a mapping"),
     ({"model": "/nonexistent/model"}, "recipe key model: /nonexistent/model does not exist"),
@@ -417,3 +435,28 @@ def test_sigint_during_a_run_says_what_was_kept(tmp_path, tiny, calibration, cac
     code, _, err = run(capsys, "run", tiny_recipe(tmp_path, tiny, calibration), "-q")
     assert code == 130 and "interrupted: stopped by SIGINT; what finished is kept: capture calib.jsonl, solve cnt-s-r4" in err, err
     assert "nothing was written" not in err
+
+
+def test_quiet_leaves_stderr_empty_even_with_warnings(tmp_path, tiny, calibration, cache_dir, capsys, monkeypatch):
+    """`run -q` printed the missing-matplotlib warning; --quiet means nothing on stderr but errors."""
+    monkeypatch.setattr(plots, "available", lambda: False)
+    code, out, err = run(capsys, "run", tiny_recipe(tmp_path, tiny, calibration, capture={"data": str(calibration), "seq_len": 4}), "-q")
+    assert code == 0 and err == "" and out.count("\n") == 2
+    code, _, err = run(capsys, "run", tiny_recipe(tmp_path, tiny, calibration), "solves.0.rank=3")
+    assert code == 0 and "warning: no rank/spectrum plots" in err
+
+
+def test_cache_ls_tells_entries_apart_on_one_unwrapped_line(tmp_path, tiny, calibration, cache_dir, capsys):
+    """Two captures both read "capture of llama over calib.jsonl", an offset and a residual solve both
+    "cnt-s rank 2"; piped, rich wrapped the table at 80 columns, cutting names mid-word."""
+    for targets in ("q_proj", "q_proj,v_proj"):
+        assert run(capsys, "capture", tiny["llama"], "-d", calibration, "-t", targets, "--seq-len", "16", "-q")[0] == 0
+    store = next(e.path for e in cache.entries(cache_dir) if e.meta.get("inputs", {}).get("targets") == "q_proj,v_proj")
+    for init in ("offset", "residual"):
+        assert run(capsys, "solve", store, "-m", "cnt-s", "-r", "2", "--init", init, "-q")[0] == 0
+    code, out, _ = run(capsys, "cache", "ls")
+    rows = [line for line in out.splitlines() if re.match(r"\s+[0-9a-f]{12}\s", line)]
+    assert code == 0 and len(rows) == 4, out
+    assert any("targets q_proj ·" in r for r in rows) and any("targets q_proj,v_proj ·" in r for r in rows)
+    assert any("init offset · modules 4 · capture " + store.name[:12] in r for r in rows)
+    assert any("init residual · modules 4 · capture " + store.name[:12] in r for r in rows)

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ import torch
 import transformers
 from safetensors import safe_open
 
+import cntinit
 from cntinit import Store, modes
+from cntinit.solution import Solution
 from cntinit.solve import Options, solve
 from conftest import leftovers, run
 
@@ -181,12 +184,15 @@ def test_report_diagnostics_match_their_definitions(tiny, captured, tmp_path):
         assert row["floored"] == int(np.sum(values < 1e-4 * values.max()))
 
 
-def test_cli_solve_prints_the_table_and_the_path(captured, tmp_path, capsys):
+def test_cli_solve_prints_the_table_and_the_path(captured, tmp_path, capsys, monkeypatch):
     code, out, err = run(capsys, "solve", captured["gpt2"], "--mode", "cnt-s", "--rank", "2", "--out", tmp_path / "s")
     assert code == 0 and out == f"{tmp_path / 's'}\n"
     assert "‖BA‖²/‖ΔW‖²" in err and "c_proj" in err and "total rank 16" in err
     code, out, _ = run(capsys, "solve", captured["gpt2"], "-m", "cnt-x", "-o", tmp_path / "s", "--json", "-q")
-    assert code == 0 and json.loads(out)["mode"] == "cnt-x"
+    assert code == 0 and json.loads(out)["mode"] == "cnt-x" and json.loads(out)["path"] == str(tmp_path / "s")
+    monkeypatch.setenv("CNTINIT_CACHE", str(tmp_path / "cache"))
+    code, out, _ = run(capsys, "solve", captured["gpt2"], "-m", "cnt-x", "--json", "-q")  # into the cache: where is it?
+    assert code == 0 and Path(json.loads(out)["path"]).parent.parent == tmp_path / "cache"
     code, out, _ = run(capsys, "inspect", tmp_path / "s")
     assert code == 0 and "cnt-x · offset init" in out and "out Δ" in out
     code, out, _ = run(capsys, "inspect", tmp_path / "s", "--json")
@@ -231,11 +237,14 @@ def test_bad_solve_input_one_line_exit_2_nothing_written(args, message, captured
 
 def test_solve_refuses_what_is_not_a_store_and_foreign_outputs(captured, tmp_path, capsys):
     code, _, err = run(capsys, "solve", tmp_path, "-m", "cnt-x", "-o", tmp_path / "s")
-    assert code == 2 and "is not a cntinit statistics store" in err
+    assert code == 2 and "is a directory without manifest.json, not a cntinit statistics store" in err
     foreign = tmp_path / "foreign"
     foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
     code, _, err = run(capsys, "solve", captured["llama"], "-m", "cnt-x", "-o", foreign)
-    assert code == 2 and "is not a solve directory of this model" in err
+    assert code == 2 and "cntinit replaces only what it wrote" in err
+    code, _, err = run(capsys, "solve", captured["llama"], "-m", "cnt-x", "-o", captured["bert"])
+    assert code == 2 and "is a statistics store (from `cntinit capture`; `cntinit solve` takes it), not a solve directory" in err
     run(capsys, "solve", captured["llama"], "-m", "cnt-x", "-o", tmp_path / "s", "-q")
     code, _, _ = run(capsys, "solve", captured["llama"], "-m", "cnt-s", "-o", tmp_path / "s", "-q")
     assert code == 0 and json.loads((tmp_path / "s" / "manifest.json").read_text())["mode"] == "cnt-s"
@@ -280,3 +289,46 @@ def test_vas_min_rank_above_a_modules_size_records_the_rank_it_has(captured, tmp
     for name, (b, a) in factors.items():
         entry = manifest["modules"][name]
         assert entry["rank"] == b.shape[1] == a.shape[0] == min(40, entry["in_features"], entry["out_features"]), name
+
+
+@pytest.mark.parametrize("options", [dict(mode="cnt-s", rank=2), dict(mode="cnt-x", rank=2, vas=True), dict(mode="corda", rank=2)])
+def test_a_subset_of_a_capture_solves_as_a_capture_of_that_subset(options, tiny, calibration, captured, tmp_path, capsys):
+    """One all-linear capture serves a q/v solve: the same factors, ranks and fingerprint as a capture
+    of q_proj,v_proj alone (q and v read one shared statistic in both), and the export checks out."""
+    subset = cntinit.solve(captured["llama"], tmp_path / "subset", Options(**options), targets="q_proj,re:.*layers\\.1\\.self_attn\\.v_proj")
+    alone = cntinit.capture(tiny["llama"], calibration, tmp_path / "qv", targets="q_proj,re:.*layers\\.1\\.self_attn\\.v_proj", buckets=3)
+    direct = cntinit.solve(alone, tmp_path / "direct", Options(**options))
+    a, b = Solution(subset), Solution(direct)
+    assert list(a.manifest["modules"]) == list(b.manifest["modules"]) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert a.manifest["model"]["fingerprint"] == b.manifest["model"]["fingerprint"]
+    assert {n: m["rank"] for n, m in a.manifest["modules"].items()} == {n: m["rank"] for n, m in b.manifest["modules"].items()}
+    fa, fb = a.factors(), b.factors()
+    assert fa.keys() == fb.keys()
+    for name in fa:
+        for x, y in zip(fa[name], fb[name]):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    code, _, err = run(capsys, "export", subset, "-o", tmp_path / "e", "--check")
+    assert code == 0 and re.search(r"check: PEFT loads .* to \d\.\de-0[6-9]", err), err
+
+
+def test_subset_solves_are_cached_apart(captured, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CNTINIT_CACHE", str(tmp_path / "cache"))
+    paths = []
+    for targets in (None, "q_proj", "q_proj", "v_proj"):
+        code, out, err = run(capsys, "solve", captured["llama"], "-m", "cnt-s", "-r", "2", "-q", *(["-t", targets] if targets else []))
+        assert code == 0, err
+        paths.append(out.strip())
+    assert len({paths[0], paths[1], paths[3]}) == 3 and paths[1] == paths[2]
+    assert all(n.endswith("q_proj") for n in Solution(paths[1]).manifest["modules"])
+
+
+def test_report_shows_rcond_and_floored_only_where_the_mode_floors(tiny, captured, tmp_path, capsys):
+    """pissa's and inilora's titles showed rcond, and inilora's footer explained a `floored` column it did not have."""
+    for mode, extra in (("pissa", []), ("inilora", ["--steps", "5"])):
+        code, _, err = run(capsys, "solve", "--model", tiny["llama"], "-t", "q_proj", "-m", mode, "-r", "2", "-o", tmp_path / mode, *extra)
+        assert code == 0 and f"{mode} · residual init" in err
+        assert "rcond" not in err and "floored" not in err and "under the floor" not in err, err
+    code, _, err = run(capsys, "solve", captured["llama"], "-m", "cnt-s", "-r", "2", "-o", tmp_path / "cnt")
+    assert code == 0 and "cnt-s · offset init · rcond 0.0001" in err and "floored = eigenvalues under rcond·λmax" in err
+    assert "fit ÷ opt" not in err
