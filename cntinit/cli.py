@@ -400,6 +400,8 @@ def export(
     dora: bool = _flag("--dora", help="DoRA: also write the magnitude vectors, as PEFT computes them (needs the model weights)."),
     fixed_alpha: bool = _flag("--fixed-alpha", help="Variable ranks: every module gets --alpha instead of an alpha pattern that keeps the scale α/r constant."),
     module_prefix: str = typer.Option("", "--module-prefix", help="Prepend this to every module path, e.g. bert. when the capture ran BertModel and training loads BertForSequenceClassification."),
+    task_type: str = typer.Option("auto", "--task-type", help="PEFT's task_type in adapter_config.json (it picks the PeftModel class a trainer gets; axolotl's LoRA kernels need CAUSAL_LM): auto reads it from the model class (LlamaForCausalLM → CAUSAL_LM, BertModel → FEATURE_EXTRACTION; none for vision encoders and with --module-prefix), or CAUSAL_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM, FEATURE_EXTRACTION, none."),
+    train_dtype: str = typer.Option("auto", "--train-dtype", help="Residual inits: the dtype training will run the base in (auto: the model's own; bfloat16, float16, float32), for the warning when W − BA loses W in it."),
     model: Optional[Path] = typer.Option(None, "--model", help="Read the weights (for --dora or a residual base) from here instead of the recorded path."),
     overwrite: bool = _flag("--overwrite", help="Replace --out even if it is an export of another model or another cntinit output (never a folder or file of yours)."),
     check: bool = _flag("--check", help="Load the written adapter with PEFT (peft) or diffusers' load_lora_weights (kohya, diffusers) and compare every module's output with (W + BA)x."),
@@ -421,7 +423,7 @@ def export(
     from .export import export as run_export
     console.quiet = quiet
     path = run_export(solve_dir, out, format=format, alpha=alpha, rslora=rslora, dora=dora, fixed_alpha=fixed_alpha,
-                      module_prefix=module_prefix, model=model, overwrite=overwrite, trust_remote_code=trust_remote_code, check=check)
+                      module_prefix=module_prefix, task_type=task_type, train_dtype=train_dtype, model=model, overwrite=overwrite, trust_remote_code=trust_remote_code, check=check)
     typer.echo(str(path))
 
 

@@ -18,6 +18,7 @@ def first_line(exc: BaseException) -> str:
 def not_one_of(option: str, value, allowed) -> CntinitError:
     """`--mode cnt_s is not one of …: did you mean cnt-s?` — the nearest allowed value, when one is near."""
     allowed = [str(a) for a in allowed]
-    near = difflib.get_close_matches(str(value).lower(), allowed, n=1, cutoff=0.6)
-    hint = f": did you mean {near[0]}?" if near else ""
+    folded = {a.lower(): a for a in allowed}
+    near = difflib.get_close_matches(str(value).lower(), list(folded), n=1, cutoff=0.6)
+    hint = f": did you mean {folded[near[0]]}?" if near else ""
     return CntinitError(f"{option} {value} is not one of {', '.join(allowed)}{hint}")

@@ -38,24 +38,29 @@ KOHYA_FILE = "lora.safetensors"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_"}
 CHECK_TOLERANCE = 1e-4  # largest relative output difference `verify` accepts
-RESIDUAL_PRECISION = 1e-2  # warn when rounding W − BA moves base + BA this far (relative) from W
+RESIDUAL_PRECISION = 1e-2  # warn when rounding W − BA moves base + BA this much further (relative) from W than rounding W does
 
 
 def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alpha: float | None = None,
            rslora: bool = False, dora: bool = False, fixed_alpha: bool = False, module_prefix: str = "",
-           model: str | Path | None = None, overwrite: bool = False, trust_remote_code: bool = False, check: bool = False) -> Path:
+           task_type: str = "auto", train_dtype: str = "auto", model: str | Path | None = None, overwrite: bool = False,
+           trust_remote_code: bool = False, check: bool = False) -> Path:
     """Write the adapter of the solve at `solve_dir` to `out` (and the residual base when the init needs one).
     With `check`, the export is loaded in its real client and verified (`verify`) before it replaces
     what `out` held, and the manifest records the largest error."""
-    options = {"format": format, "alpha": alpha, "rslora": rslora, "dora": dora, "fixed_alpha": fixed_alpha, "module_prefix": module_prefix}
+    options = {"format": format, "alpha": alpha, "rslora": rslora, "dora": dora, "fixed_alpha": fixed_alpha, "module_prefix": module_prefix,
+               "task_type": task_type, "train_dtype": train_dtype}
+    if train_dtype != "auto" and train_dtype not in models.DTYPES:
+        raise not_one_of("--train-dtype", train_dtype, ("auto", *models.DTYPES))
     sol = solution.Solution(solve_dir)
     manifest = sol.manifest
     _check_alpha(alpha, manifest["params"]["rank"])
     if not sol.modules:
         raise CntinitError(f"{solve_dir} gives every module rank 0: solve with a larger --budget or --min-rank 1")
     pipeline = manifest["model"].get("class") == pipelines.DiffusionParts.__name__
-    _check_format(format, pipeline, alpha, rslora, dora, fixed_alpha, module_prefix)
+    _check_format(format, pipeline, alpha, rslora, dora, fixed_alpha, module_prefix, task_type)
     prefix = module_prefix.strip(".") + "." if module_prefix.strip(".") else ""
+    peft_task = _task_type(task_type, manifest["model"], prefix) if format == "peft" else None
     store.check_out(out, manifest["model"]["fingerprint"], overwrite, FORMAT, "an export")
     residual = manifest["init"] == "residual"
     writes_base = residual and format != "kohya"  # kohya merges the residual itself (--base_weights, multiplier −1)
@@ -91,7 +96,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
     with atomic_directory(out) as tmp:
         if format == "peft":
             config = _peft_config(ranks, alphas, base_rank, alpha, rslora, dora, sol,
-                                  str((Path(out) / BASE_DIR).absolute()) if residual else manifest["model"]["path"])
+                                  str((Path(out) / BASE_DIR).absolute()) if residual else manifest["model"]["path"], peft_task)
             if residual and (dora or (rslora and config.rank_pattern)):
                 warn("after training, PEFT's path_initial_model_for_weight_conversion " + (
                     "ignores DoRA magnitudes, so converting this adapter to a plain LoRA gives wrong weights" if dora
@@ -103,7 +108,8 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
         else:
             save_file(tensors, tmp / DIFFUSERS_FILE, metadata={"format": "pt"})
         if writes_base:
-            _write_residual_base(net, tokenizer, factors, sol.modules, tmp / BASE_DIR, manifest["model"]["path"])
+            trained_in = net.dtype if train_dtype == "auto" else models.DTYPES[train_dtype]
+            _write_residual_base(net, tokenizer, factors, sol.modules, tmp / BASE_DIR, manifest["model"]["path"], trained_in)
         record = {
             **store.header(FORMAT, FORMAT_VERSION),
             "adapter_format": format,
@@ -138,7 +144,8 @@ def _check_alpha(alpha: float | None, rank: int) -> None:
                            f"the factors folded with it stay inside half precision: choose --alpha between {low * rank:g} and {high * rank:g}")
 
 
-def _check_format(format: str, pipeline: bool, alpha, rslora: bool, dora: bool, fixed_alpha: bool, module_prefix: str) -> None:
+def _check_format(format: str, pipeline: bool, alpha, rslora: bool, dora: bool, fixed_alpha: bool, module_prefix: str,
+                  task_type: str) -> None:
     if format not in FORMATS:
         raise not_one_of("--format", format, FORMATS)
     if pipeline and format == "peft":
@@ -146,7 +153,8 @@ def _check_format(format: str, pipeline: bool, alpha, rslora: bool, dora: bool, 
     if not pipeline and format in PIPELINE_FORMATS:
         raise CntinitError(f"--format {format} is for diffusion pipelines (unet, text_encoder): use --format peft for this model")
     if format in PIPELINE_FORMATS:
-        unsupported = [o for o, on in (("--rslora", rslora), ("--dora", dora), ("--module-prefix", bool(module_prefix))) if on]
+        unsupported = [o for o, on in (("--rslora", rslora), ("--dora", dora), ("--module-prefix", bool(module_prefix)),
+                                       ("--task-type", task_type != "auto")) if on]
         if format == "diffusers":
             unsupported += [o for o, on in (("--alpha", alpha is not None), ("--fixed-alpha", fixed_alpha)) if on]
         if unsupported:
@@ -155,8 +163,38 @@ def _check_format(format: str, pipeline: bool, alpha, rslora: bool, dora: bool, 
             raise CntinitError(f"{unsupported[0]} does not apply to --format {format}: {why}; leave it out")
 
 
-def _peft_config(ranks: dict, alphas: dict, base_rank: int, alpha: float, rslora: bool, dora: bool, sol, base_path: str):
+TASK_TYPES = {  # the model class's ending -> PEFT's task type, which picks the PeftModel subclass a trainer gets
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",  # GPT-2's GPT2LMHeadModel
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+}
+
+
+def _task_type(requested: str, model: dict, prefix: str) -> str | None:
+    """PEFT's task_type for adapter_config.json: `auto` reads it from the captured model class
+    (axolotl's LoRA kernels refuse a plain PeftModel); None where the class does not say — a
+    vision encoder, a VLM's `…ForConditionalGeneration`, or a `--module-prefix` export, whose
+    training class is not the captured one — unless given."""
+    if requested == "none":
+        return None
+    if requested != "auto":
+        if requested not in (*TASK_TYPES.values(), "FEATURE_EXTRACTION"):
+            raise not_one_of("--task-type", requested, ("auto", "none", *TASK_TYPES.values(), "FEATURE_EXTRACTION"))
+        return requested
+    if prefix or model.get("kind") != "text":
+        return None
+    name = model["class"]
+    found = next((task for ending, task in TASK_TYPES.items() if name.endswith(ending)), None)
+    return found or ("FEATURE_EXTRACTION" if name.endswith("Model") else None)
+
+
+def _peft_config(ranks: dict, alphas: dict, base_rank: int, alpha: float, rslora: bool, dora: bool, sol, base_path: str,
+                 task_type: str | None):
     return peft.LoraConfig(
+        task_type=task_type,
         r=base_rank,
         lora_alpha=alpha,
         target_modules=list(ranks),
@@ -196,9 +234,14 @@ def _kohya_metadata(ranks: dict, alphas: dict, manifest: dict) -> dict[str, str]
 def _how_to_load(format: str, residual: bool, out: Path) -> str:
     if format == "kohya":
         file = out / KOHYA_FILE
-        return (f"train with --network_weights {file} --base_weights {file} --base_weights_multiplier -1, which makes the "
-                "base W − B@A so the initial model equals the pretrained one" if residual
-                else f"train with --network_weights {file}; the base model stays as it is and the initial model is W + B@A")
+        # without --dim_from_weights sd-scripts builds the network from --network_dim/--network_alpha and ignores the file's alphas
+        network = f"--network_module networks.lora --network_weights {file} --dim_from_weights"
+        return (f"train with {network} --base_weights {file} --base_weights_multiplier -1, which makes the base W − B@A so the "
+                "initial model equals the pretrained one (for --network_train_unet_only, which would keep the text encoder's W − B@A "
+                "without its adapter, solve the UNet alone: --targets 're:unet\\..*'; not with --scale_weight_norms, which "
+                "rescales the init)" if residual
+                else f"train with {network} (not --scale_weight_norms, which rescales the init); the base model stays as it is "
+                "and the initial model is W + B@A")
     if residual:
         return f"load {out / BASE_DIR} as the base model; it is the pretrained model minus B@A"
     return "the base model stays as it is; the initial model is W + B@A"
@@ -216,9 +259,10 @@ def _load_solved_model(manifest: dict, model: str | Path | None, trust_remote_co
     return net, tokenizer
 
 
-def _write_residual_base(net, tokenizer, factors: dict, modules: dict, directory: Path, source: str) -> None:
+def _write_residual_base(net, tokenizer, factors: dict, modules: dict, directory: Path, source: str, trained_in: torch.dtype) -> None:
     """The pretrained model with W − B@A in every adapted module (computed in float64, stored in the
-    model's dtype), warning when that rounding moves the initial model (base + B@A) off the pretrained one."""
+    model's dtype), warning when rounding it to the dtype training runs in moves the initial model
+    (base + B@A) off the pretrained one — beyond what rounding the pretrained weights costs."""
     named = dict(net.named_modules())
     worst, where = 0.0, ""
     with torch.no_grad():
@@ -227,14 +271,17 @@ def _write_residual_base(net, tokenizer, factors: dict, modules: dict, directory
             update = b.double() @ a.double()
             if modules[name]["fan_in_fan_out"]:
                 update = update.T
-            rounded = (weight.double() - update).to(weight.dtype)
-            lost = float((rounded.double() + update - weight.double()).norm() / weight.double().norm().clamp(min=1e-30))
-            if lost > worst:
-                worst, where = lost, name
-            weight.copy_(rounded)
+            w, residual_base = weight.double(), weight.double() - update
+            size = w.norm().clamp(min=1e-30)
+            lost = float(((residual_base.to(trained_in).double() + update - w).norm() / size))
+            own = float((w.to(trained_in).double() - w).norm() / size)  # what training in that dtype costs anyway
+            if lost - own > worst:
+                worst, where = lost - own, name
+            weight.copy_(residual_base.to(weight.dtype))
     if worst > RESIDUAL_PRECISION:
-        warn(f"W − B@A rounded to {str(net.dtype).removeprefix('torch.')} moves the initial model off the pretrained one by up to "
-             f"{worst:.2g} (relative, {where}): B@A is large next to W; use --init offset for this solve, or a float32 model")
+        warn(f"W − B@A in {str(trained_in).removeprefix('torch.')} moves the initial model off the pretrained one by up to {worst:.2g} "
+             f"(relative, {where}) beyond rounding W itself: B@A is large next to W; use --init offset for this solve, "
+             "or train in a wider dtype (--train-dtype says which one training uses)")
     if isinstance(net, pipelines.DiffusionParts):
         net.save_pretrained(directory, Path(source))
         return

@@ -306,7 +306,8 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
         raise CntinitError("give a capture directory, or --model MODEL for a data-free mode (lora, pissa, milora, olora, inilora*)")
     net, _ = models.load(model, trust_remote_code, placement)
     modules = models.select_targets(net, targets or models.ALL_LINEAR)
-    record = {"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": models.fingerprint(modules)}
+    record = {"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": models.fingerprint(modules),
+              "kind": models.modality(net)}
     return None, modules, record, str(model)
 
 

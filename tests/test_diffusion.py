@@ -179,7 +179,7 @@ def test_export_check_uses_diffusers(sd, tmp_path, capsys):
     solved = solve(sd["stats"], tmp_path / "solve", mode="cnt-x", rank=4)
     code, out, err = run(capsys, "export", solved, "--format", "kohya", "--alpha", "16", "--check", "-o", tmp_path / "k")
     assert code == 0 and "check: diffusers loads" in err, err
-    assert "--network_weights" in err
+    assert f"--network_module networks.lora --network_weights {tmp_path / 'k' / 'lora.safetensors'} --dim_from_weights" in err
 
 
 def test_pipeline_errors(sd, captured, tmp_path, capsys):

@@ -222,14 +222,13 @@ def test_bfloat16_checkpoint_residual_base_keeps_its_dtype(tmp_path, calibration
         assert dict(wrapped.base_model.model.named_modules())[name].r["default"] == 2
 
 
-def test_check_passes_on_bfloat16_models_and_measures_the_residual_rounding(tmp_path, calibration, capsys, monkeypatch):
+def test_check_passes_on_bfloat16_models_and_measures_the_residual_rounding(tmp_path, calibration, capsys):
     """On a bf16 checkpoint every --check failed (2.5e-3: the module computed in bf16), even for an
     offset init whose files are exact; a residual base is checked against what bf16 can hold, and the
     rounding's cost to the initial model is measured and named in the warning."""
     from cntinit import capture
     from conftest import build_tiny, run
 
-    exporting = importlib.import_module("cntinit.export")
     directory = build_tiny("llama", tmp_path / "bf16")
     load(directory).to(torch.bfloat16).save_pretrained(directory)
     capture(directory, calibration, tmp_path / "stats", targets="q_proj,v_proj")
@@ -238,10 +237,26 @@ def test_check_passes_on_bfloat16_models_and_measures_the_residual_rounding(tmp_
         code, _, err = run(capsys, "export", tmp_path / init, "-o", tmp_path / f"e-{init}", "--check")
         assert code == 0 and re.search(r"to \d\.\de-0[6-9] \(relative\)", err), err
         assert "moves the initial model" not in err
-    monkeypatch.setattr(exporting, "RESIDUAL_PRECISION", 0.0)
-    code, _, err = run(capsys, "export", tmp_path / "residual", "-o", tmp_path / "e-residual", "--check")
-    assert code == 0 and re.search(r"W − B@A rounded to bfloat16 moves the initial model off the pretrained one by up to "
-                                   r"[\d.e-]+ \(relative, model\.layers\.\d\.self_attn\.[qv]_proj\)", err), err
+    solve(tmp_path / "stats", tmp_path / "huge", Options(mode="cnt-sh", rank=2, init="residual"))  # ‖BA‖ is hundreds of ‖W‖ here
+    code, _, err = run(capsys, "export", tmp_path / "huge", "-o", tmp_path / "e-huge", "--check")
+    assert code == 0 and re.search(r"W − B@A in bfloat16 moves the initial model off the pretrained one by up to "
+                                   r"[\d.e-]+ \(relative, model\.layers\.\d\.self_attn\.[qv]_proj\) beyond rounding W itself", err), err
+
+
+def test_the_residual_warning_follows_the_dtype_training_runs_in(captured, tmp_path, capsys):
+    """A float32 checkpoint trained in bfloat16 loses W from a residual base with a large B@A, though
+    the float32 base it ships is fine: --train-dtype says which dtype to judge by."""
+    from conftest import run
+
+    solve(captured["llama"], tmp_path / "s", Options(mode="cnt-sh", rank=2, init="residual"))
+    capsys.readouterr()
+    code, _, err = run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e")
+    assert code == 0 and "moves the initial model" not in err and "wrote a peft adapter" in err
+    code, _, err = run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e", "--train-dtype", "bfloat16")
+    assert code == 0 and "W − B@A in bfloat16 moves the initial model off the pretrained one" in err
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["options"]["train_dtype"] == "bfloat16"
+    code, _, err = run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e", "--train-dtype", "bf16")
+    assert code == 2 and "--train-dtype bf16 is not one of auto, float32, bfloat16, float16: did you mean bfloat16?" in err
 
 
 def test_check_catches_a_tampered_adapter(captured, tmp_path):
@@ -288,3 +303,25 @@ def test_the_check_honours_trust_remote_code(captured, tmp_path, monkeypatch):
     solve(captured["llama"], tmp_path / "s", Options(mode="pissa", rank=2))
     export(tmp_path / "s", tmp_path / "e", trust_remote_code=True, check=True)
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("kind, expected, wrapper", [("llama", "CAUSAL_LM", "PeftModelForCausalLM"), ("gpt2", "CAUSAL_LM", "PeftModelForCausalLM"),
+                                                     ("bert", "FEATURE_EXTRACTION", "PeftModelForFeatureExtraction")])
+def test_the_adapter_config_names_the_task_type_the_model_class_implies(kind, expected, wrapper, tiny, captured, tmp_path, capsys):
+    """task_type was null, so PEFT returned a plain PeftModel and axolotl's LoRA kernels raised
+    `TypeError: Model must be a PeftModelForCausalLM`."""
+    from conftest import run
+
+    run(capsys, "solve", captured[kind], "-m", "cnt-s", "-r", "2", "-o", tmp_path / "s", "-q")
+    code, _, err = run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e", "--check")
+    assert code == 0, err
+    assert json.loads((tmp_path / "e" / "adapter_config.json").read_text())["task_type"] == expected
+    wrapped = peft.PeftModel.from_pretrained(load(tiny[kind]), tmp_path / "e")
+    assert type(wrapped).__name__ == wrapper
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.isfinite(wrapped(input_ids=ids, attention_mask=torch.ones_like(ids))[0]).all()  # the subclass's forward runs
+    for args, task in ((["--module-prefix", "bert."], None), (["--task-type", "SEQ_CLS"], "SEQ_CLS"), (["--task-type", "none"], None)):
+        code, _, err = run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e2", "--overwrite", "-q", *args)
+        assert code == 0 and json.loads((tmp_path / "e2" / "adapter_config.json").read_text())["task_type"] == task, (args, err)
+    code, _, err = run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e3", "--task-type", "CAUSAL-LM")
+    assert code == 2 and "did you mean CAUSAL_LM?" in err
