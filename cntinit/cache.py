@@ -103,6 +103,7 @@ class Entry:
     path: Path
     meta: dict
     bytes: int  # measured when listed, so a removal can still say how much it freed
+    manifest: dict  # the capture's or solve's, read when listed
 
     @property
     def used(self) -> float:
@@ -171,9 +172,10 @@ def entries(cache: Path | None = None) -> list[Entry]:
         if not directory.is_dir():
             continue
         for path in directory.iterdir():
-            if path.is_dir() and not path.name.startswith(".") and read_manifest(path, format) is not None:
+            manifest = read_manifest(path, format) if path.is_dir() and not path.name.startswith(".") else None
+            if manifest is not None:
                 size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-                found.append(Entry(kind, path.name, path, _read_json(path.with_suffix(".json")) or {}, size))
+                found.append(Entry(kind, path.name, path, _read_json(path.with_suffix(".json")) or {}, size, manifest))
     return sorted(found, key=lambda e: e.used, reverse=True)
 
 

@@ -527,9 +527,7 @@ def _details(found: list) -> dict[str, str]:
 
 
 def _facts(entry) -> dict[str, object]:
-    from . import solution
-    from .store import read_manifest
-    manifest = read_manifest(entry.path, "cntinit.stats" if entry.kind == "capture" else solution.FORMAT) or {}
+    manifest = entry.manifest
     if entry.kind == "capture":
         settings = {k: v for k, v in manifest.get("capture", {}).items() if k not in ("targets", "max_samples")}
         return {"targets": manifest.get("capture", {}).get("targets"), "samples": manifest.get("data", {}).get("samples"),

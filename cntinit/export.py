@@ -173,6 +173,9 @@ TASK_TYPES = {  # the model class's ending -> PEFT's task type, which picks the 
 }
 
 
+TASK_TYPE_NAMES = tuple(dict.fromkeys([*TASK_TYPES.values(), "FEATURE_EXTRACTION"]))
+
+
 def _task_type(requested: str, model: dict, prefix: str) -> str | None:
     """PEFT's task_type for adapter_config.json: `auto` reads it from the captured model class
     (axolotl's LoRA kernels refuse a plain PeftModel); None where the class does not say — a
@@ -181,8 +184,8 @@ def _task_type(requested: str, model: dict, prefix: str) -> str | None:
     if requested == "none":
         return None
     if requested != "auto":
-        if requested not in (*TASK_TYPES.values(), "FEATURE_EXTRACTION"):
-            raise not_one_of("--task-type", requested, ("auto", "none", *TASK_TYPES.values(), "FEATURE_EXTRACTION"))
+        if requested not in TASK_TYPE_NAMES:
+            raise not_one_of("--task-type", requested, ("auto", "none", *TASK_TYPE_NAMES))
         return requested
     if prefix or model.get("kind") != "text":
         return None

@@ -119,7 +119,7 @@ def _run(plan: recipe.Recipe, model: Path, solves: dict[str, tuple[Options, str 
                                           cache_dir=cache_dir, **settings)
         held.enter_context(cache.in_use(capture_dir, cache_dir))
         rows.append(_row("capture", data.name, hit, started, capture_dir))
-        _check_subsets(plan, solves, list(store.Store(capture_dir, verify=False).manifest["modules"]))
+        _check_subsets(solves, list(store.Store(capture_dir, verify=False).manifest["modules"]))
     plot = plan.plot and plots.available()
     if plan.plot and not plot:
         console.warn(f"no rank/spectrum plots: matplotlib is not installed ({plots.INSTALL})")
@@ -160,7 +160,7 @@ def _checked_solves(plan: recipe.Recipe) -> dict[str, tuple[Options, str | None]
     return solves
 
 
-def _check_subsets(plan: recipe.Recipe, solves: dict[str, tuple[Options, str | None]], captured: list[str]) -> None:
+def _check_subsets(solves: dict[str, tuple[Options, str | None]], captured: list[str]) -> None:
     """Before any solve: each solve's own targets pick some of the captured modules."""
     for i, (name, (_, targets)) in enumerate(solves.items()):
         if targets is not None:

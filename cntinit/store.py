@@ -141,12 +141,18 @@ KNOWN = {  # format -> what a directory of it is, and which command takes it
 }
 
 
+def _format_of(path: Path) -> str | None:
+    """The `format` its manifest.json names, if it has a readable one."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("format") if isinstance(manifest, dict) else None
+
+
 def what_it_is(path: Path) -> str:
     """What the directory at `path` holds, for errors that say why it is the wrong one."""
-    try:
-        found = json.loads((path / MANIFEST).read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
-        found = None
+    found = _format_of(path)
     if found in KNOWN:
         return KNOWN[found]
     if (path / "adapter_config.json").is_file():
@@ -234,9 +240,9 @@ def check_out(out: str | Path, model_fingerprint: str, overwrite: bool, format: 
     if not out.exists() and not out.is_symlink():
         return
     refuse_foreign(out)
-    manifest = read_manifest(out, format)
     if overwrite or not any(out.iterdir()):
         return
+    manifest = read_manifest(out, format)
     if manifest is None or manifest.get("model", {}).get("fingerprint") != model_fingerprint:
         raise CntinitError(f"--out {out} is {what_it_is(out) if manifest is None else what + ' of another model'}, "
                            f"not {what} of this model: choose another path or pass --overwrite to replace it")
@@ -253,12 +259,7 @@ def _replaceable(out: Path) -> bool:
     """cntinit's output or an empty directory (a symbolic link to one: the link is replaced, not what it names)."""
     if not out.is_dir():
         return False
-    if not any(out.iterdir()):
-        return True
-    try:
-        return json.loads((out / MANIFEST).read_text()).get("format") in KNOWN
-    except (OSError, ValueError, AttributeError):
-        return False
+    return not any(out.iterdir()) or _format_of(out) in KNOWN
 
 
 def _foreign(out: Path) -> str:
