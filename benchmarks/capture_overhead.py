@@ -103,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     device = models.resolve_device(args.device)
     net, sequences, pad_id = load(args, device)
-    batches = list(data.batches(sequences, args.batch_size, pad_id))
+    batches = [(ids, mask) for ids, mask, _ in data.batches(sequences, args.batch_size, pad_id)]
     tokens = sum(len(s) for s in sequences)
     root = models.forward_root(net, list(models.select_targets(net, models.ALL_LINEAR)))
     suffixes = {models.module_kind(name) for name in models.linear_modules(net)}

@@ -9,7 +9,9 @@ the model, reading and tokenizing the data, the work, and (cntinit) writing its 
 imports excluded. cntinit captures once and solves cnt-x, corda and eva from that one capture;
 PEFT runs `preprocess_corda` (one sample per forward, as it requires) and `get_eva_state_dict`
 (batches) on the same tokenized samples, and `init_lora_weights="pissa"` / `"pissa_niter_4"`
-against `solve --mode pissa` exact / `--niter 4`. Same target modules everywhere.
+against `solve --mode pissa` exact / `--niter 4`. On a causal LM, also LoRA-GA: `capture --gradients`
++ `solve --mode lora-ga` against PEFT's `preprocess_loraga` (the same batches, one backward each)
++ `init_lora_weights="lora_ga"`. Same target modules everywhere.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from peaks import peak_rss
 EMBEDDED_TARGETS = "query,key,value,intermediate.dense,output.dense"
 STEPS = ["forward", "capture", "solve cnt-x", "solve corda", "solve eva", "solve pissa",
          "solve pissa_niter_4", "peft corda", "peft eva", "peft pissa", "peft pissa_niter_4"]
+GRADIENT_STEPS = ["capture gradients", "solve lora-ga", "peft lora-ga"]  # causal LMs only
 
 
 def run_step(step: str, args, scratch: Path) -> dict:
@@ -70,15 +73,32 @@ def run_step(step: str, args, scratch: Path) -> dict:
             net, tokenizer = fresh_model()
             root = models.forward_root(net, list(models.select_targets(net, args.targets)))
             with exact_float32(), torch.inference_mode():
-                for ids, mask in data.batches(tokenized(tokenizer), args.batch_size, tokenizer.pad_token_id or 0):
+                for ids, mask, _ in data.batches(tokenized(tokenizer), args.batch_size, tokenizer.pad_token_id or 0):
                     root(input_ids=ids.to(device), attention_mask=mask.to(device))
     elif step == "capture":
         def work():
             capture(model_dir, args.data or embedded.data_file(), stats, targets=args.targets, seq_len=args.seq_len,
                     batch_size=args.batch_size, max_samples=args.samples, device=args.device, overwrite=True)
+    elif step == "capture gradients":
+        def work():
+            capture(model_dir, args.data or embedded.data_file(), scratch / "gradients", targets=args.targets, seq_len=args.seq_len,
+                    batch_size=args.batch_size, max_samples=args.samples, device=args.device, gradients=True, overwrite=True)
+    elif step == "peft lora-ga":
+        def work():
+            net, tokenizer = fresh_model()
+            batches = [(ids.to(device), mask.to(device))
+                       for ids, mask, _ in data.batches(tokenized(tokenizer), args.batch_size, tokenizer.pad_token_id or 0)]
+            config = lora_config(net, init_lora_weights="lora_ga", lora_ga_config=peft.LoraGAConfig())
+
+            def train_step():
+                for ids, mask in batches:
+                    net(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+            peft.preprocess_loraga(net, config, train_step)
+            peft.get_peft_model(net, config)
     elif step.startswith("solve"):
         mode, _, niter = step.split()[1].partition("_niter_")
-        source = (None, {"model": model_dir, "targets": args.targets}) if mode == "pissa" else (stats, {})
+        source = (None, {"model": model_dir, "targets": args.targets}) if mode == "pissa" else \
+            (scratch / "gradients", {}) if mode == "lora-ga" else (stats, {})
 
         def work():
             solve(source[0], scratch / f"solve-{mode}", mode=mode, rank=args.rank, precision=args.precision,
@@ -98,7 +118,7 @@ def run_step(step: str, args, scratch: Path) -> dict:
         def work():
             net, tokenizer = fresh_model()
             batches = [{"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-                       for ids, mask in data.batches(tokenized(tokenizer), args.batch_size, tokenizer.pad_token_id or 0)]
+                       for ids, mask, _ in data.batches(tokenized(tokenizer), args.batch_size, tokenizer.pad_token_id or 0)]
             config = lora_config(net, init_lora_weights="eva", eva_config=peft.EvaConfig(rho=2.0))
             get_eva_state_dict(net, batches, config, show_progress_bar=False)
     else:
@@ -132,7 +152,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the table's rows and each step's measurements to this JSON file")
     parser.add_argument("--in-process", action="store_true",
                         help="run every step in this process: no minute of imports and CUDA start-ups; GPU peaks stay per step, CPU peaks do not")
-    parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)  # internal: run one step, print JSON
+    parser.add_argument("--step", choices=STEPS + GRADIENT_STEPS, help=argparse.SUPPRESS)  # internal: run one step, print JSON
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.targets = args.targets or (EMBEDDED_TARGETS if args.model is None else "all-linear")
@@ -142,7 +162,7 @@ def main() -> None:
     passthrough = sys.argv[1:]  # a step ignores --json
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for step in STEPS:
+        for step in STEPS + (GRADIENT_STEPS if causal_lm(args.model) else []):
             if args.in_process:
                 try:
                     results[step] = run_step(step, args, Path(scratch))
@@ -171,6 +191,16 @@ def main() -> None:
         raise SystemExit(f"failed: {', '.join(step for step, r in results.items() if r is None)}")
 
 
+def causal_lm(model_dir: str | None) -> bool:
+    """Whether the model's config names a causal LM class (gradients need a next-token loss)."""
+    if model_dir is None:
+        return False
+    from cntinit import models
+
+    architectures = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or [""]
+    return models.task_type(architectures[0]) == "CAUSAL_LM"
+
+
 def comparisons(results: dict) -> list[dict]:
     """The table's rows from each step's {seconds, peak_mb} (None where the step failed)."""
     def seconds(*steps):
@@ -197,6 +227,10 @@ def comparisons(results: dict) -> list[dict]:
     for variant in ("pissa", "pissa_niter_4"):
         rows.append(row(f"{variant} vs PEFT {variant}", seconds("solve " + variant), seconds("peft " + variant),
                         lambda o, t: f"{t / o:.2f}× faster", f"{peak('solve ' + variant)} / {peak('peft ' + variant)}"))
+    if "peft lora-ga" in results:
+        rows.append(row("lora-ga: capture --gradients + solve vs PEFT", seconds("capture gradients", "solve lora-ga"),
+                        seconds("peft lora-ga"), lambda o, t: f"{t / o:.2f}× faster",
+                        f"{peak('capture gradients', 'solve lora-ga')} / {peak('peft lora-ga')}"))
     return rows
 
 

@@ -21,6 +21,7 @@ from rich.progress import TextColumn
 from torch import nn
 
 from . import checkpoint, console, distributed, feeds, models, store
+from . import gradients as gradients_mod
 from . import layerwise as layerwise_mod
 from .atomic import atomic_directory
 from .console import log, progress, warn
@@ -160,11 +161,14 @@ class Recorder:
                 self.module_map[name] = {"key": key, "in_features": d_in, "out_features": d_out, "layer": type(modules[name]).__name__}
         self.handles: list = []
         self.batches = 0
+        self.paused = False  # while a checkpointed forward runs again during backward: its inputs are counted already
 
     def __enter__(self) -> "Recorder":
         for key, stats in self.stats.items():
             def hook(mod, args, kwargs, stats=stats):
-                x = args[0] if args else next(iter(kwargs.values()))
+                if self.paused:
+                    return
+                x = (args[0] if args else next(iter(kwargs.values()))).detach()
                 rows, samples = _real_rows(x, self.batch, samples=self.sample_max_norm)
                 if self.sample_max_norm:
                     rows = _per_sample_max_norm(rows, samples, self.batch.size, self.accumulate_dtype)
@@ -189,10 +193,18 @@ class Recorder:
         batch.index = None if flat_mask is None or bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1).to(self.device)
         return size if flat_mask is None else int(flat_mask.sum())
 
-    def run(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor | None, bucket: int) -> int:
-        """Forward one batch through `root` into bucket `bucket`; returns what `begin` does."""
+    @contextlib.contextmanager
+    def pause(self):
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
+
+    def run(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor | None, bucket: int, forward=None) -> int:
+        """Forward one batch through `root` (or `forward`) into bucket `bucket`; returns what `begin` does."""
         count = self.begin(next(iter(inputs.values())).shape[0], mask, bucket)
-        self.root(**{name: value.to(self.device) for name, value in inputs.items()})
+        (forward or self.root)(**{name: value.to(self.device) for name, value in inputs.items()})
         if self.batches % FINITE_CHECK_EVERY == 0:
             self.check_finite()
         self.batches += 1
@@ -259,6 +271,8 @@ def capture(
     stats_device: str | None = None,
     layerwise: bool = False,
     activations_device: str | None = None,
+    gradients: bool = False,
+    gradient_checkpointing: bool = False,
     overwrite: bool = False,
     trust_remote_code: bool = False,
 ) -> Path:
@@ -273,7 +287,10 @@ def capture(
     model too large for the device over device, CPU memory and disk (accelerate; limits in
     `max_memory`, 'cuda=20GiB,cpu=64GiB'); `stats_device` ('cpu') keeps the sums off the device.
     `layerwise` reads and runs one block at a time, holding one block's weights and statistics
-    and every batch's hidden states (on `activations_device`). None of these changes the statistics."""
+    and every batch's hidden states (on `activations_device`). None of these changes the statistics.
+    `gradients` (causal LMs) also sums each target weight's gradient of the next-token loss, in the
+    same pass; `gradient_checkpointing` recomputes each block's activations in backward instead of
+    keeping them."""
     arguments = dict(locals())
     with distributed.joined() as world, contextlib.ExitStack() as scratch:
         return _capture(world, scratch, **arguments)
@@ -281,7 +298,8 @@ def capture(
 
 def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, data, out, *, targets, seq_len, batch_size, max_samples, device, dtype, buckets,
              pack, accumulate, text_field, sample_max_norm, image_size, image_mean, image_std, prompt, noise_timestep, seed,
-             shard, checkpoint_every, offload, max_memory, stats_device, layerwise, activations_device, overwrite, trust_remote_code) -> Path:
+             shard, checkpoint_every, offload, max_memory, stats_device, layerwise, activations_device, gradients, gradient_checkpointing,
+             overwrite, trust_remote_code) -> Path:
     for option, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--buckets", buckets)):
         if value < 1:
             raise CntinitError(f"{option} must be at least 1, got {value}")
@@ -301,6 +319,11 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         raise CntinitError("--layerwise already reads one block at a time from the checkpoint: leave out --offload")
     if activations_device is not None and not layerwise:
         raise CntinitError("--activations-device says where --layerwise keeps the hidden states between blocks: add --layerwise")
+    if gradient_checkpointing and not gradients:
+        raise CntinitError("--gradient-checkpointing saves memory in the backward pass of --gradients: add --gradients")
+    if gradients and (layerwise or offload):
+        raise CntinitError(f"--gradients runs backward through the whole model on one device; {'--layerwise' if layerwise else '--offload'} "
+                           "keeps only part of it there: leave it out (--gradient-checkpointing saves activation memory)")
     share = (world.rank, world.size) if world.size > 1 else parse_shard(shard)
     if not world.leader:
         console.quiet = True  # one progress bar and log, rank 0's
@@ -320,6 +343,8 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
     if layerwise and (kind == "diffusion" or getattr(net.config, "is_encoder_decoder", False)):
         what = "a diffusers pipeline, whose UNet" if kind == "diffusion" else "an encoder-decoder model, whose decoder"
         raise CntinitError(f"--layerwise runs one chain of repeated blocks; {model} is {what} is not one: capture without --layerwise")
+    if gradients:
+        gradients_mod.check_model(net, kind, model)
     modules = models.select_targets(net, targets)
     root = models.forward_root(net, list(modules))
     if layerwise:
@@ -360,9 +385,10 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         "sample_max_norm": sample_max_norm,
         "device": str(dev),
         "shard": shard,
-    } | feed.settings
+    } | feed.settings | ({"gradients": True} if gradients else {})
     saved = checkpoint.location(out, world.rank if world.size > 1 else None) if checkpoint_every else None
     ident = checkpoint.identity(model_fingerprint, feed.data, recorded, share, *(["layerwise"] if layerwise else []))
+    grads = gradients_mod.GradientSums(modules, ACCUMULATE[accumulate], sums_on) if gradients else None
     if layerwise:
         parent = Path(out).absolute().parent
         parent.mkdir(parents=True, exist_ok=True)
@@ -377,14 +403,17 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         sums = {}
     else:
         payloads = None
+        blocks = _blocks(net, root, modules) if gradient_checkpointing else None
         sums, module_map, done = _stream(root, modules, feed, net, buckets, accumulate, dev, sample_max_norm, sums_on, saved, ident,
-                                         checkpoint_every)
+                                         checkpoint_every, grads, blocks)
     if world.size > 1:
-        done, feed.data["sequences"] = distributed.add_across_ranks(world, sums, [done, feed.total])
+        done, feed.data["sequences"] = distributed.add_across_ranks(world, sums, [done, feed.total], grads)
         if not world.leader:
             if saved is not None:
                 checkpoint.remove(saved)
             return Path(out)
+    if grads is not None and grads.tokens == 0:
+        raise CntinitError(f"no sample of {data} has a second token, so no next token was predicted and no gradient taken: give longer text")
     if not layerwise:
         silent = [name for name, entry in module_map.items() if sum(sums[entry["key"]].count) == 0]
         if silent:
@@ -398,12 +427,14 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         capture=recorded,
         modules=module_map,
         stats=stats,
+        gradients=grads.record() if gradients else None,
     )
     with atomic_directory(out) as tmp:
         if payloads is None:
             payloads = store.Payloads(tmp)
-            for key, s in sums.items():  # one key's full matrices at a time on the CPU
-                payloads.add(key, s.tensors(key))
+            for key, s in sums.items():  # one key's full matrices at a time on the CPU; gradients beside their key's statistics
+                readers = [name for name, entry in module_map.items() if entry["key"] == key] if gradients else []
+                payloads.add(key, s.tensors(key) | {n: t for name in readers for n, t in grads.tensors(name).items()})
         payloads.finish(manifest, into=tmp)
     if saved is not None:
         checkpoint.remove(saved)
@@ -415,13 +446,22 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
 clock = time.perf_counter  # of the progress bar's rate
 
 
-def _stream(root, modules, feed, net, buckets, accumulate, dev, sample_max_norm, sums_on, saved, ident, checkpoint_every):
-    """The whole model over every batch, hooks on every target: (sums by key, module map, real tokens or samples)."""
+def _blocks(net, root, modules) -> nn.ModuleList:
+    """The model's chain of repeated blocks, which --gradient-checkpointing recomputes one at a time."""
+    prefix, path = layerwise_mod.chain(net, root, modules)
+    return net.get_submodule(prefix + path)
+
+
+def _stream(root, modules, feed, net, buckets, accumulate, dev, sample_max_norm, sums_on, saved, ident, checkpoint_every,
+            grads: gradients_mod.GradientSums | None = None, blocks: nn.ModuleList | None = None):
+    """The whole model over every batch, hooks on every target: (sums by key, module map, real tokens or samples).
+    With `grads`, each batch also runs backward from the next-token loss into those sums (`blocks` checkpointed)."""
     probe = {name: value.to(dev) for name, value in feed.probe.items()}
     groups = shared_input_groups(modules, lambda: root(**probe))
     recorder = Recorder(modules, groups, buckets, ACCUMULATE[accumulate], dev, sample_max_norm, sums_on, root)
     resumed = checkpoint.load(saved, ident) if saved is not None and saved.exists() else None
-    if resumed and not all(stats.fits(resumed[1], key) for key, stats in recorder.stats.items()):
+    if resumed and not (all(stats.fits(resumed[1], key) for key, stats in recorder.stats.items())
+                        and (grads is None or grads.fits(resumed[1]))):
         warn(f"the checkpoint at {saved} is damaged (its sums do not fit this capture): starting from the beginning")
         resumed = None
     skip, done = (resumed[0]["batches"], resumed[0]["done"]) if resumed else (0, 0)
@@ -429,11 +469,22 @@ def _stream(root, modules, feed, net, buckets, accumulate, dev, sample_max_norm,
     if resumed:
         for key, stats in recorder.stats.items():
             stats.restore(resumed[1], key)
+        if grads is not None:
+            grads.restore(resumed[1])
         log(f"resuming from the checkpoint at {saved}: {skip} batches already summed")
     rate = TextColumn("{task.fields[rate]}")
-    with recorder, exact_float32(), torch.inference_mode(), progress(rate) as bar, _stop_requests(saved is not None) as stop:
+    targets = None  # the current batch's next-token targets
+
+    def forward_and_backward(**inputs):
+        grads.step(net, inputs, inputs.get("attention_mask"), targets, recorder.pause)
+
+    forward = forward_and_backward if grads is not None else None
+    no_autograd = torch.inference_mode() if grads is None else torch.no_grad()  # inference tensors cannot enter backward
+    taking = grads.taking(net) if grads is not None else contextlib.nullcontext()
+    remembering = gradients_mod.checkpointed_blocks(blocks) if blocks is not None else contextlib.nullcontext()
+    with recorder, exact_float32(), no_autograd, taking, remembering, progress(rate) as bar, _stop_requests(saved is not None) as stop:
         task = bar.add_task("capture", total=feed.total, rate="")
-        for index, (bucket, inputs, mask) in enumerate(feed.batches()):
+        for index, (bucket, inputs, mask, targets) in enumerate(feed.batches()):
             size = next(iter(inputs.values())).shape[0]
             if index < skip:
                 bar.update(task, advance=size)
@@ -442,14 +493,20 @@ def _stream(root, modules, feed, net, buckets, accumulate, dev, sample_max_norm,
                 begun = clock()  # the rate counts this run's work, not the checkpoint's
                 if resumed and "rng" in resumed[1]:
                     net.generator.set_state(resumed[1]["rng"])  # the noise continues where the checkpoint left it
-            done += recorder.run(inputs, mask, bucket)
+            done += recorder.run(inputs, mask, bucket, forward)
             bar.update(task, advance=size, rate=f"{(done - resumed_done) / max(clock() - begun, 1e-9):,.1f} {feed.unit}/s")
             if saved is not None and ((index + 1) % checkpoint_every == 0 or stop):
                 recorder.check_finite()
                 rng = net.generator.get_state() if getattr(net, "generator", None) is not None else None
-                checkpoint.save(saved, ident, index + 1, done, {n: t for k, st in recorder.stats.items() for n, t in st.state(k).items()}, rng)
+                held = {n: t for k, st in recorder.stats.items() for n, t in st.state(k).items()}
+                if grads is not None:
+                    grads.check_finite()
+                    held |= grads.state()
+                checkpoint.save(saved, ident, index + 1, done, held, rng)
             if stop:
                 raise Interrupted(f"stopped by {stop[0]} after {index + 1} batches; the checkpoint at {saved} keeps them: "
                                   "run the same command to resume")
         recorder.check_finite()
+        if grads is not None:
+            grads.check_finite()
     return recorder.stats, recorder.module_map, done

@@ -95,7 +95,7 @@ def summary(store: Store) -> dict:
         "modules": len(m["modules"]),
         "statistics": len(m["stats"]),
         "bytes": sum(f["bytes"] for f in m["files"].values()),
-    }
+    } | ({"gradients": m["gradients"]} if "gradients" in m else {})
 
 
 @app.command(cls=_Command)
@@ -127,6 +127,8 @@ def capture(
     layerwise: bool = _flag("--layerwise", help="Read and run one block at a time (a 70B model on one GPU): the memory of one block's weights and statistics plus every batch's hidden states; the same statistics. --checkpoint-every then counts blocks."),
     activations_device: Optional[str] = typer.Option(None, "--activations-device", help="--layerwise: where the hidden states wait between blocks: cpu keeps them off the GPU (default: --device)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Capture only share I of N of the data (I/N, e.g. 0/4), for array jobs; `cntinit merge` of all N equals one run."),
+    gradients: bool = _flag("--gradients", help="Causal LMs: also sum each target weight's gradient of the next-token loss (padding and prompts carry no label), in the same pass, for --mode lora-ga and lora-one."),
+    gradient_checkpointing: bool = _flag("--gradient-checkpointing", help="--gradients: recompute each block's activations during backward instead of keeping them (less memory, about one more forward)."),
     overwrite: bool = _flag("--overwrite", help="Replace --out even if it is a store of another model or another cntinit output (never a folder or file of yours)."),
     trust_remote_code: bool = _flag("--trust-remote-code", help="Allow the model directory's own Python code to run."),
     quiet: bool = QUIET,
@@ -142,6 +144,8 @@ def capture(
 
       cntinit capture ./dinov2-base --data images/ --out stats/ --targets query,key,value
 
+      cntinit capture ./SmolLM2-135M --data calib.jsonl --gradients --out stats-grad/   # for --mode lora-ga, lora-one
+
       cntinit capture ./sd15 --data dog/ --prompt "a photo of sks dog" --targets to_q,to_k,to_v,to_out.0,q_proj,k_proj,v_proj,out_proj --out stats/
 
       cntinit export $(cntinit solve $(cntinit capture ./model --data calib.jsonl) --mode cnt-s) --out adapter/   # stores in the cache
@@ -155,6 +159,7 @@ def capture(
         image_mean=_rgb(image_mean, "--image-mean"), image_std=_rgb(image_std, "--image-std"), prompt=prompt,
         noise_timestep=noise_timestep, seed=seed, shard=shard, checkpoint_every=checkpoint_every, offload=offload,
         max_memory=max_memory, stats_device=stats_device, layerwise=layerwise, activations_device=activations_device,
+        gradients=gradients, gradient_checkpointing=gradient_checkpointing,
     )
     _torchrun_needs_out(out)
     if out is None:
@@ -230,6 +235,10 @@ def print_store(store: Store, out: Console) -> None:
     out.print(f"data   {d['samples']:,} samples, {d['sequences']:,} sequences, {d['tokens']:,} tokens  ({d['fingerprint'][:19]}…)")
     c = s["capture"]
     out.print(f"capture  targets={c['targets']} seq_len={c['seq_len']} buckets={c['buckets']} dtype={c['dtype']} accumulate={c['accumulate']}")
+    if "gradients" in s:
+        g = s["gradients"]
+        out.print(f"gradients  of every module, over {g['batches']:,} batches and {g['tokens']:,} predicted tokens "
+                  f"(mean loss {g['mean_loss']:.4g}): for --mode lora-ga, lora-one")
     table = Table("statistics key", "dim", "count", "modules reading it")
     for key, entry in store.manifest["stats"].items():
         short = [name.rsplit(".", 1)[-1] for name in entry["modules"]]
@@ -250,7 +259,7 @@ def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
 @app.command(cls=_Command)
 def solve(
     capture_dir: Optional[Path] = typer.Argument(None, metavar="CAPTURE_DIR", help="A statistics store written by `cntinit capture` (data-free modes may give --model instead)."),
-    mode: str = typer.Option(..., "--mode", "-m", help="cnt-x (Cross: WΣ⁺), cnt-s (Self: WD^-1/2Pᵀ), cnt-sh (Shift: c((I−Σ)Wᵀ)⁺); from a capture also eva, corda; data-free lora, pissa, milora, olora, inilora, inilora-alpha, inilora-beta."),
+    mode: str = typer.Option(..., "--mode", "-m", help="cnt-x (Cross: WΣ⁺), cnt-s (Self: WD^-1/2Pᵀ), cnt-sh (Shift: c((I−Σ)Wᵀ)⁺); from a capture also eva, corda; from a --gradients capture lora-ga, lora-one; data-free lora, pissa, milora, olora, inilora, inilora-alpha, inilora-beta."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Solve directory to write (default: the cache — $CNTINIT_CACHE — where a repeated solve is a hit that computes nothing)."),
     rank: int = typer.Option(16, "--rank", "-r", help="Adapter rank per module (the base rank with --vas)."),
     rcond: float = typer.Option(1e-4, "--rcond", help="Eigenvalue floor relative to the largest: below it, values count as zero (pseudo-inverse) or are clamped (inverse root)."),
@@ -271,7 +280,12 @@ def solve(
     rho: Optional[float] = typer.Option(None, "--rho", help="eva: a module may get up to round(rank·rho) of the redistributed rank (default 2; 1 = fixed ranks)."),
     corda_mode: Optional[str] = typer.Option(None, "--corda-mode", help="corda: ipm (principal components of WC, the default) or kpm (minor ones, knowledge-preserving)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="inilora*: run exactly N Adam steps (default: inilora stops early, at most 20000; alpha/beta only draw, no steps)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random draws (lora, pissa --niter, inilora*)."),
+    direction: Optional[str] = typer.Option(None, "--direction", help="lora-ga: which of G's 2r leading singular vectors go to A and B: ArB2r (A the first r, B the next r; PEFT's default), A2rBr, ArBr (alternating), random."),
+    scale: Optional[str] = typer.Option(None, "--scale", help="lora-ga, lora-one: stable (the default: lora-ga B × out^¼/√γ; lora-one B, A ÷ √γ), weight_svd (lora-ga: B's largest singular value becomes W's), gd_scale (B, A ÷ the LoRA scale), unit."),
+    stable_gamma: Optional[float] = typer.Option(None, "--stable-gamma", help="lora-ga, lora-one: γ of --scale stable (default 16 for lora-ga as PEFT, 128 for lora-one as its authors)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="lora-ga, lora-one: the lora_alpha you will train with (default: --rank, scale 1); B and A are sized for it, and export uses it."),
+    rslora: bool = _flag("--rslora", help="lora-ga, lora-one: the trainer's scale is α/√r (rsLoRA)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random draws (lora, pissa --niter, inilora*, lora-ga --direction random)."),
     model: Optional[Path] = typer.Option(None, "--model", help="Read the weights from here instead of the path the capture recorded (they must be the same weights); without a capture, the model to solve."),
     targets: Optional[str] = typer.Option(None, "--targets", "-t", help="Which modules to solve: module-name suffixes (q_proj,v_proj) or re:PATTERN; from a capture, a subset of the captured modules (default: all of them); without one, all-linear by default."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, or cuda."),
@@ -286,7 +300,7 @@ def solve(
 ) -> None:
     """Compute an initialization per module (ConsNoTrainLoRA, IniLoRA or a baseline) and print a report.
 
-    Baselines: LoRA, PiSSA, MiLoRA, OLoRA, EVA, CorDA.
+    Baselines: LoRA, PiSSA, MiLoRA, OLoRA, EVA, CorDA; from a --gradients capture LoRA-GA and LoRA-One.
 
     Examples:
 
@@ -297,6 +311,8 @@ def solve(
       cntinit solve stats/ --mode eva --rank 16 --out init-eva/
 
       cntinit solve stats-all-linear/ --targets q_proj,v_proj --mode cnt-s --out init-qv/   # one capture, any subset
+
+      cntinit solve stats-grad/ --mode lora-ga --rank 8 --alpha 16 --out init-ga/   # from capture --gradients
 
       cntinit solve --model ./Llama-3.2-1B --mode inilora --targets q_proj,v_proj --rank 8 --out init-ini/
     """
@@ -310,6 +326,7 @@ def solve(
         bucket_weights=_floats(bucket_weights, "--bucket-weights"), pooled=pooled, decompose=decompose,
         split_p=split_p, init=init, vas=vas, budget=budget, min_rank=min_rank, max_rank=max_rank, precision=precision,
         seed=seed, niter=niter, lora_init=lora_init, rho=rho, corda_mode=corda_mode, steps=steps,
+        direction=direction, scale=scale, stable_gamma=stable_gamma, alpha=alpha, rslora=rslora or None,
     )
     _torchrun_needs_out(out)
     if out is None:
@@ -349,8 +366,11 @@ def print_report(report: dict, out: Console) -> None:
         groups.setdefault(module_kind(name) if grouped else name[len(shared):], []).append(row)
     floors = report["mode"].startswith("cnt-")  # only the CNT modes floor eigenvalues at rcond
     last = "fit ÷ opt" if fitted else "floored" if floors else None
+    gradient = ["‖ΔW‖ here = ‖G‖, the mean loss gradient", "kept = share of ‖G‖² in its rank-r subspace",
+                "out Δ = tr(BA Σ (BA)ᵀ)/tr(W Σ Wᵀ)"]
     notes = {"eva": ["kept = explained variance of the kept eigenvectors (B = 0, so BA = 0)"],
-             "lora": ["B = 0: the adapter starts as zero"]}.get(report["mode"], ["kept = ‖BA‖²/‖ΔW‖²", "out Δ = tr(BA Σ (BA)ᵀ)/tr(W Σ Wᵀ)"])
+             "lora": ["B = 0: the adapter starts as zero"], "lora-ga": gradient, "lora-one": gradient}.get(
+        report["mode"], ["kept = ‖BA‖²/‖ΔW‖²", "out Δ = tr(BA Σ (BA)ᵀ)/tr(W Σ Wᵀ)"])
     if floors:
         notes.append("floored = eigenvalues under rcond·λmax")
     if fitted:
@@ -379,7 +399,8 @@ def print_report(report: dict, out: Console) -> None:
     out.print(table)
     out.print(" · ".join(notes), style="dim", highlight=False)  # not a caption: that would wrap at the table's width
     budget = f" of budget {report['budget']}" if report["budget"] else ""
-    kept = "" if report["kept"] is None else f"‖ΔW‖² kept overall {100 * report['kept']:.1f}%; "
+    wanted = "‖G‖² in rank r" if report["mode"] in ("lora-ga", "lora-one") else "‖ΔW‖² kept"
+    kept = "" if report["kept"] is None else f"{wanted} overall {100 * report['kept']:.1f}%; "
     floored = f"{report['floored_modules']} modules had values under the floor; " if floors else ""
     steps = f"; Adam ran {max(m['steps'] for m in rows.values())} steps at most" if fitted else ""
     out.print(f"{report['modules_with_adapter']}/{len(rows)} modules get an adapter, total rank {report['total_rank']}{budget}; "

@@ -1,7 +1,8 @@
 """Calibration text: reading samples from files or stdin, tokenizing, and padded batches.
 
-A sample is one sequence: a JSONL record (`text`, or chat `messages` rendered with the
-tokenizer's chat template) or one non-blank line of a .txt file.
+A sample is one sequence: a JSONL record (`text`, chat `messages` rendered with the
+tokenizer's chat template, or `prompt` + `completion` — strings, or message lists — whose prompt
+tokens a gradient capture does not predict) or one non-blank line of a .txt file.
 """
 
 from __future__ import annotations
@@ -25,10 +26,17 @@ DATA_SUFFIXES = (".jsonl", ".txt")
 class Sample:
     content: str | list  # text, or a list of chat messages
     origin: str  # "file:line", for error messages
+    prompt: str | list | None = None  # the leading part that is context, not a target (prompt/completion records)
 
     @property
     def is_chat(self) -> bool:
         return isinstance(self.content, list)
+
+
+class Tokens(list):
+    """One sequence's token ids; the first `prompt` of them are context, not next-token targets."""
+
+    prompt = 0
 
 
 STDIN = "stdin"  # the source name of `--data -`, which is JSONL
@@ -120,7 +128,13 @@ def _parse_jsonl(line: str, where: str, text_field: str) -> Sample:
         return Sample(record[text_field], where)
     if isinstance(record.get("messages"), list):
         return Sample(record["messages"], where)
-    raise CntinitError(f"{where}: no string field '{text_field}' and no 'messages' list: pass --text-field NAME")
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str) or isinstance(prompt, list) and isinstance(completion, list):
+        return Sample(prompt + completion, where, prompt)
+    if prompt is not None and completion is not None:
+        raise CntinitError(f"{where}: 'prompt' and 'completion' must both be strings or both lists of chat messages")
+    raise CntinitError(f"{where}: no string field '{text_field}', no 'messages' list and no 'prompt' + 'completion' pair: "
+                       "pass --text-field NAME")
 
 
 def fingerprint(samples: list[Sample]) -> str:
@@ -128,23 +142,31 @@ def fingerprint(samples: list[Sample]) -> str:
     digest = hashlib.sha256()
     for sample in samples:
         digest.update(json.dumps(sample.content, ensure_ascii=False, sort_keys=True).encode())
+        if sample.prompt is not None:  # where the prompt ends changes what a gradient capture predicts
+            digest.update(json.dumps({"prompt": sample.prompt}, ensure_ascii=False, sort_keys=True).encode())
         digest.update(b"\n")
     return "sha256:" + digest.hexdigest()
 
 
-def tokenize(samples: list[Sample], tokenizer, seq_len: int, pack: bool = False) -> list[list[int]]:
+def tokenize(samples: list[Sample], tokenizer, seq_len: int, pack: bool = False) -> list[Tokens]:
     """Token ids per sequence: each sample alone, truncated to `seq_len` the tokenizer's own
     way (special tokens kept); or, with `pack`, all samples concatenated and cut into
     `seq_len` pieces (the last may be shorter)."""
     texts = [_text(sample, tokenizer) for sample in samples]
     special = [not sample.is_chat for sample in samples]  # a chat template writes its own special tokens
     if pack:
+        prompted = next((sample for sample in samples if sample.prompt is not None), None)
+        if prompted is not None:
+            raise CntinitError(f"{prompted.origin}: --pack would cut prompts and completions into one stream: leave out --pack")
         stream = [token for text, add in zip(texts, special) for token in _ids(tokenizer, text, add)]
-        return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
+        return [Tokens(stream[i : i + seq_len]) for i in range(0, len(stream), seq_len)]
     bound = _char_bound(tokenizer, seq_len)
     ids, long = [], 0
-    for text, add in zip(texts, special):
+    for sample, text, add in zip(samples, texts, special):
         seq, cut = _leading_ids(tokenizer, text, add, seq_len, bound)
+        seq = Tokens(seq)
+        if sample.prompt is not None:
+            seq.prompt = _prompt_length(seq, _ids(tokenizer, _text(sample, tokenizer, prompt=True), add))
         ids.append(seq)
         long += cut
     if long:
@@ -155,13 +177,21 @@ def tokenize(samples: list[Sample], tokenizer, seq_len: int, pack: bool = False)
     return [seq for seq in ids if seq]
 
 
-def _text(sample: Sample, tokenizer) -> str:
+def _prompt_length(seq: list[int], prompt: list[int]) -> int:
+    """How many leading tokens of `seq` are the prompt's: where the prompt's own tokens stop agreeing
+    with the whole text's (a token merged across the boundary, or an end token the tokenizer adds)."""
+    return next((i for i, (a, b) in enumerate(zip(seq, prompt)) if a != b), min(len(seq), len(prompt)))
+
+
+def _text(sample: Sample, tokenizer, prompt: bool = False) -> str:
+    """The sample's text (with `prompt`, its prompt's alone), chat messages rendered by the template."""
+    content = sample.prompt if prompt else sample.content
     if not sample.is_chat:
-        return sample.content
+        return content
     if not getattr(tokenizer, "chat_template", None):
         raise CntinitError(f"{sample.origin}: 'messages' needs a chat template, and this model's tokenizer has none: give 'text' instead")
     try:
-        return tokenizer.apply_chat_template(sample.content, tokenize=False)
+        return tokenizer.apply_chat_template(content, tokenize=False, add_generation_prompt=prompt)
     except Exception as exc:  # jinja errors name the bad message shape
         raise CntinitError(f"{sample.origin}: the chat template rejected these messages ({exc})") from None
 
@@ -206,8 +236,9 @@ def split_buckets(sequences: list[list[int]], buckets: int) -> list[list[list[in
     return [sequences[bounds[i] : bounds[i + 1]] for i in range(buckets)]
 
 
-def batches(sequences: list[list[int]], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Right-padded (input_ids, attention_mask) batches, longest first so padding stays small.
+def batches(sequences: list[list[int]], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Right-padded (input_ids, attention_mask, targets) batches, longest first so padding stays
+    small; `targets` marks the tokens after each prompt (None when no sequence has one).
 
     The order inside a bucket does not change the sums, only how much padding is computed.
     """
@@ -217,7 +248,11 @@ def batches(sequences: list[list[int]], batch_size: int, pad_id: int) -> Iterato
         width = len(chunk[0])
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        prompted = any(getattr(seq, "prompt", 0) for seq in chunk)
+        targets = torch.zeros((len(chunk), width), dtype=torch.bool) if prompted else None
         for row, seq in enumerate(chunk):
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        yield ids, mask
+            if targets is not None:
+                targets[row, getattr(seq, "prompt", 0) : len(seq)] = True
+        yield ids, mask, targets

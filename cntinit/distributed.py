@@ -63,8 +63,9 @@ def joined() -> Iterator[World]:
             dist.destroy_process_group()
 
 
-def add_across_ranks(world: World, stats: dict[str, InputStats], counters: list[int], last: bool = True) -> list[int]:
-    """Sum every statistic (in place) and the `counters` over all ranks; returns the summed counters.
+def add_across_ranks(world: World, stats: dict[str, InputStats], counters: list[int], grads=None, last: bool = True) -> list[int]:
+    """Sum every statistic and gradient sum (`grads`, a GradientSums; in place) and the `counters` over all
+    ranks; returns the summed counters.
     A meeting of the ranks: the capture's only one, or with `last=False` one of a layerwise
     capture's (one per block), after which failures still stop every rank."""
     import torch.distributed as dist
@@ -79,6 +80,20 @@ def add_across_ranks(world: World, stats: dict[str, InputStats], counters: list[
         counts = torch.tensor(entry.count, dtype=torch.int64, device=entry.sum.device)
         dist.all_reduce(counts)
         entry.count = counts.tolist()
+    if grads is not None:
+        for total in grads.sums.values():
+            dist.all_reduce(total)
+        loss = torch.tensor([grads.loss], dtype=torch.float64, device=next(iter(grads.sums.values())).device)
+        dist.all_reduce(loss)
+        grads.loss = float(loss)
+        grads.tokens, grads.batches, *counters = _summed([grads.tokens, grads.batches, *counters])
+        return counters
+    return _summed(counters)
+
+
+def _summed(counters: list[int]) -> list[int]:
+    import torch.distributed as dist
+
     if not counters:
         return []
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

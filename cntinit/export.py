@@ -54,6 +54,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
         raise not_one_of("--train-dtype", train_dtype, ("auto", *models.DTYPES))
     sol = solution.Solution(solve_dir)
     manifest = sol.manifest
+    alpha, rslora = _sized_for(manifest, alpha, rslora, fixed_alpha, format)
     _check_alpha(alpha, manifest["params"]["rank"])
     if not sol.modules:
         raise CntinitError(f"{solve_dir} gives every module rank 0: solve with a larger --budget or --min-rank 1")
@@ -130,6 +131,22 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
     return Path(out)
 
 
+def _sized_for(manifest: dict, alpha: float | None, rslora: bool, fixed_alpha: bool, format: str) -> tuple[float | None, bool]:
+    """(α, rsLoRA) to export with: for a gradient mode, the ones its factors were sized for (its B and A
+    are the method's own only at that LoRA scale); a different --alpha, --rslora or --fixed-alpha is refused."""
+    params = manifest["params"]
+    if manifest["mode"] not in modes.GRADIENT_MODES:
+        return alpha, rslora
+    sized, sized_rslora = params["alpha"], params["rslora"]
+    if (alpha is not None and alpha != sized) or (rslora and not sized_rslora) or fixed_alpha or format == "diffusers":
+        how = f"--alpha {sized:g}" + (" --rslora" if sized_rslora else "")
+        given = "diffusers' scale 1" if format == "diffusers" else "--fixed-alpha" if fixed_alpha else \
+            f"--alpha {alpha if alpha is not None else params['rank']:g}" + (" --rslora" if rslora else "")
+        raise CntinitError(f"{manifest['mode']}'s factors were sized for the LoRA scale of {how}, not {given}: export with {how} "
+                           "(the default), or solve again with the α you train with (solve --alpha)")
+    return sized, sized_rslora
+
+
 SCALE_RANGE = (1e-4, 1e4)  # α/r: the folded factors stay well inside half precision's range
 
 
@@ -163,17 +180,9 @@ def _check_format(format: str, pipeline: bool, alpha, rslora: bool, dora: bool, 
             raise CntinitError(f"{unsupported[0]} does not apply to --format {format}: {why}; leave it out")
 
 
-TASK_TYPES = {  # the model class's ending -> PEFT's task type, which picks the PeftModel subclass a trainer gets
-    "ForCausalLM": "CAUSAL_LM",
-    "LMHeadModel": "CAUSAL_LM",  # GPT-2's GPT2LMHeadModel
-    "ForSequenceClassification": "SEQ_CLS",
-    "ForTokenClassification": "TOKEN_CLS",
-    "ForQuestionAnswering": "QUESTION_ANS",
-    "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
-}
 
 
-TASK_TYPE_NAMES = tuple(dict.fromkeys([*TASK_TYPES.values(), "FEATURE_EXTRACTION"]))
+TASK_TYPE_NAMES = tuple(dict.fromkeys([*models.TASK_TYPES.values(), "FEATURE_EXTRACTION"]))
 
 
 def _task_type(requested: str, model: dict, prefix: str) -> str | None:
@@ -190,7 +199,7 @@ def _task_type(requested: str, model: dict, prefix: str) -> str | None:
     if prefix or model.get("kind") != "text":
         return None
     name = model["class"]
-    found = next((task for ending, task in TASK_TYPES.items() if name.endswith(ending)), None)
+    found = models.task_type(name)
     return found or ("FEATURE_EXTRACTION" if name.endswith("Model") else None)
 
 

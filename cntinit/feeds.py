@@ -18,7 +18,8 @@ from . import images, models, pipelines
 from .console import warn
 from .errors import CntinitError
 
-Batch = tuple[int, dict[str, torch.Tensor], "torch.Tensor | None"]  # (bucket, model inputs, padding mask or None)
+# (bucket, model inputs, padding mask or None, which tokens are next-token targets — None: every real one)
+Batch = tuple[int, dict[str, torch.Tensor], "torch.Tensor | None", "torch.Tensor | None"]
 
 
 @dataclass
@@ -76,8 +77,8 @@ def text(net, tokenizer, data, *, seq_len: int, batch_size: int, buckets: int, m
 
     def batches() -> Iterator[Batch]:
         for bucket, part in enumerate(parts):
-            for ids, mask in data_mod.batches(part, batch_size, pad_id):
-                yield bucket, {"input_ids": ids, "attention_mask": mask}, mask
+            for ids, mask, targets in data_mod.batches(part, batch_size, pad_id):
+                yield bucket, {"input_ids": ids, "attention_mask": mask}, mask, targets
 
     probe = torch.tensor([sequences[0][:8]])
     source = str(data) if str(data) == "-" else str(Path(data).absolute())
@@ -139,7 +140,7 @@ def _image_feed(pictures, data, batch_size: int, buckets: int, inputs, settings:
     def batches() -> Iterator[Batch]:
         for bucket, part in enumerate(parts):
             for start in range(part.start, part.stop, batch_size):
-                yield bucket, inputs(pictures[start : min(start + batch_size, part.stop)]), None
+                yield bucket, inputs(pictures[start : min(start + batch_size, part.stop)]), None, None
 
     return Feed(inputs(pictures[:1]), total, "img", batches,
                 {"fingerprint": images.fingerprint(pictures, data), "sources": [str(Path(data).absolute())],

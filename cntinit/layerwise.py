@@ -407,7 +407,7 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
         early = recorder(before, [g for g in outside_groups if g[0] in before]) if before and not resumed else None
         counter = early or recorder({}, [])
         with Blocks(blocks, form) as stubs, (early or contextlib.nullcontext()):
-            for bucket, raw, mask in feed.batches():
+            for bucket, raw, mask, _ in feed.batches():
                 size = next(iter(raw.values())).shape[0]
                 done += counter.begin(size, mask, bucket)
                 calls = stubs.run(root, inputs_of(raw))
@@ -466,7 +466,7 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
             with Blocks(blocks, form) as stubs:
                 groups = shared_input_groups(after, lambda: stubs.run(root, first_inputs, final=sample.hidden.to(s.dev)))
                 with recorder(after, groups) as late:
-                    for batch, (_, raw, _) in zip(batches, feed.batches()):
+                    for batch, (_, raw, _, _) in zip(batches, feed.batches()):
                         late.begin(batch.size, batch.mask, batch.bucket)
                         stubs.run(root, inputs_of(raw), final=batch.hidden.to(s.dev))
                 finish(late)

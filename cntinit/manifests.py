@@ -30,9 +30,11 @@ STORE = HEADER | {
     "data": {"fingerprint": str, "sources": [str], "samples": int, "sequences": int, "tokens": int, "merged_from?": [str]},
     "capture": {"targets": str, "seq_len": int, "batch_size": int, "max_samples": Maybe(int), "pack": bool, "buckets": int,
                 "dtype": str, "accumulate": str, "sample_max_norm": bool, "device": str, "shard": Maybe(str),
-                "image_size?": Maybe(int), "image_processor?": bool, "prompt?": Maybe(str), "noise_timestep?": Maybe(int), "seed?": int},
+                "image_size?": Maybe(int), "image_processor?": bool, "prompt?": Maybe(str), "noise_timestep?": Maybe(int), "seed?": int,
+                "gradients?": bool},
     "modules": Each({"key": str, "in_features": int, "out_features": int, "layer": str}),
     "stats": Each({"dim": int, "count": int, "modules": [str], "file": str}),
+    "gradients?": {"tokens": int, "batches": int, "mean_loss": float},
     "files": FILES,
 }
 SOLVE = HEADER | {
@@ -94,6 +96,8 @@ def store_problem(manifest: dict) -> str | None:
             return f"stats.{key} has dim {entry['dim']} and count {entry['count']}: a captured statistic has both above 0"
         if entry["file"] not in manifest["files"]:
             return f"stats.{key} names a payload outside the statistics store's files ({entry['file']})"
+    if "gradients" in manifest and min(manifest["gradients"]["tokens"], manifest["gradients"]["batches"]) < 1:
+        return "gradients.tokens and gradients.batches must be at least 1: a gradient capture sums at least one batch"
     for name, entry in manifest["modules"].items():
         stats = manifest["stats"].get(entry["key"])
         if stats is None:
@@ -111,7 +115,10 @@ def solve_problem(manifest: dict) -> str | None:
     found = problem(manifest, SOLVE)
     if found:
         return found
-    missing = [f.name for f in dataclasses.fields(Options) if f.name not in ("mode", "init") and f.name not in manifest["params"]]
+    from .solve import NEWER_OPTIONS
+
+    missing = [f.name for f in dataclasses.fields(Options)
+               if f.name not in ("mode", "init", *NEWER_OPTIONS) and f.name not in manifest["params"]]
     if missing:
         return f"params.{missing[0]} is missing"
     try:

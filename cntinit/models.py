@@ -27,6 +27,26 @@ ALL_LINEAR = "all-linear"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 
 
+TASK_TYPES = {  # the model class's ending -> PEFT's task type, which picks the PeftModel subclass a trainer gets
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",  # GPT-2's GPT2LMHeadModel
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+}
+
+
+def task_type(class_name: str) -> str | None:
+    """PEFT's task type for a model class, by its name's ending; None when the name does not say."""
+    return next((task for ending, task in TASK_TYPES.items() if class_name.endswith(ending)), None)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether the model predicts the next token (what a gradient capture's loss needs)."""
+    return task_type(type(model).__name__) == "CAUSAL_LM"
+
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # what `org/name` on the Hugging Face Hub looks like
 
 

@@ -14,9 +14,10 @@ MODES = ("cnt-x", "cnt-s", "cnt-sh")  # ConsNoTrainLoRA: need activation statist
 WEIGHT_MODES = ("pissa", "milora", "olora")  # baselines that split W itself
 INILORA_MODES = ("inilora", "inilora-alpha", "inilora-beta")  # fit (or draw) BA ≈ W
 DATA_BASELINES = ("eva", "corda")  # baselines that need activation statistics
-ALL_MODES = MODES + ("lora",) + WEIGHT_MODES + INILORA_MODES + DATA_BASELINES
-NEED_STATISTICS = MODES + DATA_BASELINES
-RESIDUAL_ONLY = WEIGHT_MODES + INILORA_MODES + ("corda",)  # BA is a piece of W: the base must be W − BA
+GRADIENT_MODES = ("lora-ga", "lora-one")  # need the loss gradient (capture --gradients)
+ALL_MODES = MODES + ("lora",) + WEIGHT_MODES + INILORA_MODES + DATA_BASELINES + GRADIENT_MODES
+NEED_STATISTICS = MODES + DATA_BASELINES + GRADIENT_MODES
+RESIDUAL_ONLY = WEIGHT_MODES + INILORA_MODES + ("corda", "lora-ga")  # the base must be W − BA (LoRA-GA: as PEFT leaves it)
 ZERO_B = ("lora", "eva")  # B = 0: the update is zero and A keeps its own scale (export folds nothing)
 SELF_FORMS = ("paper", "zca")
 DECOMPOSE = ("svd", "qr")
@@ -41,10 +42,10 @@ def eigen(sigma: torch.Tensor) -> Eigen:
     """Eigendecomposition with a deterministic order and sign (the paper's self form depends on both)."""
     values, vectors = torch.linalg.eigh(sigma)
     values, vectors = values.flip(-1), vectors.flip(-1)
-    return Eigen(values, vectors * _sign_of_largest(vectors, dim=-2).unsqueeze(-2))
+    return Eigen(values, vectors * sign_of_largest(vectors, dim=-2).unsqueeze(-2))
 
 
-def _sign_of_largest(vectors: torch.Tensor, dim: int) -> torch.Tensor:
+def sign_of_largest(vectors: torch.Tensor, dim: int) -> torch.Tensor:
     """±1 per vector: the sign of its largest-magnitude entry along `dim`."""
     index = vectors.abs().argmax(dim=dim, keepdim=True)
     sign = torch.sign(vectors.gather(dim, index)).squeeze(dim)
@@ -127,7 +128,7 @@ def split(delta: torch.Tensor, rank: int, decompose: str, p: float, minor: bool 
         values = s
         keep = slice(s.shape[-1] - rank, None) if minor else slice(None, rank)
         u, s, vh = u[..., keep], s[..., keep], vh[..., keep, :]
-        sign = _sign_of_largest(u, dim=-2)
+        sign = sign_of_largest(u, dim=-2)
         u, vh = u * sign.unsqueeze(-2), vh * sign.unsqueeze(-1)
         return u * s.pow(1 - p).unsqueeze(-2), s.pow(p).unsqueeze(-1) * vh, values
     q, r = torch.linalg.qr(delta, mode="reduced")

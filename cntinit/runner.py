@@ -25,7 +25,7 @@ from .capture import Interrupted, capture
 from .errors import CntinitError, not_one_of
 from .export import FORMATS, export
 from .solution import REPORT, Solution
-from .solve import Options, solve
+from .solve import NEWER_OPTIONS, Options, solve
 
 def _defaults(function, keys) -> dict:
     return {name: p.default for name, p in inspect.signature(function).parameters.items()
@@ -33,7 +33,8 @@ def _defaults(function, keys) -> dict:
 
 
 CAPTURE_DEFAULTS = _defaults(capture, recipe.CAPTURE)
-PLACEMENT = ("offload", "max_memory", "stats_device", "layerwise", "activations_device")  # how the work runs, not what it computes: not in cache keys
+PLACEMENT = ("offload", "max_memory", "stats_device", "layerwise", "activations_device", "gradient_checkpointing")  # how the work runs, not what it computes: not in cache keys
+ONLY_WHEN_ON = ("gradients",)  # options newer than the cache: in a key only when set, so older entries keep theirs
 EXPORT_DEFAULTS = _defaults(export, set(recipe.EXPORT) - {"check"})  # what an export manifest's "options" records
 
 
@@ -57,7 +58,7 @@ def cached_capture(model: str | Path, data: str | Path, *, targets: str | list[s
     calibration_data.must_exist(data)
     cache_dir = cache.ready(cache_dir)
     settings = CAPTURE_DEFAULTS | options
-    result_options = {k: v for k, v in settings.items() if k not in PLACEMENT}
+    result_options = {k: v for k, v in settings.items() if k not in PLACEMENT and not (k in ONLY_WHEN_ON and not v)}
     inputs = {"model": cache.tree_digest(model, cache_dir), "data": cache.tree_digest(data, cache_dir), "targets": _targets(targets),
               "device": str(models.resolve_device(device)), "options": _plain(result_options)}
     label = f"capture of {Path(model).name} over {Path(data).name}"
@@ -80,7 +81,8 @@ def cached_solve(capture_dir: str | Path | None, options: Options, *, model: str
         source = {"model": cache.tree_digest(models.must_exist(model), cache_dir), "targets": _targets(targets or models.ALL_LINEAR)}
     else:
         source = {}  # solve() itself explains what is missing
-    inputs = source | {"options": _plain(dataclasses.asdict(resolved)), "device": str(models.resolve_device(device))}
+    chosen = {k: v for k, v in dataclasses.asdict(resolved).items() if not (k in NEWER_OPTIONS and v is None)}  # older keys stay
+    inputs = source | {"options": _plain(chosen), "device": str(models.resolve_device(device))}
     label = f"{resolved.mode} rank {resolved.rank}" + (" (VAS)" if resolved.vas else "")
     return cache.obtain("solve", inputs, label, lambda out: solve(
         capture_dir, out, options, model=model, targets=targets, device=device, overwrite=True, trust_remote_code=trust_remote_code,

@@ -20,7 +20,7 @@ from rich.progress import Progress
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from . import baselines, console, distributed, inilora, models, modes, solution, store, vas
+from . import baselines, console, distributed, gradient_modes, inilora, models, modes, solution, store, vas
 from .atomic import atomic_directory
 from .console import log, progress
 from .errors import CntinitError, not_one_of
@@ -29,6 +29,9 @@ CHUNK_BYTES = 1 << 30
 SPECTRUM_LENGTH = 128  # leading singular values of each split kept in the report (for its plot)
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 INITS = ("offset", "residual")
+
+
+NEWER_OPTIONS = ("direction", "scale", "stable_gamma", "alpha", "rslora")  # None unless the mode uses them; older manifests lack them
 
 
 @dataclass
@@ -58,6 +61,16 @@ class Options:
     rho: float | None = None  # eva: a module may get up to round(rank × rho) (PEFT's default 2)
     corda_mode: str | None = None  # corda: ipm (principal) or kpm (minor)
     steps: int | None = None  # inilora*: exact Adam step count (default: inilora early-stops, alpha/beta draw only)
+    direction: str | None = None  # lora-ga: which singular vectors go to A and B (PEFT's default ArB2r)
+    scale: str | None = None  # lora-ga, lora-one: how B (and A) are sized (stable by default)
+    stable_gamma: float | None = None  # the stable scale's γ (lora-ga 16, lora-one 128)
+    alpha: float | None = None  # lora-ga, lora-one: the LoRA α the factors are sized for (default: the rank, scale 1)
+    rslora: bool | None = None  # lora-ga, lora-one: the scale is α/√r instead of α/r
+
+    @property
+    def lora_scale(self) -> float:
+        """s, by which the trainer multiplies BA: α/r, or α/√r with rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def resolved(self) -> "Options":
         """These options with the mode's defaults filled in, checked."""
@@ -65,7 +78,10 @@ class Options:
         if mode not in modes.ALL_MODES:
             raise not_one_of("--mode", mode, modes.ALL_MODES)
         specific = {"--niter": (self.niter, ("pissa",)), "--lora-init": (self.lora_init, ("lora",)), "--rho": (self.rho, ("eva",)),
-                    "--corda-mode": (self.corda_mode, ("corda",)), "--steps": (self.steps, modes.INILORA_MODES)}
+                    "--corda-mode": (self.corda_mode, ("corda",)), "--steps": (self.steps, modes.INILORA_MODES),
+                    "--direction": (self.direction, ("lora-ga",)), "--scale": (self.scale, modes.GRADIENT_MODES),
+                    "--stable-gamma": (self.stable_gamma, modes.GRADIENT_MODES), "--alpha": (self.alpha, modes.GRADIENT_MODES),
+                    "--rslora": (self.rslora or None, modes.GRADIENT_MODES)}
         for option, (value, owners) in specific.items():
             if value is not None and mode not in owners:
                 raise CntinitError(f"{option} applies to --mode {' or '.join(owners)}, not {mode}")
@@ -80,8 +96,9 @@ class Options:
             raise CntinitError(f"--mode {mode} moves part of W into the adapter, so its base must be W − BA: use --init residual (the default)")
         if mode in modes.ZERO_B and self.init == "residual":
             raise CntinitError(f"--mode {mode} starts with B = 0, so there is nothing to subtract from W: leave out --init")
-        if self.vas and mode in modes.ZERO_B + modes.INILORA_MODES:
-            hint = {"eva": "eva redistributes ranks itself (see --rho)", "lora": "B = 0 leaves no spectrum to allocate by"}.get(
+        if self.vas and mode in modes.ZERO_B + modes.INILORA_MODES + modes.GRADIENT_MODES:
+            hint = {"eva": "eva redistributes ranks itself (see --rho)", "lora": "B = 0 leaves no spectrum to allocate by",
+                    "lora-ga": "its factors are sized for one rank", "lora-one": "its factors are sized for one rank"}.get(
                 mode, "a fit of one rank cannot be cut to another; use pissa for the rank-r optimum")
             raise CntinitError(f"--vas does not apply to --mode {mode}: {hint}")
         options = replace(
@@ -92,6 +109,11 @@ class Options:
             rho=self.rho if self.rho is not None else (2.0 if mode == "eva" else None),
             corda_mode=self.corda_mode or ("ipm" if mode == "corda" else None),
         )
+        if mode in modes.GRADIENT_MODES:
+            options = replace(options, direction=self.direction or ("ArB2r" if mode == "lora-ga" else None),
+                              scale=self.scale or "stable", rslora=bool(self.rslora),
+                              stable_gamma=float(self.stable_gamma if self.stable_gamma is not None else gradient_modes.STABLE_GAMMA[mode]),
+                              alpha=float(self.alpha if self.alpha is not None else self.rank))
         options.check()
         return options
 
@@ -104,6 +126,10 @@ class Options:
             choices["--lora-init"] = (self.lora_init, baselines.LORA_INITS)
         if self.corda_mode is not None:
             choices["--corda-mode"] = (self.corda_mode, baselines.CORDA_MODES)
+        if self.direction is not None:
+            choices["--direction"] = (self.direction, gradient_modes.DIRECTIONS)
+        if self.scale is not None:
+            choices["--scale"] = (self.scale, gradient_modes.SCALES.get(self.mode, gradient_modes.SCALES["lora-ga"]))
         for option, (value, allowed) in choices.items():
             if value not in allowed:
                 raise not_one_of(option, value, allowed)
@@ -134,6 +160,10 @@ class Options:
                                    f"at least one above 0 (got {','.join(f'{w:g}' for w in self.bucket_weights)})")
         if self.steps is not None and self.steps < 0:
             raise CntinitError(f"--steps must be at least 0, got {self.steps}")
+        if self.stable_gamma is not None and not (math.isfinite(self.stable_gamma) and 0 < self.stable_gamma <= 1e12):
+            raise CntinitError(f"--stable-gamma must be a positive finite number (B and A shrink by √γ), got {self.stable_gamma}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and 0 < self.alpha <= 1e12):
+            raise CntinitError(f"--alpha must be a positive finite number (the trainer's lora_alpha), got {self.alpha}")
 
 
 class Batch(NamedTuple):
@@ -181,10 +211,14 @@ def _solve(world: distributed.World, capture_dir, out, options: Options, model, 
     for name, module in modules.items():
         d, k = models.in_out_features(module)
         max_ranks[name] = min(k, d, options.max_rank or k)
-    too_small = [name for name, module in modules.items() if min(models.in_out_features(module)) < options.rank]
+    needed = 2 * options.rank if options.mode == "lora-ga" else options.rank  # LoRA-GA picks r of 2r singular vectors
+    too_small = [name for name, module in modules.items() if min(models.in_out_features(module)) < needed]
     if too_small and not options.vas:
         smallest = min(models.in_out_features(modules[too_small[0]]))
         more = f" (and {len(too_small) - 1} more)" if len(too_small) > 1 else ""
+        if options.mode == "lora-ga":
+            raise CntinitError(f"--mode lora-ga at --rank {options.rank} picks from 2r = {needed} singular vectors, more than "
+                               f"min(in, out) = {smallest} of {too_small[0]}{more}: lower --rank to {smallest // 2} or less")
         raise CntinitError(f"--rank {options.rank} exceeds min(in, out) = {smallest} of {too_small[0]}{more}: lower --rank, "
                            "or use --vas, which caps each module at its own size")
     mine = _share(modules, stats, options, world)
@@ -194,8 +228,12 @@ def _solve(world: distributed.World, capture_dir, out, options: Options, model, 
     def batches(label: str) -> Iterator[tuple[Batch, Progress]]:
         with progress() as bar:
             task = bar.add_task(label, total=len(mine))
-            source = _deltas(stats, mine, options, bucket_weights, dev, dtype) if options.mode in modes.MODES else \
-                _weights(stats, mine, options, dev, dtype)
+            if options.mode in modes.MODES:
+                source = _deltas(stats, mine, options, bucket_weights, dev, dtype)
+            elif options.mode in modes.GRADIENT_MODES:
+                source = _gradients(stats, mine, options, dev, dtype)
+            else:
+                source = _weights(stats, mine, options, dev, dtype)
             for batch in source:
                 yield batch, bar
                 bar.update(task, advance=len(batch.names))
@@ -277,6 +315,8 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, world:
                 rows[name]["kept"] = None  # B = 0: no change wanted, none kept
             if steps is not None:
                 rows[name] |= _fit_errors(batch.weight[i], update, r) | {"steps": steps}
+            if options.mode in modes.GRADIENT_MODES:
+                rows[name]["kept"] = gradient_modes.share(values[i], r)  # of ‖G‖², in its rank-r subspace
             spectrum = singular_values.get(name, values[i] if values is not None else None)
             if spectrum is not None:
                 rows[name]["spectrum"] = [float(f"{v:.6g}") for v in spectrum[:SPECTRUM_LENGTH].tolist()]
@@ -291,6 +331,9 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
     if capture_dir is not None:
         stats = store.Store(capture_dir)
         captured = stats.manifest
+        if options.mode in modes.GRADIENT_MODES and not stats.has_gradients:
+            raise CntinitError(f"--mode {options.mode} needs loss gradients, and {capture_dir} holds activation statistics only: "
+                               "capture again with --gradients")
         names = list(captured["modules"]) if targets is None else models.select_names(list(captured["modules"]), targets, "captured module")
         model_path = Path(model) if model is not None else Path(captured["model"]["path"])
         _, _, modules = models.load_matching(model_path, list(captured["modules"]), captured["model"]["fingerprint"], trust_remote_code,
@@ -300,6 +343,8 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
             modules = {name: modules[name] for name in names}
             record["fingerprint"] = models.fingerprint(modules)
         return stats, modules, record, f"{model_path} and the statistics of {capture_dir}"
+    if options.mode in modes.GRADIENT_MODES:
+        raise CntinitError(f"--mode {options.mode} needs loss gradients: give the directory `cntinit capture --gradients` wrote")
     if options.mode in modes.NEED_STATISTICS:
         raise CntinitError(f"--mode {options.mode} needs activation statistics: give the directory `cntinit capture` wrote")
     if model is None:
@@ -398,6 +443,15 @@ def _weights(stats: store.Store | None, modules: dict, options: Options, dev: to
             yield Batch(group, w, delta, sigma, [0] * len(group), metric)
 
 
+def _gradients(stats: store.Store, modules: dict, options: Options, dev: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
+    """The mean loss gradient G (the stored sum over the K batches / K) as each batch's delta, with W
+    and the pooled Σ (for the report), in batches of equal shape."""
+    count = stats.manifest["gradients"]["batches"]
+    for batch in _weights(stats, modules, options, dev, dtype):
+        grad = torch.stack([stats.gradient(name) for name in batch.names]).to(dev, dtype) / count
+        yield batch._replace(delta=grad)
+
+
 def _factor(batch: Batch, top: int, options: Options, generators: list[torch.Generator], spread: float, bar: Progress):
     """(B, A, Adam steps run or None, singular values of the split or None) of rank `top` for one batch,
     random draws from each module's own generator; see METHODS.md for each mode."""
@@ -406,6 +460,13 @@ def _factor(batch: Batch, top: int, options: Options, generators: list[torch.Gen
     if options.mode == "lora":
         a = baselines.lora_a(top, d, options.lora_init, generators)
         return torch.zeros(count, k, top, device=dev, dtype=dtype), a.to(dev, dtype), None, None
+    if options.mode == "lora-ga":
+        b, a, values = gradient_modes.lora_ga(batch.delta, batch.weight, top, options.direction, options.scale, options.stable_gamma,
+                                              options.lora_scale, generators)
+        return b * options.lora_scale**0.5, a * options.lora_scale**0.5, None, values
+    if options.mode == "lora-one":
+        b, a, values = gradient_modes.lora_one(batch.delta, top, options.scale, options.stable_gamma, options.lora_scale)
+        return b * options.lora_scale**0.5, a * options.lora_scale**0.5, None, values
     if options.mode in modes.INILORA_MODES:
         b, a = inilora.start(k, d, top, options.mode, spread, generators)
         steps = options.steps if options.steps is not None else (None if options.mode == "inilora" else 0)
@@ -540,10 +601,17 @@ def _report(options: Options, rows: dict, ranks: dict, seconds: float, loaded: f
         "budget": options.budget,
         "total_rank": sum(ranks.values()),
         "modules_with_adapter": sum(1 for r in ranks.values() if r),
-        "kept": None if options.mode in modes.ZERO_B else update_sq / delta_sq if delta_sq > 0 else 1.0,  # B = 0 keeps nothing to measure
+        "kept": None if options.mode in modes.ZERO_B else _kept(options, rows, update_sq, delta_sq),
         "rcond": options.rcond,
         "floored_modules": sum(1 for r in rows.values() if r["floored"]),
         "solve_seconds": round(seconds, 3),
         "load_seconds": round(loaded, 3),
         "modules": rows,
     }
+
+
+def _kept(options: Options, rows: dict, update_sq: float, delta_sq: float) -> float:
+    """The share of the change wanted (‖ΔW‖², or for the gradient modes ‖G‖²) in what the adapters hold."""
+    if options.mode in modes.GRADIENT_MODES:
+        return sum(r["kept"] * r["delta_norm"] ** 2 for r in rows.values()) / delta_sq if delta_sq > 0 else 1.0
+    return update_sq / delta_sq if delta_sq > 0 else 1.0

@@ -3,7 +3,9 @@
     DIR/manifest.json             format, version, model, data, capture options, module map
     DIR/stats-00001.safetensors   for each key: <key>.xxt (d×d), <key>.sum (d), <key>.count ()
                                   and, when buckets K > 1, <key>.bucket_xxt (K×d×d),
-                                  <key>.bucket_sum (K×d), <key>.bucket_count (K)
+                                  <key>.bucket_sum (K×d), <key>.bucket_count (K);
+                                  with --gradients, <module>.grad (out×in) of every module
+                                  reading that key, in the same file
 
 All sums are raw (never divided), float32 or float64. The README documents the format.
 """
@@ -111,7 +113,8 @@ def file_entry(path: Path) -> dict:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def new_manifest(model: dict, data: dict, capture: dict, modules: dict, stats: dict) -> dict:
+def new_manifest(model: dict, data: dict, capture: dict, modules: dict, stats: dict, gradients: dict | None = None) -> dict:
+    """A store's manifest; `gradients` (token and batch counts, mean loss) only for a --gradients capture."""
     return {
         **header(FORMAT, FORMAT_VERSION),
         "model": model,
@@ -119,7 +122,7 @@ def new_manifest(model: dict, data: dict, capture: dict, modules: dict, stats: d
         "capture": capture,
         "modules": modules,
         "stats": stats,
-    }
+    } | ({"gradients": gradients} if gradients is not None else {})
 
 
 def read_manifest(path: str | Path, format: str = FORMAT) -> dict | None:
@@ -209,6 +212,28 @@ class Store:
     def buckets(self) -> int:
         return self.manifest["capture"]["buckets"]
 
+    @property
+    def has_gradients(self) -> bool:
+        return "gradients" in self.manifest
+
+    def gradient(self, name: str) -> torch.Tensor:
+        """Module `name`'s weight gradient summed over batches (out × in): divide by the manifest's
+        gradients.batches for the mean G."""
+        entry = self.manifest["modules"].get(name)
+        if entry is None or not self.has_gradients:
+            raise CntinitError(f"{self.path} holds no gradient of {name}: capture with --gradients")
+        file = self.path / self.manifest["stats"][entry["key"]]["file"]
+        with safe_open(file, framework="pt") as handle:
+            if f"{name}.grad" not in handle.keys():
+                raise CntinitError(f"{file} is corrupt: {name}.grad is missing: capture again")
+            grad = handle.get_tensor(f"{name}.grad")
+        if tuple(grad.shape) != (entry["out_features"], entry["in_features"]):
+            raise CntinitError(f"{file} is corrupt: {name}.grad has shape {tuple(grad.shape)}, not "
+                               f"{(entry['out_features'], entry['in_features'])}: capture again")
+        if not bool(torch.isfinite(grad).all()):
+            raise CntinitError(f"{file} holds NaN or Inf in the gradient of {name}: the statistics store is damaged, capture again")
+        return grad
+
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
         """The stored tensors of one key, under their short names (xxt, sum, count, bucket_*)."""
         entry = self.manifest["stats"].get(key)
@@ -216,7 +241,8 @@ class Store:
             raise CntinitError(f"{self.path} holds no statistics key {key}")
         prefix = key + "."
         with safe_open(self.path / entry["file"], framework="pt") as handle:
-            tensors = {name[len(prefix) :]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
+            tensors = {name[len(prefix) :]: handle.get_tensor(name) for name in handle.keys()
+                       if name.startswith(prefix) and name[len(prefix) :] != "grad"}  # a module's gradient is not its key's statistic
         dim, buckets = entry["dim"], self.buckets
         shapes = {"xxt": (dim, dim), "sum": (dim,), "count": ()}
         if buckets > 1:
@@ -309,6 +335,9 @@ def merge(directories: list[str | Path], out: str | Path, overwrite: bool = Fals
             raise CntinitError(f"{store.path} has {other['capture']['buckets']} buckets, {stores[0].path} has {first['capture']['buckets']}: use one --buckets")
         if other["capture"].get("sample_max_norm", False) != first["capture"].get("sample_max_norm", False):
             raise CntinitError(f"{store.path} and {stores[0].path} differ in --sample-max-norm: their sums measure different things; capture both alike")
+        if store.has_gradients != stores[0].has_gradients:
+            with_them = store if store.has_gradients else stores[0]
+            raise CntinitError(f"{with_them.path} holds gradients and the other stores do not: capture all with --gradients, or none")
         for option in ("seq_len", "pack", "dtype", "accumulate"):
             if other["capture"].get(option) != first["capture"].get(option):
                 warn(f"merging stores captured with different {option}: {first['capture'].get(option)} and {other['capture'].get(option)}")
@@ -320,6 +349,9 @@ def merge(directories: list[str | Path], out: str | Path, overwrite: bool = Fals
         parts = [s.tensors(key) for s in stores]
         summed = {name: sum(p[name] for p in parts) for name in parts[0]}
         tensors_by_key[key] = {f"{key}.{name}": t for name, t in summed.items()}
+        if stores[0].has_gradients:
+            for name in first["stats"][key]["modules"]:
+                tensors_by_key[key][f"{name}.grad"] = sum(s.gradient(name) for s in stores)
         stats[key] = dict(first["stats"][key], count=int(summed["count"]))
     digest = hashlib.sha256("\n".join(s.manifest["data"]["fingerprint"] for s in stores).encode()).hexdigest()
     data = {
@@ -335,7 +367,13 @@ def merge(directories: list[str | Path], out: str | Path, overwrite: bool = Fals
         data |= {"fingerprint": first["data"]["fingerprint"], "sources": first["data"]["sources"], "samples": first["data"]["samples"]}
         partial = ",".join(sorted(s.manifest["capture"]["shard"] for s in stores))
         capture = dict(capture, shard=None if shards == "complete" else partial)
-    manifest = new_manifest(first["model"], data, capture, first["modules"], stats)
+    gradients = None
+    if stores[0].has_gradients:
+        parts = [s.manifest["gradients"] for s in stores]
+        tokens = sum(p["tokens"] for p in parts)
+        gradients = {"tokens": tokens, "batches": sum(p["batches"] for p in parts),
+                     "mean_loss": sum(p["mean_loss"] * p["tokens"] for p in parts) / max(tokens, 1)}
+    manifest = new_manifest(first["model"], data, capture, first["modules"], stats, gradients)
     with atomic_directory(out) as tmp:
         write(tmp, manifest, tensors_by_key)
     return Path(out)

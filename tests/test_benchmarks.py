@@ -80,7 +80,8 @@ def test_gpu_run_dry_run_measures_every_step(tmp_path):
     assert 0 < early["steps"] <= 20000 and float(early["fit ÷ optimum"].split()[0]) < 1.05
 
     speed = {row["what"]: row for row in tables["speed"]}
-    assert len(speed) == 6 and "one capture + cnt-x, corda, eva vs PEFT corda + eva" in speed
+    assert len(speed) == 7 and "one capture + cnt-x, corda, eva vs PEFT corda + eva" in speed
+    assert "lora-ga: capture --gradients + solve vs PEFT" in speed  # the synthetic model is a causal LM
     for what, row in speed.items():
         ours, theirs = float(row["cntinit s"]), float(row["PEFT / plain s"])
         ratio = float(row["ratio"].split("×")[0])

@@ -131,9 +131,9 @@ def test_buckets_are_consecutive_and_batches_right_padded():
     assert data.split_buckets(seqs, 2) == [seqs[:2], seqs[2:]]
     with pytest.raises(CntinitError, match="--buckets 6 is more than the 5 sequences"):
         data.split_buckets(seqs, 6)
-    (ids, mask), (ids2, mask2), (ids3, _) = list(data.batches(seqs, 2, pad_id=9))
+    (ids, mask, targets), (ids2, mask2, _), (ids3, _, _) = list(data.batches(seqs, 2, pad_id=9))
     assert ids.tolist() == [[1] * 5, [1, 1, 1, 1, 9]] and mask.tolist() == [[1] * 5, [1, 1, 1, 1, 0]]
-    assert mask2.sum().item() == 4 and ids3.shape == (1, 1)
+    assert mask2.sum().item() == 4 and ids3.shape == (1, 1) and targets is None  # no prompts: every real token is a target
 
 
 def test_fingerprint_depends_on_content_only(tmp_path):

@@ -11,13 +11,14 @@ import sys
 import pytest
 import torch
 
-from cntinit import capture, distributed, solve
+from cntinit import capture, distributed, merge, solve
 from cntinit.solution import Solution
 from cntinit.store import Store
 
 
 def test_torchrun_capture_equals_one_process(tiny, calibration, tmp_path):
-    options = ["--targets", "q_proj,v_proj,down_proj", "--seq-len", "32", "--batch-size", "8", "--buckets", "2"]
+    """Statistics and (--gradients) loss gradients are summed across the processes."""
+    options = ["--targets", "q_proj,v_proj,down_proj", "--seq-len", "32", "--batch-size", "8", "--buckets", "2", "--gradients"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "-m", "cntinit", "capture", str(tiny["llama"]), "--data", str(calibration), *options,
@@ -27,8 +28,17 @@ def test_torchrun_capture_equals_one_process(tiny, calibration, tmp_path):
     assert result.stderr.count("capture ━") <= 1  # one progress bar: rank 0's
     two = Store(tmp_path / "two")
     one = Store(capture(tiny["llama"], calibration, tmp_path / "one", targets="q_proj,v_proj,down_proj", seq_len=32,
-                        batch_size=8, buckets=2))
+                        batch_size=8, buckets=2, gradients=True))
     assert two.manifest["data"] == one.manifest["data"] and two.manifest["capture"] == one.manifest["capture"]
+    assert two.manifest["gradients"]["tokens"] == one.manifest["gradients"]["tokens"]
+    assert two.manifest["gradients"]["mean_loss"] == pytest.approx(one.manifest["gradients"]["mean_loss"], rel=1e-6)
+    shards = [capture(tiny["llama"], calibration, tmp_path / f"shard{i}", targets="q_proj,v_proj,down_proj", seq_len=32, batch_size=8,
+                      buckets=2, gradients=True, shard=f"{i}/2") for i in range(2)]
+    merged = Store(merge(shards, tmp_path / "merged"))  # the ranks' batches are the shards': their gradient sums add up the same
+    assert two.manifest["gradients"] == merged.manifest["gradients"] | {"mean_loss": two.manifest["gradients"]["mean_loss"]}
+    for name in one.manifest["modules"]:
+        want = merged.gradient(name).double()
+        assert float((two.gradient(name).double() - want).norm() / want.norm()) < 1e-5, name
     for key in one.keys:
         want, got = one.tensors(key), two.tensors(key)
         for name in want:

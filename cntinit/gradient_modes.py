@@ -1,0 +1,77 @@
+"""The gradient inits, from the mean next-token-loss gradient G of each weight (METHODS.md):
+
+- LoRA-GA (arXiv 2407.05000) as PEFT's `lora_ga_init`: from the SVD G = U S Vᵀ, A takes r of
+  the first 2r right singular vectors and B = U S of r others (`direction`), B is rescaled
+  (`scale`), and the base becomes W − s·BA so the model starts where it was.
+- LoRA-One (arXiv 2502.01235) as its authors' code: from the SVD of −G, B = U_r √S_r / √s₁ and
+  A = √S_r V_rᵀ / √s₁, both divided by √γ (`stable`); the base stays W, so the model starts
+  one rank-r gradient step away: W − s/(γ s₁) · [G]_r.
+
+`factors` returns the adapter's own (B, A), the ones PEFT would hold; the solve stores them times
+√s, so that the stored B A is the weight change s·BA, and export divides by √s again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import modes
+
+DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")  # PEFT's LoraGAConfig.direction
+SCALES = {"lora-ga": ("stable", "weight_svd", "gd_scale", "unit"), "lora-one": ("stable", "gd_scale", "unit")}
+STABLE_GAMMA = {"lora-ga": 16.0, "lora-one": 128.0}  # PEFT's default; the LoRA-One authors' configuration
+
+
+def components(grad: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, every singular value, Vᵀ) of each matrix with its `count` leading triplets, signs fixed
+    (each u's largest entry positive) so the result does not depend on the device."""
+    u, s, vh = modes.leading_svd(grad, count)
+    sign = modes.sign_of_largest(u, dim=-2)
+    return u * sign.unsqueeze(-2), s, vh * sign.unsqueeze(-1)
+
+
+def lora_ga(grad: torch.Tensor, weight: torch.Tensor, rank: int, direction: str, scale: str, gamma: float, lora_scale: float,
+            generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, A, singular values of G) for a batch (n, k, d), as PEFT's `lora_ga_init`."""
+    u, s, vh = components(grad, 2 * rank)
+    count = grad.shape[0]
+    if direction == "random":
+        picks = torch.stack([torch.randperm(2 * rank, generator=g)[:rank] for g in generators]).to(grad.device)
+        a_rows = b_cols = picks
+    else:
+        first, second = torch.arange(rank, device=grad.device), torch.arange(rank, 2 * rank, device=grad.device)
+        a_rows, b_cols = {"ArB2r": (first, second), "A2rBr": (second, first),
+                          "ArBr": (2 * first + 1, 2 * first)}[direction]
+        a_rows, b_cols = a_rows.expand(count, rank), b_cols.expand(count, rank)
+    a = vh.gather(-2, a_rows.unsqueeze(-1).expand(-1, -1, vh.shape[-1]))
+    s_b = s.gather(-1, b_cols)
+    b = u.gather(-1, b_cols.unsqueeze(-2).expand(-1, u.shape[-2], -1)) * s_b.unsqueeze(-2)
+    if scale == "stable":
+        b = b * (grad.shape[-2] ** 0.25 / gamma**0.5)
+    elif scale == "weight_svd":
+        top = modes.singular_values(weight)[..., :1]
+        ratio = torch.where(s_b[..., :1] > 0, top / torch.where(s_b[..., :1] > 0, s_b[..., :1], torch.ones_like(top)), torch.ones_like(top))
+        b = b * ratio.unsqueeze(-1)
+    elif scale == "gd_scale":
+        a, b = a / lora_scale, b / lora_scale
+    return b, a, s
+
+
+def lora_one(grad: torch.Tensor, rank: int, scale: str, gamma: float, lora_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, A, singular values of G) for a batch (n, k, d), as the LoRA-One authors' `reinit_lora_modules`."""
+    u, s, vh = components(-grad, rank)
+    top = s[..., :1]
+    root = (s[..., :rank] / torch.where(top > 0, top, torch.ones_like(top))).sqrt()  # √(s_i / s₁): 0 for a zero gradient
+    b, a = u * root.unsqueeze(-2), root.unsqueeze(-1) * vh
+    if scale == "stable":
+        b, a = b / gamma**0.5, a / gamma**0.5
+    elif scale == "gd_scale":
+        b, a = b / lora_scale, a / lora_scale
+    return b, a, s
+
+
+def share(values: torch.Tensor, rank: int) -> float:
+    """The share of ‖G‖² in its leading rank-r subspace."""
+    energy = values.double().square()
+    total = float(energy.sum())
+    return float(energy[:rank].sum()) / total if total > 0 else 1.0

@@ -1,0 +1,293 @@
+"""Gradient capture (`capture --gradients`) and the gradient inits (lora-ga, lora-one): the summed
+gradient against plain backward, LoRA-GA against PEFT's own, LoRA-One against the paper's formulas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from cntinit import capture, export, merge, runner, solve
+from cntinit import data as data_mod
+from cntinit.solution import Solution
+from cntinit.store import Store
+
+from conftest import TEXTS, assert_refused, run
+from test_checkpoint import interrupt_at
+
+TARGETS = "q_proj,v_proj,down_proj"
+
+
+def _reference_batches(model_dir, texts: list[str], batch_size: int, names) -> tuple[dict, int]:
+    """METHODS.md's G times K, float64: over the batches the capture forms (right-padded, longest first),
+    plain `loss.backward()` of transformers' own mean loss with labels −100 on padding; and K."""
+    net = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    sequences = data_mod.tokenize([data_mod.Sample(t, "t") for t in texts], tokenizer, 512)
+    count = 0
+    for ids, mask, _ in data_mod.batches(sequences, batch_size, tokenizer.pad_token_id or 0):
+        net(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        count += 1
+    return {name: net.get_submodule(name).weight.grad for name in names}, count
+
+
+def _reference_prompted(model_dir, records: list[dict], names) -> tuple[dict, int]:
+    """Σ over samples (one per batch) of the mean loss gradient with labels −100 on the prompt: the
+    tokens the prompt alone tokenizes to, as long as they agree with the whole text's."""
+    net = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tokens = 0
+    for record in records:
+        ids = tokenizer(record["prompt"] + record["completion"], return_tensors="pt")["input_ids"]
+        alone = tokenizer(record["prompt"])["input_ids"]
+        agree = 0
+        while agree < min(len(alone), ids.shape[1]) and alone[agree] == ids[0, agree]:
+            agree += 1
+        labels = ids.clone()
+        labels[:, :agree] = -100
+        net(input_ids=ids, labels=labels).loss.backward()
+        tokens += int((labels[:, 1:] != -100).sum())
+    return {name: net.get_submodule(name).weight.grad for name in names}, tokens
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
+    return float((got.double() - expected).norm() / expected.norm()) < tolerance
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_gradients_equal_plain_backward_and_leave_the_statistics_as_they_were(tiny, tmp_path):
+    """Padded batches of 5, with and without --gradient-checkpointing: the stored sum is Σ over batches of
+    transformers' own mean-loss gradient (float64 reference), and the statistics equal a plain capture."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    plain = Store(capture(tiny["llama"], data, tmp_path / "plain", targets=TARGETS, batch_size=5))
+    reference, count = _reference_batches(tiny["llama"], TEXTS, 5, plain.manifest["modules"])
+    for checkpointing in (False, True):
+        store = Store(capture(tiny["llama"], data, tmp_path / f"g{checkpointing}", targets=TARGETS, batch_size=5, gradients=True,
+                             gradient_checkpointing=checkpointing, accumulate="float64"))
+        assert store.manifest["gradients"]["batches"] == count == 3 and store.manifest["capture"]["gradients"] is True
+        assert store.manifest["gradients"]["tokens"] == sum(len(t) - 1 for t in data_mod.tokenize(
+            [data_mod.Sample(t, "t") for t in TEXTS], transformers.AutoTokenizer.from_pretrained(tiny["llama"]), 512))
+        for name, expected in reference.items():
+            assert _close(store.gradient(name), expected, 1e-5), name
+        for key in plain.keys:
+            for part, value in plain.tensors(key).items():
+                torch.testing.assert_close(store.tensors(key)[part].float(), value.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_tokens_carry_no_label(tiny, tmp_path):
+    """prompt/completion records: only completion tokens are predicted; the prompt still feeds the statistics."""
+    records = [{"prompt": t[: len(t) // 2], "completion": t[len(t) // 2 :]} for t in TEXTS]
+    data = _jsonl(tmp_path / "pc.jsonl", records)
+    store = Store(capture(tiny["llama"], data, tmp_path / "g", targets="v_proj", batch_size=1, gradients=True, accumulate="float64"))
+    reference, tokens = _reference_prompted(tiny["llama"], records, store.manifest["modules"])
+    assert store.manifest["gradients"]["tokens"] == tokens and store.manifest["gradients"]["batches"] == len(records)
+    for name, expected in reference.items():
+        assert _close(store.gradient(name), expected, 1e-5), name
+    whole = Store(capture(tiny["llama"], _jsonl(tmp_path / "t.jsonl", [{"text": t} for t in TEXTS]), tmp_path / "w", targets="v_proj"))
+    assert whole.manifest["stats"][whole.keys[0]]["count"] == store.manifest["stats"][store.keys[0]]["count"]
+
+
+def test_prompt_length_of_chat_and_text_records(tiny):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny["llama"])
+    chat = data_mod.Sample([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "light"}], "x:1",
+                           [{"role": "user", "content": "hi"}])
+    text = data_mod.Sample("Let there be light.", "x:2", "Let there")
+    seq_chat, seq_text = data_mod.tokenize([chat, text], tokenizer, 64)
+    rendered = tokenizer.apply_chat_template(chat.prompt, tokenize=False, add_generation_prompt=True)
+    assert seq_chat.prompt == len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) < len(seq_chat)
+    assert seq_text.prompt == len(tokenizer("Let there")["input_ids"]) - 1  # the prompt's own [SEP] is not in the whole text
+    ids, mask, targets = next(data_mod.batches([seq_text], 1, 0))
+    assert targets[0].tolist() == [i >= seq_text.prompt for i in range(len(seq_text))]
+
+
+def test_shards_merge_into_one_gradient_capture(tiny, calibration, tmp_path):
+    """One sample per batch, so the shards' batches are the whole run's: the merge equals it."""
+    options = dict(targets="q_proj,v_proj", gradients=True, accumulate="float64", batch_size=1)
+    whole = Store(capture(tiny["llama"], calibration, tmp_path / "whole", **options))
+    parts = [capture(tiny["llama"], calibration, tmp_path / f"s{i}", shard=f"{i}/2", **options) for i in range(2)]
+    merged = Store(merge(parts, tmp_path / "merged"))
+    assert merged.manifest["gradients"]["batches"] == whole.manifest["gradients"]["batches"] == 80
+    assert merged.manifest["gradients"]["tokens"] == whole.manifest["gradients"]["tokens"]
+    assert merged.manifest["gradients"]["mean_loss"] == pytest.approx(whole.manifest["gradients"]["mean_loss"], rel=1e-9)
+    for name in whole.manifest["modules"]:
+        assert _close(merged.gradient(name), whole.gradient(name).double(), 1e-6), name
+    plain = capture(tiny["llama"], calibration, tmp_path / "plain", targets="q_proj,v_proj", shard="0/2")
+    with pytest.raises(Exception, match="holds gradients and the other stores do not"):
+        merge([parts[0], plain], tmp_path / "mixed")
+
+
+def test_an_interrupted_gradient_capture_resumes_to_the_same_sums(tiny, calibration, tmp_path, capsys, monkeypatch):
+    args = ["capture", tiny["llama"], "--data", calibration, "--targets", "q_proj,down_proj", "--seq-len", "32", "--batch-size", "8",
+            "--gradients", "--checkpoint-every", "2"]
+    stop_at = interrupt_at(monkeypatch, 5)
+    code, _, _ = run(capsys, *args, "-o", tmp_path / "resumed")
+    assert code == 130 and stop_at()
+    monkeypatch.undo()
+    code, _, err = run(capsys, *args, "-o", tmp_path / "resumed")
+    assert code == 0 and "resuming from the checkpoint" in err and "5 batches already summed" in err, err
+    assert run(capsys, *args, "-o", tmp_path / "whole")[0] == 0
+    resumed, whole = Store(tmp_path / "resumed"), Store(tmp_path / "whole")
+    assert resumed.manifest["gradients"] == whole.manifest["gradients"]
+    for name in whole.manifest["modules"]:
+        assert torch.equal(resumed.gradient(name), whole.gradient(name)), name
+
+
+def _exact_svd(m, q=None, niter=None):
+    """torch.svd_lowrank's (U, S, V) from a full SVD, each u's largest entry positive: PEFT's own LoRA-GA
+    with the randomized SVD (q = 4r < 64 here) replaced by the exact one it approximates."""
+    u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    sign = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+    return (u * sign).to(m.dtype), s.to(m.dtype), (vh.mT * sign).to(m.dtype)
+
+
+@pytest.mark.parametrize("direction,scale,alpha,rslora", [("ArB2r", "stable", 8.0, False), ("A2rBr", "weight_svd", 16.0, True),
+                                                          ("ArBr", "gd_scale", 8.0, False), ("ArB2r", "unit", 4.0, False)])
+def test_lora_ga_equals_peft(direction, scale, alpha, rslora, tiny, tmp_path, monkeypatch):
+    """PEFT's preprocess_loraga + get_peft_model on the same batches (one backward each, transformers'
+    mean loss): its lora_A, lora_B and residual base weights equal our export's; the exported adapter on
+    the exported base computes what PEFT's in-process model does."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny["llama"])
+    sequences = data_mod.tokenize([data_mod.Sample(t, "t") for t in TEXTS], tokenizer, 512)
+    batches = list(data_mod.batches(sequences, 5, tokenizer.pad_token_id or 0))
+    net = transformers.AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.float64)
+    config = peft.LoraConfig(r=4, lora_alpha=alpha, use_rslora=rslora, target_modules=TARGETS.split(","), init_lora_weights="lora_ga",
+                             lora_ga_config=peft.LoraGAConfig(direction=direction, scale=scale))
+
+    def train_step():
+        for ids, mask, _ in batches:
+            net(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    peft.preprocess_loraga(net, config, train_step)
+    ids, mask, _ = batches[0]
+    monkeypatch.setattr(torch, "svd_lowrank", _exact_svd)
+    theirs = peft.get_peft_model(net, config)
+    monkeypatch.undo()
+
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    store = capture(tiny["llama"], data, tmp_path / "g", targets=TARGETS, batch_size=5, gradients=True, accumulate="float64")
+    solved = solve(store, tmp_path / "ga", mode="lora-ga", rank=4, alpha=alpha, rslora=rslora or None, direction=direction, scale=scale)
+    exported = export(solved, tmp_path / "x", rslora=rslora, check=True)
+    ours = load_file(exported / "adapter_model.safetensors")
+    base = transformers.AutoModelForCausalLM.from_pretrained(exported / "base", dtype=torch.float64)
+    for name in Solution(solved).modules:
+        layer = theirs.base_model.model.get_submodule(name)
+        for part in ("A", "B"):
+            expected = getattr(layer, f"lora_{part}")["default"].weight.detach()
+            got = ours[f"base_model.model.{name}.lora_{part}.weight"].double()
+            assert float((got - expected).norm() / expected.norm()) < 1e-5, (name, part)
+        expected = layer.base_layer.weight.detach()
+        assert float((base.get_submodule(name).weight.detach() - expected).norm() / expected.norm()) < 1e-5, name
+    loaded = peft.PeftModel.from_pretrained(base, exported)
+    with torch.no_grad():
+        want, got = theirs(input_ids=ids, attention_mask=mask).logits, loaded(input_ids=ids, attention_mask=mask).logits
+    assert float((got - want).norm() / want.norm()) < 1e-6
+
+
+def test_lora_one_follows_the_paper(tiny, calibration, tmp_path):
+    """B = U_r √S_r / √s₁ / √γ, A = √S_r V_rᵀ / √s₁ / √γ from the SVD of −G (G the mean gradient), base
+    unchanged: the initial model is W − s/(γ s₁)·[G]_r (offset). Checked up to each component's sign."""
+    store = Store(capture(tiny["llama"], calibration, tmp_path / "g", targets="v_proj,up_proj", gradients=True, accumulate="float64"))
+    solved = Solution(solve(store.path, tmp_path / "one", mode="lora-one", rank=4, alpha=16.0, rslora=True))
+    assert solved.manifest["init"] == "offset" and solved.manifest["params"]["stable_gamma"] == 128.0
+    s = 16.0 / 4**0.5
+    exported = load_file(export(solved.path, tmp_path / "x") / "adapter_model.safetensors")  # α and rsLoRA: the solve's
+    for name, (b, a) in solved.factors().items():
+        grad = store.gradient(name).double() / store.manifest["gradients"]["batches"]
+        u, sv, vh = torch.linalg.svd(-grad)
+        root = (sv[:4] / sv[0]).sqrt() / 128.0**0.5
+        want_b, want_a = u[:, :4] * root, root[:, None] * vh[:4]
+        got_b = exported[f"base_model.model.{name}.lora_B.weight"].double()
+        got_a = exported[f"base_model.model.{name}.lora_A.weight"].double()
+        sign = torch.sign((got_b * want_b).sum(0))
+        torch.testing.assert_close(got_b, want_b * sign, rtol=0, atol=1e-6 * float(want_b.abs().max()))
+        torch.testing.assert_close(got_a, want_a * sign[:, None], rtol=0, atol=1e-6 * float(want_a.abs().max()))
+        step = s / (128.0 * sv[0]) * (u[:, :4] * sv[:4]) @ vh[:4]  # = −s/(γ s₁)·[G]_r: a gradient step
+        assert float((b.double() @ a.double() - step).norm() / step.norm()) < 1e-6
+        row = solved.report["modules"][name]
+        assert row["kept"] == pytest.approx(float(sv[:4].square().sum() / sv.square().sum()), rel=1e-6)
+        assert row["delta_norm"] == pytest.approx(float(grad.norm()), rel=1e-6)
+
+
+def test_gradient_refusals(tiny, captured, calibration, tmp_path, capsys):
+    assert_refused(capsys, ["capture", tiny["bert"], "--data", calibration, "--gradients"], "causal language model", tmp_path / "a")
+    assert_refused(capsys, ["capture", tiny["llama"], "--data", calibration, "--gradient-checkpointing"], "add --gradients", tmp_path / "b")
+    assert_refused(capsys, ["capture", tiny["llama"], "--data", calibration, "--gradients", "--layerwise"], "leave it out", tmp_path / "c")
+    assert_refused(capsys, ["capture", tiny["llama"], "--data", calibration, "--gradients", "--pack", "--data",
+                            _jsonl(tmp_path / "pc.jsonl", [{"prompt": "a", "completion": "b"}])], "leave out --pack", tmp_path / "d")
+    assert_refused(capsys, ["solve", captured["llama"], "--mode", "lora-ga"], "capture again with --gradients", tmp_path / "e")
+    assert_refused(capsys, ["solve", captured["llama"], "--mode", "cnt-s", "--direction", "ArBr"], "--direction applies to --mode lora-ga",
+                   tmp_path / "f")
+    store = capture(tiny["llama"], calibration, tmp_path / "g", targets="v_proj", gradients=True, max_samples=8)
+    capsys.readouterr()
+    assert_refused(capsys, ["solve", store, "--mode", "lora-ga", "--rank", "17", "-q"], "lower --rank to 16", tmp_path / "h")
+    assert_refused(capsys, ["solve", store, "--mode", "lora-one", "--scale", "weight_svd"], "--scale", tmp_path / "i")
+    assert_refused(capsys, ["solve", store, "--mode", "lora-ga", "--vas"], "sized for one rank", tmp_path / "j")
+    assert_refused(capsys, ["solve", store, "--mode", "lora-ga", "--stable-gamma", "nan"], "--stable-gamma", tmp_path / "k")
+    code, out, _ = run(capsys, "inspect", store)
+    assert code == 0 and "gradients  of every module, over 1 batches and" in out
+    solved = solve(store, tmp_path / "ga", mode="lora-ga", rank=4, alpha=8.0)
+    capsys.readouterr()
+    assert_refused(capsys, ["export", solved, "--alpha", "4"], "export with --alpha 8", tmp_path / "l")
+    assert_refused(capsys, ["export", solved, "--rslora"], "not --alpha 4 --rslora", tmp_path / "l")
+    code, out, _ = run(capsys, "export", solved, "-o", tmp_path / "m")
+    assert code == 0 and json.loads((tmp_path / "m" / "adapter_config.json").read_text())["lora_alpha"] == 8.0
+    broken = tmp_path / "broken"  # a NaN in the output head: the loss, and every gradient, is NaN
+    net = transformers.AutoModelForCausalLM.from_pretrained(tiny["llama"])
+    with torch.no_grad():
+        net.lm_head.weight[0, 0] = float("nan")
+    net.save_pretrained(broken)
+    transformers.AutoTokenizer.from_pretrained(tiny["llama"]).save_pretrained(broken)
+    assert_refused(capsys, ["capture", broken, "--data", calibration, "--targets", "v_proj", "--gradients", "-q"],
+                   "came out NaN or Inf", tmp_path / "n")
+
+
+def test_smollm2_gradients_equal_plain_backward(smollm2, tmp_path):
+    """Real weights (30 blocks, GQA, tied embeddings): targets in two blocks, padded batches; the
+    backward runs through every block above them."""
+    texts = TEXTS[:6]
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    targets = r"re:model\.layers\.(0|15)\.(self_attn\.q_proj|mlp\.down_proj)"
+    store = Store(capture(smollm2, data, tmp_path / "g", targets=targets, batch_size=3, gradients=True, accumulate="float64"))
+    assert len(store.manifest["modules"]) == 4
+    reference, count = _reference_batches(smollm2, texts, 3, store.manifest["modules"])
+    assert store.manifest["gradients"]["batches"] == count == 2
+    for name, expected in reference.items():
+        assert _close(store.gradient(name), expected, 1e-4), name
+
+
+def test_a_recipe_captures_gradients_once_for_every_mode(tiny, calibration, tmp_path, capsys, monkeypatch):
+    """One --gradients capture serves lora-ga, lora-one and cnt-s; exports take α from the gradient solves.
+    Older cache keys stay: `gradients` enters a capture key only when on, the gradient options a solve key only when set."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "model": str(tiny["llama"]), "targets": "q_proj,v_proj,down_proj", "out": str(tmp_path / "out"),
+        "capture": {"data": str(calibration), "seq_len": 32, "gradients": True},
+        "solves": [{"mode": "lora-ga", "rank": 4, "alpha": 8}, {"mode": "lora-one", "rank": 4, "alpha": 16, "rslora": True},
+                   {"mode": "cnt-s", "rank": 4}],
+        "exports": [{"format": "peft", "check": True}]}))
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("CNTINIT_CACHE", str(cache_dir))
+    code, stdout, err = run(capsys, "run", recipe, "--json", "-q")
+    assert code == 0, err
+    stages = {row["name"]: row for row in json.loads(stdout)["stages"]}
+    assert all(stages[f"{name}/peft"]["check"] < 1e-5 for name in ("lora-ga-r4", "lora-one-r4", "cnt-s-r4"))
+    configs = {name: json.loads((Path(stages[f"{name}/peft"]["path"]) / "adapter_config.json").read_text())
+               for name in ("lora-ga-r4", "lora-one-r4")}
+    assert (configs["lora-ga-r4"]["lora_alpha"], configs["lora-one-r4"]["lora_alpha"], configs["lora-one-r4"]["use_rslora"]) == (8, 16, True)
+    keys: dict[str, list] = {}
+    for made_of in sorted(cache_dir.glob("*/*.json")):
+        keys.setdefault(made_of.parent.name, []).append(json.loads(made_of.read_text())["inputs"]["options"])
+    assert [options["gradients"] for options in keys["captures"]] == [True]
+    plain = {options["mode"]: options for options in keys["solves"]}["cnt-s"]
+    assert not {"direction", "scale", "stable_gamma", "alpha", "rslora"} & set(plain)
+    runner.cached_capture(tiny["llama"], calibration, targets="v_proj", seq_len=32, cache_dir=cache_dir)
+    without = [json.loads(p.read_text())["inputs"]["options"] for p in cache_dir.glob("captures/*.json")]
+    assert sum("gradients" not in options for options in without) == 1
