@@ -259,7 +259,7 @@ def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
 @app.command(cls=_Command)
 def solve(
     capture_dir: Optional[Path] = typer.Argument(None, metavar="CAPTURE_DIR", help="A statistics store written by `cntinit capture` (data-free modes may give --model instead)."),
-    mode: str = typer.Option(..., "--mode", "-m", help="cnt-x (Cross: WΣ⁺), cnt-s (Self: WD^-1/2Pᵀ), cnt-sh (Shift: c((I−Σ)Wᵀ)⁺); from a capture also eva, corda; from a --gradients capture lora-ga, lora-one; data-free lora, pissa, milora, olora, inilora, inilora-alpha, inilora-beta."),
+    mode: str = typer.Option(..., "--mode", "-m", help="cnt-x (Cross: WΣ⁺), cnt-s (Self: WD^-1/2Pᵀ), cnt-sh (Shift: c((I−Σ)Wᵀ)⁺); from a capture also eva, corda; from a --gradients capture lora-ga, lora-one; data-free lora, pissa, milora, olora, inilora, inilora-alpha, inilora-beta, loftq (4-bit base)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Solve directory to write (default: the cache — $CNTINIT_CACHE — where a repeated solve is a hit that computes nothing)."),
     rank: int = typer.Option(16, "--rank", "-r", help="Adapter rank per module (the base rank with --vas)."),
     rcond: float = typer.Option(1e-4, "--rcond", help="Eigenvalue floor relative to the largest: below it, values count as zero (pseudo-inverse) or are clamped (inverse root)."),
@@ -285,6 +285,9 @@ def solve(
     stable_gamma: Optional[float] = typer.Option(None, "--stable-gamma", help="lora-ga, lora-one: γ of --scale stable (default 16 for lora-ga as PEFT, 128 for lora-one as its authors)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="lora-ga, lora-one: the lora_alpha you will train with (default: --rank, scale 1); B and A are sized for it, and export uses it."),
     rslora: bool = _flag("--rslora", help="lora-ga, lora-one: the trainer's scale is α/√r (rsLoRA)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4: for a QLoRA trainer (load_in_4bit), ship the base as NF4(W − BA) — exactly what bitsandbytes loads — instead of W − BA (residual inits; QPiSSA with pissa). The report adds the quantization error next to plain QLoRA's."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="loftq: bits of the quantized base (4: NF4, PEFT's LoftQConfig default and the only one offered)."),
+    loftq_iter: Optional[int] = typer.Option(None, "--loftq-iter", help="loftq: alternations of quantizing W − BA and refitting BA to W − Q (default 1, as PEFT)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random draws (lora, pissa --niter, inilora*, lora-ga --direction random)."),
     model: Optional[Path] = typer.Option(None, "--model", help="Read the weights from here instead of the path the capture recorded (they must be the same weights); without a capture, the model to solve."),
     targets: Optional[str] = typer.Option(None, "--targets", "-t", help="Which modules to solve: module-name suffixes (q_proj,v_proj) or re:PATTERN; from a capture, a subset of the captured modules (default: all of them); without one, all-linear by default."),
@@ -314,6 +317,8 @@ def solve(
 
       cntinit solve stats-grad/ --mode lora-ga --rank 8 --alpha 16 --out init-ga/   # from capture --gradients
 
+      cntinit solve --model ./Llama-3.2-1B --mode loftq --targets all-linear --rank 16 --out init-loftq/   # for a 4-bit QLoRA trainer
+
       cntinit solve --model ./Llama-3.2-1B --mode inilora --targets q_proj,v_proj --rank 8 --out init-ini/
     """
     from . import plots, runner
@@ -327,6 +332,7 @@ def solve(
         split_p=split_p, init=init, vas=vas, budget=budget, min_rank=min_rank, max_rank=max_rank, precision=precision,
         seed=seed, niter=niter, lora_init=lora_init, rho=rho, corda_mode=corda_mode, steps=steps,
         direction=direction, scale=scale, stable_gamma=stable_gamma, alpha=alpha, rslora=rslora or None,
+        quantize=quantize, bits=bits, loftq_iter=loftq_iter,
     )
     _torchrun_needs_out(out)
     if out is None:
@@ -375,12 +381,15 @@ def print_report(report: dict, out: Console) -> None:
         notes.append("floored = eigenvalues under rcond·λmax")
     if fitted:
         notes.append("fit ÷ opt = ‖W − BA‖ / ‖W − W_r‖ (Eckart–Young optimum)")
+    quantized = "quant_error" in next(iter(rows.values()))
+    if quantized:
+        notes.append("W−Q−BA = ‖W − Q − BA‖/‖W‖ with Q the NF4 base; W−Q(W) = plain QLoRA's ‖W − NF4(W)‖/‖W‖")
     if grouped:
         notes.append(f"per module kind: rank range, medians over layers{', floored max' if floors else ''}; per module in report.json")
     title = f"{report['mode']} · {report['init']} init" + (f" · rcond {report['rcond']:g}" if floors else "")
     table = Table(title=title, box=box.SIMPLE_HEAD)
     table.add_column("module kind" if grouped else f"module ({shared}…)" if shared else "module", overflow="fold", min_width=22)
-    for header in ("rank", "‖ΔW‖", "‖BA‖/‖W‖", "kept", "out Δ", *([last] if last else [])):
+    for header in ("rank", "‖ΔW‖", "‖BA‖/‖W‖", "kept", "out Δ", *([last] if last else []), *(("W−Q−BA", "W−Q(W)") if quantized else ())):
         table.add_column(header, justify="right", no_wrap=True)
     typical = statistics.median if grouped else max  # max of one value is the value
     for label, members in groups.items():
@@ -395,6 +404,8 @@ def print_report(report: dict, out: Console) -> None:
         ]
         if last:
             cells.append(f"{typical(_fit_ratio(m) for m in members):.4f}" if fitted else f"{max(m['floored'] for m in members)}")
+        if quantized:
+            cells += [f"{typical(m['quant_error'] for m in members):.4f}", f"{typical(m['qlora_error'] for m in members):.4f}"]
         table.add_row(*cells)
     out.print(table)
     out.print(" · ".join(notes), style="dim", highlight=False)  # not a caption: that would wrap at the table's width

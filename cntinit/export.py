@@ -23,7 +23,7 @@ import peft
 import torch
 from safetensors.torch import save_file
 
-from . import models, modes, pipelines, solution, store
+from . import models, modes, pipelines, quant, solution, store
 from .atomic import atomic_directory
 from .console import log, warn
 from .errors import CntinitError, not_one_of
@@ -60,6 +60,10 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
         raise CntinitError(f"{solve_dir} gives every module rank 0: solve with a larger --budget or --min-rank 1")
     pipeline = manifest["model"].get("class") == pipelines.DiffusionParts.__name__
     _check_format(format, pipeline, alpha, rslora, dora, fixed_alpha, module_prefix, task_type)
+    quantized = manifest["params"].get("quantize") is not None
+    if quantized and format != "peft":
+        raise CntinitError(f"this solve's base is 4-bit NF4 for a QLoRA trainer (bitsandbytes, transformers models); --format {format} "
+                           "carries no base: export --format peft")
     prefix = module_prefix.strip(".") + "." if module_prefix.strip(".") else ""
     peft_task = _task_type(task_type, manifest["model"], prefix) if format == "peft" else None
     store.check_out(out, manifest["model"]["fingerprint"], overwrite, FORMAT, "an export")
@@ -70,6 +74,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
     net, tokenizer = _load_solved_model(manifest, model, trust_remote_code) if (dora or writes_base) else (None, None)
     weights = dict(net.named_modules()) if net is not None else {}
     factors = sol.factors()
+    bases = _quantized_values(sol, weights) if quantized else {}
 
     zero_b = manifest["mode"] in modes.ZERO_B  # BA = 0 for any scale: A is written as drawn (its scale is the method's)
     tensors, ranks, alphas = {}, {}, {}
@@ -90,7 +95,8 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
             tensors |= {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
         if dora:
             w = models.weight_matrix(weights[name]).detach().to(torch.float64)
-            combined = w if residual else w + b.double() @ a.double() * scale
+            combined = bases[name].double() + b.double() @ a.double() * scale if quantized else w if residual else \
+                w + b.double() @ a.double() * scale
             tensors[f"{key}.lora_magnitude_vector"] = combined.norm(dim=1).to(torch.float32)
         ranks[prefix + name], alphas[prefix + name] = rank, module_alpha
 
@@ -110,7 +116,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
             save_file(tensors, tmp / DIFFUSERS_FILE, metadata={"format": "pt"})
         if writes_base:
             trained_in = net.dtype if train_dtype == "auto" else models.DTYPES[train_dtype]
-            _write_residual_base(net, tokenizer, factors, sol.modules, tmp / BASE_DIR, manifest["model"]["path"], trained_in)
+            _write_residual_base(net, tokenizer, factors, sol.modules, tmp / BASE_DIR, manifest["model"]["path"], trained_in, bases)
         record = {
             **store.header(FORMAT, FORMAT_VERSION),
             "adapter_format": format,
@@ -122,12 +128,15 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
             "alpha": alpha, "rslora": rslora, "dora": dora, "fixed_alpha": fixed_alpha, "module_prefix": prefix,
             "options": options,
             "residual_base": BASE_DIR if writes_base else None,
+            "quantized": manifest["params"].get("quantize"),
         }
         (tmp / store.MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
         if check:  # before the swap: a failed check leaves what `out` held
             record["check"] = {"max_relative_error": verify(tmp, solve_dir, model, trust_remote_code, shown=Path(out))}
             (tmp / store.MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
-    log(f"wrote a {format} adapter for {len(ranks)} modules to {out} ({manifest['init']} init: " + _how_to_load(format, residual, Path(out)) + ")")
+    how = (f"load {Path(out) / BASE_DIR} in 4-bit — BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4') — as the base "
+           "model; it quantizes to exactly the NF4 base the adapter was fitted to") if quantized else _how_to_load(format, residual, Path(out))
+    log(f"wrote a {format} adapter for {len(ranks)} modules to {out} ({manifest['init']} init: {how})")
     return Path(out)
 
 
@@ -271,15 +280,31 @@ def _load_solved_model(manifest: dict, model: str | Path | None, trust_remote_co
     return net, tokenizer
 
 
-def _write_residual_base(net, tokenizer, factors: dict, modules: dict, directory: Path, source: str, trained_in: torch.dtype) -> None:
+def _quantized_values(sol: solution.Solution, weights: dict) -> dict[str, torch.Tensor]:
+    """module -> the dequantized NF4 base (out × in, the weight's dtype) the solve fitted to."""
+    stored = {name: tuple(weights[name].weight.shape) for name in sol.modules}
+    values = {}
+    for name, base in sol.quantized_bases(stored).items():
+        matrix = quant.dequantize(base).to(weights[name].weight.dtype)
+        values[name] = matrix.T if sol.manifest["modules"][name]["fan_in_fan_out"] else matrix
+    return values
+
+
+def _write_residual_base(net, tokenizer, factors: dict, modules: dict, directory: Path, source: str, trained_in: torch.dtype,
+                         bases: dict[str, torch.Tensor]) -> None:
     """The pretrained model with W − B@A in every adapted module (computed in float64, stored in the
-    model's dtype), warning when rounding it to the dtype training runs in moves the initial model
-    (base + B@A) off the pretrained one — beyond what rounding the pretrained weights costs."""
+    model's dtype) — or, for a quantized solve, the dequantized NF4 base it fitted to, which a 4-bit
+    loader quantizes back to the same codes — warning when rounding W − B@A to the dtype training
+    runs in moves the initial model (base + B@A) off the pretrained one, beyond what rounding the
+    pretrained weights costs."""
     named = dict(net.named_modules())
     worst, where = 0.0, ""
     with torch.no_grad():
         for name, (b, a) in factors.items():
             weight = named[name].weight
+            if name in bases:
+                weight.copy_(bases[name].T if modules[name]["fan_in_fan_out"] else bases[name])
+                continue
             update = b.double() @ a.double()
             if modules[name]["fan_in_fan_out"]:
                 update = update.T
@@ -319,15 +344,38 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations PEFT triggers, not ours to fix
         wrapped = peft.PeftModel.from_pretrained(base, str(out))
-    return _worst_error(dict(wrapped.base_model.model.named_modules()), dict(pretrained.named_modules()), sol.factors(),
-                        bool(exported["residual_base"]))
+    original = dict(pretrained.named_modules())
+    bases = _quantized_values(sol, original) if sol.manifest["params"].get("quantize") else {}
+    if bases:
+        _requantizes(Path(base_path), sol, original)
+    return _worst_error(dict(wrapped.base_model.model.named_modules()), original, sol.factors(), bool(exported["residual_base"]), bases)
 
 
-def _worst_error(adapted: dict, original: dict, factors: dict, residual: bool) -> float:
+def _requantizes(base_dir: Path, sol: solution.Solution, original: dict) -> None:
+    """bitsandbytes — the quantizer of a 4-bit trainer — turns the written base back into the solve's
+    NF4 codes and block maxima, bit for bit."""
+    try:
+        import bitsandbytes.functional as bnb
+    except ImportError:
+        raise CntinitError("checking a 4-bit base quantizes it again with bitsandbytes, the trainer's quantizer: "
+                           "pip install 'cntinit[quant]' (or export without --check)") from None
+    written, _ = models.load(base_dir)
+    named = dict(written.named_modules())
+    for name, base in sol.quantized_bases({n: tuple(original[n].weight.shape) for n in sol.modules}).items():
+        packed, state = bnb.quantize_4bit(named[name].weight.detach(), blocksize=quant.BLOCKSIZE, quant_type="nf4",
+                                          compress_statistics=False)
+        if not (torch.equal(packed.reshape(-1), quant.pack(base.codes)) and torch.equal(state.absmax, base.absmax)):
+            raise CntinitError(f"bitsandbytes quantizes the written base of {name} to other NF4 codes than the solve fitted to: "
+                               "export again from an intact solve directory")
+
+
+def _worst_error(adapted: dict, original: dict, factors: dict, residual: bool, bases: dict | None = None) -> float:
     """Largest relative difference, over the adapted modules, between a loaded module's output and
     (W + B@A) x — for a residual export, (W − B@A rounded to the base's dtype) x + B@A x, the
-    initial model those files can hold — on random inputs, computed in float32 (a bfloat16 model
-    computing in bfloat16 would differ by its own rounding, 1e-3, whatever the files hold)."""
+    initial model those files can hold; for a quantized one (Q + B@A) x with Q the NF4 base (`bases`) —
+    on random inputs, computed in float32 (a bfloat16 model computing in bfloat16 would differ by
+    its own rounding, 1e-3, whatever the files hold)."""
+    bases = bases or {}
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     with torch.no_grad():
@@ -338,7 +386,8 @@ def _worst_error(adapted: dict, original: dict, factors: dict, residual: bool) -
             update = b.double() @ a.double()
             x = torch.randn(4, w.shape[1], generator=generator, dtype=torch.float64).float()
             bias = original[name].bias.double() if original[name].bias is not None else 0.0
-            initial = (w - update).to(stored).double() + update if residual else w + update
+            initial = bases[name].double() + update if name in bases else (w - update).to(stored).double() + update if residual \
+                else w + update
             want = x.double() @ initial.T + bias
             got = module.float()(x).double()
             error = float((got - want).norm() / want.norm().clamp(min=1e-30))
@@ -386,5 +435,6 @@ def verify(out: str | Path, solve_dir: str | Path, model: str | Path | None = No
         raise CntinitError(f"the adapter loaded from {shown} differs from the initial layers by {error:.2e} (relative), above "
                            f"{CHECK_TOLERANCE:g}; see the warnings above")
     log(f"check: {'PEFT' if peft_format else 'diffusers'} loads {shown}; every adapted module computes the initial layer "
-        f"(W + BA; for a residual init, the written base + BA) to {error:.1e} (relative)")
+        f"(W + BA; for a residual init, the written base + BA) to {error:.1e} (relative)"
+        + ("; bitsandbytes quantizes the base to the solve's NF4 codes and block maxima" if exported.get("quantized") else ""))
     return error

@@ -15,9 +15,10 @@ WEIGHT_MODES = ("pissa", "milora", "olora")  # baselines that split W itself
 INILORA_MODES = ("inilora", "inilora-alpha", "inilora-beta")  # fit (or draw) BA ≈ W
 DATA_BASELINES = ("eva", "corda")  # baselines that need activation statistics
 GRADIENT_MODES = ("lora-ga", "lora-one")  # need the loss gradient (capture --gradients)
-ALL_MODES = MODES + ("lora",) + WEIGHT_MODES + INILORA_MODES + DATA_BASELINES + GRADIENT_MODES
+QUANTIZED_MODES = ("loftq",)  # fit BA to W − Q for a 4-bit base Q (data-free)
+ALL_MODES = MODES + ("lora",) + WEIGHT_MODES + INILORA_MODES + DATA_BASELINES + GRADIENT_MODES + QUANTIZED_MODES
 NEED_STATISTICS = MODES + DATA_BASELINES + GRADIENT_MODES
-RESIDUAL_ONLY = WEIGHT_MODES + INILORA_MODES + ("corda", "lora-ga")  # the base must be W − BA (LoRA-GA: as PEFT leaves it)
+RESIDUAL_ONLY = WEIGHT_MODES + INILORA_MODES + ("corda", "lora-ga", "loftq")  # the base must be W − BA (LoRA-GA: as PEFT leaves it; LoftQ: Q)
 ZERO_B = ("lora", "eva")  # B = 0: the update is zero and A keeps its own scale (export folds nothing)
 SELF_FORMS = ("paper", "zca")
 DECOMPOSE = ("svd", "qr")

@@ -3,7 +3,9 @@
     DIR/manifest.json        format, version, mode, every parameter, init semantics, the capture
                              and model it came from, and per module: rank, shapes, statistics key
     DIR/adapter.safetensors  <module>.A (r×d) and <module>.B (k×r), float32, such that the
-                             intended weight update is exactly B @ A (no LoRA scale folded in)
+                             intended weight update is exactly B @ A (no LoRA scale folded in);
+                             with --quantize nf4 (and loftq) also the base's NF4 codes, two per
+                             byte (<module>.nf4) and block maxima (<module>.absmax, float32)
     DIR/report.json          per-module and total diagnostics of the solve
 
 A module with rank 0 has no tensors. The README documents the format.
@@ -18,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import manifests
+from . import manifests, quant
 from .errors import CntinitError
 from .store import MANIFEST, file_entry, header, open_manifest
 
@@ -32,12 +34,15 @@ def new_manifest(**fields) -> dict:
     return {**header(FORMAT, FORMAT_VERSION), **fields}
 
 
-def write(directory: Path, manifest: dict, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], report: dict) -> None:
-    """Write tensors, report and manifest into `directory` (already a temporary one)."""
+def write(directory: Path, manifest: dict, factors: dict[str, tuple[torch.Tensor, ...]], report: dict) -> None:
+    """Write tensors, report and manifest into `directory` (already a temporary one). `factors` are
+    (B, A), or (B, A, packed NF4 codes, block maxima) of a quantized base."""
     tensors = {}
-    for name, (b, a) in factors.items():  # clone: modules that read one input may hold views of one tensor (eva)
+    for name, (b, a, *base) in factors.items():  # clone: modules that read one input may hold views of one tensor (eva)
         tensors[f"{name}.A"] = a.to(torch.float32).clone(memory_format=torch.contiguous_format)
         tensors[f"{name}.B"] = b.to(torch.float32).clone(memory_format=torch.contiguous_format)
+        if base:
+            tensors[f"{name}.nf4"], tensors[f"{name}.absmax"] = base[0].contiguous(), base[1].to(torch.float32).contiguous()
     save_file(tensors, directory / ADAPTER, metadata={"format": "pt"})
     (directory / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     manifest["files"] = {name: file_entry(directory / name) for name in (ADAPTER, REPORT)}
@@ -73,3 +78,25 @@ class Solution:
                         raise CntinitError(f"{self.path / ADAPTER} is corrupt: {name}.{part} is missing or not of shape {shape}: solve again")
                 factors[name] = (handle.get_tensor(f"{name}.B"), handle.get_tensor(f"{name}.A"))
         return factors
+
+    def quantized_bases(self, stored_shapes: dict[str, tuple[int, int]]) -> dict[str, quant.Quantized]:
+        """module -> the NF4 base the solve fitted to (empty unless --quantize/loftq), each of the
+        weight's stored shape (`stored_shapes`: Conv1D's is in × out)."""
+        if self.manifest["params"].get("quantize") is None:
+            return {}
+        bases = {}
+        with safe_open(self.path / ADAPTER, framework="pt") as handle:
+            present = set(handle.keys())
+            for name in self.modules:
+                shape = stored_shapes[name]
+                count = shape[0] * shape[1]
+                want = {"nf4": ((count + 1) // 2,), "absmax": (-(-count // quant.BLOCKSIZE),)}
+                for part, size in want.items():
+                    if f"{name}.{part}" not in present or tuple(handle.get_slice(f"{name}.{part}").get_shape()) != size:
+                        raise CntinitError(f"{self.path / ADAPTER} is corrupt: {name}.{part} is missing or not of shape {size}: solve again")
+                codes = quant.unpack(handle.get_tensor(f"{name}.nf4"), count)
+                absmax = handle.get_tensor(f"{name}.absmax")
+                if not bool((torch.isfinite(absmax) & (absmax >= 0)).all()):
+                    raise CntinitError(f"{self.path / ADAPTER} is corrupt: the NF4 base of {name} has invalid values: solve again")
+                bases[name] = quant.Quantized(codes, absmax, shape)
+        return bases

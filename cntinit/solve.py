@@ -20,7 +20,7 @@ from rich.progress import Progress
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from . import baselines, console, distributed, gradient_modes, inilora, models, modes, solution, store, vas
+from . import baselines, console, distributed, gradient_modes, inilora, models, modes, quant, solution, store, vas
 from .atomic import atomic_directory
 from .console import log, progress
 from .errors import CntinitError, not_one_of
@@ -31,7 +31,8 @@ PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 INITS = ("offset", "residual")
 
 
-NEWER_OPTIONS = ("direction", "scale", "stable_gamma", "alpha", "rslora")  # None unless the mode uses them; older manifests lack them
+NEWER_OPTIONS = ("direction", "scale", "stable_gamma", "alpha", "rslora", "quantize", "bits", "loftq_iter")  # None unless used; older manifests lack them
+QUANTIZE = ("nf4",)
 
 
 @dataclass
@@ -66,6 +67,9 @@ class Options:
     stable_gamma: float | None = None  # the stable scale's γ (lora-ga 16, lora-one 128)
     alpha: float | None = None  # lora-ga, lora-one: the LoRA α the factors are sized for (default: the rank, scale 1)
     rslora: bool | None = None  # lora-ga, lora-one: the scale is α/√r instead of α/r
+    quantize: str | None = None  # nf4: the shipped base is NF4(W − BA), as a 4-bit trainer loads it (loftq: always)
+    bits: int | None = None  # loftq: 4 (PEFT's LoftQConfig default; NF4)
+    loftq_iter: int | None = None  # loftq: alternations of quantizing and the rank-r SVD (PEFT's default 1)
 
     @property
     def lora_scale(self) -> float:
@@ -81,7 +85,8 @@ class Options:
                     "--corda-mode": (self.corda_mode, ("corda",)), "--steps": (self.steps, modes.INILORA_MODES),
                     "--direction": (self.direction, ("lora-ga",)), "--scale": (self.scale, modes.GRADIENT_MODES),
                     "--stable-gamma": (self.stable_gamma, modes.GRADIENT_MODES), "--alpha": (self.alpha, modes.GRADIENT_MODES),
-                    "--rslora": (self.rslora or None, modes.GRADIENT_MODES)}
+                    "--rslora": (self.rslora or None, modes.GRADIENT_MODES), "--bits": (self.bits, ("loftq",)),
+                    "--loftq-iter": (self.loftq_iter, ("loftq",))}
         for option, (value, owners) in specific.items():
             if value is not None and mode not in owners:
                 raise CntinitError(f"{option} applies to --mode {' or '.join(owners)}, not {mode}")
@@ -96,9 +101,10 @@ class Options:
             raise CntinitError(f"--mode {mode} moves part of W into the adapter, so its base must be W − BA: use --init residual (the default)")
         if mode in modes.ZERO_B and self.init == "residual":
             raise CntinitError(f"--mode {mode} starts with B = 0, so there is nothing to subtract from W: leave out --init")
-        if self.vas and mode in modes.ZERO_B + modes.INILORA_MODES + modes.GRADIENT_MODES:
+        if self.vas and mode in modes.ZERO_B + modes.INILORA_MODES + modes.GRADIENT_MODES + modes.QUANTIZED_MODES:
             hint = {"eva": "eva redistributes ranks itself (see --rho)", "lora": "B = 0 leaves no spectrum to allocate by",
-                    "lora-ga": "its factors are sized for one rank", "lora-one": "its factors are sized for one rank"}.get(
+                    "lora-ga": "its factors are sized for one rank", "lora-one": "its factors are sized for one rank",
+                    "loftq": "each rank's fit changes the quantized base"}.get(
                 mode, "a fit of one rank cannot be cut to another; use pissa for the rank-r optimum")
             raise CntinitError(f"--vas does not apply to --mode {mode}: {hint}")
         options = replace(
@@ -109,6 +115,12 @@ class Options:
             rho=self.rho if self.rho is not None else (2.0 if mode == "eva" else None),
             corda_mode=self.corda_mode or ("ipm" if mode == "corda" else None),
         )
+        if mode == "loftq":
+            options = replace(options, quantize=self.quantize or "nf4", bits=self.bits or 4, loftq_iter=self.loftq_iter or 1)
+        if options.quantize is not None and (options.init != "residual" or mode in modes.ZERO_B):
+            why = "B = 0 leaves the base W" if mode in modes.ZERO_B else "an offset init's base is W itself"
+            raise CntinitError(f"--quantize {options.quantize} makes the shipped base the 4-bit NF4(W − BA); {why}: quantize W in the "
+                               "trainer (plain QLoRA), or use --init residual")
         if mode in modes.GRADIENT_MODES:
             options = replace(options, direction=self.direction or ("ArB2r" if mode == "lora-ga" else None),
                               scale=self.scale or "stable", rslora=bool(self.rslora),
@@ -130,6 +142,8 @@ class Options:
             choices["--direction"] = (self.direction, gradient_modes.DIRECTIONS)
         if self.scale is not None:
             choices["--scale"] = (self.scale, gradient_modes.SCALES.get(self.mode, gradient_modes.SCALES["lora-ga"]))
+        if self.quantize is not None:
+            choices["--quantize"] = (self.quantize, QUANTIZE)
         for option, (value, allowed) in choices.items():
             if value not in allowed:
                 raise not_one_of(option, value, allowed)
@@ -162,6 +176,10 @@ class Options:
             raise CntinitError(f"--steps must be at least 0, got {self.steps}")
         if self.stable_gamma is not None and not (math.isfinite(self.stable_gamma) and 0 < self.stable_gamma <= 1e12):
             raise CntinitError(f"--stable-gamma must be a positive finite number (B and A shrink by √γ), got {self.stable_gamma}")
+        if self.bits is not None and self.bits != 4:
+            raise CntinitError(f"--bits {self.bits}: LoftQ here quantizes to 4-bit NF4 (bitsandbytes' QLoRA format); use --bits 4")
+        if self.loftq_iter is not None and not 1 <= self.loftq_iter <= 1000:
+            raise CntinitError(f"--loftq-iter must be from 1 to 1000 (PEFT's default 1), got {self.loftq_iter}")
         if self.alpha is not None and not (math.isfinite(self.alpha) and 0 < self.alpha <= 1e12):
             raise CntinitError(f"--alpha must be a positive finite number (the trainer's lora_alpha), got {self.alpha}")
 
@@ -304,7 +322,8 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, world:
     for batch, bar in batches(f"solve {options.mode}"):
         top = max(max(ranks[name] for name in batch.names), 1)
         generators = [_generator(options.seed, name) for name in batch.names]
-        b, a, steps, values = _factor(batch, top, options, generators, spread, bar)
+        layouts = [(modules[n].weight.dtype, isinstance(modules[n], Conv1D)) for n in batch.names]  # as the trainer quantizes it
+        b, a, steps, values, bases = _factor(batch, top, options, generators, spread, bar, layouts)
         for i, name in enumerate(batch.names):
             r = ranks[name]
             keep = slice(top - r, top) if minor else slice(0, r)  # the r smallest of the top kept, for MiLoRA/kpm
@@ -317,11 +336,16 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, world:
                 rows[name] |= _fit_errors(batch.weight[i], update, r) | {"steps": steps}
             if options.mode in modes.GRADIENT_MODES:
                 rows[name]["kept"] = gradient_modes.share(values[i], r)  # of ‖G‖², in its rank-r subspace
+            if options.quantize is not None:
+                base = bases[i] if bases is not None else _nf4_base(batch.weight[i] - update, *layouts[i])
+                rows[name] |= _quantization_errors(batch.weight[i], update, base, layouts[i])
             spectrum = singular_values.get(name, values[i] if values is not None else None)
             if spectrum is not None:
                 rows[name]["spectrum"] = [float(f"{v:.6g}") for v in spectrum[:SPECTRUM_LENGTH].tolist()]
             if r:
                 factors[name] = (b[i, :, keep].cpu(), a[i, keep].cpu())
+                if options.quantize is not None:  # the base's codes and block maxima travel with the factors
+                    factors[name] += (quant.pack(base.codes), base.absmax)
     return options, ranks, factors, rows
 
 
@@ -452,9 +476,48 @@ def _gradients(stats: store.Store, modules: dict, options: Options, dev: torch.d
         yield batch._replace(delta=grad)
 
 
-def _factor(batch: Batch, top: int, options: Options, generators: list[torch.Generator], spread: float, bar: Progress):
-    """(B, A, Adam steps run or None, singular values of the split or None) of rank `top` for one batch,
-    random draws from each module's own generator; see METHODS.md for each mode."""
+def _factor(batch: Batch, top: int, options: Options, generators: list[torch.Generator], spread: float, bar: Progress,
+            layouts: list[tuple[torch.dtype, bool]]):
+    """(B, A, Adam steps run or None, singular values of the split or None, LoftQ's quantized bases or None)
+    of rank `top` for one batch, random draws from each module's own generator; see METHODS.md for each mode."""
+    if options.mode == "loftq":
+        return _loftq(batch.weight, top, options.loftq_iter, layouts)
+    b, a, steps, values = _factor_unquantized(batch, top, options, generators, spread, bar)
+    return b, a, steps, values, None
+
+
+def _loftq(w: torch.Tensor, rank: int, iterations: int, layouts: list[tuple[torch.dtype, bool]]):
+    """PEFT's `loftq_init`: Q = NF4(R) from R = W, then B A = the rank-r SVD of W − Q (√S on both
+    sides); each further iteration quantizes R = W − B A again."""
+    remainder = w
+    for step in range(iterations):
+        bases = [_nf4_base(remainder[i], *layouts[i]) for i in range(w.shape[0])]
+        q = torch.stack([_nf4_values(base, layouts[i][1]) for i, base in enumerate(bases)]).to(w)
+        b, a, values = modes.split(w - q, rank, "svd", 0.5)
+        remainder = w - b @ a
+    return b, a, None, values, bases
+
+
+def _nf4_base(matrix: torch.Tensor, dtype: torch.dtype, transposed: bool) -> quant.Quantized:
+    """NF4 of `matrix` (out × in) as a base stored in `dtype` quantizes: Conv1D stores it transposed."""
+    return quant.base((matrix.T if transposed else matrix).contiguous(), dtype)
+
+
+def _nf4_values(base: quant.Quantized, transposed: bool) -> torch.Tensor:
+    values = quant.dequantize(base)
+    return values.T if transposed else values
+
+
+def _quantization_errors(w: torch.Tensor, update: torch.Tensor, base: quant.Quantized, layout: tuple[torch.dtype, bool]) -> dict:
+    """‖W − Q − BA‖/‖W‖ of the quantized residual base, and plain QLoRA's ‖W − Q(W)‖/‖W‖ beside it."""
+    w = w.double()
+    norm = float(w.norm()) or 1.0
+    shipped = _nf4_values(base, layout[1]).to(w)
+    plain = _nf4_values(_nf4_base(w, *layout), layout[1]).to(w)
+    return {"quant_error": float((w - shipped - update.double()).norm()) / norm, "qlora_error": float((w - plain).norm()) / norm}
+
+
+def _factor_unquantized(batch: Batch, top: int, options: Options, generators: list[torch.Generator], spread: float, bar: Progress):
     count, k, d = batch.weight.shape
     dev, dtype = batch.weight.device, batch.weight.dtype
     if options.mode == "lora":
