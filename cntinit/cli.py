@@ -434,6 +434,7 @@ def export(
     module_prefix: str = typer.Option("", "--module-prefix", help="Prepend this to every module path, e.g. bert. when the capture ran BertModel and training loads BertForSequenceClassification."),
     task_type: str = typer.Option("auto", "--task-type", help="PEFT's task_type in adapter_config.json (it picks the PeftModel class a trainer gets; axolotl's LoRA kernels need CAUSAL_LM): auto reads it from the model class (LlamaForCausalLM → CAUSAL_LM, BertModel → FEATURE_EXTRACTION; none for vision encoders and with --module-prefix), or CAUSAL_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM, FEATURE_EXTRACTION, none."),
     train_dtype: str = typer.Option("auto", "--train-dtype", help="Residual inits: the dtype training will run the base in (auto: the model's own; bfloat16, float16, float32), for the warning when W − BA loses W in it."),
+    unet_only: bool = _flag("--unet-only", help="Pipelines: leave the text-encoder modules out, for training the UNet alone (sd-scripts' --network_train_unet_only); refused for a residual solve that adapts the text encoder."),
     model: Optional[Path] = typer.Option(None, "--model", help="Read the weights (for --dora or a residual base) from here instead of the recorded path."),
     overwrite: bool = _flag("--overwrite", help="Replace --out even if it is an export of another model or another cntinit output (never a folder or file of yours)."),
     check: bool = _flag("--check", help="Load the written adapter with PEFT (peft) or diffusers' load_lora_weights (kohya, diffusers) and compare every module's output with (W + BA)x."),
@@ -455,7 +456,8 @@ def export(
     from .export import export as run_export
     console.quiet = quiet
     path = run_export(solve_dir, out, format=format, alpha=alpha, rslora=rslora, dora=dora, fixed_alpha=fixed_alpha,
-                      module_prefix=module_prefix, task_type=task_type, train_dtype=train_dtype, model=model, overwrite=overwrite, trust_remote_code=trust_remote_code, check=check)
+                      module_prefix=module_prefix, task_type=task_type, train_dtype=train_dtype, unet_only=unet_only, model=model, overwrite=overwrite,
+                      trust_remote_code=trust_remote_code, check=check)
     typer.echo(str(path))
 
 

@@ -43,13 +43,13 @@ RESIDUAL_PRECISION = 1e-2  # warn when rounding W − BA moves base + BA this mu
 
 def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alpha: float | None = None,
            rslora: bool = False, dora: bool = False, fixed_alpha: bool = False, module_prefix: str = "",
-           task_type: str = "auto", train_dtype: str = "auto", model: str | Path | None = None, overwrite: bool = False,
-           trust_remote_code: bool = False, check: bool = False) -> Path:
+           task_type: str = "auto", train_dtype: str = "auto", unet_only: bool = False, model: str | Path | None = None,
+           overwrite: bool = False, trust_remote_code: bool = False, check: bool = False) -> Path:
     """Write the adapter of the solve at `solve_dir` to `out` (and the residual base when the init needs one).
     With `check`, the export is loaded in its real client and verified (`verify`) before it replaces
     what `out` held, and the manifest records the largest error."""
     options = {"format": format, "alpha": alpha, "rslora": rslora, "dora": dora, "fixed_alpha": fixed_alpha, "module_prefix": module_prefix,
-               "task_type": task_type, "train_dtype": train_dtype}
+               "task_type": task_type, "train_dtype": train_dtype} | ({"unet_only": True} if unet_only else {})
     if train_dtype != "auto" and train_dtype not in models.DTYPES:
         raise not_one_of("--train-dtype", train_dtype, ("auto", *models.DTYPES))
     sol = solution.Solution(solve_dir)
@@ -68,12 +68,13 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
     peft_task = _task_type(task_type, manifest["model"], prefix) if format == "peft" else None
     store.check_out(out, manifest["model"]["fingerprint"], overwrite, FORMAT, "an export")
     residual = manifest["init"] == "residual"
+    left_out = _unet_only(sol, format, residual) if unet_only else []
     writes_base = residual and format != "kohya"  # kohya merges the residual itself (--base_weights, multiplier −1)
     base_rank = manifest["params"]["rank"]
     alpha = float(alpha if alpha is not None else base_rank)
     net, tokenizer = _load_solved_model(manifest, model, trust_remote_code) if (dora or writes_base) else (None, None)
     weights = dict(net.named_modules()) if net is not None else {}
-    factors = sol.factors()
+    factors = {name: pair for name, pair in sol.factors().items() if name not in left_out}
     bases = _quantized_values(sol, weights) if quantized else {}
 
     zero_b = manifest["mode"] in modes.ZERO_B  # BA = 0 for any scale: A is written as drawn (its scale is the method's)
@@ -129,15 +130,36 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
             "options": options,
             "residual_base": BASE_DIR if writes_base else None,
             "quantized": manifest["params"].get("quantize"),
+            "left_out": left_out,
         }
         (tmp / store.MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
         if check:  # before the swap: a failed check leaves what `out` held
             record["check"] = {"max_relative_error": verify(tmp, solve_dir, model, trust_remote_code, shown=Path(out))}
             (tmp / store.MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    if left_out:
+        log(f"left out the {len(left_out)} text-encoder modules (--unet-only): the text encoder stays as it is")
     how = (f"load {Path(out) / BASE_DIR} in 4-bit — BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4') — as the base "
            "model; it quantizes to exactly the NF4 base the adapter was fitted to") if quantized else _how_to_load(format, residual, Path(out))
+    if unet_only and format == "kohya":
+        how = how.replace("--dim_from_weights", "--dim_from_weights --network_train_unet_only", 1)
     log(f"wrote a {format} adapter for {len(ranks)} modules to {out} ({manifest['init']} init: {how})")
     return Path(out)
+
+
+def _unet_only(sol: solution.Solution, format: str, residual: bool) -> list[str]:
+    """The text-encoder modules a UNet-only export leaves out. A residual init cannot leave them out:
+    its base (written, or kohya's --base_weights −1) holds W − BA there, which without the adapter
+    starts the text encoder off the pretrained one."""
+    if format not in PIPELINE_FORMATS:
+        raise CntinitError("--unet-only is for diffusion pipelines (--format kohya or diffusers), whose text encoder may stay frozen")
+    encoder = [name for name in sol.modules if not name.startswith("unet.")]
+    if encoder and residual:
+        raise CntinitError(f"--unet-only: this residual solve adapts {len(encoder)} text-encoder modules, whose base W − BA would then "
+                           "train without its adapter (as with sd-scripts' --network_train_unet_only): solve the UNet alone "
+                           "(--targets 're:unet\\..*'), or use --init offset")
+    if len(encoder) == len(sol.modules):
+        raise CntinitError("--unet-only: this solve adapts no UNet module: solve with UNet targets")
+    return encoder
 
 
 def _sized_for(manifest: dict, alpha: float | None, rslora: bool, fixed_alpha: bool, format: str) -> tuple[float | None, bool]:
@@ -416,7 +438,8 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
         pipe = diffusers.DiffusionPipeline.from_pretrained(base, safety_checker=None)
         pipe.load_lora_weights(str(out), weight_name=exported["adapter_file"])
     adapted = {f"{part}.{n}": m for part in pipelines.COMPONENTS for n, m in getattr(pipe, part).named_modules()}
-    return _worst_error(adapted, dict(pretrained.named_modules()), sol.factors(), bool(exported["residual_base"]))
+    factors = {name: pair for name, pair in sol.factors().items() if name not in exported.get("left_out", [])}
+    return _worst_error(adapted, dict(pretrained.named_modules()), factors, bool(exported["residual_base"]))
 
 
 def verify(out: str | Path, solve_dir: str | Path, model: str | Path | None = None, trust_remote_code: bool = False,

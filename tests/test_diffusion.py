@@ -216,3 +216,60 @@ def test_a_tokenizer_without_a_length_limit_pads_to_the_text_encoders_positions(
     stats = store.Store(capture(pipe, sd["images"], tmp_path / "stats", targets="to_k"))
     cross = [entry for name, entry in stats.manifest["stats"].items() if "attn2" in name]
     assert cross and all(entry["count"] == 16 * 5 for entry in cross)  # 5 images × the encoder's 16 positions
+
+
+def test_unet_only_export_leaves_the_text_encoder_out_and_refuses_a_residual_one(sd, captured, tmp_path, capsys):
+    """sd-scripts' --network_train_unet_only drops the text encoder's adapter: an offset init then
+    leaves the text encoder as it was (its modules are left out of the file, and diffusers loads the
+    rest exactly); a residual init would keep the text encoder's W − BA without its adapter, so it is
+    refused unless the UNet was solved alone."""
+    offset = solve(sd["stats"], tmp_path / "offset", mode="cnt-x", rank=4)
+    code, _, err = run(capsys, "export", offset, "--format", "kohya", "--unet-only", "--fixed-alpha", "--check", "-o", tmp_path / "k")
+    assert code == 0 and "left out the 8 text-encoder modules" in err and "--dim_from_weights --network_train_unet_only" in err, err
+    with safe_open(tmp_path / "k" / "lora.safetensors", framework="pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(key.startswith("lora_unet_") for key in keys)
+    residual = solve(sd["stats"], tmp_path / "residual", mode="cnt-x", rank=4, init="residual")
+    capsys.readouterr()
+    assert_refused(capsys, ["export", residual, "--format", "kohya", "--unet-only"], "solve the UNet alone", tmp_path / "r")
+    unet = solve(sd["stats"], tmp_path / "unet", mode="pissa", rank=4, targets=r"re:unet\..*")  # residual, the UNet alone
+    code, _, err = run(capsys, "export", unet, "--format", "diffusers", "--unet-only", "--check", "-o", tmp_path / "u")
+    assert code == 0 and "left out" not in err, err
+    text = solve(captured["llama"], tmp_path / "text", mode="cnt-x", rank=4)
+    capsys.readouterr()
+    assert_refused(capsys, ["export", text, "--unet-only"], "--unet-only is for diffusion pipelines", tmp_path / "p")
+
+
+def _sd_scripts_names(root, prefix: str, targets: tuple[str, ...], kinds: tuple[str, ...] = ("Linear", "Conv2d")) -> set[str]:
+    """sd-scripts' `LoRANetwork.create_modules` naming (networks/lora.py): every Linear/Conv2d (`kinds`) inside
+    a module whose class is one of `targets`, named prefix + "." + its path + "." + the child's, dots to underscores."""
+    names = set()
+    for name, module in root.named_modules():
+        if module.__class__.__name__ in targets:
+            for child_name, child in module.named_modules():
+                if child.__class__.__name__ in kinds:
+                    names.add((prefix + "." + name + "." + child_name).replace(".", "_"))
+    return names
+
+
+def test_kohya_keys_are_the_names_sd_scripts_generates(sd, tmp_path):
+    """sd-scripts (requirements.txt: transformers 4.54.1, where CLIPTextModel nests its layers under
+    `text_model.`) builds the network from the file's keys with --dim_from_weights: the file's modules
+    must be exactly among the names it generates — UNet: Linears in Transformer2DModel; text encoder:
+    in CLIPAttention/CLIPMLP. Under transformers 5 (no `text_model.` level) it would name the text
+    encoder's modules otherwise and load none of them: the export targets sd-scripts as released."""
+    all_targets = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,q_proj,k_proj,v_proj,out_proj,fc1,fc2"  # every Linear sd-scripts adapts
+    stats = capture(sd["model"], sd["images"], tmp_path / "stats", targets=all_targets, batch_size=2)
+    out = export(solve(stats, tmp_path / "solve", mode="cnt-s", rank=2), tmp_path / "k", format="kohya")
+    with safe_open(out / "lora.safetensors", "pt") as handle:
+        modules = {key.split(".")[0] for key in handle.keys()}
+    pipe = load_pipeline(sd["model"])
+    linear_unet = _sd_scripts_names(pipe.unet, "lora_unet", ("Transformer2DModel",), ("Linear",))
+    text_encoder_5 = _sd_scripts_names(pipe.text_encoder, "lora_te", ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"))
+    text_encoder_4 = {name.replace("lora_te_", "lora_te_text_model_", 1) for name in text_encoder_5}  # transformers 4's nesting
+    # sd-scripts also names the 1×1 Conv2d proj_in/proj_out (SD 1.x); cntinit adapts linear layers, and with
+    # --dim_from_weights sd-scripts skips the names the file lacks
+    assert linear_unet < _sd_scripts_names(pipe.unet, "lora_unet", ("Transformer2DModel",))
+    assert {m for m in modules if m.startswith("lora_unet_")} == linear_unet
+    assert {m for m in modules if m.startswith("lora_te_")} == text_encoder_4
+    assert not modules & text_encoder_5  # what sd-scripts under transformers 5 would look for

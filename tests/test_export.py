@@ -325,3 +325,28 @@ def test_the_adapter_config_names_the_task_type_the_model_class_implies(kind, ex
         assert code == 0 and json.loads((tmp_path / "e2" / "adapter_config.json").read_text())["task_type"] == task, (args, err)
     code, _, err = run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e3", "--task-type", "CAUSAL-LM")
     assert code == 2 and "did you mean CAUSAL_LM?" in err
+
+
+def test_a_residual_init_needs_a_named_reference_adapter_for_preference_training(tiny, captured, tmp_path):
+    """TRL's DPOTrainer with ref_model=None computes the reference with the adapter switched off
+    (`null_ref_context`: `disable_adapter()`): for a residual export that is W − BA, not the
+    pretrained model. The same adapter loaded a second time as `ref_adapter_name` computes W
+    (docs/export.md); for an offset export switching the adapter off is already W."""
+    ids = torch.tensor([[5, 17, 230, 9, 41, 8]])
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(tiny["llama"])(input_ids=ids).logits
+    residual = export(solve(None, tmp_path / "pissa", model=tiny["llama"], targets="q_proj,v_proj", mode="pissa", rank=4), tmp_path / "r")
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(residual / "base"), residual,
+                                           is_trainable=True, adapter_name="policy")
+    model.load_adapter(residual, adapter_name="reference")
+    with torch.no_grad():
+        model.set_adapter("reference")
+        reference = model(input_ids=ids).logits
+        with model.disable_adapter():
+            switched_off = model(input_ids=ids).logits
+    assert float((reference - want).norm() / want.norm()) < 1e-5
+    assert float((switched_off - want).norm() / want.norm()) > 1e-2  # TRL's default reference is not the pretrained model
+    offset = export(solve(captured["llama"], tmp_path / "cnt-s", mode="cnt-s", rank=4), tmp_path / "o")
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny["llama"]), offset)
+    with torch.no_grad(), model.disable_adapter():
+        assert float((model(input_ids=ids).logits - want).norm() / want.norm()) < 1e-6
