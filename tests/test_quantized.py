@@ -3,7 +3,9 @@ and exported bases that a 4-bit loader quantizes back to exactly what the adapte
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_functional
@@ -128,3 +130,17 @@ def test_check_without_bitsandbytes_names_the_extra(tiny, tmp_path, capsys, monk
     code, _, err = run(capsys, "export", solved, "-o", tmp_path / "plain")
     assert code == 0 and (tmp_path / "plain" / "base").is_dir(), err
     assert_refused(capsys, ["export", solved, "--check"], "pip install 'cntinit[quant]'", tmp_path / "checked")
+
+
+def test_a_recipe_solves_and_exports_4bit_bases(tiny, tmp_path, capsys, monkeypatch):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "model": str(tiny["llama"]), "targets": "q_proj,v_proj", "out": str(tmp_path / "out"),
+        "solves": [{"mode": "loftq", "rank": 4, "loftq_iter": 2}, {"name": "qpissa", "mode": "pissa", "rank": 4, "quantize": "nf4"}],
+        "exports": [{"format": "peft", "check": True}]}))
+    monkeypatch.setenv("CNTINIT_CACHE", str(tmp_path / "cache"))
+    code, stdout, err = run(capsys, "run", recipe, "--json", "-q")
+    assert code == 0, err
+    stages = {row["name"]: row for row in json.loads(stdout)["stages"]}
+    assert stages["loftq-r4/peft"]["check"] < 1e-5 and stages["qpissa/peft"]["check"] < 1e-5
+    assert json.loads((Path(stages["loftq-r4"]["path"]) / "manifest.json").read_text())["params"]["loftq_iter"] == 2
