@@ -427,7 +427,7 @@ def export(
     solve_dir: Path = typer.Argument(..., metavar="SOLVE_DIR", help="A solve directory written by `cntinit solve`."),
     out: Path = typer.Option(..., "--out", "-o", help="Adapter directory to write."),
     format: str = typer.Option("peft", "--format", "-f", help="peft (transformers models), kohya or diffusers (diffusion pipelines: one safetensors file for sd-scripts' --network_weights, or pytorch_lora_weights.safetensors for pipe.load_lora_weights)."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha (default: the solve's --rank, so the scale is 1). The scale is folded into the factors: the adapter adds exactly BA for any alpha."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha (default: the solve's --rank, so the scale is 1; lora-ga and lora-one: the α their factors were sized for). The scale is folded into the factors: the adapter adds exactly BA for any alpha."),
     rslora: bool = _flag("--rslora", help="Rank-stabilized scale α/√r (PEFT only)."),
     dora: bool = _flag("--dora", help="DoRA: also write the magnitude vectors, as PEFT computes them (needs the model weights)."),
     fixed_alpha: bool = _flag("--fixed-alpha", help="Variable ranks: every module gets --alpha instead of an alpha pattern that keeps the scale α/r constant."),

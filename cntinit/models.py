@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from . import pipelines
 from .errors import CntinitError, first_line, not_one_of
 
 ALL_LINEAR = "all-linear"
+
+# bitsandbytes' CPU backend warns at import, through transformers, that an optional kernels package is missing
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
