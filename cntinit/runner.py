@@ -34,7 +34,7 @@ def _defaults(function, keys) -> dict:
 
 CAPTURE_DEFAULTS = _defaults(capture, recipe.CAPTURE)
 PLACEMENT = ("offload", "max_memory", "stats_device", "layerwise", "activations_device", "gradient_checkpointing")  # how the work runs, not what it computes: not in cache keys
-ONLY_WHEN_ON = ("gradients",)  # options newer than the cache: in a key only when set, so older entries keep theirs
+ONLY_WHEN_ON = ("gradients", "unet_only")  # options newer than cache entries and exports: recorded only when set, so older ones still match
 EXPORT_DEFAULTS = _defaults(export, set(recipe.EXPORT) - {"check"})  # what an export manifest's "options" records
 
 
@@ -196,7 +196,7 @@ def _export(solve_dir: Path, out: Path, entry: dict, solve_name: str, trust_remo
     """One export of one solve, unless `out` already holds exactly it."""
     started = time.perf_counter()
     settings = {k: v for k, v in entry.items() if k not in ("name", "check")}
-    options = EXPORT_DEFAULTS | settings
+    options = {k: v for k, v in (EXPORT_DEFAULTS | settings).items() if not (k in ONLY_WHEN_ON and not v)}
     existing = store.read_manifest(out, "cntinit.export")
     current = store.sha256_file(solve_dir / store.MANIFEST)
     if existing and existing.get("options") == options and existing.get("solve", {}).get("manifest_sha256") == current:

@@ -78,7 +78,7 @@ def test_sigint_during_capture_stops_cleanly(tiny, tmp_path):
     time.sleep(2)  # inside the capture loop
     process.send_signal(signal.SIGINT)
     rest = process.stderr.read()
-    assert process.wait(timeout=60) == 130
+    assert process.wait(timeout=60) == 130, (line, rest[-2000:])
     assert rest.strip().splitlines()[-1] == "interrupted: nothing was written" and "Traceback" not in rest
     assert contents(out) == before and leftovers(tmp_path) == []
 

@@ -291,3 +291,20 @@ def test_a_recipe_captures_gradients_once_for_every_mode(tiny, calibration, tmp_
     runner.cached_capture(tiny["llama"], calibration, targets="v_proj", seq_len=32, cache_dir=cache_dir)
     without = [json.loads(p.read_text())["inputs"]["options"] for p in cache_dir.glob("captures/*.json")]
     assert sum("gradients" not in options for options in without) == 1
+
+
+def test_lora_ga_random_direction_takes_one_random_half_of_2r_for_both_factors(tiny, calibration, tmp_path):
+    """`--direction random` (PEFT: `torch.randperm(2r)[:r]`, from the global generator): A's rows and B's
+    columns are the same r of the 2r leading singular triplets, drawn per module from --seed and its name."""
+    store = Store(capture(tiny["llama"], calibration, tmp_path / "g", targets="q_proj,up_proj", gradients=True, accumulate="float64"))
+    solved = Solution(solve(store.path, tmp_path / "r", mode="lora-ga", rank=4, direction="random", scale="unit"))
+    again = Solution(solve(store.path, tmp_path / "r2", mode="lora-ga", rank=4, direction="random", scale="unit"))
+    for name, (b, a) in solved.factors().items():
+        grad = store.gradient(name).double() / store.manifest["gradients"]["batches"]
+        u, s, vh = torch.linalg.svd(grad, full_matrices=False)
+        rows = (a.double() @ vh[:8].T).abs()  # each row of A is ± one of the first 2r right singular vectors
+        picked = rows.argmax(dim=1)
+        assert torch.allclose(rows.max(dim=1).values, torch.ones(4, dtype=torch.float64), atol=1e-6) and len(set(picked.tolist())) == 4
+        expected = u[:, picked] * s[picked]
+        assert torch.allclose((b.double().abs() - expected.abs()).abs().max(), torch.zeros((), dtype=torch.float64), atol=1e-6)
+        assert torch.equal(b, again.factors()[name][0])  # the same draw from the same seed
