@@ -64,12 +64,14 @@ def test_sigint_during_capture_stops_cleanly(tiny, tmp_path):
     import time
 
     data = tmp_path / "many.jsonl"
-    data.write_text("".join(json.dumps({"text": f"And the evening and the morning were day {i}."}) + "\n" for i in range(60000)))
+    data.write_text("".join(json.dumps({"text": f"And the evening and the morning were day {i}."}) + "\n" for i in range(20000)))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "cntinit", "capture", str(tiny["bert"]), "-d", str(data), "-o", str(out), "-b", "1"]
     subprocess.run(command[:-2] + ["-b", "8", "-n", "16"], check=True, capture_output=True)
     before = contents(out)
-    process = subprocess.Popen(command + ["--overwrite"], stderr=subprocess.PIPE, text=True, env=os.environ | {"COLUMNS": "200"})
+    # SIGINT as a terminal delivers it: a test run started in the background of a script inherits it ignored
+    process = subprocess.Popen(command + ["--overwrite"], stderr=subprocess.PIPE, text=True, env=os.environ | {"COLUMNS": "200"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     started = time.monotonic()
     while time.monotonic() - started < 60:
         line = process.stderr.readline()
