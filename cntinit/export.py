@@ -75,7 +75,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
     net, tokenizer = _load_solved_model(manifest, model, trust_remote_code) if (dora or writes_base) else (None, None)
     weights = dict(net.named_modules()) if net is not None else {}
     factors = {name: pair for name, pair in sol.factors().items() if name not in left_out}
-    bases = _quantized_values(sol, weights) if quantized else {}
+    bases = _dequantized(sol, weights) if quantized else {}
 
     zero_b = manifest["mode"] in modes.ZERO_B  # BA = 0 for any scale: A is written as drawn (its scale is the method's)
     tensors, ranks, alphas = {}, {}, {}
@@ -211,8 +211,6 @@ def _check_format(format: str, pipeline: bool, alpha, rslora: bool, dora: bool, 
             raise CntinitError(f"{unsupported[0]} does not apply to --format {format}: {why}; leave it out")
 
 
-
-
 TASK_TYPE_NAMES = tuple(dict.fromkeys([*models.TASK_TYPES.values(), "FEATURE_EXTRACTION"]))
 
 
@@ -302,11 +300,11 @@ def _load_solved_model(manifest: dict, model: str | Path | None, trust_remote_co
     return net, tokenizer
 
 
-def _quantized_values(sol: solution.Solution, weights: dict) -> dict[str, torch.Tensor]:
-    """module -> the dequantized NF4 base (out × in, the weight's dtype) the solve fitted to."""
-    stored = {name: tuple(weights[name].weight.shape) for name in sol.modules}
+def _dequantized(sol: solution.Solution, weights: dict, bases: dict[str, quant.Quantized] | None = None) -> dict[str, torch.Tensor]:
+    """module -> the dequantized NF4 base (out × in, the weight's dtype) the solve fitted to (`bases`:
+    the solve's, when already read)."""
     values = {}
-    for name, base in sol.quantized_bases(stored).items():
+    for name, base in (bases if bases is not None else sol.quantized_bases()).items():
         matrix = quant.dequantize(base).to(weights[name].weight.dtype)
         values[name] = matrix.T if sol.manifest["modules"][name]["fan_in_fan_out"] else matrix
     return values
@@ -361,19 +359,19 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
     if exported["module_prefix"]:
         raise CntinitError("the check loads the captured model class, which has no module prefix: export without --module-prefix to check")
     pretrained, _ = _load_solved_model(sol.manifest, model, trust_remote_code)
-    base_path = Path(out) / BASE_DIR
-    base, _ = models.load(base_path, trust_remote_code) if exported["residual_base"] else (copy.deepcopy(pretrained), None)
+    base, _ = models.load(Path(out) / BASE_DIR, trust_remote_code) if exported["residual_base"] else (copy.deepcopy(pretrained), None)
+    nf4 = sol.quantized_bases()
+    if nf4:
+        _requantizes(base, nf4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations PEFT triggers, not ours to fix
         wrapped = peft.PeftModel.from_pretrained(base, str(out))
     original = dict(pretrained.named_modules())
-    bases = _quantized_values(sol, original) if sol.manifest["params"].get("quantize") else {}
-    if bases:
-        _requantizes(Path(base_path), sol, original)
-    return _worst_error(dict(wrapped.base_model.model.named_modules()), original, sol.factors(), bool(exported["residual_base"]), bases)
+    return _worst_error(dict(wrapped.base_model.model.named_modules()), original, sol.factors(), bool(exported["residual_base"]),
+                        _dequantized(sol, original, nf4))
 
 
-def _requantizes(base_dir: Path, sol: solution.Solution, original: dict) -> None:
+def _requantizes(written: torch.nn.Module, bases: dict[str, quant.Quantized]) -> None:
     """bitsandbytes — the quantizer of a 4-bit trainer — turns the written base back into the solve's
     NF4 codes and block maxima, bit for bit."""
     try:
@@ -381,10 +379,8 @@ def _requantizes(base_dir: Path, sol: solution.Solution, original: dict) -> None
     except ImportError:
         raise CntinitError("checking a 4-bit base quantizes it again with bitsandbytes, the trainer's quantizer: "
                            "pip install 'cntinit[quant]' (or export without --check)") from None
-    written, _ = models.load(base_dir)
-    named = dict(written.named_modules())
-    for name, base in sol.quantized_bases({n: tuple(original[n].weight.shape) for n in sol.modules}).items():
-        packed, state = bnb.quantize_4bit(named[name].weight.detach(), blocksize=quant.BLOCKSIZE, quant_type="nf4",
+    for name, base in bases.items():
+        packed, state = bnb.quantize_4bit(written.get_submodule(name).weight.detach(), blocksize=quant.BLOCKSIZE, quant_type="nf4",
                                           compress_statistics=False)
         if not (torch.equal(packed.reshape(-1), quant.pack(base.codes)) and torch.equal(state.absmax, base.absmax)):
             raise CntinitError(f"bitsandbytes quantizes the written base of {name} to other NF4 codes than the solve fitted to: "

@@ -7,7 +7,7 @@
   A = √S_r V_rᵀ / √s₁, both divided by √γ (`stable`); the base stays W, so the model starts
   one rank-r gradient step away: W − s/(γ s₁) · [G]_r.
 
-`factors` returns the adapter's own (B, A), the ones PEFT would hold; the solve stores them times
+`lora_ga` and `lora_one` return the adapter's own (B, A), the ones PEFT would hold; the solve stores them times
 √s, so that the stored B A is the weight change s·BA, and export divides by √s again.
 """
 

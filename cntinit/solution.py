@@ -79,16 +79,17 @@ class Solution:
                 factors[name] = (handle.get_tensor(f"{name}.B"), handle.get_tensor(f"{name}.A"))
         return factors
 
-    def quantized_bases(self, stored_shapes: dict[str, tuple[int, int]]) -> dict[str, quant.Quantized]:
-        """module -> the NF4 base the solve fitted to (empty unless --quantize/loftq), each of the
-        weight's stored shape (`stored_shapes`: Conv1D's is in × out)."""
+    def quantized_bases(self) -> dict[str, quant.Quantized]:
+        """module -> the NF4 base the solve fitted to (empty unless --quantize/loftq), of the weight's
+        shape as stored (Conv1D's is in × out)."""
         if self.manifest["params"].get("quantize") is None:
             return {}
         bases = {}
         with safe_open(self.path / ADAPTER, framework="pt") as handle:
             present = set(handle.keys())
-            for name in self.modules:
-                shape = stored_shapes[name]
+            for name, entry in self.modules.items():
+                shape = (entry["in_features"], entry["out_features"]) if entry["fan_in_fan_out"] else \
+                    (entry["out_features"], entry["in_features"])
                 count = shape[0] * shape[1]
                 want = {"nf4": ((count + 1) // 2,), "absmax": (-(-count // quant.BLOCKSIZE),)}
                 for part, size in want.items():

@@ -494,7 +494,8 @@ def _loftq(w: torch.Tensor, rank: int, iterations: int, layouts: list[tuple[torc
         bases = [_nf4_base(remainder[i], *layouts[i]) for i in range(w.shape[0])]
         q = torch.stack([_nf4_values(base, layouts[i][1]) for i, base in enumerate(bases)]).to(w)
         b, a, values = modes.split(w - q, rank, "svd", 0.5)
-        remainder = w - b @ a
+        if step + 1 < iterations:  # the last round's remainder is not needed
+            remainder = w - b @ a
     return b, a, None, values, bases
 
 
