@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from cntinit import capture, cli, embedded
+from cntinit import capture, cli, console, embedded
 
 TEXTS = [
     "In the beginning God created the heaven and the earth.",
@@ -105,9 +105,13 @@ def captured(tiny, calibration, tmp_path_factory):
 
 
 def run(capsys, *args):
-    """Run the CLI in-process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in args])
+    """Run the CLI in-process: (exit code, stdout, stderr). `--quiet` lasts for the call only, as it
+    does for a process: the API calls after it still log."""
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([str(a) for a in args])
+    finally:
+        console.quiet = False
     out, err = capsys.readouterr()
     return exit_info.value.code or 0, out, err
 
