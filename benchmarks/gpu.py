@@ -51,12 +51,13 @@ STEPS = {  # name: (seconds allowed on the GPU, what it measures)
     "solve": (210, "solve time per mode, Llama-2-7B shapes"),
     "primitives": (45, "eigh and SVD at Llama-2-7B widths"),
     "inilora": (150, "IniLoRA fit, Llama-2-7B q/v shapes"),
-    "speed": (150, "speed.py against PEFT, SmolLM2-135M shape"),
+    "speed": (210, "speed.py against PEFT, SmolLM2-135M shape"),
     "capture": (150, "capture overhead, Llama-3.2-1B and Llama-3-8B shapes"),
     "offload": (90, "offloaded capture's peak memory, Llama-3.2-1B shape"),
     "layerwise": (120, "layerwise capture per block, Llama-3-70B shape"),
 }
 MIN_START = 20  # seconds: a step is not started with less left
+STARTED = time.time()  # the budget counts from here: the first imports on a fresh machine take 20 s or more
 
 
 # ---------------------------------------------------------------- the kit and the environment
@@ -387,7 +388,7 @@ def run_steps(args) -> int:
     device = "cpu" if args.dry_run else "cuda"
     results = Results(args.out, environment(device) | {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                                         "budget_s": args.budget, "dry_run": args.dry_run})
-    end = time.time() + args.budget
+    end = STARTED + args.budget
     chosen = args.only.split(",") if args.only else list(STEPS)
     log = open(args.out / "log.txt", "a")
     failures = 0

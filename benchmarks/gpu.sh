@@ -6,5 +6,8 @@
 # cntinit need not be installed there: the checkout goes on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# a read-only site-packages has no .pyc files: each fresh process would compile transformers' and torch's
+# sources again (13 s a process on the first H100 lease); one writable cache compiles them once
+export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-${TMPDIR:-/tmp}/cntinit-pycache}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec "${PYTHON:-python3}" benchmarks/gpu.py "$@"

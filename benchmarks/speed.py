@@ -169,14 +169,15 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 — the other comparisons still run, as with processes
                     results[step] = None
                     Console(stderr=True).print(f"{step} failed: {exc!r}", highlight=False, markup=False)
-                continue
-            done = subprocess.run([sys.executable, __file__, *passthrough, "--step", step, "--scratch", scratch],
-                                  capture_output=True, text=True)
-            if done.returncode:  # the other comparisons still run; this one's rows say "failed"
-                results[step] = None
-                Console(stderr=True).print(f"{step} failed:\n{done.stderr[-2000:]}", highlight=False, markup=False)
-                continue
-            results[step] = json.loads(done.stdout.strip().splitlines()[-1])
+                    continue
+            else:
+                done = subprocess.run([sys.executable, __file__, *passthrough, "--step", step, "--scratch", scratch],
+                                      capture_output=True, text=True)
+                if done.returncode:  # the other comparisons still run; this one's rows say "failed"
+                    results[step] = None
+                    Console(stderr=True).print(f"{step} failed:\n{done.stderr[-2000:]}", highlight=False, markup=False)
+                    continue
+                results[step] = json.loads(done.stdout.strip().splitlines()[-1])
             Console(stderr=True).print(f"{step}: {results[step]['seconds']:.2f} s, peak {results[step]['peak_mb']:.0f} MB", highlight=False)
     title = (f"speed: {args.model or 'embedded MiniLM'}, {args.samples} samples × ≤{args.seq_len} tokens, "
              f"{args.targets}, rank {args.rank}, {args.device}")
