@@ -161,8 +161,9 @@ def smooth(losses: list[float], window: int) -> np.ndarray:
     return (cumulative[ends] - np.where(starts > 0, cumulative[starts - 1], 0.0)) / (ends - starts + 1)
 
 
-def summarize(results: dict[str, list[dict]], steps: int) -> dict[str, dict]:
-    """Per init: mean smoothed curve, its std, losses at FRACTIONS, steps to LoRA's final loss, metrics."""
+def summarize(results: dict[str, list[dict]], steps: int, metrics=("accuracy", "eval_loss")) -> dict[str, dict]:
+    """Per init: mean smoothed curve, its std, losses at FRACTIONS, steps to LoRA's final loss, each
+    run's `metrics`."""
     window = max(1, steps // 10)
     summary = {}
     for spec, runs in results.items():
@@ -170,9 +171,8 @@ def summarize(results: dict[str, list[dict]], steps: int) -> dict[str, dict]:
         summary[spec] = {
             "mean": curves.mean(0), "std": curves.std(0),
             "at": [float(curves.mean(0)[max(0, round(f * steps) - 1)]) for f in FRACTIONS],
-            "accuracy": [r["accuracy"] for r in runs], "eval_loss": [r["eval_loss"] for r in runs],
             "start": {k: statistics.mean(r["start"][k] for r in runs) for k in runs[0]["start"]},
-        }
+        } | {metric: [r[metric] for r in runs] for metric in metrics}
     reference = summary.get("lora", next(iter(summary.values())))["at"][-1]
     for entry in summary.values():
         reached = np.nonzero(entry["mean"] <= reference)[0]
@@ -200,21 +200,21 @@ def report(summary: dict, args, seconds: float) -> None:
     Console(width=170).print(table)
 
 
-def plot(summary: dict, path: Path, args) -> None:
+def plot(summary: dict, path: Path, steps: int, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(9, 5.5))
-    steps = np.arange(1, args.steps + 1)
+    x = np.arange(1, steps + 1)
     for index, (spec, entry) in enumerate(summary.items()):
         style = ("-", "--", ":")[index // 10 % 3]  # the colour cycle has 10 colours
-        line, = axes.plot(steps, entry["mean"], label=spec, linewidth=1.4, linestyle=style)
-        axes.fill_between(steps, entry["mean"] - entry["std"], entry["mean"] + entry["std"], color=line.get_color(), alpha=0.15)
+        line, = axes.plot(x, entry["mean"], label=spec, linewidth=1.4, linestyle=style)
+        axes.fill_between(x, entry["mean"] - entry["std"], entry["mean"] + entry["std"], color=line.get_color(), alpha=0.15)
     axes.set_xlabel("step")
-    axes.set_ylabel(f"training loss (trailing mean of {max(1, args.steps // 10)} steps)")
-    axes.set_title(f"MiniLM on fine-food reviews, rank {args.rank}: mean over {args.seeds} seeds, ±1 std")
+    axes.set_ylabel(f"training loss (trailing mean of {max(1, steps // 10)} steps)")
+    axes.set_title(title)
     axes.legend(fontsize=8, ncols=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -267,7 +267,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     summary = summarize(results, args.steps)
     report(summary, args, seconds)
-    plot(summary, Path(args.plot), args)
+    plot(summary, Path(args.plot), args.steps, f"MiniLM on fine-food reviews, rank {args.rank}: mean over {args.seeds} seeds, ±1 std")
     Path(args.json).write_text(json.dumps({"args": vars(args), "seconds": seconds, "runs": results}, indent=1) + "\n")
 
 

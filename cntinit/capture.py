@@ -422,7 +422,7 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
                  for key, s in sums.items()}
     tokens = done if kind == "text" else max(entry["count"] for entry in stats.values())
     manifest = store.new_manifest(
-        model={"path": str(Path(model).absolute()), "class": type(net).__name__, "fingerprint": model_fingerprint, "kind": kind},
+        model=models.record(net, model, model_fingerprint),
         data=feed.data | {"tokens": tokens},
         capture=recorded,
         modules=module_map,

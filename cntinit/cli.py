@@ -100,7 +100,7 @@ def summary(store: Store) -> dict:
 
 @app.command(cls=_Command)
 def capture(
-    model: Path = typer.Argument(..., metavar="MODEL", help="Local model directory: transformers (text or vision: config.json, weights) or a diffusers Stable-Diffusion-style pipeline (model_index.json, unet, text_encoder, vae, tokenizer, scheduler)."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="Local model directory: transformers (text or vision: config.json, weights) or a diffusers Stable-Diffusion-style pipeline (model_index.json, unet, text_encoder, vae, tokenizer, scheduler; SDXL also text_encoder_2, tokenizer_2)."),
     data: str = typer.Option(..., "--data", "-d", help="Text models: a .jsonl (field `text` or chat `messages`), a .txt (one sample per line), a directory of them, or - for JSONL on stdin. Vision models and pipelines: a folder of .jpg/.png/.webp images (recursive); a pipeline's captions come from metadata.jsonl/captions.jsonl there ({\"file_name\", \"text\"} per line) or --prompt."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store directory to write (default: the cache — $CNTINIT_CACHE — where a repeated capture is a hit that computes nothing)."),
     targets: str = typer.Option("all-linear", "--targets", "-t", help="Comma-separated module-name suffixes (q_proj,v_proj) or all-linear (every linear layer but the output head)."),

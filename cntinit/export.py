@@ -37,6 +37,8 @@ ADAPTER_FILE = "adapter_model.safetensors"
 KOHYA_FILE = "lora.safetensors"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_"}
+KOHYA_SDXL_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}
+SDXL_LAYERS = 3  # sd-scripts' SDXL UNet numbers its blocks in steps of layers_per_block + 1 = 3
 CHECK_TOLERANCE = 1e-4  # largest relative output difference `verify` accepts
 RESIDUAL_PRECISION = 1e-2  # warn when rounding W − BA moves base + BA this much further (relative) from W than rounding W does
 
@@ -59,6 +61,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
     if not sol.modules:
         raise CntinitError(f"{solve_dir} gives every module rank 0: solve with a larger --budget or --min-rank 1")
     pipeline = manifest["model"].get("class") == pipelines.DiffusionParts.__name__
+    sdxl = manifest["model"].get("layout") == pipelines.SDXL
     _check_format(format, pipeline, alpha, rslora, dora, fixed_alpha, module_prefix, task_type)
     quantized = manifest["params"].get("quantize") is not None
     if quantized and format != "peft":
@@ -89,7 +92,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
         fold = 1.0 if zero_b else math.sqrt(scale)
         a, b = (a / fold).contiguous(), (b / fold).contiguous()
         if format == "kohya":
-            key = _kohya_name(name)
+            key = _kohya_name(name, sdxl)
             tensors |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(module_alpha)}
         else:
             key = name if format == "diffusers" else f"base_model.model.{prefix}{name}"
@@ -251,16 +254,36 @@ def _peft_config(ranks: dict, alphas: dict, base_rank: int, alpha: float, rslora
     )
 
 
-def _kohya_name(name: str) -> str:
+def _kohya_name(name: str, sdxl: bool = False) -> str:
     """`unet.down_blocks.0.attentions.0.….to_q` → `lora_unet_down_blocks_0_attentions_0_…_to_q` (sd-scripts' naming).
 
-    sd-scripts names text-encoder modules as transformers 4's CLIPTextModel nests them, under
-    `text_model.`; transformers 5 dropped that level, so it is put back."""
-    component = next(p for p in KOHYA_PREFIXES if name.startswith(p))
+    sd-scripts names text-encoder modules as transformers 4's CLIP text models nest them, under
+    `text_model.`; transformers 5 dropped that level from CLIPTextModel, so it is put back. For
+    SDXL the encoders are `lora_te1_`/`lora_te2_` and the UNet is sd-scripts' own SDXL UNet,
+    named as the original (LDM) checkpoint is: `input_blocks.N.1.…`, `middle_block.1.…`,
+    `output_blocks.N.1.…` for the diffusers `down_blocks.i.attentions.j.…` and the rest."""
+    prefixes = KOHYA_SDXL_PREFIXES if sdxl else KOHYA_PREFIXES
+    component = max((p for p in prefixes if name.startswith(p)), key=len)
     path = name.removeprefix(component)
-    if component == "text_encoder." and not path.startswith("text_model."):
+    if component.startswith("text_encoder") and not path.startswith(("text_model.", "text_projection")):
         path = "text_model." + path
-    return KOHYA_PREFIXES[component] + path.replace(".", "_")
+    if sdxl and component == "unet.":
+        path = _sdxl_unet_path(path)
+    return prefixes[component] + path.replace(".", "_")
+
+
+def _sdxl_unet_path(path: str) -> str:
+    """A diffusers SDXL UNet module path as sd-scripts' SDXL UNet names it (its transformer blocks
+    only: those are what sd-scripts' LoRA adapts, and inside them the names agree)."""
+    parts = path.split(".")
+    if parts[0] == "down_blocks" and parts[2] == "attentions":
+        return ".".join(["input_blocks", str(1 + int(parts[1]) * SDXL_LAYERS + int(parts[3])), "1", *parts[4:]])
+    if parts[0] == "mid_block" and parts[1] == "attentions":
+        return ".".join(["middle_block", str(1 + 2 * int(parts[2])), *parts[3:]])
+    if parts[0] == "up_blocks" and parts[2] == "attentions":
+        return ".".join(["output_blocks", str(int(parts[1]) * SDXL_LAYERS + int(parts[3])), "1", *parts[4:]])
+    raise CntinitError(f"unet.{path} lies outside the SDXL UNet's transformer blocks, the only UNet modules sd-scripts' SDXL LoRA "
+                       "adapts: solve with attention targets (to_q,to_k,to_v,to_out.0), or export --format diffusers")
 
 
 def _kohya_metadata(ranks: dict, alphas: dict, manifest: dict) -> dict[str, str]:
@@ -433,7 +456,8 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
         warnings.simplefilter("ignore")  # deprecations and "no safety checker" notices, not ours to fix
         pipe = diffusers.DiffusionPipeline.from_pretrained(base, safety_checker=None)
         pipe.load_lora_weights(str(out), weight_name=exported["adapter_file"])
-    adapted = {f"{part}.{n}": m for part in pipelines.COMPONENTS for n, m in getattr(pipe, part).named_modules()}
+    adapted = {f"{part}.{n}": m for part in pipelines.COMPONENTS if getattr(pipe, part, None) is not None
+               for n, m in getattr(pipe, part).named_modules()}
     factors = {name: pair for name, pair in sol.factors().items() if name not in exported.get("left_out", [])}
     return _worst_error(adapted, dict(pretrained.named_modules()), factors, bool(exported["residual_base"]))
 

@@ -113,12 +113,17 @@ def diffusion(net: pipelines.DiffusionParts, tokenizer, data, *, batch_size: int
     size = image_size or net.resolution
     pixels = images.Pixels(None, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     pictures = images.read_pictures(data, max_samples, prompt, need_captions=True)
-    length = models.context_length(net.text_encoder, tokenizer)  # the tokenizer's limit, else the position table
+    encoders = [("input_ids", net.text_encoder, tokenizer)]
+    if net.text_encoder_2 is not None:  # SDXL: each encoder reads its own tokenizer's ids (they pad differently)
+        encoders.append(("input_ids_2", net.text_encoder_2, net.helpers["tokenizer_2"]))
+    # each tokenizer's limit, else its encoder's position table
+    lengths = {key: models.context_length(encoder, encoder_tokenizer) for key, encoder, encoder_tokenizer in encoders}
 
     def inputs(chunk):
-        ids = tokenizer([p.caption for p in chunk], padding="max_length", max_length=length,
-                        truncation=True, return_tensors="pt")["input_ids"]
-        return {"pixel_values": pixels([p.path for p in chunk]), "input_ids": ids}
+        captions = [p.caption for p in chunk]
+        return {"pixel_values": pixels([p.path for p in chunk])} | {
+            key: encoder_tokenizer(captions, padding="max_length", max_length=lengths[key], truncation=True, return_tensors="pt")["input_ids"]
+            for key, _, encoder_tokenizer in encoders}
 
     feed = _image_feed(pictures, data, batch_size, buckets, inputs,
                        {"image_size": size, "prompt": prompt, "noise_timestep": noise_timestep, "seed": seed}, shard)

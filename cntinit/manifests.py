@@ -24,7 +24,7 @@ class Maybe:
 
 HEADER = {"format": str, "format_version": int, "cntinit_version": str, "created": str}
 FILES = Each({"sha256": str, "bytes": int})
-MODEL = {"path": str, "class": str, "fingerprint": str, "kind?": str}
+MODEL = {"path": str, "class": str, "fingerprint": str, "kind?": str, "layout?": str}
 STORE = HEADER | {
     "model": MODEL,
     "data": {"fingerprint": str, "sources": [str], "samples": int, "sequences": int, "tokens": int, "merged_from?": [str]},

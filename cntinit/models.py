@@ -79,8 +79,9 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
     if pipelines.is_pipeline(path):
         if placement is not None:
             raise CntinitError(f"--offload places transformers models; {path} is a diffusers pipeline: leave out --offload")
-        for part in ("unet", "text_encoder", "vae"):
-            refuse_pickles(path / part)
+        for part in (*pipelines.COMPONENTS, "vae"):
+            if (path / part).is_dir():
+                refuse_pickles(path / part)
         return pipelines.load(path)
     if not (path / "config.json").is_file():
         raise CntinitError(f"{path} is not a transformers model directory (no config.json): give the folder save_pretrained wrote")
@@ -125,6 +126,15 @@ def refuse_pickles(directory: Path) -> None:
     if not any(directory.glob("*.safetensors")) and any(p for pattern in PICKLED for p in directory.glob(pattern)):
         raise CntinitError(f"{directory} holds its weights only in pickle files ({', '.join(sorted(p.name for pattern in PICKLED for p in directory.glob(pattern))[:2])}), "
                            "which cntinit never loads: convert them to safetensors with a tool you trust (save_pretrained writes safetensors)")
+
+
+def record(net: nn.Module, path: str | Path, fingerprint: str) -> dict:
+    """The model as the manifests record it; a pipeline with two text encoders has the SDXL layout,
+    which export's kohya names follow."""
+    entry = {"path": str(Path(path).absolute()), "class": type(net).__name__, "fingerprint": fingerprint, "kind": modality(net)}
+    if isinstance(net, pipelines.DiffusionParts) and net.text_encoder_2 is not None:
+        entry["layout"] = pipelines.SDXL
+    return entry
 
 
 def modality(model: nn.Module) -> str:

