@@ -263,7 +263,7 @@ def _kohya_name(name: str, sdxl: bool = False) -> str:
     named as the original (LDM) checkpoint is: `input_blocks.N.1.…`, `middle_block.1.…`,
     `output_blocks.N.1.…` for the diffusers `down_blocks.i.attentions.j.…` and the rest."""
     prefixes = KOHYA_SDXL_PREFIXES if sdxl else KOHYA_PREFIXES
-    component = max((p for p in prefixes if name.startswith(p)), key=len)
+    component = next(p for p in prefixes if name.startswith(p))  # "text_encoder_2." does not start with "text_encoder."
     path = name.removeprefix(component)
     if component.startswith("text_encoder") and not path.startswith(("text_model.", "text_projection")):
         path = "text_model." + path

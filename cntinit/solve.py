@@ -682,10 +682,11 @@ def _warn_if_far(options: Options, report: dict) -> None:
     """One line when an offset init changes the adapted layers' outputs as much as the offset inits
     that failed to train in the fine-tuning benchmarks (benchmarks/RESULTS.md)."""
     changes = [row["output_change"] for row in report["modules"].values() if row["output_change"] is not None]
-    if options.init != "offset" or not changes or statistics.median(changes) <= FAR_OUT_DELTA:
+    typical = statistics.median(changes) if options.init == "offset" and changes else 0.0
+    if typical <= FAR_OUT_DELTA:
         return
     warn(f"{options.mode}'s offset init changes the adapted layers' outputs on the calibration data by a median out Δ of "
-         f"{statistics.median(changes):.3g}; every offset init above {FAR_OUT_DELTA:g} failed to train in the fine-tuning "
+         f"{typical:.3g}; every offset init above {FAR_OUT_DELTA:g} failed to train in the fine-tuning "
          "benchmarks (benchmarks/RESULTS.md): solve with --init residual, which starts at the pretrained model")
 
 
