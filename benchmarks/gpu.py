@@ -17,7 +17,7 @@ tokenizer and calibration text come from the kit. Steps, most valuable first:
     speed      benchmarks/speed.py on a SmolLM2-135M-shaped model, against PEFT
     capture    benchmarks/capture_overhead.py at Llama-3.2-1B and Llama-3-8B shapes
     offload    benchmarks/offload.py: peak GPU memory of an offloaded capture (1B shape)
-    layerwise  a layerwise capture at Llama-3-70B widths (2 and 4 blocks): peak GPU memory, seconds per block
+    layerwise  a layerwise capture at Llama-3-70B widths (2 and 3 blocks): peak GPU memory, seconds per block
 
 Each step runs in its own process under a time limit (the smaller of its own and what is left
 of --budget); a step that would start with too little time left is skipped. Rows are appended
@@ -53,7 +53,7 @@ STEPS = {  # name: (seconds allowed on the GPU, what it measures)
     "inilora": (150, "IniLoRA fit, Llama-2-7B q/v shapes"),
     "speed": (210, "speed.py against PEFT, SmolLM2-135M shape"),
     "capture": (150, "capture overhead, Llama-3.2-1B and Llama-3-8B shapes"),
-    "offload": (90, "offloaded capture's peak memory, Llama-3.2-1B shape"),
+    "offload": (120, "offloaded capture's peak memory, Llama-3.2-1B shape"),
     "layerwise": (120, "layerwise capture per block, Llama-3-70B shape"),
 }
 MIN_START = 20  # seconds: a step is not started with less left
@@ -148,14 +148,28 @@ def emit(out: Path, table: str, title: str, row: dict) -> None:
 # ---------------------------------------------------------------- helpers the steps share
 
 def script(name: str, *args: str, timeout: float) -> dict:
-    """Run benchmarks/NAME with --json and return what it wrote."""
+    """Run benchmarks/NAME with --json and return what it wrote. The scripts rewrite their JSON as
+    rows complete, so one stopped at the step's limit still returns those, with "stopped" set."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         sys.stdout.flush()
-        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args, "--json", str(result)], timeout=timeout)
-        if done.returncode:  # its own output, in the log, says why
-            raise SystemExit(f"{name} failed (exit {done.returncode})")
+        child = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / name), *args, "--json", str(result)])
+        try:
+            code = child.wait(timeout=max(1, timeout))
+        except subprocess.TimeoutExpired:  # its own children (a process per setting) go when the driver ends the step's group
+            child.kill()
+            child.wait()
+            partial = json.loads(result.read_text()) if result.exists() else {"title": name, "rows": []}
+            return partial | {"stopped": f"{name} stopped at the step's limit: {len(partial['rows'])} rows kept"}
+        if code:  # its own output, in the log, says why
+            raise SystemExit(f"{name} failed (exit {code})")
         return json.loads(result.read_text())
+
+
+def stopped(result: dict) -> None:
+    """After a script's rows are emitted: fail the step if the script was stopped before its end."""
+    if result.get("stopped"):
+        raise SystemExit(result["stopped"])
 
 
 # ---------------------------------------------------------------- the steps
@@ -337,6 +351,7 @@ def step_speed(args) -> None:
     for row in result["rows"]:
         emit(args.out, "speed", f"{result['title']} (synthetic {shape}, float32)", row)
     shutil.rmtree(scratch, ignore_errors=True)
+    stopped(result)
 
 
 def step_capture(args) -> None:
@@ -348,6 +363,7 @@ def step_capture(args) -> None:
         for row in result["rows"]:
             emit(args.out, "capture", "Capture / forward (capture_overhead.py: " + " ".join(extra) + ", bf16 on GPU)",
                  {"shape": shape} | row)
+        stopped(result)
 
 
 def step_offload(args) -> None:
@@ -359,21 +375,23 @@ def step_offload(args) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="gpu-offload-"))
     shape = "tiny" if args.dry_run else "llama-1b"
     model = save_synthetic(scratch / "model", shape, args.device, torch.float32 if args.dry_run else torch.bfloat16)
-    samples = "8" if args.dry_run else "128"
+    samples = "8" if args.dry_run else "64"  # five processes each load the model: the first lease's 128 overran 90 s
     result = script("offload.py", "--model", str(model), "--data", str(embedded.data_file()), "--device", args.device,
                     "--samples", samples, timeout=args.deadline - time.time())
     for row in result["rows"]:
         emit(args.out, "offload", f"{result['title']} (synthetic {shape})", row)
     shutil.rmtree(scratch, ignore_errors=True)
+    stopped(result)
 
 
 def step_layerwise(args) -> None:
-    """Layerwise capture at Llama-3-70B widths, 2 and 4 blocks: peak GPU memory and seconds per block."""
+    """Layerwise capture at Llama-3-70B widths, 2 and 3 blocks: peak GPU memory and seconds per block."""
     extra = ["--shape", "tiny", "--blocks", "2,4", "--samples", "8", "--seq-len", "24", "--solve-offload", "1MB"] if args.dry_run else \
-            ["--shape", "llama-70b", "--blocks", "2,4", "--modes", "layerwise", "--samples", "64", "--seq-len", "512"]
+            ["--shape", "llama-70b", "--blocks", "2,3", "--modes", "layerwise", "--samples", "64", "--seq-len", "512"]  # 2 and 4 overran 120 s
     result = script("layerwise.py", "--device", args.device, *extra, timeout=args.deadline - time.time())
     for row in result["rows"]:
         emit(args.out, "layerwise", result["title"] + " (whole model ≈ fixed + 80 × one more block)", row)
+    stopped(result)
 
 
 # ---------------------------------------------------------------- the driver
@@ -411,6 +429,7 @@ def run_steps(args) -> int:
                                  start_new_session=True)
         try:
             code = child.wait(timeout=limit + 5)
+            _kill_group(child.pid)  # what the step left running (a script's children) must not run into the next step
             errors.seek(0)
             stderr = errors.read()
             log.write(stderr[-20000:])
@@ -419,7 +438,7 @@ def run_steps(args) -> int:
             results.steps[name] = {"status": status, "note": last[0][:300] if last else what}
             failures += status == "failed"
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
+            _kill_group(child.pid)
             child.wait()
             errors.seek(0)
             log.write(errors.read()[-20000:])
@@ -431,6 +450,13 @@ def run_steps(args) -> int:
         print(f"   {results.steps[name]['status']} in {results.steps[name]['seconds']:.0f} s", file=sys.stderr, flush=True)
     print(results.write())
     return 1 if failures else 0
+
+
+def _kill_group(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:  # nothing of it left
+        pass
 
 
 def main() -> None:

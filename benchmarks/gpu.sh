@@ -7,7 +7,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # a read-only site-packages has no .pyc files: each fresh process would compile transformers' and torch's
-# sources again (13 s a process on the first H100 lease); one writable cache compiles them once
+# sources again (13 s a process on the first H100 lease); one writable cache compiles them once. An environment
+# that sets PYTHONDONTWRITEBYTECODE (this project's machines do) would leave the cache empty and compile in every process
 export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-${TMPDIR:-/tmp}/cntinit-pycache}"
+unset PYTHONDONTWRITEBYTECODE
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec "${PYTHON:-python3}" benchmarks/gpu.py "$@"

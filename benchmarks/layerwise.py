@@ -1,7 +1,7 @@
 """Normal against layerwise capture of the same data at growing depth: wall time and peak memory.
 
     python benchmarks/layerwise.py                                   # CPU: Llama of width 512, 4/8/16/32 blocks
-    python benchmarks/layerwise.py --shape llama-70b --blocks 2,4 --modes layerwise --device cuda   # 70B widths, per block
+    python benchmarks/layerwise.py --shape llama-70b --blocks 2,3 --modes layerwise --device cuda   # 70B widths, per block
 
 Synthetic Llamas of one width and several depths (random weights saved as safetensors, the
 embedded model's tokenizer), all-linear, the same KJV verses. Every capture runs in a fresh
@@ -79,47 +79,60 @@ def main() -> None:
         return child(args)
     depths, modes = [int(b) for b in args.blocks.split(",")], args.modes.split(",")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    rows, results = [], {}
+    title = (f"normal vs layerwise capture: {args.shape} widths, {args.samples} KJV verses × ≤{args.seq_len} tokens, all-linear, "
+             f"{args.device}, peak {'GPU allocated' if args.device == 'cuda' else 'RSS'}")
+    results, solved = {}, []
+
+    def write():  # after every depth: a run stopped from outside keeps the depths it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps({"title": title, "rows": table_rows(results, depths, modes, args.device) + solved},
+                                                  indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         for depth in depths:
             model = save_synthetic(Path(tmp) / f"model-{depth}", args.shape, args.device, dtype, layers=depth)
             for mode in modes:
                 results[mode, depth] = measure(mode, model, Path(tmp) / f"stats-{mode}-{depth}", args)
                 Console(stderr=True).print(f"{mode} {depth} blocks: {results[mode, depth]['seconds']:.1f} s", highlight=False)
+            write()
             if depth != depths[-1]:  # only the deepest is kept (for --solve-offload)
                 for mode in modes:
                     shutil.rmtree(Path(tmp) / f"stats-{mode}-{depth}")
                 shutil.rmtree(model)
-        peak = "gpu" if args.device == "cuda" else "rss"
-        for depth in depths:
-            row = {"blocks": depth}
-            for mode in modes:
-                r = results[mode, depth]
-                row |= {f"{mode} s": f"{r['seconds']:.2f}", f"{mode} peak MiB": f"{r[peak] / 2**20:,.0f}"}
-            if len(modes) == 2:
-                row["time ratio"] = f"{results['layerwise', depth]['seconds'] / results['normal', depth]['seconds']:.2f}×"
-            rows.append(row)
-        for mode in modes:
-            low, high = results[mode, depths[0]][peak], results[mode, depths[-1]][peak]
-            rows.append({"blocks": f"{mode}: peak {depths[-1]} / {depths[0]} blocks", f"{mode} peak MiB": f"{high / low:.2f}×"})
-            if len(depths) > 1:
-                slope = (results[mode, depths[-1]]["seconds"] - results[mode, depths[-2]]["seconds"]) / (depths[-1] - depths[-2])
-                rows.append({"blocks": f"{mode}: one more block", f"{mode} s": f"{slope:.2f}"})
         if args.solve_offload:
             store = Path(tmp) / f"stats-{modes[-1]}-{depths[-1]}"
             for label, limit in (("solve", None), (f"solve --offload --max-memory cpu={args.solve_offload}", f"cpu={args.solve_offload}")):
                 r = measure("solve", store, Path(tmp) / "solved", args, limit)
-                rows.append({"blocks": f"{label} ({depths[-1]} blocks)", "layerwise s": f"{r['seconds']:.2f}",
-                             "layerwise peak MiB": f"{r['rss'] / 2**20:,.0f} (RSS)"})
-    title = (f"normal vs layerwise capture: {args.shape} widths, {args.samples} KJV verses × ≤{args.seq_len} tokens, all-linear, "
-             f"{args.device}, peak {'GPU allocated' if args.device == 'cuda' else 'RSS'}")
+                solved.append({"blocks": f"{label} ({depths[-1]} blocks)", "layerwise s": f"{r['seconds']:.2f}",
+                               "layerwise peak MiB": f"{r['rss'] / 2**20:,.0f} (RSS)"})
+                write()
+    rows = table_rows(results, depths, modes, args.device) + solved
     columns = list(dict.fromkeys(k for row in rows for k in row))
     table = Table(*columns, title=title)
     for row in rows:
         table.add_row(*(str(row.get(c, "")) for c in columns))
     Console(width=180).print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"title": title, "rows": rows}, indent=1))
+
+
+def table_rows(results: dict, depths: list[int], modes: list[str], device: str) -> list[dict]:
+    """One row per depth measured in every mode, then each mode's peak ratio and the time of one more block."""
+    peak = "gpu" if device == "cuda" else "rss"
+    depths = [d for d in depths if all((mode, d) in results for mode in modes)]
+    rows = []
+    for depth in depths:
+        row = {"blocks": depth}
+        for mode in modes:
+            r = results[mode, depth]
+            row |= {f"{mode} s": f"{r['seconds']:.2f}", f"{mode} peak MiB": f"{r[peak] / 2**20:,.0f}"}
+        if len(modes) == 2:
+            row["time ratio"] = f"{results['layerwise', depth]['seconds'] / results['normal', depth]['seconds']:.2f}×"
+        rows.append(row)
+    for mode in modes if len(depths) > 1 else []:
+        low, high = results[mode, depths[0]][peak], results[mode, depths[-1]][peak]
+        rows.append({"blocks": f"{mode}: peak {depths[-1]} / {depths[0]} blocks", f"{mode} peak MiB": f"{high / low:.2f}×"})
+        slope = (results[mode, depths[-1]]["seconds"] - results[mode, depths[-2]]["seconds"]) / (depths[-1] - depths[-2])
+        rows.append({"blocks": f"{mode}: one more block", f"{mode} s": f"{slope:.2f}"})
+    return rows
 
 
 if __name__ == "__main__":

@@ -91,6 +91,8 @@ def main() -> None:
     args.max_memory = args.max_memory or default_max_memory(args.model, args.device)
     if args.child:
         return child(args)
+    title = (f"capture memory: {args.model.name}, {args.samples} samples × {args.seq_len} tokens, {args.device}, "
+             f"--max-memory {args.max_memory}")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         rows["idle"] = measure("idle", args, Path(tmp) / "idle")
@@ -99,21 +101,24 @@ def main() -> None:
             reference, store = Store(Path(tmp) / "normal"), Store(Path(tmp) / name.replace(" ", "_"))
             rows[name]["drift"] = max(float((store.tensors(k)["xxt"].double() - reference.tensors(k)["xxt"].double()).abs().max())
                                       for k in reference.keys)
-    title = (f"capture memory: {args.model.name}, {args.samples} samples × {args.seq_len} tokens, {args.device}, "
-             f"--max-memory {args.max_memory}")
-    table_rows = []
-    for name, row in rows.items():
-        idle = name == "idle"
-        table_rows.append({"setting": "(imports only)" if idle else name, "wall s": f"{row['seconds']:.1f}",
-                           "peak RSS MiB": f"{row['rss'] / 2**20:,.0f}",
-                           "peak GPU MiB": "-" if row["gpu"] is None else f"{row['gpu'] / 2**20:,.0f}",
-                           "weights on": "-" if idle else row["where"], "max |ΔΣxxᵀ|": "-" if idle else f"{row['drift']:.1e}"})
-    table = Table(*table_rows[0], title=title)
-    for row in table_rows:
+            Console(stderr=True).print(f"{name}: {rows[name]['seconds']:.1f} s", highlight=False)
+            if args.json:  # after every setting: a run stopped from outside keeps the settings it measured
+                Path(args.json).write_text(json.dumps({"title": title, "rows": table_rows(rows)}, indent=1))
+    table = Table(*table_rows(rows)[0], title=title)
+    for row in table_rows(rows):
         table.add_row(*row.values())
     Console(width=140).print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"title": title, "rows": table_rows}, indent=1))
+
+
+def table_rows(rows: dict) -> list[dict]:
+    out = []
+    for name, row in rows.items():
+        idle = name == "idle"
+        out.append({"setting": "(imports only)" if idle else name, "wall s": f"{row['seconds']:.1f}",
+                    "peak RSS MiB": f"{row['rss'] / 2**20:,.0f}",
+                    "peak GPU MiB": "-" if row["gpu"] is None else f"{row['gpu'] / 2**20:,.0f}",
+                    "weights on": "-" if idle else row["where"], "max |ΔΣxxᵀ|": "-" if idle else f"{row['drift']:.1e}"})
+    return out
 
 
 if __name__ == "__main__":

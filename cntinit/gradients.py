@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import models
 from .errors import CntinitError
+from .finite import all_finite
 
 IGNORE = -100  # a position that predicts nothing
 
@@ -96,7 +97,7 @@ class GradientSums:
         self.loss += float(loss.detach())
 
     def check_finite(self) -> None:
-        bad = next((name for name, total in self.sums.items() if not bool(torch.isfinite(total).all())), None)
+        bad = next((name for name, total in self.sums.items() if not all_finite(total)), None)
         if bad:
             raise CntinitError(f"the gradient of {bad} came out NaN or Inf: capture with --dtype float32 (or --accumulate float64)")
 

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import re
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import pipelines
 from .errors import CntinitError, first_line, not_one_of
+from .finite import all_finite
 
 ALL_LINEAR = "all-linear"
 
@@ -276,15 +278,26 @@ def fingerprint(modules: dict[str, nn.Module], read=None, loaded: torch.dtype | 
 
     Float32 values make it independent of the dtype the model was run in. `read(name, module,
     loaded)` supplies W (out × in) where the module holds none (a layerwise capture reads it
-    from the checkpoint, in the dtype `loaded` that from_pretrained would give it).
+    from the checkpoint, in the dtype `loaded` that from_pretrained would give it). Every stage
+    hashes every target weight (274 GB of float32 for a 70B model's linear layers), so one
+    thread reads and converts the next weight while this one hashes the last.
     """
-    digest = hashlib.sha256()
-    for name in sorted(modules):
+    def values(name: str) -> torch.Tensor:
         weight = (read(name, modules[name], loaded) if read else weight_values(modules[name])).to("cpu", torch.float32).contiguous()
-        if not bool(torch.isfinite(weight).all()):  # every stage reads the weights through here: one check for all
+        if not all_finite(weight):  # every stage reads the weights through here: one check for all
             raise CntinitError(f"the weight of {name} holds NaN or Inf: the model's checkpoint is damaged; use an intact copy")
-        digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
-        digest.update(weight.numpy().tobytes())
+        return weight
+
+    digest = hashlib.sha256()
+    names = sorted(modules)
+    with ThreadPoolExecutor(1) as reader:
+        upcoming = reader.submit(values, names[0]) if names else None
+        for position, name in enumerate(names):
+            weight = upcoming.result()
+            upcoming = reader.submit(values, names[position + 1]) if position + 1 < len(names) else None
+            digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
+            digest.update(weight.numpy())  # the buffer itself: no copy
+            del weight
     return "sha256:" + digest.hexdigest()
 
 

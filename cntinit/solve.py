@@ -25,6 +25,7 @@ from . import baselines, console, distributed, gradient_modes, inilora, models, 
 from .atomic import atomic_directory
 from .console import log, progress, warn
 from .errors import CntinitError, not_one_of
+from .finite import all_finite
 
 CHUNK_BYTES = 1 << 30
 SPECTRUM_LENGTH = 128  # leading singular values of each split kept in the report (for its plot)
@@ -270,7 +271,7 @@ def _solve(world: distributed.World, capture_dir, out, options: Options, model, 
         if not world.leader:
             return Path(out)
     seconds = time.perf_counter() - started - loaded
-    overflow = next((name for name, pair in factors.items() if not all(bool(torch.isfinite(t.float()).all()) for t in pair)), None)
+    overflow = next((name for name, pair in factors.items() if not all(all_finite(t) for t in pair)), None)
     if overflow:
         raise CntinitError(f"the factors of {overflow} come out NaN or Inf (beyond float32, which the solve directory stores): "
                            "these options make the target too large; use smaller --bucket-weights or --shift-c, or a larger --rcond")

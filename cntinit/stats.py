@@ -38,13 +38,26 @@ def accumulate_upper(xxt: torch.Tensor, x: torch.Tensor) -> None:
             xxt[start:end, start:].addmm_(x[:, start:end].T, x[:, start:])
 
 
-def symmetrize(upper: torch.Tensor) -> torch.Tensor:
-    """The full symmetric matrix from one whose upper triangle is valid.
+def symmetrize(upper: torch.Tensor, tile: int = 256, in_place: bool = False) -> torch.Tensor:
+    """The full symmetric matrix (or batch of them) from one whose upper triangle is valid.
 
     Reads only the upper triangle, which every block size leaves whole, so it does not
-    depend on how (or on which device) the blocks were cut.
+    depend on how (or on which device) the blocks were cut. Tile by tile, into a new tensor or,
+    `in_place`, over the lower triangle (whose values nothing reads): at 70B widths (Σ of
+    28672², 3.3 GB) whole-matrix `triu`s and a transposed add took four copies and 7× the time
+    (`benchmarks/fixed_costs.py`).
     """
-    return upper.triu() + upper.triu(1).transpose(-2, -1)
+    n = upper.shape[-1]
+    full = upper if in_place else torch.empty_like(upper)
+    for start in range(0, n, tile):
+        end = min(n, start + tile)
+        right = upper[..., start:end, end:]
+        if not in_place:
+            full[..., start:end, end:] = right
+        full[..., end:, start:end] = right.mT  # rows below this tile: never read as `right` again
+        diagonal = upper[..., start:end, start:end]
+        full[..., start:end, start:end] = diagonal.triu() + diagonal.triu(1).mT
+    return full
 
 
 class InputStats:
@@ -64,10 +77,10 @@ class InputStats:
 
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
         """The store's tensors for this input: pooled, plus per-bucket ones when K > 1."""
-        full = torch.stack([symmetrize(b) for b in self.xxt]).cpu()
+        full = symmetrize(self.xxt, in_place=True).cpu()  # the sums' last use: their own memory, not another Σ's worth
         sums = self.sum.cpu()
         counts = torch.tensor(self.count, dtype=torch.int64)
-        out = {f"{key}.xxt": full.sum(0), f"{key}.sum": sums.sum(0), f"{key}.count": counts.sum()}
+        out = {f"{key}.xxt": full.sum(0) if len(self.count) > 1 else full[0], f"{key}.sum": sums.sum(0), f"{key}.count": counts.sum()}
         if len(self.count) > 1:
             out |= {f"{key}.bucket_xxt": full, f"{key}.bucket_sum": sums, f"{key}.bucket_count": counts}
         return out

@@ -6,7 +6,10 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
@@ -131,6 +134,33 @@ def test_gpu_run_dry_run_measures_every_step(tmp_path):
     blocks = {row["blocks"]: row for row in tables["layerwise"]}
     assert {2, 4} <= set(blocks) and all(float(blocks[b]["layerwise s"]) > 0 and float(blocks[b]["normal s"]) > 0 for b in (2, 4))
     assert "layerwise: peak 4 / 2 blocks" in blocks and "solve --offload --max-memory cpu=1MB (4 blocks)" in blocks
+
+
+def test_gpu_run_keeps_the_rows_of_a_script_stopped_at_its_step_limit(tmp_path, monkeypatch):
+    """On the GPU leases, offload.py and layerwise.py overran their steps and every row they had
+    measured was lost: the scripts now rewrite their JSON as rows complete, and the driver keeps them."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu
+
+    slow = tmp_path / "slow.py"
+    slow.write_text("import json, sys, time\n"
+                    "path = sys.argv[sys.argv.index('--json') + 1]\n"
+                    "open(path, 'w').write(json.dumps({'title': 'slow', 'rows': [{'setting': 'first', 'seconds': 1}]}))\n"
+                    "time.sleep(120)\n")
+    started = time.time()
+    result = gpu.script(str(slow), timeout=3)  # an absolute name replaces benchmarks/
+    assert time.time() - started < 60
+    assert result["rows"] == [{"setting": "first", "seconds": 1}] and "1 rows kept" in result["stopped"]
+    with pytest.raises(SystemExit, match="slow.py stopped at the step's limit"):
+        gpu.stopped(result)
+
+
+def test_fixed_costs_benchmark_compares_equal_results(tmp_path):
+    """fixed_costs.py asserts each pair of ways gives the same result before it reports their times."""
+    run_script("fixed_costs.py", "--hidden", "64", "--mlp", "96", "--kv", "32", "--json", str(tmp_path / "rows.json"), cwd=tmp_path)
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [row["what"].split()[0] for row in rows] == ["fingerprint", "finite", "Σ"]
+    assert all(float(row["naive s"]) >= 0 and float(row["cntinit s"]) >= 0 for row in rows)
 
 
 def test_startup_benchmark_help_never_imports_torch(tmp_path):

@@ -165,6 +165,14 @@ def test_export_loads_with_load_lora_weights(sd, tmp_path, format, mode, vas):
         assert_pipeline_computes(merged, pretrained, factors(solved), residual=True)
 
 
+def test_check_measures_the_files_not_float32_cancellation(sd, tmp_path):
+    """A residual cnt-x here has B@A up to 2,000× W: in float32 the written base and B@A cancel to
+    4e-4, and `--check` failed an export whose files were exact to 6e-13. It computes in float64."""
+    solved = solve(sd["stats"], tmp_path / "solve", mode="cnt-x", rank=4, init="residual")
+    out = export(solved, tmp_path / "out", format="diffusers", check=True)
+    assert json.loads((out / "manifest.json").read_text())["check"]["max_relative_error"] < 1e-10
+
+
 def test_kohya_dynamic_alphas_add_exactly_ba_as_sd_scripts_computes(sd, tmp_path):
     """sd-scripts applies up @ down · alpha / dim per module; with variable ranks the default keeps
     alpha / dim constant, so alphas vary ("Dynamic") and each module still adds exactly BA."""

@@ -12,9 +12,24 @@ from safetensors.torch import load_file, save_file
 
 from cntinit import CntinitError, Store, capture, export, solve
 from cntinit.export import verify
+from cntinit.finite import all_finite
 from cntinit.store import MANIFEST, file_entry
 
 from conftest import assert_refused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_finds_one_bad_value_anywhere_and_no_false_alarm_on_overflowing_sums(dtype):
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in (0, 4_999, 9_999):
+            t = torch.randn(100, 100).to(dtype)
+            t.view(-1)[where] = bad
+            assert not all_finite(t)
+    big = torch.finfo(dtype).max
+    assert all_finite(torch.full((64,), big, dtype=dtype))  # its sum overflows to Inf; every value is finite
+    assert all_finite(torch.tensor([big, -big], dtype=dtype))
+    assert not all_finite(torch.tensor([float("inf"), float("-inf")], dtype=dtype))  # the sum is NaN
+    assert all_finite(torch.arange(5))
 
 
 def test_check_fails_on_a_nan_adapter(captured, tmp_path):

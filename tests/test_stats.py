@@ -16,6 +16,17 @@ def test_triangular_gram_equals_full_product(rows, dim, seed):
     torch.testing.assert_close(symmetrize(upper), 5 * x.T @ x)
 
 
+@pytest.mark.parametrize("tile", [1, 7, 64, 512])
+def test_symmetrize_mirrors_exactly_the_upper_triangle_whatever_the_tile(tile):
+    upper = torch.randn(3, 150, 150, generator=torch.Generator().manual_seed(1))  # below the diagonal: noise it must ignore
+    full = symmetrize(upper, tile)
+    rows, columns = torch.triu_indices(150, 150)
+    assert torch.equal(full[:, rows, columns], upper[:, rows, columns])
+    assert torch.equal(full, full.mT)
+    in_place = upper.clone()
+    assert symmetrize(in_place, tile, in_place=True).data_ptr() == in_place.data_ptr() and torch.equal(in_place, full)
+
+
 def test_input_stats_buckets_pool_to_the_whole():
     x = torch.randn(30, 260, dtype=torch.float64)
     stats = InputStats(260, buckets=3, dtype=torch.float64, device="cpu")

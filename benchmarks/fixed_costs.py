@@ -1,0 +1,108 @@
+"""What every stage pays per weight and per statistic at 70B widths, the naive way against cntinit's, side by side.
+
+    python benchmarks/fixed_costs.py                   # Llama-3-70B widths (8192, MLP 28672), one block
+    python benchmarks/fixed_costs.py --hidden 512 --mlp 1376
+
+Every capture, solve and export fingerprints every target weight (sha256 over float32 values)
+and checks it finite; a capture turns each Σxxᵀ's upper triangle into the full matrix and checks
+it finite before writing it. At 70B widths one block holds 3.4 GB of float32 weights and a
+28672² Σ of 3.3 GB, so these costs, nothing at small widths, add up over 80 blocks. Each row
+times the naive way (cntinit's code until 2026-11-27) and cntinit's on the same tensors, in one
+process, and reads the peak memory each adds (VmHWM, reset before each call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from cntinit import models
+from cntinit.finite import all_finite
+from cntinit.stats import symmetrize
+
+
+def rss() -> int:
+    return _status("VmRSS")
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+
+
+def measured(fn) -> tuple[object, float, int]:
+    """(result, seconds, peak bytes above the memory held before the call)."""
+    with open("/proc/self/clear_refs", "w") as refs:  # resets VmHWM to the current RSS
+        refs.write("5")
+    before = rss()
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started, _status("VmHWM") - before
+
+
+def naive_symmetrize(upper: torch.Tensor) -> torch.Tensor:
+    return upper.triu() + upper.triu(1).transpose(-2, -1)
+
+
+def naive_fingerprint(modules: dict[str, torch.nn.Module]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        weight = modules[name].weight.detach().to("cpu", torch.float32).contiguous()
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(name)
+        digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
+        digest.update(weight.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=8192)
+    parser.add_argument("--mlp", type=int, default=28672)
+    parser.add_argument("--kv", type=int, default=1024, help="k/v projection width (Llama-3-70B: 8 heads × 128)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    h, m = args.hidden, args.mlp
+    torch.manual_seed(0)
+    shapes = {"q_proj": (h, h), "k_proj": (args.kv, h), "v_proj": (args.kv, h), "o_proj": (h, h),
+              "gate_proj": (m, h), "up_proj": (m, h), "down_proj": (h, m)}
+    block = {name: torch.nn.Linear(i, o, bias=False, dtype=torch.bfloat16) for name, (o, i) in shapes.items()}
+    gigabytes = sum(o * i for o, i in shapes.values()) * 4 / 1e9
+    rows = []
+
+    def compare(what: str, naive, ours, same) -> None:
+        a, naive_s, naive_peak = measured(naive)
+        b, ours_s, ours_peak = measured(ours)
+        if not same(a, b):
+            raise SystemExit(f"{what}: the two ways disagree")
+        rows.append({"what": what, "naive s": f"{naive_s:.2f}", "cntinit s": f"{ours_s:.2f}", "speed-up": f"{naive_s / ours_s:.1f}×",
+                     "naive peak MiB": f"{naive_peak / 2**20:,.0f}", "cntinit peak MiB": f"{ours_peak / 2**20:,.0f}"})
+        Console(stderr=True).print(rows[-1], highlight=False)
+
+    compare(f"fingerprint of one block's 7 weights (bf16, {gigabytes:.1f} GB as float32)",
+            lambda: naive_fingerprint(block), lambda: models.fingerprint(block), str.__eq__)
+    weight = block["down_proj"].weight.detach().float()
+    compare(f"finite check of a {h}×{m} float32 weight", lambda: bool(torch.isfinite(weight).all()), lambda: all_finite(weight),
+            bool.__eq__)
+    del weight, block
+    upper = torch.randn(m, m)
+    compare(f"Σ of {m}² from its upper triangle ({upper.numel() * 4 / 1e9:.1f} GB; cntinit's in place, as capture does)",
+            lambda: naive_symmetrize(upper), lambda: symmetrize(upper, in_place=True), torch.equal)
+    title = f"fixed costs per block at widths {h}/{m} (k/v {args.kv}), CPU ({torch.get_num_threads()} threads)"
+    table = Table(*rows[0], title=title)
+    for row in rows:
+        table.add_row(*row.values())
+    Console(width=160).print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"title": title, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
