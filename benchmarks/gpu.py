@@ -18,6 +18,7 @@ tokenizer and calibration text come from the kit. Steps, most valuable first:
     capture    benchmarks/capture_overhead.py at Llama-3.2-1B and Llama-3-8B shapes
     offload    benchmarks/offload.py: peak GPU memory of an offloaded capture (1B shape)
     layerwise  a layerwise capture at Llama-3-70B widths (2 and 3 blocks): peak GPU memory, seconds per block
+    gradients  the same with --gradients (LoRA-GA's loss gradients, backward block by block)
 
 Each step runs in its own process under a time limit (the smaller of its own and what is left
 of --budget); a step that would start with too little time left is skipped. Rows are appended
@@ -55,6 +56,7 @@ STEPS = {  # name: (seconds allowed on the GPU, what it measures)
     "capture": (150, "capture overhead, Llama-3.2-1B and Llama-3-8B shapes"),
     "offload": (120, "offloaded capture's peak memory, Llama-3.2-1B shape"),
     "layerwise": (120, "layerwise capture per block, Llama-3-70B shape"),
+    "gradients": (120, "layerwise --gradients per block, Llama-3-70B shape"),
 }
 MIN_START = 20  # seconds: a step is not started with less left
 STARTED = time.time()  # the budget counts from here: the first imports on a fresh machine take 20 s or more
@@ -384,14 +386,21 @@ def step_offload(args) -> None:
     stopped(result)
 
 
-def step_layerwise(args) -> None:
+def step_layerwise(args, gradients: bool = False) -> None:
     """Layerwise capture at Llama-3-70B widths, 2 and 3 blocks: peak GPU memory and seconds per block."""
     extra = ["--shape", "tiny", "--blocks", "2,4", "--samples", "8", "--seq-len", "24", "--solve-offload", "1MB"] if args.dry_run else \
             ["--shape", "llama-70b", "--blocks", "2,3", "--modes", "layerwise", "--samples", "64", "--seq-len", "512"]  # 2 and 4 overran 120 s
+    if gradients:
+        extra = [*extra[:extra.index("--solve-offload")], "--gradients"] if args.dry_run else [*extra, "--gradients"]
     result = script("layerwise.py", "--device", args.device, *extra, timeout=args.deadline - time.time())
     for row in result["rows"]:
-        emit(args.out, "layerwise", result["title"] + " (whole model ≈ fixed + 80 × one more block)", row)
+        emit(args.out, "gradients" if gradients else "layerwise", result["title"] + " (whole model ≈ fixed + 80 × one more block)", row)
     stopped(result)
+
+
+def step_gradients(args) -> None:
+    """Layerwise --gradients at Llama-3-70B widths: what LoRA-GA's gradients cost per block."""
+    step_layerwise(args, gradients=True)
 
 
 # ---------------------------------------------------------------- the driver

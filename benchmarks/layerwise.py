@@ -11,7 +11,8 @@ deepest) while the normal capture's grows, and layerwise wall time ≤ 1.1× the
 With two depths or more, the time of one more block is the slope between the deepest two.
 
 `--solve-offload SIZE` then solves (cnt-s) the deepest layerwise store with `--offload
---max-memory cpu=SIZE` and without, and prints each one's peak RSS.
+--max-memory cpu=SIZE` and without, and prints each one's peak RSS. `--gradients` captures the
+loss gradients too (LoRA-GA's): the whole model's backward against the block-by-block one.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def child(args) -> None:
         solve(args.model, args.out, mode="cnt-s", rank=8, offload=args.max_memory is not None, max_memory=args.max_memory)
     else:
         capture(args.model, embedded.data_file(), args.out, max_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                device=args.device, layerwise=args.child == "layerwise", overwrite=True)
+                device=args.device, layerwise=args.child == "layerwise", gradients=args.gradients, overwrite=True)
     print(json.dumps({"seconds": time.perf_counter() - started,
                       "rss": peak_rss(),
                       "gpu": torch.cuda.max_memory_allocated() if cuda else None}))
@@ -52,7 +53,8 @@ def child(args) -> None:
 
 def measure(what: str, model: Path, out: Path, args, max_memory: str | None = None) -> dict:
     command = [sys.executable, __file__, f"--child={what}", "--model", str(model), "--out", str(out), "--device", args.device,
-               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
+               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+               *(["--gradients"] if args.gradients else [])]
     done = subprocess.run(command + (["--max-memory", max_memory] if max_memory else []), capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{what} of {model.name} failed:\n{done.stderr[-3000:]}")
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--solve-offload", metavar="SIZE", help="also solve the deepest store with --offload --max-memory cpu=SIZE")
+    parser.add_argument("--gradients", action="store_true", help="capture the loss gradients too (--gradients)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -79,8 +82,8 @@ def main() -> None:
         return child(args)
     depths, modes = [int(b) for b in args.blocks.split(",")], args.modes.split(",")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    title = (f"normal vs layerwise capture: {args.shape} widths, {args.samples} KJV verses × ≤{args.seq_len} tokens, all-linear, "
-             f"{args.device}, peak {'GPU allocated' if args.device == 'cuda' else 'RSS'}")
+    title = (f"normal vs layerwise capture{' --gradients' if args.gradients else ''}: {args.shape} widths, {args.samples} KJV verses × "
+             f"≤{args.seq_len} tokens, all-linear, {args.device}, peak {'GPU allocated' if args.device == 'cuda' else 'RSS'}")
     results, solved = {}, []
 
     def write():  # after every depth: a run stopped from outside keeps the depths it measured

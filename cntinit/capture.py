@@ -321,9 +321,14 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         raise CntinitError("--activations-device says where --layerwise keeps the hidden states between blocks: add --layerwise")
     if gradient_checkpointing and not gradients:
         raise CntinitError("--gradient-checkpointing saves memory in the backward pass of --gradients: add --gradients")
-    if gradients and (layerwise or offload):
-        raise CntinitError(f"--gradients runs backward through the whole model on one device; {'--layerwise' if layerwise else '--offload'} "
-                           "keeps only part of it there: leave it out (--gradient-checkpointing saves activation memory)")
+    if gradients and offload:
+        raise CntinitError("--gradients runs backward through the whole model on one device; --offload keeps only part of it there: "
+                           "use --layerwise, which runs backward block by block")
+    if gradients and layerwise:
+        if gradient_checkpointing:
+            raise CntinitError("--gradients --layerwise recomputes each block in backward already: leave out --gradient-checkpointing")
+        if checkpoint_every:
+            raise CntinitError("--gradients --layerwise does not take --checkpoint-every yet: leave it out, or capture without --layerwise")
     share = (world.rank, world.size) if world.size > 1 else parse_shard(shard)
     if not world.leader:
         console.quiet = True  # one progress bar and log, rank 0's
@@ -346,9 +351,11 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
     if gradients:
         gradients_mod.check_model(net, kind, model)
     modules = models.select_targets(net, targets)
-    root = models.forward_root(net, list(modules))
+    root = net if gradients and layerwise else models.forward_root(net, list(modules))  # the loss needs the output layer
     if layerwise:
         layerwise_mod.chain(net, root, modules)  # refuses, before any work, a model without one chain of blocks
+        if gradients:
+            layerwise_mod.check_gradient_targets(net, root, modules)
     weights = layerwise_mod.Weights(Path(model), net) if layerwise else None
     checkpoint_dtype = layerwise_mod.load_dtype(net, weights) if layerwise else net.dtype
     model_fingerprint = models.fingerprint(modules, weights.matrix if layerwise else None, checkpoint_dtype)
@@ -388,7 +395,8 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
     } | feed.settings | ({"gradients": True} if gradients else {})
     saved = checkpoint.location(out, world.rank if world.size > 1 else None) if checkpoint_every else None
     ident = checkpoint.identity(model_fingerprint, feed.data, recorded, share, *(["layerwise"] if layerwise else []))
-    grads = gradients_mod.GradientSums(modules, ACCUMULATE[accumulate], sums_on) if gradients else None
+    # layerwise, each block's gradient sums are made and written in its turn: this one counts batches, tokens and loss
+    grads = gradients_mod.GradientSums({} if layerwise else modules, ACCUMULATE[accumulate], sums_on) if gradients else None
     if layerwise:
         parent = Path(out).absolute().parent
         parent.mkdir(parents=True, exist_ok=True)
@@ -397,7 +405,7 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         work = saved or Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.layerwise-", dir=parent)))
         setup = layerwise_mod.Setup(dev, run_dtype, weights, checkpoint_dtype, buckets, ACCUMULATE[accumulate], sample_max_norm,
                                     sums_on, activations_on, work, saved, checkpoint_every, ident)
-        payloads, written, done = layerwise_mod.capture(net, root, modules, feed, setup, world)
+        payloads, written, done = layerwise_mod.capture(net, root, modules, feed, setup, world, grads)
         module_map = {name: written.modules[name] for name in modules}
         stats = {key: written.stats[key] for key in dict.fromkeys(entry["key"] for entry in module_map.values())}
         sums = {}

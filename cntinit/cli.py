@@ -127,7 +127,7 @@ def capture(
     layerwise: bool = _flag("--layerwise", help="Read and run one block at a time (a 70B model on one GPU): the memory of one block's weights and statistics plus every batch's hidden states; the same statistics. --checkpoint-every then counts blocks."),
     activations_device: Optional[str] = typer.Option(None, "--activations-device", help="--layerwise: where the hidden states wait between blocks: cpu keeps them off the GPU (default: --device)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Capture only share I of N of the data (I/N, e.g. 0/4), for array jobs; `cntinit merge` of all N equals one run."),
-    gradients: bool = _flag("--gradients", help="Causal LMs: also sum each target weight's gradient of the next-token loss (padding and prompts carry no label), in the same pass, for --mode lora-ga and lora-one."),
+    gradients: bool = _flag("--gradients", help="Causal LMs: also sum each target weight's gradient of the next-token loss (padding and prompts carry no label), in the same pass, for --mode lora-ga and lora-one. With --layerwise, backward runs block by block."),
     gradient_checkpointing: bool = _flag("--gradient-checkpointing", help="--gradients: recompute each block's activations during backward instead of keeping them (less memory, about one more forward)."),
     overwrite: bool = _flag("--overwrite", help="Replace --out even if it is a store of another model or another cntinit output (never a folder or file of yours)."),
     trust_remote_code: bool = _flag("--trust-remote-code", help="Allow the model directory's own Python code to run."),

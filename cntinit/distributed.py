@@ -83,7 +83,7 @@ def add_across_ranks(world: World, stats: dict[str, InputStats], counters: list[
     if grads is not None:
         for total in grads.sums.values():
             dist.all_reduce(total)
-        loss = torch.tensor([grads.loss], dtype=torch.float64, device=next(iter(grads.sums.values())).device)
+        loss = torch.tensor([grads.loss], dtype=torch.float64, device=_device())
         dist.all_reduce(loss)
         grads.loss = float(loss)
         grads.tokens, grads.batches, *counters = _summed([grads.tokens, grads.batches, *counters])
@@ -91,13 +91,19 @@ def add_across_ranks(world: World, stats: dict[str, InputStats], counters: list[
     return _summed(counters)
 
 
+def _device() -> torch.device:
+    """Where the backend takes tensors to add: the process's GPU under nccl, else the CPU."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _summed(counters: list[int]) -> list[int]:
     import torch.distributed as dist
 
     if not counters:
         return []
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    totals = torch.tensor(counters, dtype=torch.int64, device=device)
+    totals = torch.tensor(counters, dtype=torch.int64, device=_device())
     dist.all_reduce(totals)
     return totals.tolist()
 
@@ -161,7 +167,7 @@ def gather_factors(world: World, factors: dict[str, tuple[torch.Tensor, ...]], r
     layout = {name: [(tuple(t.shape), t.dtype) for t in pair] for name, pair in factors.items()}
     gathered = [None] * world.size if world.leader else None
     dist.gather_object((rows, layout), gathered, dst=0)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = _device()
     if not world.leader:
         for pair in factors.values():
             for tensor in pair:

@@ -85,16 +85,20 @@ class GradientSums:
         `backward_context()`: a checkpointed forward runs again there)."""
         with torch.enable_grad():
             no_cache = {"use_cache": False} if hasattr(net.config, "use_cache") else {}  # a checkpointed block must not append to a cache twice
-            logits = net(**inputs, **no_cache).logits
-            wanted = labels(inputs["input_ids"], mask, targets).to(logits.device)
-            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), wanted.flatten(), ignore_index=IGNORE, reduction="sum")
-            count = int((wanted != IGNORE).sum())
+            loss, count = self.loss_of(net(**inputs, **no_cache).logits, inputs["input_ids"], mask, targets)
             if count:
                 with backward_context():
                     (loss / count).backward()
-                self.batches += 1
+
+    def loss_of(self, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor | None) -> tuple:
+        """(Σ token losses, predicted tokens) of one batch, counted into the totals."""
+        wanted = labels(ids, mask, targets).to(logits.device)
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), wanted.flatten(), ignore_index=IGNORE, reduction="sum")
+        count = int((wanted != IGNORE).sum())
+        self.batches += int(count > 0)
         self.tokens += count
         self.loss += float(loss.detach())
+        return loss, count
 
     def check_finite(self) -> None:
         bad = next((name for name, total in self.sums.items() if not all_finite(total)), None)

@@ -12,6 +12,10 @@ last pass that replays the final hidden states (after them: BERT's pooler).
 
 A checkpoint holds the finished blocks' payloads and the hidden states entering the next block,
 so a stopped run resumes at that block.
+
+With gradients, the way up keeps each block's inputs and records nothing; the model's head
+gives the loss's gradient at the last block's output; the way down recomputes each block from
+its inputs with the hooks on and runs its backward, as activation checkpointing does per block.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from . import checkpoint, console, distributed, store
 from .atomic import atomic_file
 from .console import log, warn
 from .errors import CntinitError
+from .gradients import GradientSums
 
 HIDDEN = "hidden-{}.safetensors"
 
@@ -156,6 +161,15 @@ def chain(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module]) -> tup
     return prefix, find_blocks(root, [name.removeprefix(prefix) for name in modules])
 
 
+def check_gradient_targets(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """--gradients --layerwise runs backward through the blocks only: every target must lie in one."""
+    prefix, path = chain(net, root, modules)
+    outside = next((name for name in modules if not name.removeprefix(prefix).startswith(path + ".")), None)
+    if outside:
+        raise CntinitError(f"--gradients --layerwise takes targets inside the repeated blocks ({prefix}{path}); {outside} lies "
+                           "outside them: leave it out of --targets, or capture without --layerwise")
+
+
 def _materialize(root: nn.Module, names: list[str], prefix: str, weights: Weights, loaded: torch.dtype, device: torch.device,
                  run_dtype: torch.dtype, what: str) -> None:
     """Put root's tensors `names` on `device` in `run_dtype`: meta ones read from the checkpoint (rounded
@@ -237,6 +251,8 @@ class Batch:
     mask: torch.Tensor | None
     hidden: torch.Tensor  # entering the current block
     calls: list[Call] = field(default_factory=list)  # one per block
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # --gradients: each block's hidden states, for its backward
+    grad: torch.Tensor | None = None  # --gradients: ∂(mean loss)/∂(the current block's output); None when it predicts nothing
 
 
 class Blocks:
@@ -248,6 +264,7 @@ class Blocks:
         self.blocks, self.form = blocks, form
         self.calls: list[tuple[int, torch.Tensor, Call]] = []
         self.final: torch.Tensor | None = None
+        self.output = None  # what the model returned, when it ran to its end
         self.stop_after = len(blocks) - 1
 
     def __enter__(self) -> "Blocks":
@@ -272,10 +289,10 @@ class Blocks:
         return self.form.wrap(hidden)
 
     def run(self, root: nn.Module, inputs: dict, final: torch.Tensor | None = None, stop_after: int | None = None) -> list:
-        self.calls, self.final = [], final
+        self.calls, self.final, self.output = [], final, None
         self.stop_after = len(self.blocks) - 1 if stop_after is None else stop_after
         try:
-            root(**inputs)
+            self.output = root(**inputs)
         except _Stop:
             pass
         return self.calls
@@ -332,9 +349,16 @@ class Setup:
 
 
 def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed, setup: Setup,
-            world: distributed.World) -> tuple[store.Payloads, Written, int]:
+            world: distributed.World, grads: GradientSums | None = None) -> tuple[store.Payloads, Written, int]:
     """Capture `modules` block by block; returns the payloads written into `setup.work` (none but
-    rank 0's under torchrun), their manifest records, and this process's real tokens (or samples)."""
+    rank 0's under torchrun), their manifest records, and this process's real tokens (or samples).
+
+    With `grads` (--gradients; it counts the batches, tokens and loss) the blocks run forward with
+    no hooks, keeping each block's input; the model's head turns the last block's output into the
+    next-token loss and its gradient; then the blocks run again in reverse, each recomputed from
+    its kept input with hooks on its targets (the statistics) and backward from the gradient of
+    its output (the targets' weight gradients, and the gradient of its input for the block below).
+    """
     from .capture import Interrupted, Recorder, _stop_requests, exact_float32, shared_input_groups
 
     s = setup
@@ -348,6 +372,8 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
         _materialize(root, inside, prefix, s.weights, s.loaded, s.dev, s.run_dtype, what)
 
     load("", "outside the blocks")
+    if grads is not None:
+        net.requires_grad_(False)  # only the targets' weights take gradients, each within its block's turn
     accepts_cache = "use_cache" in inspect.signature(root.forward).parameters
     resumed = _resume(s.saved, s.ident, world) if s.saved is not None else None
     first_block = resumed["block"] if resumed else 0
@@ -360,13 +386,16 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
     def recorder(targets: dict, groups: list[list[str]]) -> Recorder:
         return Recorder(targets, groups, s.buckets, s.accumulate, s.dev, s.sample_max_norm, s.sums_on)
 
-    def finish(record: Recorder) -> None:
-        """Sum `record` across processes, check it, hand its statistics to the payloads and free them."""
+    def finish(record: Recorder, taken: GradientSums | None = None) -> None:
+        """Sum `record` across processes, check it, hand its statistics (and `taken`'s gradients,
+        beside their key's) to the payloads and free them."""
         if world.size > 1:
-            distributed.add_across_ranks(world, record.stats, [], last=False)
+            distributed.add_across_ranks(world, record.stats, [], taken, last=False)
         if not record.stats:  # a block without targets, run for the hidden states it passes on
             return
         record.check_finite()
+        if taken is not None:
+            taken.check_finite()
         silent = [name for name, entry in record.module_map.items() if sum(record.stats[entry["key"]].count) == 0]
         if silent:
             raise CntinitError(f"targets never ran in the forward pass: {', '.join(silent[:5])}: drop them from --targets")
@@ -374,7 +403,8 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
             written.stats[key] = {"dim": stats.dim, "count": sum(stats.count),
                                   "modules": [n for n, e in record.module_map.items() if e["key"] == key]}
             if world.leader:
-                payloads.add(key, stats.tensors(key))
+                readers = written.stats[key]["modules"] if taken is not None else []
+                payloads.add(key, stats.tensors(key) | {n: t for name in readers for n, t in taken.tensors(name).items()})
         if world.leader:
             payloads.flush()  # a file per block: host memory holds one block's statistics at most
         written.modules |= record.module_map
@@ -399,7 +429,7 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
         before = {n: m for n, m in outside.items() if n in ran}
         after = {n: m for n, m in outside.items() if n not in ran}
         targeted = [i for i in range(len(blocks)) if any(n.startswith(f"{prefix}{path}.{i}.") for n in modules)]
-        end = len(blocks) if after else targeted[-1] + 1  # blocks past the last target need not run
+        end = len(blocks) if after or grads is not None else targeted[-1] + 1  # blocks past the last target need not run (but for the loss)
 
         # One pass that computes no block: every block's call for every batch, and the targets before the blocks.
         batches: list[Batch] = []
@@ -428,13 +458,15 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
         # Each block over every batch.
         groups_by_layout: dict[frozenset, list[list[str]]] = {}
         with console.progress() as bar, _stop_requests(s.saved is not None) as stop:
-            task = bar.add_task(f"blocks of {path}", total=end * len(batches), completed=first_block * len(batches))
+            backward = len(blocks) - targeted[0] if grads is not None else 0
+            task = bar.add_task(f"blocks of {path}" + (", then back down" if backward else ""), total=(end + backward) * len(batches),
+                                completed=first_block * len(batches))
             for index in range(first_block, end):
                 block = blocks[index]
                 if index > 0:
                     load(f"{path}.{index}", f"block {index} of {path}")
                 local = f"{prefix}{path}.{index}."
-                targets = {name: m for name, m in modules.items() if name.startswith(local)}
+                targets = {name: m for name, m in modules.items() if name.startswith(local) and grads is None}  # with grads: on the way back
                 layout = frozenset(name.removeprefix(local) for name in targets)
                 if layout not in groups_by_layout:  # blocks of one class share their inputs alike: grouped once
                     sample = batches[0]
@@ -443,9 +475,12 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                 with recorder(targets, [[local + name for name in g] for g in groups_by_layout[layout]]) as record:
                     for batch in batches:
                         record.begin(batch.size, batch.mask, batch.bucket)
+                        if grads is not None and index >= targeted[0]:
+                            batch.inputs[index] = batch.hidden
                         output = _call_to(batch.calls[index], s.dev, {}).run(block, batch.hidden.to(s.dev))
                         batch.hidden = form.hidden(output).to(s.activations_on)
-                        batch.calls[index] = None  # this block's masks and positions are done with
+                        if grads is None or index < targeted[0]:
+                            batch.calls[index] = None  # this block's masks and positions are done with
                         bar.advance(task)
                 finish(record)
                 block.to("meta")
@@ -459,6 +494,33 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                 if stop:
                     raise Interrupted(f"stopped by {stop[0]} after block {index + 1} of {end}; the checkpoint at {s.saved} "
                                       "keeps them: run the same command to resume")
+            # --gradients: the loss and its gradient, then each block again from the top down, to the first target.
+            if grads is not None:
+                _loss_gradients(net, blocks, form, batches, feed, inputs_of, grads, s)
+                for index in reversed(range(targeted[0], len(blocks))):
+                    load(f"{path}.{index}", f"block {index} of {path}")
+                    block = blocks[index]
+                    local = f"{prefix}{path}.{index}."
+                    targets = {name: m for name, m in modules.items() if name.startswith(local)}
+                    sample = batches[0]
+                    groups = shared_input_groups(targets, lambda: _call_to(sample.calls[index], s.dev, {}).run(
+                        block, sample.inputs[index].to(s.dev))) if targets else []
+                    taken = GradientSums(targets, s.accumulate, s.sums_on)
+                    with recorder(targets, groups) as record, taken.taking(block), torch.enable_grad():
+                        for batch in batches:
+                            record.begin(batch.size, batch.mask, batch.bucket)
+                            hidden = batch.inputs.pop(index).to(s.dev).requires_grad_(index > targeted[0])
+                            output = form.hidden(_call_to(batch.calls[index], s.dev, {}).run(block, hidden))
+                            if batch.grad is not None:
+                                output.backward(batch.grad.to(s.dev))
+                            batch.grad = hidden.grad.to(s.activations_on) if batch.grad is not None and index > targeted[0] else None
+                            batch.calls[index] = None
+                            bar.advance(task)
+                    finish(record, taken)
+                    block.to("meta")
+                    _give_back_freed_memory()
+                    if s.dev.type == "cuda":
+                        torch.cuda.empty_cache()
 
         # Targets after the blocks, from the last block's outputs.
         if after:
@@ -471,6 +533,22 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                         stubs.run(root, inputs_of(raw), final=batch.hidden.to(s.dev))
                 finish(late)
     return payloads, written, done
+
+
+def _loss_gradients(net: nn.Module, blocks: nn.ModuleList, form: Format, batches: list[Batch], feed, inputs_of, grads: GradientSums,
+                    s: Setup) -> None:
+    """Each batch's next-token loss from the last block's output, through what follows the blocks
+    (final norm, output layer), and its gradient with respect to that output: `batch.grad`."""
+    with Blocks(blocks, form) as stubs, torch.enable_grad():
+        for batch, (_, raw, mask, targets) in zip(batches, feed.batches()):
+            final = batch.hidden.to(s.dev).requires_grad_()
+            inputs = inputs_of(raw)
+            stubs.run(net, inputs, final=final)
+            loss, count = grads.loss_of(stubs.output.logits, inputs["input_ids"], mask, targets)
+            if count:
+                (loss / count).backward()
+            batch.grad = final.grad.to(s.activations_on) if count else None
+            batch.hidden = None
 
 
 def _give_back_freed_memory() -> None:

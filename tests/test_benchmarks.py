@@ -92,7 +92,7 @@ def test_gpu_run_dry_run_measures_every_step(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert {name: step["status"] for name, step in results["steps"].items()} == {
         "tests": "ok", "solve": "ok", "primitives": "ok", "inilora": "ok", "speed": "ok", "capture": "ok", "offload": "ok",
-        "layerwise": "ok"}
+        "layerwise": "ok", "gradients": "ok"}
     tables = {name: table["rows"] for name, table in results["tables"].items()}
     markdown = (out / "results.md").read_text()
     assert all(table["title"] in markdown for table in results["tables"].values())
@@ -134,6 +134,9 @@ def test_gpu_run_dry_run_measures_every_step(tmp_path):
     blocks = {row["blocks"]: row for row in tables["layerwise"]}
     assert {2, 4} <= set(blocks) and all(float(blocks[b]["layerwise s"]) > 0 and float(blocks[b]["normal s"]) > 0 for b in (2, 4))
     assert "layerwise: peak 4 / 2 blocks" in blocks and "solve --offload --max-memory cpu=1MB (4 blocks)" in blocks
+    backward = {row["blocks"]: row for row in tables["gradients"]}  # layerwise.py --gradients: the whole model's backward and the blockwise one
+    assert "--gradients" in results["tables"]["gradients"]["title"]
+    assert all(float(backward[b]["layerwise s"]) > 0 and float(backward[b]["normal s"]) > 0 for b in (2, 4))
 
 
 def test_gpu_run_keeps_the_rows_of_a_script_stopped_at_its_step_limit(tmp_path, monkeypatch):

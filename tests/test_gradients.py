@@ -216,10 +216,59 @@ def test_lora_one_follows_the_paper(tiny, calibration, tmp_path):
         assert row["delta_norm"] == pytest.approx(float(grad.norm()), rel=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_layerwise_gradients_equal_the_whole_model_s(kind, tiny, tmp_path):
+    """--gradients --layerwise: forward block by block, the loss from the last block's output, then
+    backward block by block from each kept input: the same gradient and statistics as the capture
+    that runs the whole model, and the float64 reference (GPT-2: Conv1D weights, tuple outputs).
+    Prompt/completion records, one per batch, with the hidden states waiting on the CPU."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    prompted = _jsonl(tmp_path / "pc.jsonl", [{"prompt": t[: len(t) // 2], "completion": t[len(t) // 2 :]} for t in TEXTS])
+    targets = TARGETS if kind == "llama" else "c_attn,c_proj"
+    for name, source, batch in (("text", data, 5), ("prompted", prompted, 1)):
+        whole = Store(capture(tiny[kind], source, tmp_path / f"{name}-whole", targets=targets, batch_size=batch, gradients=True,
+                              accumulate="float64"))
+        layerwise = Store(capture(tiny[kind], source, tmp_path / f"{name}-layerwise", targets=targets, batch_size=batch, gradients=True,
+                                  accumulate="float64", layerwise=True, activations_device="cpu"))
+        assert layerwise.manifest["gradients"] == whole.manifest["gradients"]
+        assert layerwise.manifest["modules"] == whole.manifest["modules"] and layerwise.keys == whole.keys
+        for module in whole.manifest["modules"]:
+            assert _close(layerwise.gradient(module), whole.gradient(module).double(), 1e-6), module
+        for key in whole.keys:
+            for part, value in whole.tensors(key).items():
+                torch.testing.assert_close(layerwise.tensors(key)[part], value, rtol=1e-6, atol=1e-6)
+    reference, count = _reference_batches(tiny[kind], TEXTS, 5, whole.manifest["modules"])
+    text = Store(tmp_path / "text-layerwise")
+    assert text.manifest["gradients"]["batches"] == count
+    for module, expected in reference.items():
+        assert _close(text.gradient(module), expected if kind == "llama" else expected.T, 1e-5), module  # Conv1D holds Wᵀ
+
+
+def test_smollm2_layerwise_gradients_equal_the_whole_model_s(smollm2, tmp_path):
+    """Real weights (30 blocks, GQA, the output layer tied to the embeddings, read from their one
+    stored copy): targets in blocks 3 and 15, so the backward runs through the 15 blocks above."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS[:6]])
+    targets = r"re:model\.layers\.(3|15)\.(self_attn\.q_proj|mlp\.down_proj)"
+    whole = Store(capture(smollm2, data, tmp_path / "whole", targets=targets, batch_size=3, gradients=True))
+    layerwise = Store(capture(smollm2, data, tmp_path / "layerwise", targets=targets, batch_size=3, gradients=True, layerwise=True))
+    assert layerwise.manifest["gradients"]["tokens"] == whole.manifest["gradients"]["tokens"]
+    assert layerwise.manifest["gradients"]["mean_loss"] == pytest.approx(whole.manifest["gradients"]["mean_loss"], rel=1e-6)
+    for module in whole.manifest["modules"]:
+        assert _close(layerwise.gradient(module), whole.gradient(module).double(), 1e-5), module
+    for key in whole.keys:
+        torch.testing.assert_close(layerwise.tensors(key)["xxt"], whole.tensors(key)["xxt"], rtol=1e-5, atol=1e-4)
+
+
 def test_gradient_refusals(tiny, captured, calibration, tmp_path, capsys):
     assert_refused(capsys, ["capture", tiny["bert"], "--data", calibration, "--gradients"], "causal language model", tmp_path / "a")
     assert_refused(capsys, ["capture", tiny["llama"], "--data", calibration, "--gradient-checkpointing"], "add --gradients", tmp_path / "b")
-    assert_refused(capsys, ["capture", tiny["llama"], "--data", calibration, "--gradients", "--layerwise"], "leave it out", tmp_path / "c")
+    assert_refused(capsys, ["capture", tiny["llama"], "--data", calibration, "--gradients", "--offload"], "use --layerwise", tmp_path / "c")
+    for option, message in ((["--gradient-checkpointing"], "leave out --gradient-checkpointing"),
+                            (["--checkpoint-every", "1"], "does not take --checkpoint-every yet")):
+        assert_refused(capsys, ["capture", tiny["llama"], "--data", calibration, "--gradients", "--layerwise", *option], message,
+                       tmp_path / "c")
+    assert_refused(capsys, ["capture", tiny["llama"], "--data", calibration, "--gradients", "--layerwise", "--targets", "v_proj,lm_head"],
+                   "lm_head lies outside them", tmp_path / "c")
     assert_refused(capsys, ["capture", tiny["llama"], "--data", calibration, "--gradients", "--pack", "--data",
                             _jsonl(tmp_path / "pc.jsonl", [{"prompt": "a", "completion": "b"}])], "leave out --pack", tmp_path / "d")
     assert_refused(capsys, ["solve", captured["llama"], "--mode", "lora-ga"], "capture again with --gradients", tmp_path / "e")

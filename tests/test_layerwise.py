@@ -214,6 +214,28 @@ def test_torchrun_layerwise_equals_one_process(tiny, calibration, tmp_path):
     assert_same_store(one, tmp_path / "two", tolerance=1e-5)  # float32 sums added in another order
 
 
+def test_torchrun_layerwise_gradients_equal_one_process(tiny, calibration, tmp_path):
+    """--gradients --layerwise under torchrun: each block's gradient sums are added across the
+    processes with its statistics, the loss counters at the end."""
+    options = ["--targets", "q_proj,down_proj", "--seq-len", "32", "--batch-size", "8", "--gradients", "--layerwise"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "cntinit", "capture", str(tiny["llama"]), "--data", str(calibration), *options,
+                           "--out", str(tmp_path / "two")], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = capture(tiny["llama"], calibration, tmp_path / "one", targets="q_proj,down_proj", seq_len=32, batch_size=8, gradients=True,
+                  layerwise=True)
+    assert_same_store(one, tmp_path / "two", tolerance=1e-5)  # the statistics do not depend on how the batches were formed
+    shards = [capture(tiny["llama"], calibration, tmp_path / f"shard{i}", targets="q_proj,down_proj", seq_len=32, batch_size=8,
+                      gradients=True, layerwise=True, shard=f"{i}/2") for i in range(2)]
+    merged, two = Store(merge(shards, tmp_path / "merged")), Store(tmp_path / "two")  # the ranks' batches are the shards'
+    assert two.manifest["gradients"] == merged.manifest["gradients"] | {"mean_loss": two.manifest["gradients"]["mean_loss"]}
+    assert two.manifest["gradients"]["mean_loss"] == pytest.approx(merged.manifest["gradients"]["mean_loss"], rel=1e-6)
+    for name in merged.manifest["modules"]:
+        want = merged.gradient(name).double()
+        assert float((two.gradient(name).double() - want).norm() / want.norm()) < 1e-5, name
+
+
 def test_refusals(tiny, calibration, tmp_path, capsys):
     base = ["capture", tiny["llama"], "--data", calibration]
     assert_refused(capsys, [*base, "--layerwise", "--offload"], "--layerwise already reads one block at a time", tmp_path / "a")
