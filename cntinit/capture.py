@@ -20,7 +20,7 @@ import torch
 from rich.progress import TextColumn
 from torch import nn
 
-from . import checkpoint, console, distributed, feeds, models, store
+from . import checkpoint, console, distributed, feeds, fingerprints, models, store
 from . import gradients as gradients_mod
 from . import layerwise as layerwise_mod
 from .atomic import atomic_directory
@@ -358,7 +358,7 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
             layerwise_mod.check_gradient_targets(net, root, modules)
     weights = layerwise_mod.Weights(Path(model), net) if layerwise else None
     checkpoint_dtype = layerwise_mod.load_dtype(net, weights) if layerwise else net.dtype
-    model_fingerprint = models.fingerprint(modules, weights.matrix if layerwise else None, checkpoint_dtype)
+    model_fingerprint = fingerprints.fingerprint(modules, weights.matrix if layerwise else None, checkpoint_dtype)
     store.check_out(out, model_fingerprint, overwrite)
     run_dtype = net.dtype if placement is not None else models.resolve_dtype(dtype, checkpoint_dtype, dev)
     if kind == "text":

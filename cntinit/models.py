@@ -7,11 +7,9 @@ An attachment point is a linear map y = W x (+ b): `nn.Linear`, or transformers'
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import re
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +18,8 @@ import transformers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import pipelines
+from . import fingerprints, pipelines
 from .errors import CntinitError, first_line, not_one_of
-from .finite import all_finite
 
 ALL_LINEAR = "all-linear"
 
@@ -273,34 +270,6 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
     return in_features, out_features
 
 
-def fingerprint(modules: dict[str, nn.Module], read=None, loaded: torch.dtype | None = None) -> str:
-    """sha256 over the names, shapes and float32 values of the target weights, which must be finite.
-
-    Float32 values make it independent of the dtype the model was run in. `read(name, module,
-    loaded)` supplies W (out × in) where the module holds none (a layerwise capture reads it
-    from the checkpoint, in the dtype `loaded` that from_pretrained would give it). Every stage
-    hashes every target weight (274 GB of float32 for a 70B model's linear layers), so one
-    thread reads and converts the next weight while this one hashes the last.
-    """
-    def values(name: str) -> torch.Tensor:
-        weight = (read(name, modules[name], loaded) if read else weight_values(modules[name])).to("cpu", torch.float32).contiguous()
-        if not all_finite(weight):  # every stage reads the weights through here: one check for all
-            raise CntinitError(f"the weight of {name} holds NaN or Inf: the model's checkpoint is damaged; use an intact copy")
-        return weight
-
-    digest = hashlib.sha256()
-    names = sorted(modules)
-    with ThreadPoolExecutor(1) as reader:
-        upcoming = reader.submit(values, names[0]) if names else None
-        for position, name in enumerate(names):
-            weight = upcoming.result()
-            upcoming = reader.submit(values, names[position + 1]) if position + 1 < len(names) else None
-            digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
-            digest.update(weight.numpy())  # the buffer itself: no copy
-            del weight
-    return "sha256:" + digest.hexdigest()
-
-
 def load_matching(path: str | Path, names: list[str], expected: str, trust_remote_code: bool = False,
                   placement: Placement | None = None):
     """(model, tokenizer, modules) from `path`, refusing weights whose fingerprint over `names` is not `expected`."""
@@ -310,7 +279,7 @@ def load_matching(path: str | Path, names: list[str], expected: str, trust_remot
     if missing:
         raise CntinitError(f"{path} has no module {missing[0]} that the capture recorded: pass --model with the captured model")
     modules = {name: named[name] for name in names}
-    if fingerprint(modules) != expected:
+    if fingerprints.fingerprint(modules, scheme=fingerprints.scheme_of(expected)) != expected:
         raise CntinitError(
             f"the weights at {path} differ from the ones captured (fingerprint mismatch): "
             "capture again with these weights, or pass --model with the captured ones"

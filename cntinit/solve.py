@@ -21,7 +21,7 @@ from rich.progress import Progress
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from . import baselines, console, distributed, gradient_modes, inilora, models, modes, quant, solution, store, vas
+from . import baselines, console, distributed, fingerprints, gradient_modes, inilora, models, modes, quant, solution, store, vas
 from .atomic import atomic_directory
 from .console import log, progress, warn
 from .errors import CntinitError, not_one_of
@@ -372,7 +372,7 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
         record = dict(captured["model"], path=str(model_path.absolute()))
         if len(names) < len(modules):  # a subset: exports check the weights of the modules solved
             modules = {name: modules[name] for name in names}
-            record["fingerprint"] = models.fingerprint(modules)
+            record["fingerprint"] = fingerprints.fingerprint(modules)
         return stats, modules, record, f"{model_path} and the statistics of {capture_dir}"
     if options.mode in modes.GRADIENT_MODES:
         raise CntinitError(f"--mode {options.mode} needs loss gradients: give the directory `cntinit capture --gradients` wrote")
@@ -382,7 +382,7 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
         raise CntinitError("give a capture directory, or --model MODEL for a data-free mode (lora, pissa, milora, olora, inilora*)")
     net, _ = models.load(model, trust_remote_code, placement)
     modules = models.select_targets(net, targets or models.ALL_LINEAR)
-    return None, modules, models.record(net, model, models.fingerprint(modules)), str(model)
+    return None, modules, models.record(net, model, fingerprints.fingerprint(modules)), str(model)
 
 
 def _bucket_weights(options: Options, buckets: int) -> list[float]:

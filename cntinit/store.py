@@ -27,6 +27,7 @@ from . import __version__, manifests
 from .atomic import atomic_directory, check_writable
 from .console import warn
 from .errors import CntinitError
+from .fingerprints import scheme_of
 from .finite import all_finite
 
 FORMAT = "cntinit.stats"
@@ -279,7 +280,11 @@ def check_out(out: str | Path, model_fingerprint: str, overwrite: bool, format: 
     if overwrite or not any(out.iterdir()):
         return
     manifest = read_manifest(out, format)
-    if manifest is None or manifest.get("model", {}).get("fingerprint") != model_fingerprint:
+    recorded = manifest.get("model", {}).get("fingerprint") if manifest is not None else None
+    if isinstance(recorded, str) and recorded != model_fingerprint and scheme_of(recorded) != scheme_of(model_fingerprint):
+        raise CntinitError(f"--out {out} is {what} an earlier cntinit wrote, whose weight fingerprint is of another kind, so whether it "
+                           "is of this model cannot be told: choose another path or pass --overwrite to replace it")
+    if manifest is None or recorded != model_fingerprint:
         raise CntinitError(f"--out {out} is {what_it_is(out) if manifest is None else what + ' of another model'}, "
                            f"not {what} of this model: choose another path or pass --overwrite to replace it")
 
@@ -339,6 +344,9 @@ def merge(directories: list[str | Path], out: str | Path, overwrite: bool = Fals
         other = store.manifest
         if other["modules"] != first["modules"]:
             raise CntinitError(f"{store.path} has other target modules than {stores[0].path}: capture both with the same --targets")
+        if scheme_of(other["model"]["fingerprint"]) != scheme_of(first["model"]["fingerprint"]):
+            raise CntinitError(f"{store.path} and {stores[0].path} were captured by different cntinit versions, whose weight fingerprints "
+                               "are of different kinds, so whether they are of one model cannot be told: capture them again with one version")
         if other["model"]["fingerprint"] != first["model"]["fingerprint"]:
             raise CntinitError(f"{store.path} was captured from other model weights than {stores[0].path}: merge stores of one model only")
         if other["capture"]["buckets"] != first["capture"]["buckets"]:
