@@ -90,7 +90,7 @@ def main() -> None:
 
     compare(f"fingerprint of one block's 7 weights (bf16, {gigabytes:.1f} GB as float32), one stream (stores before 2026-11-27)",
             lambda: naive_fingerprint(block), lambda: fingerprints.fingerprint(block, scheme=fingerprints.LEGACY), str.__eq__)
-    compare(f"fingerprint of the same weights, a sha256 per weight ({min(fingerprints.MAX_THREADS, os.cpu_count() or 1)} threads)",
+    compare(f"fingerprint of the same weights, a sha256 per weight ({min(fingerprints.MAX_THREADS, len(os.sched_getaffinity(0)))} threads)",
             lambda: naive_fingerprint(block), lambda: fingerprints.fingerprint(block), None)
     weight = block["down_proj"].weight.detach().float()
     compare(f"finite check of a {h}×{m} float32 weight", lambda: bool(torch.isfinite(weight).all()), lambda: all_finite(weight),

@@ -55,10 +55,18 @@ def fingerprint(modules: dict[str, nn.Module], read: Callable | None = None, loa
         raise CntinitError(f"a fingerprint of kind {scheme!r} was recorded, which this cntinit does not know: use the cntinit that "
                            "wrote it, or capture again")
     # an offloaded model moves each weight in and out through its hooks: one at a time
-    threads = 1 if any(getattr(m, "_hf_hook", None) is not None for m in modules.values()) else min(MAX_THREADS, os.cpu_count() or 1)
+    threads = 1 if any(getattr(m, "_hf_hook", None) is not None for m in modules.values()) else min(MAX_THREADS, _cores())
     with ThreadPoolExecutor(threads) as pool:  # hashlib and torch release the GIL: the weights are hashed side by side
         digests = list(pool.map(lambda name: _hash(hashlib.sha256(), name, weight(name)).hexdigest(), names))
     return f"{SCHEME}:{hashlib.sha256(''.join(d + chr(10) for d in digests).encode()).hexdigest()}"
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container's share, where os.cpu_count() says the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def scheme_of(recorded: str) -> str:
