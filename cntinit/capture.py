@@ -353,9 +353,9 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
     modules = models.select_targets(net, targets)
     root = net if gradients and layerwise else models.forward_root(net, list(modules))  # the loss needs the output layer
     if layerwise:
-        layerwise_mod.chain(net, root, modules)  # refuses, before any work, a model without one chain of blocks
+        prefix, path = layerwise_mod.chain(net, root, modules)  # refuses, before any work, a model without one chain of blocks
         if gradients:
-            layerwise_mod.check_gradient_targets(net, root, modules)
+            layerwise_mod.check_gradient_targets(modules, prefix, path)
     weights = layerwise_mod.Weights(Path(model), net) if layerwise else None
     checkpoint_dtype = layerwise_mod.load_dtype(net, weights) if layerwise else net.dtype
     model_fingerprint = fingerprints.fingerprint(modules, weights.matrix if layerwise else None, checkpoint_dtype)

@@ -161,10 +161,14 @@ def chain(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module]) -> tup
     return prefix, find_blocks(root, [name.removeprefix(prefix) for name in modules])
 
 
-def check_gradient_targets(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module]) -> None:
+def outside_blocks(modules: dict[str, nn.Module], prefix: str, path: str) -> dict[str, nn.Module]:
+    """The targets that lie in no block of the chain at `prefix` + `path`."""
+    return {name: m for name, m in modules.items() if not name.removeprefix(prefix).startswith(path + ".")}
+
+
+def check_gradient_targets(modules: dict[str, nn.Module], prefix: str, path: str) -> None:
     """--gradients --layerwise runs backward through the blocks only: every target must lie in one."""
-    prefix, path = chain(net, root, modules)
-    outside = next((name for name in modules if not name.removeprefix(prefix).startswith(path + ".")), None)
+    outside = next(iter(outside_blocks(modules, prefix, path)), None)
     if outside:
         raise CntinitError(f"--gradients --layerwise takes targets inside the repeated blocks ({prefix}{path}); {outside} lies "
                            "outside them: leave it out of --targets, or capture without --layerwise")
@@ -364,7 +368,7 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
     s = setup
     prefix, path = chain(net, root, modules)
     blocks: nn.ModuleList = root.get_submodule(path)
-    outside = {name: m for name, m in modules.items() if not name.removeprefix(prefix).startswith(path + ".")}
+    outside = outside_blocks(modules, prefix, path)
     names = _tensor_names(root)
 
     def load(part: str, what: str) -> None:
@@ -457,6 +461,24 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
 
         # Each block over every batch.
         groups_by_layout: dict[frozenset, list[list[str]]] = {}
+
+        def targets_in(index: int) -> tuple[dict[str, nn.Module], list[list[str]]]:
+            """Block `index`'s targets and their groups by shared input (loaded, with its inputs in batches[0])."""
+            local = f"{prefix}{path}.{index}."
+            targets = {name: m for name, m in modules.items() if name.startswith(local)}
+            layout = frozenset(name.removeprefix(local) for name in targets)
+            if layout not in groups_by_layout:  # blocks of one class share their inputs alike: grouped once
+                sample = batches[0]
+                hidden = sample.inputs.get(index, sample.hidden)
+                groups = shared_input_groups(targets, lambda: _call_to(sample.calls[index], s.dev, {}).run(blocks[index], hidden.to(s.dev)))
+                groups_by_layout[layout] = [[name.removeprefix(local) for name in g] for g in groups]
+            return targets, [[local + name for name in g] for g in groups_by_layout[layout]]
+
+        def release(block: nn.Module) -> None:
+            block.to("meta")
+            _give_back_freed_memory()
+            if s.dev.type == "cuda":
+                torch.cuda.empty_cache()
         with console.progress() as bar, _stop_requests(s.saved is not None) as stop:
             backward = len(blocks) - targeted[0] if grads is not None else 0
             task = bar.add_task(f"blocks of {path}" + (", then back down" if backward else ""), total=(end + backward) * len(batches),
@@ -465,14 +487,8 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                 block = blocks[index]
                 if index > 0:
                     load(f"{path}.{index}", f"block {index} of {path}")
-                local = f"{prefix}{path}.{index}."
-                targets = {name: m for name, m in modules.items() if name.startswith(local) and grads is None}  # with grads: on the way back
-                layout = frozenset(name.removeprefix(local) for name in targets)
-                if layout not in groups_by_layout:  # blocks of one class share their inputs alike: grouped once
-                    sample = batches[0]
-                    groups = shared_input_groups(targets, lambda: _call_to(sample.calls[index], s.dev, {}).run(block, sample.hidden.to(s.dev)))
-                    groups_by_layout[layout] = [[name.removeprefix(local) for name in g] for g in groups]
-                with recorder(targets, [[local + name for name in g] for g in groups_by_layout[layout]]) as record:
+                targets, groups = targets_in(index) if grads is None else ({}, [])  # with grads: on the way back
+                with recorder(targets, groups) as record:
                     for batch in batches:
                         record.begin(batch.size, batch.mask, batch.bucket)
                         if grads is not None and index >= targeted[0]:
@@ -483,10 +499,7 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                             batch.calls[index] = None  # this block's masks and positions are done with
                         bar.advance(task)
                 finish(record)
-                block.to("meta")
-                _give_back_freed_memory()
-                if s.dev.type == "cuda":
-                    torch.cuda.empty_cache()
+                release(block)
                 if index + 1 == end:
                     break
                 if s.saved is not None and (stop or (index + 1 - first_block) % (s.checkpoint_every or 1) == 0):
@@ -500,11 +513,7 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                 for index in reversed(range(targeted[0], len(blocks))):
                     load(f"{path}.{index}", f"block {index} of {path}")
                     block = blocks[index]
-                    local = f"{prefix}{path}.{index}."
-                    targets = {name: m for name, m in modules.items() if name.startswith(local)}
-                    sample = batches[0]
-                    groups = shared_input_groups(targets, lambda: _call_to(sample.calls[index], s.dev, {}).run(
-                        block, sample.inputs[index].to(s.dev))) if targets else []
+                    targets, groups = targets_in(index)
                     taken = GradientSums(targets, s.accumulate, s.sums_on)
                     with recorder(targets, groups) as record, taken.taking(block), torch.enable_grad():
                         for batch in batches:
@@ -517,10 +526,7 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                             batch.calls[index] = None
                             bar.advance(task)
                     finish(record, taken)
-                    block.to("meta")
-                    _give_back_freed_memory()
-                    if s.dev.type == "cuda":
-                        torch.cuda.empty_cache()
+                    release(block)
 
         # Targets after the blocks, from the last block's outputs.
         if after:

@@ -281,7 +281,7 @@ def check_out(out: str | Path, model_fingerprint: str, overwrite: bool, format: 
         return
     manifest = read_manifest(out, format)
     recorded = manifest.get("model", {}).get("fingerprint") if manifest is not None else None
-    if isinstance(recorded, str) and recorded != model_fingerprint and scheme_of(recorded) != scheme_of(model_fingerprint):
+    if isinstance(recorded, str) and scheme_of(recorded) != scheme_of(model_fingerprint):
         raise CntinitError(f"--out {out} is {what} an earlier cntinit wrote, whose weight fingerprint is of another kind, so whether it "
                            "is of this model cannot be told: choose another path or pass --overwrite to replace it")
     if manifest is None or recorded != model_fingerprint:
