@@ -104,8 +104,9 @@ def main() -> None:
             Console(stderr=True).print(f"{name}: {rows[name]['seconds']:.1f} s", highlight=False)
             if args.json:  # after every setting: a run stopped from outside keeps the settings it measured
                 Path(args.json).write_text(json.dumps({"title": title, "rows": table_rows(rows)}, indent=1))
-    table = Table(*table_rows(rows)[0], title=title)
-    for row in table_rows(rows):
+    shown = table_rows(rows)
+    table = Table(*shown[0], title=title)
+    for row in shown:
         table.add_row(*row.values())
     Console(width=140).print(table)
 
