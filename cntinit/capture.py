@@ -281,7 +281,8 @@ def capture(
     `model` is a transformers directory (text or vision) or a diffusers Stable-Diffusion-style
     pipeline directory; `data` is text for a text model, a folder of images otherwise. `shard`
     ('i/N') captures only share i of N of every bucket; `merge` of all N equals one run. With
-    `checkpoint_every`, the sums are saved every N batches (N blocks with `layerwise`) and on
+    `checkpoint_every`, the sums are saved every N batches (N blocks with `layerwise`, on the way down
+    with `gradients` too) and on
     SIGINT/SIGTERM, and a restart with the same arguments resumes from them. Under `torchrun`,
     every process captures its own share and rank 0 writes the summed store. `offload` spreads a
     model too large for the device over device, CPU memory and disk (accelerate; limits in
@@ -327,8 +328,6 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
     if gradients and layerwise:
         if gradient_checkpointing:
             raise CntinitError("--gradients --layerwise recomputes each block in backward already: leave out --gradient-checkpointing")
-        if checkpoint_every:
-            raise CntinitError("--gradients --layerwise does not take --checkpoint-every yet: leave it out, or capture without --layerwise")
     share = (world.rank, world.size) if world.size > 1 else parse_shard(shard)
     if not world.leader:
         console.quiet = True  # one progress bar and log, rank 0's

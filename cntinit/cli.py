@@ -120,7 +120,7 @@ def capture(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Pipelines: this prompt for every image instead of captions, e.g. \"a photo of sks dog\"."),
     noise_timestep: Optional[int] = typer.Option(None, "--noise-timestep", help="Pipelines: feed the UNet latents noised to timestep t by the pipeline's scheduler (default: clean latents, t = 0)."),
     seed: int = typer.Option(0, "--seed", help="Pipelines: seed of the --noise-timestep noise."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save the running sums every N batches (N blocks with --layerwise), and on Ctrl-C/SIGTERM, beside --out; the same command run again resumes from them."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save the running sums every N batches (N blocks with --layerwise; with --gradients too, on the way down), and on Ctrl-C/SIGTERM, beside --out; the same command run again resumes from them."),
     offload: bool = _flag("--offload", help="For models larger than the device: accelerate places the weights on the device, then CPU memory, then disk (beside --out), and streams them in layer by layer."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="--offload: limits per place, e.g. cuda=20GiB,cpu=64GiB (default: what accelerate finds free)."),
     stats_device: Optional[str] = typer.Option(None, "--stats-device", help="Where the running sums live: cpu keeps their d² per statistic off the GPU (default: --device)."),

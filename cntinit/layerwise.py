@@ -16,6 +16,9 @@ so a stopped run resumes at that block.
 With gradients, the way up keeps each block's inputs and records nothing; the model's head
 gives the loss's gradient at the last block's output; the way down recomputes each block from
 its inputs with the hooks on and runs its backward, as activation checkpointing does per block.
+Checkpoints are made on the way down only (the way up keeps every block's inputs: too much to
+save): the finished blocks' payloads and the gradient at the next block's output; a resumed run
+goes up again to that block, forward only, and on down from it.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from .console import log, warn
 from .errors import CntinitError
 from .gradients import GradientSums
 
-HIDDEN = "hidden-{}.safetensors"
+HIDDEN = "hidden-{}.safetensors"  # a checkpoint's hidden states entering block {}, on the way up
+OUTPUT_GRADIENTS = "output-gradients-{}.safetensors"  # ∂loss/∂(block {}'s output), on the way down (--gradients)
+FILES = {"up": HIDDEN, "down": OUTPUT_GRADIENTS}
 
 
 class Weights:
@@ -380,7 +385,8 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
         net.requires_grad_(False)  # only the targets' weights take gradients, each within its block's turn
     accepts_cache = "use_cache" in inspect.signature(root.forward).parameters
     resumed = _resume(s.saved, s.ident, world) if s.saved is not None else None
-    first_block = resumed["block"] if resumed else 0
+    down = resumed is not None and resumed.get("way") == "down"  # resumed on the way down: the way up runs again to its block
+    first_block = resumed["block"] if resumed and not down else 0
     payloads = store.Payloads(s.work, resumed["payloads"] if resumed and world.leader else None)
     written = Written(resumed["stats"], resumed["modules"]) if resumed else Written()
 
@@ -452,7 +458,7 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                                      [_call_to(c, s.activations_on, memo) for _, _, c in calls]))
         if early is not None:
             finish(early)
-        if resumed:
+        if resumed and not down:
             hidden_states = load_file(s.saved / HIDDEN.format(first_block))
             for index, batch in enumerate(batches):
                 batch.hidden = hidden_states[str(index)].to(s.activations_on)
@@ -479,11 +485,16 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
             _give_back_freed_memory()
             if s.dev.type == "cuda":
                 torch.cuda.empty_cache()
+        top = resumed["block"] if down else len(blocks) - 1  # the top block of the way down
+        up_to = top if down else end  # the way up runs the blocks below this one
         with console.progress() as bar, _stop_requests(s.saved is not None) as stop:
-            backward = len(blocks) - targeted[0] if grads is not None else 0
-            task = bar.add_task(f"blocks of {path}" + (", then back down" if backward else ""), total=(end + backward) * len(batches),
+            backward = top + 1 - targeted[0] if grads is not None else 0
+            task = bar.add_task(f"blocks of {path}" + (", then back down" if backward else ""), total=(up_to + backward) * len(batches),
                                 completed=first_block * len(batches))
-            for index in range(first_block, end):
+            if down:
+                log(f"resuming from the checkpoint at {s.saved}: {len(blocks) - 1 - top} of {len(blocks) - targeted[0]} blocks done "
+                    f"on the way down; the way up runs again to block {top}")
+            for index in range(first_block, up_to):
                 block = blocks[index]
                 if index > 0:
                     load(f"{path}.{index}", f"block {index} of {path}")
@@ -502,15 +513,29 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                 release(block)
                 if index + 1 == end:
                     break
+                if grads is not None:  # the way up saves nothing: every block's inputs are too much to keep
+                    if stop:
+                        raise Interrupted(f"stopped by {stop[0]} on the way up, after block {index + 1} of {up_to}; " + (
+                            f"the checkpoint at {s.saved} still keeps the way down's blocks: run the same command to resume" if down else
+                            "checkpoints begin on the way down, so none was made: run the same command to start again"))
+                    continue
                 if s.saved is not None and (stop or (index + 1 - first_block) % (s.checkpoint_every or 1) == 0):
-                    _save(s.saved, s.ident, index + 1, batches, payloads, written, world)
+                    _save(s.saved, s.ident, "up", index + 1, {str(j): batch.hidden for j, batch in enumerate(batches)}, payloads, written,
+                          world)
                 if stop:
                     raise Interrupted(f"stopped by {stop[0]} after block {index + 1} of {end}; the checkpoint at {s.saved} "
                                       "keeps them: run the same command to resume")
             # --gradients: the loss and its gradient, then each block again from the top down, to the first target.
             if grads is not None:
-                _loss_gradients(net, blocks, form, batches, feed, inputs_of, grads, s)
-                for index in reversed(range(targeted[0], len(blocks))):
+                if down:
+                    grads.batches, grads.tokens, grads.loss = (resumed["gradients"][k] for k in ("batches", "tokens", "loss"))
+                    taken_over = load_file(s.saved / OUTPUT_GRADIENTS.format(top))
+                    for j, batch in enumerate(batches):
+                        batch.inputs[top], batch.hidden, batch.grad = batch.hidden, None, taken_over.get(str(j))
+                        batch.calls[top + 1:] = [None] * (len(blocks) - top - 1)  # blocks done: their masks and positions are not needed
+                else:
+                    _loss_gradients(net, blocks, form, batches, feed, inputs_of, grads, s)
+                for index in reversed(range(targeted[0], top + 1)):
                     load(f"{path}.{index}", f"block {index} of {path}")
                     block = blocks[index]
                     targets, groups = targets_in(index)
@@ -527,6 +552,15 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                             bar.advance(task)
                     finish(record, taken)
                     release(block)
+                    if index == targeted[0]:
+                        break
+                    if s.saved is not None and (stop or (top + 1 - index) % (s.checkpoint_every or 1) == 0):
+                        counters = {"batches": grads.batches, "tokens": grads.tokens, "loss": grads.loss}
+                        _save(s.saved, s.ident, "down", index - 1, {str(j): b.grad for j, b in enumerate(batches) if b.grad is not None},
+                              payloads, written, world, counters)
+                    if stop:
+                        raise Interrupted(f"stopped by {stop[0]} on the way down, after block {index}; the checkpoint at {s.saved} "
+                                          "keeps the blocks done: run the same command to resume")
 
         # Targets after the blocks, from the last block's outputs.
         if after:
@@ -567,19 +601,21 @@ def _give_back_freed_memory() -> None:
         pass
 
 
-def _save(saved: Path, ident: str, block: int, batches: list[Batch], payloads: store.Payloads, written: Written,
-          world: distributed.World) -> None:
-    """The checkpoint before block `block`: the hidden states entering it (a file named by the block,
-    so a kill between the two writes leaves the state naming a whole file), then the state."""
+def _save(saved: Path, ident: str, way: str, block: int, tensors: dict[str, torch.Tensor], payloads: store.Payloads,
+          written: Written, world: distributed.World, gradients: dict | None = None) -> None:
+    """The checkpoint at block `block` on the way `way`: its batches' tensors (the hidden states
+    entering it on the way up, the gradient at its output on the way down) in a file named by the
+    way and the block, so a kill between the two writes leaves the state naming a whole file; then
+    the state (with `gradients`' counters on the way down)."""
     saved.mkdir(parents=True, exist_ok=True)
-    name = HIDDEN.format(block)
+    name = FILES[way].format(block)
     with atomic_file(saved / name) as tmp:
-        save_file({str(j): batch.hidden.contiguous().cpu() for j, batch in enumerate(batches)}, tmp)
-    state = {"identity": ident, "block": block, "payloads": payloads.state() if world.leader else None,
-             "stats": written.stats, "modules": written.modules}
+        save_file({j: t.contiguous().cpu() for j, t in tensors.items()}, tmp)
+    state = {"identity": ident, "way": way, "block": block, "payloads": payloads.state() if world.leader else None,
+             "stats": written.stats, "modules": written.modules, "gradients": gradients}
     with atomic_file(saved / checkpoint.STATE) as tmp:
         tmp.write_text(json.dumps(state))
-    for old in saved.glob(HIDDEN.format("*")):
+    for old in [*saved.glob(HIDDEN.format("*")), *saved.glob(OUTPUT_GRADIENTS.format("*"))]:
         if old.name != name:
             old.unlink()
 
@@ -588,8 +624,11 @@ def _resume(saved: Path, ident: str, world: distributed.World) -> dict | None:
     """The checkpoint's state when it continues this capture (on every process alike), else None."""
     try:
         state = json.loads((saved / checkpoint.STATE).read_text())
-        block = state["block"] if state.get("identity") == ident and (saved / HIDDEN.format(state["block"])).is_file() else None
-    except (OSError, ValueError, KeyError, TypeError):
+        way = state.get("way", "up")
+        block = (way, state["block"]) if state.get("identity") == ident and (saved / FILES[way].format(state["block"])).is_file() else None
+        if way == "down":  # the loss's counters so far come back with it
+            state["gradients"] = {k: state["gradients"][k] for k in ("batches", "tokens", "loss")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         state, block = None, None
     if state is not None and block is None:
         warn(f"the checkpoint at {saved} is from a capture with other arguments or data: starting from the beginning")

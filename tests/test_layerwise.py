@@ -203,6 +203,52 @@ def test_sigint_stops_after_the_block_with_a_checkpoint(deep_llama, calibration,
     assert_same_store(capture(deep_llama, calibration, tmp_path / "whole", seq_len=24, targets="q_proj,o_proj"), out)
 
 
+def test_gradients_checkpoint_on_the_way_down_and_resume_there(deep_llama, calibration, tmp_path, capsys, monkeypatch):
+    """--gradients --layerwise --checkpoint-every: the way up saves nothing (a stop there says so and
+    leaves an older checkpoint be); the way down saves every N blocks and on a stop; a resumed run
+    goes up again to its block and ends with the uninterrupted run's store, bit for bit."""
+    args = ["capture", deep_llama, "--data", calibration, "--seq-len", "24", "--targets", "q_proj,o_proj", "--gradients",
+            "--layerwise", "--checkpoint-every", "2"]
+    out, saved = tmp_path / "stats", checkpoint.location(tmp_path / "stats")
+    materialize, save, saves = layerwise._materialize, layerwise._save, []
+
+    def interrupt_at(load: int) -> None:  # loads: outside the blocks, blocks 0 to 5 up, then 5 to 0 down
+        loads = []
+
+        def counting(*a, **k):
+            loads.append(1)
+            if len(loads) == load:
+                os.kill(os.getpid(), signal.SIGINT)
+            return materialize(*a, **k)
+        monkeypatch.setattr(layerwise, "_materialize", counting)
+
+    monkeypatch.setattr(layerwise, "_save", lambda *a, **k: saves.append(a[2:4]) or save(*a, **k))
+    interrupt_at(3)
+    code, _, err = run(capsys, *args, "-o", out)
+    assert code == 130 and "on the way up, after block 2 of 6; checkpoints begin on the way down, so none was made" in err, err
+    assert saves == [] and not (saved / checkpoint.STATE).exists()
+    interrupt_at(10)  # block 3 on the way down
+    code, _, err = run(capsys, *args, "-o", out)
+    assert code == 130 and "stopped by SIGINT on the way down, after block 3;" in err, err
+    assert saves == [("down", 3), ("down", 2)]  # every 2 blocks (5 and 4 done), then at the stop
+    state = json.loads((saved / checkpoint.STATE).read_text())
+    assert (state["way"], state["block"]) == ("down", 2) and set(state["gradients"]) == {"batches", "tokens", "loss"}
+    interrupt_at(3)  # block 1 on the way up again
+    code, _, err = run(capsys, *args, "-o", out)
+    assert code == 130 and "after block 2 of 2; the checkpoint at" in err and "still keeps the way down's blocks" in err, err
+    assert json.loads((saved / checkpoint.STATE).read_text()) == state
+    monkeypatch.undo()
+    code, _, err = run(capsys, *args, "-o", out)
+    assert code == 0 and "3 of 6 blocks done on the way down; the way up runs again to block 2" in err, err
+    assert not saved.exists()
+    whole = capture(deep_llama, calibration, tmp_path / "whole", seq_len=24, targets="q_proj,o_proj", gradients=True, layerwise=True)
+    assert_same_store(whole, out, tolerance=0)
+    resumed, whole = Store(out), Store(whole)
+    assert resumed.manifest["gradients"] == whole.manifest["gradients"]
+    for name in whole.manifest["modules"]:
+        assert torch.equal(resumed.gradient(name), whole.gradient(name)), name
+
+
 def test_torchrun_layerwise_equals_one_process(tiny, calibration, tmp_path):
     options = ["--targets", "q_proj,v_proj,down_proj", "--seq-len", "32", "--batch-size", "8", "--buckets", "2"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -216,13 +262,15 @@ def test_torchrun_layerwise_equals_one_process(tiny, calibration, tmp_path):
 
 def test_torchrun_layerwise_gradients_equal_one_process(tiny, calibration, tmp_path):
     """--gradients --layerwise under torchrun: each block's gradient sums are added across the
-    processes with its statistics, the loss counters at the end."""
+    processes with its statistics, the loss counters at the end; each process checkpoints on the
+    way down, and the checkpoints go when the store is written."""
     options = ["--targets", "q_proj,down_proj", "--seq-len", "32", "--batch-size", "8", "--gradients", "--layerwise"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "cntinit", "capture", str(tiny["llama"]), "--data", str(calibration), *options,
-                           "--out", str(tmp_path / "two")], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                           "--checkpoint-every", "1", "--out", str(tmp_path / "two")], env=dict(os.environ, OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(tmp_path.glob(".two.checkpoint*"))
     one = capture(tiny["llama"], calibration, tmp_path / "one", targets="q_proj,down_proj", seq_len=32, batch_size=8, gradients=True,
                   layerwise=True)
     assert_same_store(one, tmp_path / "two", tolerance=1e-5)  # the statistics do not depend on how the batches were formed
