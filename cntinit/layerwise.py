@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -458,10 +458,11 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                                      [_call_to(c, s.activations_on, memo) for _, _, c in calls]))
         if early is not None:
             finish(early)
+        if resumed:
+            _check_fit(resumed, batches, s.saved)
         if resumed and not down:
-            hidden_states = load_file(s.saved / HIDDEN.format(first_block))
             for index, batch in enumerate(batches):
-                batch.hidden = hidden_states[str(index)].to(s.activations_on)
+                batch.hidden = resumed["tensors"][str(index)].to(s.activations_on)
             blocks[0].to("meta")
             log(f"resuming from the checkpoint at {s.saved}: {first_block} of {len(blocks)} blocks done")
 
@@ -529,9 +530,8 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
             if grads is not None:
                 if down:
                     grads.batches, grads.tokens, grads.loss = (resumed["gradients"][k] for k in ("batches", "tokens", "loss"))
-                    taken_over = load_file(s.saved / OUTPUT_GRADIENTS.format(top))
                     for j, batch in enumerate(batches):
-                        batch.inputs[top], batch.hidden, batch.grad = batch.hidden, None, taken_over.get(str(j))
+                        batch.inputs[top], batch.hidden, batch.grad = batch.hidden, None, resumed["tensors"].get(str(j))
                         batch.calls[top + 1:] = [None] * (len(blocks) - top - 1)  # blocks done: their masks and positions are not needed
                 else:
                     _loss_gradients(net, blocks, form, batches, feed, inputs_of, grads, s)
@@ -591,6 +591,20 @@ def _loss_gradients(net: nn.Module, blocks: nn.ModuleList, form: Format, batches
             batch.hidden = None
 
 
+def _check_fit(resumed: dict, batches: list[Batch], saved: Path) -> None:
+    """A checkpoint's tensors are one hidden state per batch (a gradient per batch that predicts
+    something, on the way down), each the shape and dtype of the batch's: anything else is a
+    damaged or altered checkpoint, which would give wrong statistics without a word."""
+    tensors = resumed["tensors"]
+    expected = {str(j): batch.hidden for j, batch in enumerate(batches)}
+    needed = expected if resumed.get("way", "up") == "up" else {}  # on the way down, a batch that predicts nothing has none
+    unfit = sorted(key for key in tensors.keys() | needed.keys() if key not in tensors or key not in expected
+                   or tensors[key].shape != expected[key].shape or tensors[key].dtype != expected[key].dtype)
+    if unfit:
+        raise CntinitError(f"the checkpoint at {saved} does not fit this capture's batches (its tensor {unfit[0]!r}): delete it to "
+                           "start from the beginning")
+
+
 def _give_back_freed_memory() -> None:
     """Return a freed block's host memory to the system. glibc keeps freed mid-sized tensors in its
     heap (its mmap threshold rises after large frees), so without a trim host memory would grow by
@@ -632,6 +646,13 @@ def _resume(saved: Path, ident: str, world: distributed.World) -> dict | None:
         state, block = None, None
     if state is not None and block is None:
         warn(f"the checkpoint at {saved} is from a capture with other arguments or data: starting from the beginning")
+    if block is not None:
+        name = FILES[block[0]].format(block[1])
+        try:
+            state["tensors"] = load_file(saved / name)
+        except (OSError, SafetensorError):
+            warn(f"the checkpoint at {saved} is damaged ({name} cannot be read): starting from the beginning")
+            block = None
     if world.size > 1 and len(set(distributed.everyone(world, block))) > 1:
         warn("the processes' checkpoints stop at different blocks: starting from the beginning")
         block = None

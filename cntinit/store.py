@@ -47,7 +47,8 @@ def sha256_file(path: Path) -> str:
 class Payloads:
     """The store's payload files, written as statistics arrive — all at the end of a capture, one
     block's at a time in a layerwise one — each holding whole keys, up to about SHARD_BYTES.
-    `state`/`Payloads(directory, state)` carry an unfinished set across a checkpoint."""
+    `state`/`Payloads(directory, state)` carry an unfinished set across a checkpoint, with each
+    file's checksum: a file that changed while the capture was stopped is refused at `finish`."""
 
     def __init__(self, directory: Path, state: dict | None = None):
         self.directory = Path(directory)
@@ -59,7 +60,9 @@ class Payloads:
         # each file is hashed in the background as soon as it is written (in a layerwise capture, while the next
         # block runs): a 70B model's all-linear store is 320 GB, minutes of sha256 if left to the end
         self.hasher = ThreadPoolExecutor(1)
-        self.entries: dict[str, Future] = {}
+        self.entries: dict[str, Future] = {name: self.hasher.submit(file_entry, self.directory / name)
+                                           for name in sorted(set(self.where.values()))}
+        self.recorded: dict[str, dict] = dict(state.get("files", {})) if state else {}  # what the checkpoint saw
 
     def add(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -82,15 +85,28 @@ class Payloads:
 
     def state(self) -> dict:
         self.flush()
-        return {"where": self.where, "written": self.written}
+        # a file the last checkpoint held keeps its recorded checksum (its own is checked at the end)
+        return {"where": self.where, "written": self.written, "files": {name: self.recorded.get(name) or self._entry(name) for name in self.entries}}
+
+    def _entry(self, name: str) -> dict:
+        try:
+            return self.entries[name].result()
+        except OSError as error:  # a file a checkpoint held, gone
+            raise CntinitError(f"{error.filename} cannot be read ({error.strerror}): delete {self.directory} and capture again") from None
 
     def finish(self, manifest: dict, into: Path | None = None) -> None:
         """Write what is pending, move the files `into` the store directory (when they were written
         elsewhere), and write the manifest with every file's checksum and every key's file."""
         self.flush()
-        names = sorted(set(self.where.values()))  # files written before a checkpoint's resume are hashed here
-        entries = {name: self.entries[name].result() if name in self.entries else file_entry(self.directory / name) for name in names}
-        self.hasher.shutdown()
+        names = sorted(set(self.where.values()))
+        try:
+            entries = {name: self._entry(name) for name in names}
+        finally:
+            self.hasher.shutdown()
+        changed = [name for name, entry in self.recorded.items() if entries.get(name) != entry]
+        if changed:
+            raise CntinitError(f"{self.directory / changed[0]} changed after the checkpoint saved it (a disk fault, or another "
+                               f"process): delete {self.directory} and capture again")
         into = Path(into or self.directory)
         if into != self.directory:
             for name in names:

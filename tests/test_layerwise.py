@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import save_file
 from torch import nn
 
 from cntinit import capture, checkpoint, embedded, layerwise, merge, runner
@@ -200,6 +202,46 @@ def test_sigint_stops_after_the_block_with_a_checkpoint(deep_llama, calibration,
     assert json.loads((checkpoint.location(out) / checkpoint.STATE).read_text())["block"] == 3  # saved there, not at 4
     monkeypatch.undo()
     assert run(capsys, *args, "-o", out)[0] == 0
+    assert_same_store(capture(deep_llama, calibration, tmp_path / "whole", seq_len=24, targets="q_proj,o_proj"), out)
+
+
+def test_a_damaged_checkpoint_starts_again_or_is_refused(deep_llama, calibration, tmp_path, capsys, monkeypatch):
+    """A hidden-state file that cannot be read: start from the beginning (a warning). One that reads
+    but does not fit the batches, or a finished block's payload that changed or went while the
+    capture was stopped: refused, naming the checkpoint to delete — never a store of wrong sums."""
+    args = ["capture", deep_llama, "--data", calibration, "--seq-len", "24", "--targets", "q_proj,o_proj", "--layerwise",
+            "--checkpoint-every", "1"]
+    out, saved, kept = tmp_path / "stats", checkpoint.location(tmp_path / "stats"), tmp_path / "kept"
+    original, loads = layerwise._materialize, []
+
+    def interrupt_in_block_3(*a, **k):
+        loads.append(1)
+        if len(loads) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*a, **k)
+
+    monkeypatch.setattr(layerwise, "_materialize", interrupt_in_block_3)
+    assert run(capsys, *args, "-o", out)[0] == 130
+    monkeypatch.undo()
+    hidden, payload = saved / layerwise.HIDDEN.format(4), saved / "stats-00002.safetensors"
+    assert hidden.is_file() and payload.is_file()
+    shutil.copytree(saved, kept)
+
+    def damage(path: Path, change) -> tuple[int, str]:
+        shutil.rmtree(saved)
+        shutil.copytree(kept, saved)
+        change(path)
+        return run(capsys, *args, "-o", out)[::2]
+
+    code, err = damage(payload, lambda p: p.write_bytes(p.read_bytes()[:-4] + b"\0\0\0\1"))
+    assert code == 2 and f"{payload} changed after the checkpoint saved it (a disk fault, or another process): delete {saved}" in err, err
+    code, err = damage(payload, Path.unlink)
+    assert code == 2 and f"{payload} cannot be read (No such file or directory): delete {saved}" in err, err
+    code, err = damage(hidden, lambda p: save_file({"0": torch.zeros(2, 3)}, p))
+    assert code == 2 and f"the checkpoint at {saved} does not fit this capture's batches (its tensor '0'): delete it" in err, err
+    assert not out.exists()
+    code, err = damage(hidden, lambda p: p.write_bytes(p.read_bytes()[:100]))
+    assert code == 0 and f"the checkpoint at {saved} is damaged ({hidden.name} cannot be read): starting from the beginning" in err, err
     assert_same_store(capture(deep_llama, calibration, tmp_path / "whole", seq_len=24, targets="q_proj,o_proj"), out)
 
 
