@@ -23,7 +23,7 @@ import peft
 import torch
 from safetensors.torch import save_file
 
-from . import models, modes, pipelines, quant, solution, store
+from . import models, modes, pipelines, pretrained, quant, solution, store
 from .atomic import atomic_directory
 from .console import log, warn
 from .errors import CntinitError, not_one_of
@@ -40,7 +40,6 @@ KOHYA_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_"}
 KOHYA_SDXL_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}
 SDXL_LAYERS = 3  # sd-scripts' SDXL UNet numbers its blocks in steps of layers_per_block + 1 = 3
 CHECK_TOLERANCE = 1e-4  # largest relative output difference `verify` accepts
-RESIDUAL_PRECISION = 1e-2  # warn when rounding W − BA moves base + BA this much further (relative) from W than rounding W does
 
 
 def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alpha: float | None = None,
@@ -75,10 +74,9 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
     writes_base = residual and format != "kohya"  # kohya merges the residual itself (--base_weights, multiplier −1)
     base_rank = manifest["params"]["rank"]
     alpha = float(alpha if alpha is not None else base_rank)
-    net, tokenizer = _load_solved_model(manifest, model, trust_remote_code) if (dora or writes_base) else (None, None)
-    weights = dict(net.named_modules()) if net is not None else {}
+    source = pretrained.open_solved(manifest, model, trust_remote_code) if (dora or writes_base) else None
     factors = {name: pair for name, pair in sol.factors().items() if name not in left_out}
-    bases = _dequantized(sol, weights) if quantized else {}
+    bases = _dequantized(sol, source.dtype) if quantized else {}
 
     zero_b = manifest["mode"] in modes.ZERO_B  # BA = 0 for any scale: A is written as drawn (its scale is the method's)
     tensors, ranks, alphas = {}, {}, {}
@@ -98,7 +96,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
             key = name if format == "diffusers" else f"base_model.model.{prefix}{name}"
             tensors |= {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
         if dora:
-            w = models.weight_matrix(weights[name]).detach().to(torch.float64)
+            w = source.matrix(name).to(torch.float64)
             combined = bases[name].double() + b.double() @ a.double() * scale if quantized else w if residual else \
                 w + b.double() @ a.double() * scale
             tensors[f"{key}.lora_magnitude_vector"] = combined.norm(dim=1).to(torch.float32)
@@ -119,8 +117,9 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
         else:
             save_file(tensors, tmp / DIFFUSERS_FILE, metadata={"format": "pt"})
         if writes_base:
-            trained_in = net.dtype if train_dtype == "auto" else models.DTYPES[train_dtype]
-            _write_residual_base(net, tokenizer, factors, sol.modules, tmp / BASE_DIR, manifest["model"]["path"], trained_in, bases)
+            precision = pretrained.Precision(source.dtype if train_dtype == "auto" else models.DTYPES[train_dtype])
+            source.write_base(tmp / BASE_DIR, factors, {name: sol.modules[name]["fan_in_fan_out"] for name in factors}, bases, precision)
+            precision.report()
         record = {
             **store.header(FORMAT, FORMAT_VERSION),
             "adapter_format": format,
@@ -316,58 +315,14 @@ def _anchored(name: str) -> str:
     return "^" + re.escape(name)
 
 
-def _load_solved_model(manifest: dict, model: str | Path | None, trust_remote_code: bool):
-    """(model, tokenizer) the solve used, refusing other weights."""
-    path = Path(model) if model is not None else Path(manifest["model"]["path"])
-    net, tokenizer, _ = models.load_matching(path, list(manifest["modules"]), manifest["model"]["fingerprint"], trust_remote_code)
-    return net, tokenizer
-
-
-def _dequantized(sol: solution.Solution, weights: dict, bases: dict[str, quant.Quantized] | None = None) -> dict[str, torch.Tensor]:
-    """module -> the dequantized NF4 base (out × in, the weight's dtype) the solve fitted to (`bases`:
-    the solve's, when already read)."""
+def _dequantized(sol: solution.Solution, dtype: torch.dtype, bases: dict[str, quant.Quantized] | None = None) -> dict[str, torch.Tensor]:
+    """module -> the dequantized NF4 base (out × in, in the weights' `dtype`) the solve fitted to
+    (`bases`: the solve's, when already read)."""
     values = {}
     for name, base in (bases if bases is not None else sol.quantized_bases()).items():
-        matrix = quant.dequantize(base).to(weights[name].weight.dtype)
+        matrix = quant.dequantize(base).to(dtype)
         values[name] = matrix.T if sol.manifest["modules"][name]["fan_in_fan_out"] else matrix
     return values
-
-
-def _write_residual_base(net, tokenizer, factors: dict, modules: dict, directory: Path, source: str, trained_in: torch.dtype,
-                         bases: dict[str, torch.Tensor]) -> None:
-    """The pretrained model with W − B@A in every adapted module (computed in float64, stored in the
-    model's dtype) — or, for a quantized solve, the dequantized NF4 base it fitted to, which a 4-bit
-    loader quantizes back to the same codes — warning when rounding W − B@A to the dtype training
-    runs in moves the initial model (base + B@A) off the pretrained one, beyond what rounding the
-    pretrained weights costs."""
-    named = dict(net.named_modules())
-    worst, where = 0.0, ""
-    with torch.no_grad():
-        for name, (b, a) in factors.items():
-            weight = named[name].weight
-            if name in bases:
-                weight.copy_(bases[name].T if modules[name]["fan_in_fan_out"] else bases[name])
-                continue
-            update = b.double() @ a.double()
-            if modules[name]["fan_in_fan_out"]:
-                update = update.T
-            w, residual_base = weight.double(), weight.double() - update
-            size = w.norm().clamp(min=1e-30)
-            lost = float(((residual_base.to(trained_in).double() + update - w).norm() / size))
-            own = float((w.to(trained_in).double() - w).norm() / size)  # what training in that dtype costs anyway
-            if lost - own > worst:
-                worst, where = lost - own, name
-            weight.copy_(residual_base.to(weight.dtype))
-    if worst > RESIDUAL_PRECISION:
-        warn(f"W − B@A in {str(trained_in).removeprefix('torch.')} moves the initial model off the pretrained one by up to {worst:.2g} "
-             f"(relative, {where}) beyond rounding W itself: B@A is large next to W; use --init offset for this solve, "
-             "or train in a wider dtype (--train-dtype says which one training uses)")
-    if isinstance(net, pipelines.DiffusionParts):
-        net.save_pretrained(directory, Path(source))
-        return
-    net.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
 
 
 def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None = None, trust_remote_code: bool = False) -> float:
@@ -381,17 +336,17 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
     exported = json.loads((Path(out) / store.MANIFEST).read_text())
     if exported["module_prefix"]:
         raise CntinitError("the check loads the captured model class, which has no module prefix: export without --module-prefix to check")
-    pretrained, _ = _load_solved_model(sol.manifest, model, trust_remote_code)
-    base, _ = models.load(Path(out) / BASE_DIR, trust_remote_code) if exported["residual_base"] else (copy.deepcopy(pretrained), None)
+    reference = pretrained.open_solved(sol.manifest, model, trust_remote_code, whole=True).net
+    base, _ = models.load(Path(out) / BASE_DIR, trust_remote_code) if exported["residual_base"] else (copy.deepcopy(reference), None)
     nf4 = sol.quantized_bases()
     if nf4:
         _requantizes(base, nf4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations PEFT triggers, not ours to fix
         wrapped = peft.PeftModel.from_pretrained(base, str(out))
-    original = dict(pretrained.named_modules())
+    original = dict(reference.named_modules())
     return _worst_error(dict(wrapped.base_model.model.named_modules()), original, sol.factors(), bool(exported["residual_base"]),
-                        _dequantized(sol, original, nf4))
+                        _dequantized(sol, reference.dtype, nf4))
 
 
 def _requantizes(written: torch.nn.Module, bases: dict[str, quant.Quantized]) -> None:
@@ -452,7 +407,7 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
     if exported["adapter_format"] == "kohya" and len(ranks) > 1 and not exported["fixed_alpha"]:
         raise CntinitError("diffusers (0.42) ignores the per-module alphas of a kohya file, so it cannot check one with variable "
                            "ranks; sd-scripts reads them: export with --fixed-alpha to check it with diffusers")
-    pretrained, _ = _load_solved_model(sol.manifest, model, trust_remote_code)
+    reference = pretrained.open_solved(sol.manifest, model, trust_remote_code, whole=True).net
     base = Path(out) / BASE_DIR if exported["residual_base"] else Path(model or sol.manifest["model"]["path"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecations and "no safety checker" notices, not ours to fix
@@ -461,7 +416,7 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
     adapted = {f"{part}.{n}": m for part in pipelines.COMPONENTS if getattr(pipe, part, None) is not None
                for n, m in getattr(pipe, part).named_modules()}
     factors = {name: pair for name, pair in sol.factors().items() if name not in exported.get("left_out", [])}
-    return _worst_error(adapted, dict(pretrained.named_modules()), factors, bool(exported["residual_base"]))
+    return _worst_error(adapted, dict(reference.named_modules()), factors, bool(exported["residual_base"]))
 
 
 def verify(out: str | Path, solve_dir: str | Path, model: str | Path | None = None, trust_remote_code: bool = False,

@@ -56,11 +56,13 @@ class Weights:
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
         single = self.directory / "model.safetensors"
-        if index.is_file():
-            self.files = {key: self.directory / name for key, name in json.loads(index.read_text())["weight_map"].items()}
-        elif single.is_file():
+        self.index: Path | None = None  # the shards' index, where the weights are sharded
+        if single.is_file():  # before an index, as from_pretrained looks
             with safe_open(single, framework="pt") as handle:
                 self.files = dict.fromkeys(handle.keys(), single)
+        elif index.is_file():
+            self.index = index
+            self.files = {key: self.directory / name for key, name in json.loads(index.read_text())["weight_map"].items()}
         else:
             raise CntinitError(f"{directory} has no safetensors weights (model.safetensors or its index): --layerwise reads "
                                "safetensors only; save the model with save_pretrained, or capture without --layerwise")

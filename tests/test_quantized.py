@@ -128,7 +128,7 @@ def test_check_without_bitsandbytes_names_the_extra(tiny, tmp_path, capsys, monk
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
     code, _, err = run(capsys, "export", solved, "-o", tmp_path / "plain")
     assert code == 0 and (tmp_path / "plain" / "base").is_dir(), err
-    assert_refused(capsys, ["export", solved, "--check"], "pip install 'cntinit[quant]'", tmp_path / "checked")
+    assert_refused(capsys, ["export", solved, "--check", "-q"], "pip install 'cntinit[quant]'", tmp_path / "checked")
 
 
 def test_a_recipe_solves_and_exports_4bit_bases(tiny, tmp_path, capsys, monkeypatch):

@@ -1,0 +1,183 @@
+"""The pretrained weights an export reads — each adapted module's W, for DoRA's magnitudes and
+the residual base — and the residual base it writes from them.
+
+A transformers model stored in safetensors is never loaded whole: its adapted weights are read
+one at a time by the model's own names (as a layerwise capture reads them), and the base is
+written file by file — each of the checkpoint's files copied with W − BA in place of every
+adapted W — so a 70B model's base takes the memory of one file, not of the model. Diffusers
+pipelines, and checkpoints whose tensors transformers converts on load, go through the loaded
+model as before.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import console, fingerprints, layerwise, models, pipelines
+from .console import warn
+from .errors import CntinitError
+
+RESIDUAL_PRECISION = 1e-2  # warn when rounding W − BA moves base + BA this much further (relative) from W than rounding W does
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index.json")
+
+
+class Precision:
+    """How far rounding W − BA to the dtype training runs in moves base + BA off W, beyond what
+    rounding W itself costs: the worst module, warned about once."""
+
+    def __init__(self, trained_in: torch.dtype):
+        self.trained_in, self.worst, self.where = trained_in, 0.0, ""
+
+    def residual(self, name: str, weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """W − `update` (computed in float64), in W's dtype and layout."""
+        w = weight.double()
+        base = w - update
+        size = w.norm().clamp(min=1e-30)
+        lost = float((base.to(self.trained_in).double() + update - w).norm() / size)
+        own = float((w.to(self.trained_in).double() - w).norm() / size)
+        if lost - own > self.worst:
+            self.worst, self.where = lost - own, name
+        return base.to(weight.dtype)
+
+    def report(self) -> None:
+        if self.worst > RESIDUAL_PRECISION:
+            warn(f"W − B@A in {str(self.trained_in).removeprefix('torch.')} moves the initial model off the pretrained one by up to "
+                 f"{self.worst:.2g} (relative, {self.where}) beyond rounding W itself: B@A is large next to W; use --init offset for "
+                 "this solve, or train in a wider dtype (--train-dtype says which one training uses)")
+
+
+def _update(factors: tuple[torch.Tensor, torch.Tensor], fan_in_fan_out: bool) -> torch.Tensor:
+    """B@A in float64, in the layout the module stores W in (Conv1D: transposed)."""
+    b, a = factors
+    update = b.double() @ a.double()
+    return update.T if fan_in_fan_out else update
+
+
+def _refuse_tied(names: list[str], aliases: dict[str, list[str]]) -> None:
+    """A residual base of a weight another module shares (an output layer tied to the embeddings)
+    would change that module too: the initial model would not be the pretrained one."""
+    for name in names:
+        shared = [other for other in aliases.get(name + ".weight", []) if other != name + ".weight"]
+        if shared:
+            raise CntinitError(f"{name} shares its weight with {shared[0].removesuffix('.weight')}, so W − BA in the residual base would "
+                               f"change that module too: leave {name} out of --targets, or solve with --init offset")
+
+
+class Streamed:
+    """A transformers model in safetensors, read by the model's names without loading it."""
+
+    def __init__(self, path: Path, net: nn.Module, modules: dict[str, nn.Module], weights: layerwise.Weights):
+        self.path, self.modules, self.weights = path, modules, weights
+        self.dtype = layerwise.load_dtype(net, weights)  # what from_pretrained gives the model: W − BA is computed from it
+
+    @classmethod
+    def open(cls, path: Path, names: list[str], trust_remote_code: bool) -> "Streamed | None":
+        """The model at `path` read by name, or None where that cannot be (no safetensors files, a
+        weight transformers builds from several tensors)."""
+        net, _ = models.load(path, trust_remote_code, empty=True)
+        modules = _modules(net, names, path)
+        try:
+            weights = layerwise.Weights(path, net)
+            if any(weights.key(name + ".weight") is None for name in names):
+                return None
+        except CntinitError:
+            return None
+        return cls(path, net, modules, weights)
+
+    def fingerprint(self, scheme: str) -> str:
+        return fingerprints.fingerprint(self.modules, self.weights.matrix, self.dtype, scheme=scheme)
+
+    def matrix(self, name: str) -> torch.Tensor:
+        return self.weights.matrix(name, self.modules[name], self.dtype)
+
+    def write_base(self, directory: Path, factors: dict, fan_in_fan_out: dict[str, bool], bases: dict[str, torch.Tensor],
+                   precision: Precision) -> None:
+        """The checkpoint's files with W − BA (or the NF4 base in `bases`) for each adapted weight,
+        one file in memory at a time; its other files (config, tokenizer, index) copied as they are."""
+        _refuse_tied(list(factors), self.weights.aliases)
+        adapted = {self.weights.key(name + ".weight"): name for name in factors}
+        files = sorted(set(self.weights.files.values()))
+        directory.mkdir(parents=True)
+        with console.progress() as bar:
+            task = bar.add_task("residual base", total=sum(f.stat().st_size for f in files))
+            for file in files:
+                with safe_open(file, framework="pt") as handle:
+                    metadata = handle.metadata() or {"format": "pt"}
+                    tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+                for key, name in adapted.items():
+                    if key in tensors:
+                        layout = fan_in_fan_out[name]
+                        tensors[key] = ((bases[name].T if layout else bases[name]).to(self.dtype) if name in bases else
+                                        precision.residual(name, tensors[key].to(self.dtype), _update(factors[name], layout))).contiguous()
+                save_file(tensors, directory / file.name, metadata=metadata)
+                del tensors
+                bar.advance(task, file.stat().st_size)
+        written = {file.name for file in files}
+        for item in self.path.iterdir():  # config, tokenizer, the shards' index; no other weights, nor another index
+            if item.is_file() and item.name not in written and (item == self.weights.index or not item.name.endswith(WEIGHT_FILES)):
+                shutil.copy2(item, directory / item.name)
+
+
+class Loaded:
+    """The model loaded whole (diffusers pipelines; checkpoints transformers converts on load)."""
+
+    def __init__(self, path: Path, trust_remote_code: bool, names: list[str]):
+        self.path = path
+        self.net, self.tokenizer = models.load(path, trust_remote_code)
+        self.modules = _modules(self.net, names, path)
+        self.dtype = self.net.dtype
+
+    def fingerprint(self, scheme: str) -> str:
+        return fingerprints.fingerprint(self.modules, scheme=scheme)
+
+    def matrix(self, name: str) -> torch.Tensor:
+        return models.weight_matrix(self.modules[name]).detach()
+
+    def write_base(self, directory: Path, factors: dict, fan_in_fan_out: dict[str, bool], bases: dict[str, torch.Tensor],
+                   precision: Precision) -> None:
+        """The loaded model with W − BA (or the NF4 base in `bases`) in every adapted module, saved."""
+        shared: dict[int, list[str]] = {}
+        for name, tensor in self.net.named_parameters(remove_duplicate=False):
+            shared.setdefault(id(tensor), []).append(name)
+        _refuse_tied(list(factors), {name: names for names in shared.values() for name in names})
+        with torch.no_grad():
+            for name, pair in factors.items():
+                weight = self.modules[name].weight
+                if name in bases:
+                    weight.copy_(bases[name].T if fan_in_fan_out[name] else bases[name])
+                else:
+                    weight.copy_(precision.residual(name, weight, _update(pair, fan_in_fan_out[name])))
+        if isinstance(self.net, pipelines.DiffusionParts):
+            self.net.save_pretrained(directory, self.path)
+            return
+        self.net.save_pretrained(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+
+
+def _modules(net: nn.Module, names: list[str], path: Path) -> dict[str, nn.Module]:
+    named = dict(net.named_modules())
+    missing = [name for name in names if name not in named]
+    if missing:
+        raise CntinitError(f"{path} has no module {missing[0]} that the capture recorded: pass --model with the captured model")
+    return {name: named[name] for name in names}
+
+
+def open_solved(manifest: dict, model: str | Path | None, trust_remote_code: bool, whole: bool = False) -> Streamed | Loaded:
+    """The weights the solve used (`model`, else the path it recorded), refusing other weights;
+    `whole`: the model loaded, to run it."""
+    path = models.must_exist(Path(model) if model is not None else Path(manifest["model"]["path"]))
+    names = list(manifest["modules"])
+    source = None if whole or pipelines.is_pipeline(path) else Streamed.open(path, names, trust_remote_code)
+    source = source or Loaded(path, trust_remote_code, names)
+    expected = manifest["model"]["fingerprint"]
+    if source.fingerprint(fingerprints.scheme_of(expected)) != expected:
+        raise CntinitError(f"the weights at {path} differ from the ones captured (fingerprint mismatch): "
+                           "capture again with these weights, or pass --model with the captured ones")
+    return source

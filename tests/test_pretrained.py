@@ -1,0 +1,81 @@
+"""The residual base is written file by file from a safetensors checkpoint, the model never loaded
+whole: the same base, tensor for tensor, as the loaded model saves (tiny Llama, GPT-2's Conv1D,
+BERT, a sharded checkpoint, SmolLM2's real bfloat16 weights), the checkpoint's files and index
+kept; a residual base of a weight another module shares is refused on both paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from cntinit import models, pretrained
+from cntinit.export import export
+from cntinit.solve import solve
+
+from conftest import assert_refused, build_tiny
+
+
+def _state(directory) -> dict[str, torch.Tensor]:
+    config = transformers.AutoConfig.from_pretrained(directory)
+    return getattr(transformers, config.architectures[0]).from_pretrained(directory, dtype="auto").state_dict()
+
+
+def _both(model_dir, tmp_path, monkeypatch, targets="all-linear"):
+    """(streamed base, loaded base) of one residual solve; the streamed export built the model empty only."""
+    solve(None, tmp_path / "s", model=model_dir, targets=targets, mode="pissa", rank=4)
+    empty, real = [], models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: empty.append(k.get("empty", False)) or real(*a, **k))
+    export(tmp_path / "s", tmp_path / "streamed")
+    assert empty == [True]  # built without weights; each adapted one read by name
+    monkeypatch.setattr(pretrained.Streamed, "open", classmethod(lambda cls, *a: None))
+    export(tmp_path / "s", tmp_path / "loaded")
+    monkeypatch.undo()
+    return tmp_path / "streamed" / "base", tmp_path / "loaded" / "base"
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_the_streamed_base_is_the_loaded_model_s(kind, tiny, tmp_path, monkeypatch):
+    streamed, loaded = _both(tiny[kind], tmp_path, monkeypatch)
+    a, b = _state(streamed), _state(loaded)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    original = _state(tiny[kind])
+    changed = {name for name in a if not torch.equal(a[name], original[name])}
+    solved = json.loads((tmp_path / "s" / "manifest.json").read_text())["modules"]
+    assert changed == {f"{m}.weight" for m in solved}  # W − BA in the adapted weights, every other tensor as it was
+    assert transformers.AutoTokenizer.from_pretrained(streamed).vocab_size == transformers.AutoTokenizer.from_pretrained(tiny[kind]).vocab_size
+
+
+def test_a_sharded_checkpoint_keeps_its_files_and_index(tmp_path, monkeypatch):
+    source = tmp_path / "sharded"
+    transformers.AutoModelForCausalLM.from_pretrained(build_tiny("llama", tmp_path / "model")).save_pretrained(source, max_shard_size="200KB")
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "model").save_pretrained(source)
+    shards = sorted(p.name for p in source.glob("*.safetensors"))
+    assert len(shards) > 3
+    streamed, loaded = _both(source, tmp_path, monkeypatch)
+    assert sorted(p.name for p in streamed.glob("*.safetensors")) == shards
+    index = "model.safetensors.index.json"
+    assert json.loads((streamed / index).read_text())["weight_map"] == json.loads((source / index).read_text())["weight_map"]
+    a, b = _state(streamed), _state(loaded)
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_smollm2_real_bfloat16_weights(smollm2, tmp_path, monkeypatch):
+    streamed, loaded = _both(smollm2, tmp_path, monkeypatch, targets="q_proj,down_proj")
+    a, b = _state(streamed), _state(loaded)
+    assert a.keys() == b.keys() and all(a[name].dtype == torch.bfloat16 and torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_shared_weight_gets_no_residual_base(tiny, tmp_path, capsys, monkeypatch):
+    """GPT-2's output layer is the token embeddings' matrix: W − BA there would change the
+    embeddings too, so the initial model would not be the pretrained one."""
+    solve(None, tmp_path / "s", model=tiny["gpt2"], targets="lm_head", mode="pissa", rank=4)
+    capsys.readouterr()
+    message = "lm_head shares its weight with transformer.wte, so W − BA in the residual base would change that module too"
+    assert_refused(capsys, ["export", tmp_path / "s"], message, tmp_path / "streamed")
+    monkeypatch.setattr(pretrained.Streamed, "open", classmethod(lambda cls, *a: None))
+    assert_refused(capsys, ["export", tmp_path / "s"], message, tmp_path / "loaded")
