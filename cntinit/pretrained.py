@@ -105,7 +105,7 @@ class Streamed:
         files = sorted(set(self.weights.files.values()))
         directory.mkdir(parents=True)
         with console.progress() as bar:
-            task = bar.add_task("residual base", total=sum(f.stat().st_size for f in files))
+            task = bar.add_task(f"residual base, {len(files)} file{'s' if len(files) > 1 else ''}", total=len(files))
             for file in files:
                 with safe_open(file, framework="pt") as handle:
                     metadata = handle.metadata() or {"format": "pt"}
@@ -117,7 +117,7 @@ class Streamed:
                                         precision.residual(name, tensors[key].to(self.dtype), _update(factors[name], layout))).contiguous()
                 save_file(tensors, directory / file.name, metadata=metadata)
                 del tensors
-                bar.advance(task, file.stat().st_size)
+                bar.advance(task)
         written = {file.name for file in files}
         for item in self.path.iterdir():  # config, tokenizer, the shards' index; no other weights, nor another index
             if item.is_file() and item.name not in written and (item == self.weights.index or not item.name.endswith(WEIGHT_FILES)):
