@@ -62,7 +62,7 @@ class Weights:
                 self.files = dict.fromkeys(handle.keys(), single)
         elif index.is_file():
             self.index = index
-            self.files = {key: self.directory / name for key, name in json.loads(index.read_text())["weight_map"].items()}
+            self.files = {key: self.directory / name for key, name in _weight_map(index).items()}
         else:
             raise CntinitError(f"{directory} has no safetensors weights (model.safetensors or its index): --layerwise reads "
                                "safetensors only; save the model with save_pretrained, or capture without --layerwise")
@@ -71,6 +71,11 @@ class Weights:
         for name, tensor in net.named_parameters(remove_duplicate=False):
             shared.setdefault(id(tensor), []).append(name)
         self.aliases = {name: names for names in shared.values() for name in names}
+
+    def readable(self, name: str) -> bool:
+        """Whether the model's tensor `name` is one tensor of the checkpoint (not converted from several)."""
+        aliases = self.aliases.get(name, [name])
+        return not any(alias in self.converted for alias in aliases) and any(alias in self.keys for alias in aliases)
 
     def key(self, name: str) -> str | None:
         """The checkpoint's key for the model's tensor `name` (or for a weight tied to it)."""
@@ -107,6 +112,21 @@ class Weights:
             if dtype is not None:
                 return dtype
         return torch.float32
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """{tensor key: file name} of a shard index, each file beside it: another path (`../x`) is refused."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not all(isinstance(key, str) and isinstance(name, str) for key, name in weight_map.items()):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise CntinitError(f"{index} is not a safetensors index (a JSON object whose weight_map names a file for each tensor): "
+                           "save the model again with save_pretrained") from None
+    stray = next((name for name in sorted(set(weight_map.values())) if Path(name).name != name or not (index.parent / name).is_file()), None)
+    if stray is not None:
+        raise CntinitError(f"{index} names {stray!r}, which is not a file in {index.parent}: save the model again with save_pretrained")
+    return weight_map
 
 
 def _model_keys(net: nn.Module, checkpoint_keys: list[str]) -> tuple[dict[str, str], set[str]]:

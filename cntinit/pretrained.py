@@ -80,13 +80,12 @@ class Streamed:
     def open(cls, path: Path, names: list[str], trust_remote_code: bool) -> "Streamed | None":
         """The model at `path` read by name, or None where that cannot be (no safetensors files, a
         weight transformers builds from several tensors)."""
+        if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+            return None
         net, _ = models.load(path, trust_remote_code, empty=True)
         modules = _modules(net, names, path)
-        try:
-            weights = layerwise.Weights(path, net)
-            if any(weights.key(name + ".weight") is None for name in names):
-                return None
-        except CntinitError:
+        weights = layerwise.Weights(path, net)  # a malformed shard index is refused, not loaded another way
+        if not all(weights.readable(name + ".weight") for name in names):
             return None
         return cls(path, net, modules, weights)
 

@@ -50,10 +50,15 @@ def test_the_streamed_base_is_the_loaded_model_s(kind, tiny, tmp_path, monkeypat
     assert transformers.AutoTokenizer.from_pretrained(streamed).vocab_size == transformers.AutoTokenizer.from_pretrained(tiny[kind]).vocab_size
 
 
-def test_a_sharded_checkpoint_keeps_its_files_and_index(tmp_path, monkeypatch):
+def _sharded(tmp_path):
     source = tmp_path / "sharded"
     transformers.AutoModelForCausalLM.from_pretrained(build_tiny("llama", tmp_path / "model")).save_pretrained(source, max_shard_size="200KB")
     transformers.AutoTokenizer.from_pretrained(tmp_path / "model").save_pretrained(source)
+    return source
+
+
+def test_a_sharded_checkpoint_keeps_its_files_and_index(tmp_path, monkeypatch):
+    source = _sharded(tmp_path)
     shards = sorted(p.name for p in source.glob("*.safetensors"))
     assert len(shards) > 3
     streamed, loaded = _both(source, tmp_path, monkeypatch)
@@ -79,3 +84,21 @@ def test_a_shared_weight_gets_no_residual_base(tiny, tmp_path, capsys, monkeypat
     assert_refused(capsys, ["export", tmp_path / "s"], message, tmp_path / "streamed")
     monkeypatch.setattr(pretrained.Streamed, "open", classmethod(lambda cls, *a: None))
     assert_refused(capsys, ["export", tmp_path / "s"], message, tmp_path / "loaded")
+
+
+def test_a_shard_index_naming_files_elsewhere_is_refused(tmp_path, capsys):
+    """The index decides which files are read: one naming a path outside the model directory, or
+    not an index at all, is refused (not read another way)."""
+    source = _sharded(tmp_path)
+    solve(None, tmp_path / "s", model=source, targets="q_proj", mode="pissa", rank=4)
+    capsys.readouterr()
+    index = source / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    first = next(iter(content["weight_map"]))
+    (tmp_path / "elsewhere.safetensors").write_bytes((source / content["weight_map"][first]).read_bytes())
+    content["weight_map"][first] = "../elsewhere.safetensors"
+    index.write_text(json.dumps(content))
+    assert_refused(capsys, ["export", tmp_path / "s"], "names '../elsewhere.safetensors', which is not a file in", tmp_path / "a")
+    index.write_text("[1, 2]")
+    assert_refused(capsys, ["export", tmp_path / "s"], "is not a safetensors index (a JSON object whose weight_map names a file",
+                   tmp_path / "b")
