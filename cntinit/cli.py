@@ -292,7 +292,7 @@ def solve(
     model: Optional[Path] = typer.Option(None, "--model", help="Read the weights from here instead of the path the capture recorded (they must be the same weights); without a capture, the model to solve."),
     targets: Optional[str] = typer.Option(None, "--targets", "-t", help="Which modules to solve: module-name suffixes (q_proj,v_proj) or re:PATTERN; from a capture, a subset of the captured modules (default: all of them); without one, all-linear by default."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, or cuda."),
-    offload: bool = _flag("--offload", help="For models larger than the device: accelerate places the weights on the device, then CPU memory, then disk (read one module at a time)."),
+    offload: bool = _flag("--offload", help="Load the model within --max-memory (accelerate: CPU memory, then disk). A transformers model in safetensors needs none: its weights are read by name, a batch at a time; this is for pipelines and checkpoints transformers converts on load."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="--offload: limits per place, e.g. cuda=20GiB,cpu=64GiB (default: what accelerate finds free)."),
     precision: str = typer.Option("float64", "--precision", help="Precision of the eigen/SVD work: float64 or float32 (IniLoRA's Adam always runs in float32, as the authors' code)."),
     overwrite: bool = _flag("--overwrite", help="Replace --out even if it is a solve directory of another model or another cntinit output (never a folder or file of yours)."),

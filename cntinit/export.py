@@ -74,7 +74,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
     writes_base = residual and format != "kohya"  # kohya merges the residual itself (--base_weights, multiplier −1)
     base_rank = manifest["params"]["rank"]
     alpha = float(alpha if alpha is not None else base_rank)
-    source = pretrained.open_solved(manifest, model, trust_remote_code) if (dora or writes_base) else None
+    source = pretrained.open_recorded(manifest, model, trust_remote_code) if (dora or writes_base) else None
     factors = {name: pair for name, pair in sol.factors().items() if name not in left_out}
     bases = _dequantized(sol, source.dtype) if quantized else {}
 
@@ -96,7 +96,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
             key = name if format == "diffusers" else f"base_model.model.{prefix}{name}"
             tensors |= {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
         if dora:
-            w = source.matrix(name).to(torch.float64)
+            w = models.weight_values(source.modules[name]).to(torch.float64)
             combined = bases[name].double() + b.double() @ a.double() * scale if quantized else w if residual else \
                 w + b.double() @ a.double() * scale
             tensors[f"{key}.lora_magnitude_vector"] = combined.norm(dim=1).to(torch.float32)
@@ -336,7 +336,7 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
     exported = json.loads((Path(out) / store.MANIFEST).read_text())
     if exported["module_prefix"]:
         raise CntinitError("the check loads the captured model class, which has no module prefix: export without --module-prefix to check")
-    reference = pretrained.open_solved(sol.manifest, model, trust_remote_code, whole=True).net
+    reference = pretrained.open_recorded(sol.manifest, model, trust_remote_code, whole=True).net
     base, _ = models.load(Path(out) / BASE_DIR, trust_remote_code) if exported["residual_base"] else (copy.deepcopy(reference), None)
     nf4 = sol.quantized_bases()
     if nf4:
@@ -407,7 +407,7 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
     if exported["adapter_format"] == "kohya" and len(ranks) > 1 and not exported["fixed_alpha"]:
         raise CntinitError("diffusers (0.42) ignores the per-module alphas of a kohya file, so it cannot check one with variable "
                            "ranks; sd-scripts reads them: export with --fixed-alpha to check it with diffusers")
-    reference = pretrained.open_solved(sol.manifest, model, trust_remote_code, whole=True).net
+    reference = pretrained.open_recorded(sol.manifest, model, trust_remote_code, whole=True).net
     base = Path(out) / BASE_DIR if exported["residual_base"] else Path(model or sol.manifest["model"]["path"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecations and "no safety checker" notices, not ours to fix

@@ -18,7 +18,7 @@ import transformers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import fingerprints, pipelines
+from . import pipelines
 from .errors import CntinitError, first_line, not_one_of
 
 ALL_LINEAR = "all-linear"
@@ -202,8 +202,12 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 
 def weight_values(module: nn.Module) -> torch.Tensor:
-    """W (out × in) with its values: an offloaded module's weight (on the meta device between
-    forwards) is read from CPU memory or disk, one module at a time."""
+    """W (out × in) with its values: a module built without weights reads it from the checkpoint
+    (`read_weight`, set by pretrained.Streamed); an offloaded module's weight (on the meta device
+    between forwards) is read from CPU memory or disk, one module at a time."""
+    reader = getattr(module, "read_weight", None)
+    if reader is not None:
+        return reader()
     if getattr(module, "_hf_hook", None) is None and module.weight.device.type != "meta":
         return weight_matrix(module).detach()
     from accelerate.utils import align_module_device
@@ -268,23 +272,6 @@ def parse_max_memory(text: str | None) -> dict[str, str]:
 def in_out_features(module: nn.Module) -> tuple[int, int]:
     out_features, in_features = weight_matrix(module).shape
     return in_features, out_features
-
-
-def load_matching(path: str | Path, names: list[str], expected: str, trust_remote_code: bool = False,
-                  placement: Placement | None = None):
-    """(model, tokenizer, modules) from `path`, refusing weights whose fingerprint over `names` is not `expected`."""
-    net, tokenizer = load(path, trust_remote_code, placement)
-    named = dict(net.named_modules())
-    missing = [name for name in names if name not in named]
-    if missing:
-        raise CntinitError(f"{path} has no module {missing[0]} that the capture recorded: pass --model with the captured model")
-    modules = {name: named[name] for name in names}
-    if fingerprints.fingerprint(modules, scheme=fingerprints.scheme_of(expected)) != expected:
-        raise CntinitError(
-            f"the weights at {path} differ from the ones captured (fingerprint mismatch): "
-            "capture again with these weights, or pass --model with the captured ones"
-        )
-    return net, tokenizer, modules
 
 
 def forward_root(model: nn.Module, target_names: list[str]) -> nn.Module:

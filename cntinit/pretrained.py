@@ -1,16 +1,17 @@
-"""The pretrained weights an export reads — each adapted module's W, for DoRA's magnitudes and
-the residual base — and the residual base it writes from them.
+"""The pretrained weights solve and export read — each target's W — and the residual base export
+writes from them.
 
-A transformers model stored in safetensors is never loaded whole: its adapted weights are read
-one at a time by the model's own names (as a layerwise capture reads them), and the base is
-written file by file — each of the checkpoint's files copied with W − BA in place of every
-adapted W — so a 70B model's base takes the memory of one file, not of the model. Diffusers
-pipelines, and checkpoints whose tensors transformers converts on load, go through the loaded
-model as before.
+A transformers model stored in safetensors is never loaded whole: it is built without weights,
+each target's W is read when it is needed, by the model's own names (as a layerwise capture
+reads them), and the residual base is written file by file — each of the checkpoint's files
+copied with W − BA in place of every adapted W — so a 70B model takes the memory of a batch of
+weights in solve and of one file in export, not of the model. Diffusers pipelines, checkpoints
+whose tensors transformers converts on load, and `--offload` placements load the model.
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -70,30 +71,29 @@ def _refuse_tied(names: list[str], aliases: dict[str, list[str]]) -> None:
 
 
 class Streamed:
-    """A transformers model in safetensors, read by the model's names without loading it."""
+    """A transformers model in safetensors, built without weights: each target module (on the meta
+    device, in the dtype from_pretrained would give it) reads its W from the checkpoint when
+    `models.weight_values` asks for it."""
 
     def __init__(self, path: Path, net: nn.Module, modules: dict[str, nn.Module], weights: layerwise.Weights):
-        self.path, self.modules, self.weights = path, modules, weights
-        self.dtype = layerwise.load_dtype(net, weights)  # what from_pretrained gives the model: W − BA is computed from it
+        self.path, self.net, self.modules, self.weights = path, net, modules, weights
+        self.dtype = layerwise.load_dtype(net, weights)
+        for name, module in modules.items():
+            module.to(self.dtype)
+            module.read_weight = functools.partial(weights.matrix, name, module, self.dtype)
 
     @classmethod
-    def open(cls, path: Path, names: list[str], trust_remote_code: bool) -> "Streamed | None":
-        """The model at `path` read by name, or None where that cannot be (no safetensors files, a
-        weight transformers builds from several tensors)."""
+    def open(cls, path: Path, trust_remote_code: bool, pick) -> "Streamed | None":
+        """The model at `path` with the targets `pick(net)` chooses, or None where they cannot be
+        read by name (no safetensors files, a weight transformers builds from several tensors)."""
         if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
             return None
         net, _ = models.load(path, trust_remote_code, empty=True)
-        modules = _modules(net, names, path)
+        modules = pick(net)
         weights = layerwise.Weights(path, net)  # a malformed shard index is refused, not loaded another way
-        if not all(weights.readable(name + ".weight") for name in names):
+        if not all(weights.readable(name + ".weight") for name in modules):
             return None
         return cls(path, net, modules, weights)
-
-    def fingerprint(self, scheme: str) -> str:
-        return fingerprints.fingerprint(self.modules, self.weights.matrix, self.dtype, scheme=scheme)
-
-    def matrix(self, name: str) -> torch.Tensor:
-        return self.weights.matrix(name, self.modules[name], self.dtype)
 
     def write_base(self, directory: Path, factors: dict, fan_in_fan_out: dict[str, bool], bases: dict[str, torch.Tensor],
                    precision: Precision) -> None:
@@ -124,19 +124,14 @@ class Streamed:
 
 
 class Loaded:
-    """The model loaded whole (diffusers pipelines; checkpoints transformers converts on load)."""
+    """The model loaded (diffusers pipelines; checkpoints transformers converts on load; an
+    `--offload` placement, which keeps it within its memory limits)."""
 
-    def __init__(self, path: Path, trust_remote_code: bool, names: list[str]):
+    def __init__(self, path: Path, trust_remote_code: bool, pick, placement: models.Placement | None = None):
         self.path = path
-        self.net, self.tokenizer = models.load(path, trust_remote_code)
-        self.modules = _modules(self.net, names, path)
+        self.net, self.tokenizer = models.load(path, trust_remote_code, placement)
+        self.modules = pick(self.net)
         self.dtype = self.net.dtype
-
-    def fingerprint(self, scheme: str) -> str:
-        return fingerprints.fingerprint(self.modules, scheme=scheme)
-
-    def matrix(self, name: str) -> torch.Tensor:
-        return models.weight_matrix(self.modules[name]).detach()
 
     def write_base(self, directory: Path, factors: dict, fan_in_fan_out: dict[str, bool], bases: dict[str, torch.Tensor],
                    precision: Precision) -> None:
@@ -160,23 +155,32 @@ class Loaded:
             self.tokenizer.save_pretrained(directory)
 
 
-def _modules(net: nn.Module, names: list[str], path: Path) -> dict[str, nn.Module]:
-    named = dict(net.named_modules())
-    missing = [name for name in names if name not in named]
-    if missing:
-        raise CntinitError(f"{path} has no module {missing[0]} that the capture recorded: pass --model with the captured model")
-    return {name: named[name] for name in names}
+def open_model(path: str | Path, trust_remote_code: bool, pick, placement: models.Placement | None = None,
+               whole: bool = False) -> Streamed | Loaded:
+    """The model at `path` with the target modules `pick(net)` returns: read by name where it can
+    be, else loaded (always with a `placement`, or `whole`: to run it)."""
+    path = models.must_exist(path)
+    streamed = None if whole or placement is not None or pipelines.is_pipeline(path) else Streamed.open(path, trust_remote_code, pick)
+    return streamed or Loaded(path, trust_remote_code, pick, placement)
 
 
-def open_solved(manifest: dict, model: str | Path | None, trust_remote_code: bool, whole: bool = False) -> Streamed | Loaded:
-    """The weights the solve used (`model`, else the path it recorded), refusing other weights;
-    `whole`: the model loaded, to run it."""
-    path = models.must_exist(Path(model) if model is not None else Path(manifest["model"]["path"]))
+def open_recorded(manifest: dict, model: str | Path | None, trust_remote_code: bool, placement: models.Placement | None = None,
+                  whole: bool = False) -> Streamed | Loaded:
+    """The model a capture or solve `manifest` records (or `model`, the same weights elsewhere),
+    with its modules, refusing weights other than the ones it recorded."""
+    path = Path(model) if model is not None else Path(manifest["model"]["path"])
     names = list(manifest["modules"])
-    source = None if whole or pipelines.is_pipeline(path) else Streamed.open(path, names, trust_remote_code)
-    source = source or Loaded(path, trust_remote_code, names)
+
+    def recorded(net: nn.Module) -> dict[str, nn.Module]:
+        named = dict(net.named_modules())
+        missing = [name for name in names if name not in named]
+        if missing:
+            raise CntinitError(f"{path} has no module {missing[0]} that the capture recorded: pass --model with the captured model")
+        return {name: named[name] for name in names}
+
+    source = open_model(path, trust_remote_code, recorded, placement, whole)
     expected = manifest["model"]["fingerprint"]
-    if source.fingerprint(fingerprints.scheme_of(expected)) != expected:
+    if fingerprints.fingerprint(source.modules, scheme=fingerprints.scheme_of(expected)) != expected:
         raise CntinitError(f"the weights at {path} differ from the ones captured (fingerprint mismatch): "
                            "capture again with these weights, or pass --model with the captured ones")
     return source

@@ -21,7 +21,7 @@ from rich.progress import Progress
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from . import baselines, console, distributed, fingerprints, gradient_modes, inilora, models, modes, quant, solution, store, vas
+from . import baselines, console, distributed, fingerprints, gradient_modes, inilora, models, modes, pretrained, quant, solution, store, vas
 from .atomic import atomic_directory
 from .console import log, progress, warn
 from .errors import CntinitError, not_one_of
@@ -367,8 +367,7 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
                                "capture again with --gradients")
         names = list(captured["modules"]) if targets is None else models.select_names(list(captured["modules"]), targets, "captured module")
         model_path = Path(model) if model is not None else Path(captured["model"]["path"])
-        _, _, modules = models.load_matching(model_path, list(captured["modules"]), captured["model"]["fingerprint"], trust_remote_code,
-                                            placement)
+        modules = pretrained.open_recorded(captured, model, trust_remote_code, placement).modules
         record = dict(captured["model"], path=str(model_path.absolute()))
         if len(names) < len(modules):  # a subset: exports check the weights of the modules solved
             modules = {name: modules[name] for name in names}
@@ -380,9 +379,8 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
         raise CntinitError(f"--mode {options.mode} needs activation statistics: give the directory `cntinit capture` wrote")
     if model is None:
         raise CntinitError("give a capture directory, or --model MODEL for a data-free mode (lora, pissa, milora, olora, inilora*)")
-    net, _ = models.load(model, trust_remote_code, placement)
-    modules = models.select_targets(net, targets or models.ALL_LINEAR)
-    return None, modules, models.record(net, model, fingerprints.fingerprint(modules)), str(model)
+    source = pretrained.open_model(model, trust_remote_code, lambda net: models.select_targets(net, targets or models.ALL_LINEAR), placement)
+    return None, source.modules, models.record(source.net, model, fingerprints.fingerprint(source.modules)), str(model)
 
 
 def _bucket_weights(options: Options, buckets: int) -> list[float]:

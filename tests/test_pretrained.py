@@ -1,7 +1,9 @@
-"""The residual base is written file by file from a safetensors checkpoint, the model never loaded
-whole: the same base, tensor for tensor, as the loaded model saves (tiny Llama, GPT-2's Conv1D,
-BERT, a sharded checkpoint, SmolLM2's real bfloat16 weights), the checkpoint's files and index
-kept; a residual base of a weight another module shares is refused on both paths."""
+"""A safetensors model is never loaded whole by solve and export: solve reads each target's W by
+name (the same factors as on the loaded model); the residual base is written file by file — the
+same base, tensor for tensor, as the loaded model saves (tiny Llama, GPT-2's Conv1D, BERT, a
+sharded checkpoint, SmolLM2's real bfloat16 weights), the checkpoint's files and index kept; a
+residual base of a weight another module shares is refused on both paths, and a shard index
+naming files elsewhere is refused."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from cntinit import models, pretrained
 from cntinit.export import export
@@ -102,3 +105,23 @@ def test_a_shard_index_naming_files_elsewhere_is_refused(tmp_path, capsys):
     index.write_text("[1, 2]")
     assert_refused(capsys, ["export", tmp_path / "s"], "is not a safetensors index (a JSON object whose weight_map names a file",
                    tmp_path / "b")
+
+
+def test_solve_reads_each_weight_by_name(tiny, captured, tmp_path, monkeypatch):
+    """solve builds the model without weights and reads each target's W when its batch comes: the
+    same factors, bit for bit, and the same model record as solving on the loaded model."""
+    empty, real = [], models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: empty.append(k.get("empty", False)) or real(*a, **k))
+    runs = {"cnt-s": lambda out: solve(captured["llama"], out, mode="cnt-s", rank=4),
+            "inilora": lambda out: solve(None, out, model=tiny["gpt2"], mode="inilora", rank=4, steps=20)}
+    for name, run in runs.items():
+        run(tmp_path / f"{name}-streamed")
+    assert empty == [True, True]
+    monkeypatch.setattr(pretrained.Streamed, "open", classmethod(lambda cls, *a: None))
+    for name, run in runs.items():
+        run(tmp_path / f"{name}-loaded")
+        streamed, loaded = tmp_path / f"{name}-streamed", tmp_path / f"{name}-loaded"
+        a, b = load_file(streamed / "adapter.safetensors"), load_file(loaded / "adapter.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
+        manifest = lambda directory: json.loads((directory / "manifest.json").read_text())  # noqa: E731
+        assert manifest(streamed)["model"] == manifest(loaded)["model"], name
