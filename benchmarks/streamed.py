@@ -1,12 +1,13 @@
-"""Peak memory and time of writing a residual base: file by file from the safetensors checkpoint
-(what `export` does) against loading the model whole and saving it (what it did), side by side.
+"""Peak memory and time of solve and export reading a safetensors model by name (each target's W
+when it is needed; the residual base written file by file), against loading the model whole
+(what they did), side by side.
 
-    python benchmarks/export_base.py                              # 16 blocks of width 2048 (1.9 GB in bf16), 500 MB shards
-    python benchmarks/export_base.py --blocks 4 --hidden 512 --mlp 1376
+    python benchmarks/streamed.py                              # 16 blocks of width 2048 (1.9 GB in bf16), 500 MB shards
+    python benchmarks/streamed.py --blocks 4 --hidden 512 --mlp 1376
 
-A synthetic Llama (random bfloat16 weights) is saved in shards, solved data-free with pissa on
-`--targets`, and exported twice, each export in a fresh process: its peak resident memory
-(VmHWM), its seconds, and whether the two bases hold the same tensors bit for bit.
+A synthetic Llama (random bfloat16 weights) is saved in shards; a data-free pissa solve of
+`--targets` and the export of its residual base each run twice, each in a fresh process: peak
+resident memory (VmHWM), seconds, and whether both ways wrote the same tensors bit for bit.
 """
 
 from __future__ import annotations
@@ -44,19 +45,24 @@ def build(directory: Path, args) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def child(way: str, solved: Path, out: Path) -> None:
-    """One export in this process; prints its seconds and peak memory as JSON."""
+def child(stage: str, way: str, source: Path, out: Path, targets: str) -> None:
+    """One solve or export in this process; prints its seconds and peak memory as JSON."""
     from cntinit import pretrained
     from cntinit.export import export
+    from cntinit.solve import solve
 
     if way == "loaded":
         pretrained.Streamed.open = classmethod(lambda cls, *a: None)
     started = time.perf_counter()
-    export(solved, out, overwrite=True)
+    if stage == "solve":
+        solve(None, out, model=source, targets=targets, mode="pissa", rank=16)
+    else:
+        export(source, out)
     print(json.dumps({"seconds": time.perf_counter() - started, "peak": peak_rss()}))
 
 
-def same_bases(a: Path, b: Path) -> bool:
+def same_tensors(a: Path, b: Path) -> bool:
+    """Whether the safetensors files in `a` and in `b` hold the same tensors, bit for bit."""
     def tensors(directory: Path) -> dict[str, Path]:
         found = {}
         for file in directory.glob("*.safetensors"):
@@ -83,35 +89,36 @@ def main() -> None:
     parser.add_argument("--shard", default="500MB", help="the checkpoint's shard size (save_pretrained's max_shard_size)")
     parser.add_argument("--targets", default="q_proj,down_proj")
     parser.add_argument("--json", help="also write the rows here")
-    parser.add_argument("--child", nargs=3, metavar=("WAY", "SOLVED", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("STAGE", "WAY", "SOURCE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], Path(args.child[1]), Path(args.child[2]))
+        child(*args.child[:2], Path(args.child[2]), Path(args.child[3]), args.targets)
         return
 
-    from cntinit.solve import solve
-
+    rows = []
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         size = build(root / "model", args)
-        solve(None, root / "solved", model=root / "model", targets=args.targets, mode="pissa", rank=16)
-        rows = {}
-        for way in ("streamed", "loaded"):
-            done = subprocess.run([sys.executable, __file__, "--child", way, str(root / "solved"), str(root / way)],
-                                  capture_output=True, text=True, check=True)
-            rows[way] = json.loads(done.stdout.strip().splitlines()[-1])
-        equal = same_bases(root / "streamed" / "base", root / "loaded" / "base")
-    table = Table(title=f"residual base of a {args.blocks}-block Llama, width {args.hidden} (MLP {args.mlp}), {size / 1e9:.2f} GB "
-                        f"in {args.shard} shards, pissa on {args.targets}")
-    for column in ("export", "seconds", "peak memory", "bases equal"):
+        for stage, source, written in (("solve", "model", ""), ("export", "solve-streamed", "base")):
+            for way in ("streamed", "loaded"):
+                done = subprocess.run([sys.executable, __file__, "--targets", args.targets, "--child", stage, way, str(root / source),
+                                       str(root / f"{stage}-{way}")], capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(done.stderr[-3000:])
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]) | {"stage": stage, "way": way})
+            equal = same_tensors(root / f"{stage}-streamed" / written, root / f"{stage}-loaded" / written)
+            for row in rows[-2:]:
+                row["equal"] = equal
+    table = Table(title=f"pissa on {args.targets} of a {args.blocks}-block Llama, width {args.hidden} (MLP {args.mlp}), "
+                        f"{size / 1e9:.2f} GB in {args.shard} shards")
+    for column in ("stage", "weights", "seconds", "peak memory", "same tensors"):
         table.add_column(column)
-    for way, row in rows.items():
-        table.add_row("file by file (now)" if way == "streamed" else "model loaded whole (before)", f"{row['seconds']:.1f}",
-                      f"{row['peak'] / 1e9:.2f} GB", "yes" if equal else "NO")
+    for row in rows:
+        table.add_row(row["stage"], "read by name (now)" if row["way"] == "streamed" else "model loaded whole (before)",
+                      f"{row['seconds']:.1f}", f"{row['peak'] / 1e9:.2f} GB", "yes" if row["equal"] else "NO")
     Console().print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model_bytes": size, "rows": [row | {"export": way, "equal": equal}
-                                                                              for way, row in rows.items()]}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"model_bytes": size, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
