@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import checkpoint, console, distributed, store
+from . import checkpoint, console, distributed, models, store
 from .atomic import atomic_file
 from .console import log, warn
 from .errors import CntinitError
@@ -67,10 +67,7 @@ class Weights:
             raise CntinitError(f"{directory} has no safetensors weights (model.safetensors or its index): --layerwise reads "
                                "safetensors only; save the model with save_pretrained, or capture without --layerwise")
         self.keys, self.converted = _model_keys(net, list(self.files))
-        shared: dict[int, list[str]] = {}  # tied weights (an output layer sharing the embeddings') are stored once
-        for name, tensor in net.named_parameters(remove_duplicate=False):
-            shared.setdefault(id(tensor), []).append(name)
-        self.aliases = {name: names for names in shared.values() for name in names}
+        self.aliases = models.parameter_aliases(net)  # tied weights (an output layer sharing the embeddings') are stored once
 
     def readable(self, name: str) -> bool:
         """Whether the model's tensor `name` is one tensor of the checkpoint (not converted from several)."""

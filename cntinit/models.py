@@ -196,6 +196,14 @@ def module_kind(name: str) -> str:
     return re.sub(r"^.*\.\d+\.", "", name)
 
 
+def parameter_aliases(net: nn.Module) -> dict[str, list[str]]:
+    """Each parameter's name -> every name it goes by (a tied output layer's weight is the embeddings')."""
+    shared: dict[int, list[str]] = {}
+    for name, tensor in net.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(tensor), []).append(name)
+    return {name: names for names in shared.values() for name in names}
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """W as out × in (Conv1D stores it transposed)."""
     return module.weight.T if isinstance(module, Conv1D) else module.weight

@@ -60,9 +60,10 @@ def _update(factors: tuple[torch.Tensor, torch.Tensor], fan_in_fan_out: bool) ->
     return update.T if fan_in_fan_out else update
 
 
-def _refuse_tied(names: list[str], aliases: dict[str, list[str]]) -> None:
+def refuse_tied(names: list[str], source: "Streamed | Loaded") -> None:
     """A residual base of a weight another module shares (an output layer tied to the embeddings)
     would change that module too: the initial model would not be the pretrained one."""
+    aliases = models.parameter_aliases(source.net)
     for name in names:
         shared = [other for other in aliases.get(name + ".weight", []) if other != name + ".weight"]
         if shared:
@@ -99,7 +100,7 @@ class Streamed:
                    precision: Precision) -> None:
         """The checkpoint's files with W − BA (or the NF4 base in `bases`) for each adapted weight,
         one file in memory at a time; its other files (config, tokenizer, index) copied as they are."""
-        _refuse_tied(list(factors), self.weights.aliases)
+        refuse_tied(list(factors), self)
         adapted = {self.weights.key(name + ".weight"): name for name in factors}
         files = sorted(set(self.weights.files.values()))
         directory.mkdir(parents=True)
@@ -136,10 +137,7 @@ class Loaded:
     def write_base(self, directory: Path, factors: dict, fan_in_fan_out: dict[str, bool], bases: dict[str, torch.Tensor],
                    precision: Precision) -> None:
         """The loaded model with W − BA (or the NF4 base in `bases`) in every adapted module, saved."""
-        shared: dict[int, list[str]] = {}
-        for name, tensor in self.net.named_parameters(remove_duplicate=False):
-            shared.setdefault(id(tensor), []).append(name)
-        _refuse_tied(list(factors), {name: names for names in shared.values() for name in names})
+        refuse_tied(list(factors), self)
         with torch.no_grad():
             for name, pair in factors.items():
                 weight = self.modules[name].weight

@@ -367,11 +367,14 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
                                "capture again with --gradients")
         names = list(captured["modules"]) if targets is None else models.select_names(list(captured["modules"]), targets, "captured module")
         model_path = Path(model) if model is not None else Path(captured["model"]["path"])
-        modules = pretrained.open_recorded(captured, model, trust_remote_code, placement).modules
+        source = pretrained.open_recorded(captured, model, trust_remote_code, placement)
+        modules = source.modules
         record = dict(captured["model"], path=str(model_path.absolute()))
         if len(names) < len(modules):  # a subset: exports check the weights of the modules solved
             modules = {name: modules[name] for name in names}
             record["fingerprint"] = fingerprints.fingerprint(modules)
+        if options.init == "residual":
+            pretrained.refuse_tied(list(modules), source)
         return stats, modules, record, f"{model_path} and the statistics of {capture_dir}"
     if options.mode in modes.GRADIENT_MODES:
         raise CntinitError(f"--mode {options.mode} needs loss gradients: give the directory `cntinit capture --gradients` wrote")
@@ -380,6 +383,8 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
     if model is None:
         raise CntinitError("give a capture directory, or --model MODEL for a data-free mode (lora, pissa, milora, olora, inilora*)")
     source = pretrained.open_model(model, trust_remote_code, lambda net: models.select_targets(net, targets or models.ALL_LINEAR), placement)
+    if options.init == "residual":
+        pretrained.refuse_tied(list(source.modules), source)
     return None, source.modules, models.record(source.net, model, fingerprints.fingerprint(source.modules)), str(model)
 
 

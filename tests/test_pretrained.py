@@ -14,11 +14,17 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from cntinit import models, pretrained
+from cntinit import capture, models, pretrained
 from cntinit.export import export
 from cntinit.solve import solve
 
-from conftest import assert_refused, build_tiny
+from conftest import TEXTS, assert_refused, build_tiny, run
+
+
+def calibration_of(tmp_path):
+    path = tmp_path / "calib.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return path
 
 
 def _state(directory) -> dict[str, torch.Tensor]:
@@ -78,13 +84,23 @@ def test_smollm2_real_bfloat16_weights(smollm2, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(a[name].dtype == torch.bfloat16 and torch.equal(a[name], b[name]) for name in a)
 
 
-def test_a_shared_weight_gets_no_residual_base(tiny, tmp_path, capsys, monkeypatch):
+def test_a_shared_weight_gets_no_residual_base(tiny, captured, tmp_path, capsys, monkeypatch):
     """GPT-2's output layer is the token embeddings' matrix: W − BA there would change the
-    embeddings too, so the initial model would not be the pretrained one."""
-    solve(None, tmp_path / "s", model=tiny["gpt2"], targets="lm_head", mode="pissa", rank=4)
-    capsys.readouterr()
+    embeddings too, so the initial model would not be the pretrained one. Solve refuses it (from a
+    capture and data-free), offset inits of it are fine, and export refuses it on both paths."""
     message = "lm_head shares its weight with transformer.wte, so W − BA in the residual base would change that module too"
+    assert_refused(capsys, ["solve", "--model", tiny["gpt2"], "--targets", "lm_head", "-m", "pissa", "-r", "4"], message, tmp_path / "a")
+    tied = capture(tiny["gpt2"], calibration_of(tmp_path), tmp_path / "stats", targets="lm_head,c_fc", seq_len=16)
+    capsys.readouterr()
+    assert_refused(capsys, ["solve", tied, "-m", "cnt-s", "--init", "residual", "-r", "4"], message, tmp_path / "b")
+    assert run(capsys, "solve", tied, "-m", "cnt-s", "--init", "offset", "-r", "4", "-o", tmp_path / "offset")[0] == 0
+    monkeypatch.setattr(pretrained, "refuse_tied", lambda *a: None)  # a solve directory that slipped through
+    solve(None, tmp_path / "s", model=tiny["gpt2"], targets="lm_head", mode="pissa", rank=4)
+    monkeypatch.undo()
+    capsys.readouterr()
     assert_refused(capsys, ["export", tmp_path / "s"], message, tmp_path / "streamed")
+    monkeypatch.setattr(pretrained.Streamed, "open", classmethod(lambda cls, *a: None))
+    assert_refused(capsys, ["export", tmp_path / "s"], message, tmp_path / "loaded")
     monkeypatch.setattr(pretrained.Streamed, "open", classmethod(lambda cls, *a: None))
     assert_refused(capsys, ["export", tmp_path / "s"], message, tmp_path / "loaded")
 
