@@ -6,7 +6,8 @@ each target's W is read when it is needed, by the model's own names (as a layerw
 reads them), and the residual base is written file by file — each of the checkpoint's files
 copied with W − BA in place of every adapted W — so a 70B model takes the memory of a batch of
 weights in solve and of one file in export, not of the model. Diffusers pipelines, checkpoints
-whose tensors transformers converts on load, and `--offload` placements load the model.
+whose tensors transformers converts on load, classes that keep modules in float32, and `--offload`
+placements load the model.
 """
 
 from __future__ import annotations
@@ -86,10 +87,13 @@ class Streamed:
     @classmethod
     def open(cls, path: Path, trust_remote_code: bool, pick) -> "Streamed | None":
         """The model at `path` with the targets `pick(net)` chooses, or None where they cannot be
-        read by name (no safetensors files, a weight transformers builds from several tensors)."""
+        read by name as from_pretrained gives them (no safetensors files, a weight transformers
+        builds from several tensors, a class that keeps some modules in float32, as T5 its `wo`)."""
         if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
             return None
         net, _ = models.load(path, trust_remote_code, empty=True)
+        if getattr(net, "_keep_in_fp32_modules", None) or getattr(net, "_keep_in_fp32_modules_strict", None):
+            return None
         modules = pick(net)
         weights = layerwise.Weights(path, net)  # a malformed shard index is refused, not loaded another way
         if not all(weights.readable(name + ".weight") for name in modules):

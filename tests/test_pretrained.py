@@ -141,3 +141,15 @@ def test_solve_reads_each_weight_by_name(tiny, captured, tmp_path, monkeypatch):
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
         manifest = lambda directory: json.loads((directory / "manifest.json").read_text())  # noqa: E731
         assert manifest(streamed)["model"] == manifest(loaded)["model"], name
+
+
+def test_a_class_that_keeps_modules_in_float32_is_loaded(tmp_path, monkeypatch):
+    """T5 keeps its `wo` in float32 whatever dtype it loads in: its weights are not all in the
+    config's dtype, so solve loads it as before rather than read it by name."""
+    t5 = tmp_path / "t5"
+    transformers.T5Model(transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                               architectures=["T5Model"])).save_pretrained(t5)
+    empty, real = [], models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: empty.append(k.get("empty", False)) or real(*a, **k))
+    solve(None, tmp_path / "s", model=t5, targets="wo", mode="pissa", rank=2)
+    assert empty == [True, False]
