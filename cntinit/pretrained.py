@@ -54,11 +54,16 @@ class Precision:
                  "this solve, or train in a wider dtype (--train-dtype says which one training uses)")
 
 
-def _update(factors: tuple[torch.Tensor, torch.Tensor], fan_in_fan_out: bool) -> torch.Tensor:
-    """B@A in float64, in the layout the module stores W in (Conv1D: transposed)."""
-    b, a = factors
+def _base_weight(name: str, weight: torch.Tensor, factors: dict, fan_in_fan_out: dict[str, bool], bases: dict[str, torch.Tensor],
+                 precision: Precision) -> torch.Tensor:
+    """What the base stores for the adapted `weight` (W, as the module stores it): the NF4 base the
+    solve fitted to (`bases`, out × in), else W − B@A computed in float64; in W's layout and dtype."""
+    transposed = fan_in_fan_out[name]  # Conv1D stores W transposed
+    if name in bases:
+        return (bases[name].T if transposed else bases[name]).to(weight.dtype)
+    b, a = factors[name]
     update = b.double() @ a.double()
-    return update.T if fan_in_fan_out else update
+    return precision.residual(name, weight, update.T if transposed else update)
 
 
 def refuse_tied(names: list[str], source: "Streamed | Loaded") -> None:
@@ -116,9 +121,7 @@ class Streamed:
                     tensors = {key: handle.get_tensor(key) for key in handle.keys()}
                 for key, name in adapted.items():
                     if key in tensors:
-                        layout = fan_in_fan_out[name]
-                        tensors[key] = ((bases[name].T if layout else bases[name]).to(self.dtype) if name in bases else
-                                        precision.residual(name, tensors[key].to(self.dtype), _update(factors[name], layout))).contiguous()
+                        tensors[key] = _base_weight(name, tensors[key].to(self.dtype), factors, fan_in_fan_out, bases, precision).contiguous()
                 save_file(tensors, directory / file.name, metadata=metadata)
                 del tensors
                 bar.advance(task)
@@ -143,12 +146,9 @@ class Loaded:
         """The loaded model with W − BA (or the NF4 base in `bases`) in every adapted module, saved."""
         refuse_tied(list(factors), self)
         with torch.no_grad():
-            for name, pair in factors.items():
+            for name in factors:
                 weight = self.modules[name].weight
-                if name in bases:
-                    weight.copy_(bases[name].T if fan_in_fan_out[name] else bases[name])
-                else:
-                    weight.copy_(precision.residual(name, weight, _update(pair, fan_in_fan_out[name])))
+                weight.copy_(_base_weight(name, weight, factors, fan_in_fan_out, bases, precision))
         if isinstance(self.net, pipelines.DiffusionParts):
             self.net.save_pretrained(directory, self.path)
             return

@@ -366,9 +366,8 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
             raise CntinitError(f"--mode {options.mode} needs loss gradients, and {capture_dir} holds activation statistics only: "
                                "capture again with --gradients")
         names = list(captured["modules"]) if targets is None else models.select_names(list(captured["modules"]), targets, "captured module")
-        model_path = Path(model) if model is not None else Path(captured["model"]["path"])
         source = pretrained.open_recorded(captured, model, trust_remote_code, placement)
-        modules = source.modules
+        modules, model_path = source.modules, source.path
         record = dict(captured["model"], path=str(model_path.absolute()))
         if len(names) < len(modules):  # a subset: exports check the weights of the modules solved
             modules = {name: modules[name] for name in names}
