@@ -1,13 +1,14 @@
-"""Peak memory and time of solve and export reading a safetensors model by name (each target's W
-when it is needed; the residual base written file by file), against loading the model whole
-(what they did), side by side.
+"""Peak memory and time of solve, export and `export --check` reading a safetensors model by name
+(each target's W when it is needed; the residual base written file by file; the check a chunk of
+modules at a time), against loading the model whole (what they did), side by side.
 
     python benchmarks/streamed.py                              # 16 blocks of width 2048 (1.9 GB in bf16), 500 MB shards
     python benchmarks/streamed.py --blocks 4 --hidden 512 --mlp 1376
 
 A synthetic Llama (random bfloat16 weights) is saved in shards; a data-free pissa solve of
-`--targets` and the export of its residual base each run twice, each in a fresh process: peak
-resident memory (VmHWM), seconds, and whether both ways wrote the same tensors bit for bit.
+`--targets`, the export of its residual base and the check of that export each run twice, each in
+a fresh process: peak resident memory (VmHWM), seconds, and whether both ways wrote the same
+tensors bit for bit (for the check: measured the same largest error).
 """
 
 from __future__ import annotations
@@ -46,19 +47,22 @@ def build(directory: Path, args) -> int:
 
 
 def child(stage: str, way: str, source: Path, out: Path, targets: str) -> None:
-    """One solve or export in this process; prints its seconds and peak memory as JSON."""
+    """One solve, export or check in this process; prints its seconds and peak memory as JSON."""
     from cntinit import pretrained
-    from cntinit.export import export
+    from cntinit.export import export, verify
     from cntinit.solve import solve
 
     if way == "loaded":
         pretrained.Streamed.open = classmethod(lambda cls, *a: None)
     started = time.perf_counter()
+    error = None
     if stage == "solve":
         solve(None, out, model=source, targets=targets, mode="pissa", rank=16)
-    else:
+    elif stage == "export":
         export(source, out)
-    print(json.dumps({"seconds": time.perf_counter() - started, "peak": peak_rss()}))
+    else:
+        error = verify(source, json.loads((source / "manifest.json").read_text())["solve"]["path"])
+    print(json.dumps({"seconds": time.perf_counter() - started, "peak": peak_rss(), "error": error}))
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -99,23 +103,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         size = build(root / "model", args)
-        for stage, source, written in (("solve", "model", ""), ("export", "solve-streamed", "base")):
+        for stage, source, written in (("solve", "model", ""), ("export", "solve-streamed", "base"), ("check", "export-streamed", None)):
             for way in ("streamed", "loaded"):
                 done = subprocess.run([sys.executable, __file__, "--targets", args.targets, "--child", stage, way, str(root / source),
                                        str(root / f"{stage}-{way}")], capture_output=True, text=True)
                 if done.returncode:
                     raise SystemExit(done.stderr[-3000:])
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]) | {"stage": stage, "way": way})
-            equal = same_tensors(root / f"{stage}-streamed" / written, root / f"{stage}-loaded" / written)
+            equal = rows[-1]["error"] == rows[-2]["error"] if written is None else \
+                same_tensors(root / f"{stage}-streamed" / written, root / f"{stage}-loaded" / written)
             for row in rows[-2:]:
                 row["equal"] = equal
     table = Table(title=f"pissa on {args.targets} of a {args.blocks}-block Llama, width {args.hidden} (MLP {args.mlp}), "
                         f"{size / 1e9:.2f} GB in {args.shard} shards")
-    for column in ("stage", "weights", "seconds", "peak memory", "same tensors"):
+    for column in ("stage", "weights", "seconds", "peak memory", "same tensors (check: error)"):
         table.add_column(column)
     for row in rows:
         table.add_row(row["stage"], "read by name (now)" if row["way"] == "streamed" else "model loaded whole (before)",
-                      f"{row['seconds']:.1f}", f"{row['peak'] / 1e9:.2f} GB", "yes" if row["equal"] else "NO")
+                      f"{row['seconds']:.1f}", f"{row['peak'] / 1e9:.2f} GB",
+                      ("yes" if row["equal"] else "NO") + (f" ({row['error']:.1e})" if row["error"] is not None else ""))
     Console().print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"model_bytes": size, "rows": rows}, indent=1) + "\n")

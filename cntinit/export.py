@@ -23,7 +23,7 @@ import peft
 import torch
 from safetensors.torch import save_file
 
-from . import models, modes, pipelines, pretrained, quant, solution, store
+from . import console, layerwise, models, modes, pipelines, pretrained, quant, solution, store
 from .atomic import atomic_directory
 from .console import log, warn
 from .errors import CntinitError, not_one_of
@@ -40,6 +40,7 @@ KOHYA_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_"}
 KOHYA_SDXL_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}
 SDXL_LAYERS = 3  # sd-scripts' SDXL UNet numbers its blocks in steps of layers_per_block + 1 = 3
 CHECK_TOLERANCE = 1e-4  # largest relative output difference `verify` accepts
+CHECK_CHUNK_BYTES = 4 << 30  # adapted weights a check of a model read by name holds at a time (a PEFT load each)
 
 
 def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alpha: float | None = None,
@@ -330,23 +331,66 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
     adapted module, between its output and (W + B@A) x computed from the solve directory.
 
     For a residual export the base is the written residual model and the reference is the
-    pretrained W x (the initial model equals the pretrained one).
+    pretrained W x (the initial model equals the pretrained one). A model solve and export read by
+    name is checked CHECK_CHUNK_BYTES of adapted weights at a time, so a 70B takes the memory of
+    a chunk, not of the model (`_bases`).
     """
     sol = solution.Solution(solve_dir)
     exported = json.loads((Path(out) / store.MANIFEST).read_text())
     if exported["module_prefix"]:
         raise CntinitError("the check loads the captured model class, which has no module prefix: export without --module-prefix to check")
-    reference = pretrained.open_recorded(sol.manifest, model, trust_remote_code, whole=True).net
-    base, _ = models.load(Path(out) / BASE_DIR, trust_remote_code) if exported["residual_base"] else (copy.deepcopy(reference), None)
-    nf4 = sol.quantized_bases()
-    if nf4:
-        _requantizes(base, nf4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations PEFT triggers, not ours to fix
-        wrapped = peft.PeftModel.from_pretrained(base, str(out))
-    original = dict(reference.named_modules())
-    return _worst_error(dict(wrapped.base_model.model.named_modules()), original, sol.factors(), bool(exported["residual_base"]),
-                        _dequantized(sol, reference.dtype, nf4))
+    source = pretrained.open_recorded(sol.manifest, model, trust_remote_code)
+    residual = bool(exported["residual_base"])
+    factors, nf4 = sol.factors(), sol.quantized_bases()
+    bases = _dequantized(sol, source.dtype, nf4)
+    worst = 0.0
+    with console.progress() as bar:
+        task = bar.add_task("check", total=len(factors))
+        for names, base in _bases(source, Path(out) / BASE_DIR if residual else None, list(factors), trust_remote_code):
+            if nf4:
+                _requantizes(base, {name: nf4[name] for name in names if name in nf4})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations PEFT triggers, not ours to fix
+                warnings.filterwarnings("ignore", ".*copying from a non-meta parameter")  # the modules of other chunks, left unread
+                wrapped = peft.PeftModel.from_pretrained(base, str(out))
+            chunk = {name: factors[name] for name in names}
+            worst = max(worst, _worst_error(dict(wrapped.base_model.model.named_modules()), source.layer, chunk, residual, bases))
+            bar.advance(task, len(names))
+    return worst
+
+
+def _bases(source: pretrained.Streamed | pretrained.Loaded, written: Path | None, names: list[str], trust_remote_code: bool):
+    """(module names, the base model holding their weights) for PEFT to load the adapter onto; the
+    base is the `written` residual base, else the pretrained model. A loaded model gives one pair.
+    A model read by name gives chunks of CHECK_CHUNK_BYTES: each a model built without weights in
+    which only the chunk's modules are read (PEFT leaves the other modules' adapters on the meta device)."""
+    if isinstance(source, pretrained.Loaded):
+        yield names, models.load(written, trust_remote_code)[0] if written else copy.deepcopy(source.net)
+        return
+    directory = written or source.path
+    empty = models.load(directory, trust_remote_code, empty=True)[0]
+    weights = layerwise.Weights(directory, empty)
+    dtype = layerwise.load_dtype(empty, weights)
+    fix = "export again: the written base is damaged" if written else "save the model again with save_pretrained"
+    for chunk in _chunks(names, source.modules):
+        net = models.load(directory, trust_remote_code, empty=True)[0]
+        for name in chunk:
+            tensors = [f"{name}.{tensor}" for tensor, _ in net.get_submodule(name).named_parameters()]
+            layerwise.materialize(net, tensors, "", weights, dtype, torch.device("cpu"), dtype, "an adapted module", fix)
+        yield chunk, net
+
+
+def _chunks(names: list[str], modules: dict[str, torch.nn.Module]) -> list[list[str]]:
+    """`names` in runs whose weights (as `modules` hold them) add up to CHECK_CHUNK_BYTES at most, or one module."""
+    chunks, size = [], 0
+    for name in names:
+        nbytes = modules[name].weight.nbytes
+        if not chunks or size + nbytes > CHECK_CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(name)
+        size += nbytes
+    return chunks
 
 
 def _requantizes(written: torch.nn.Module, bases: dict[str, quant.Quantized]) -> None:
@@ -365,29 +409,31 @@ def _requantizes(written: torch.nn.Module, bases: dict[str, quant.Quantized]) ->
                                "export again from an intact solve directory")
 
 
-def _worst_error(adapted: dict, original: dict, factors: dict, residual: bool, bases: dict | None = None) -> float:
+def _worst_error(adapted: dict, reference, factors: dict, residual: bool, bases: dict | None = None) -> float:
     """Largest relative difference, over the adapted modules, between a loaded module's output and
-    (W + B@A) x — for a residual export, (W − B@A rounded to the base's dtype) x + B@A x, the
-    initial model those files can hold; for a quantized one (Q + B@A) x with Q the NF4 base (`bases`) —
-    on random inputs. The loaded module computes in float64, so the check measures the files, not
-    the arithmetic: in bfloat16 its own rounding is 1e-3 whatever the files hold, and even float32
-    loses ε·‖terms‖/‖output‖ where a residual base and B@A nearly cancel (4e-4 for a cnt-x whose
-    B@A is 2,000× W, on files exact to 6e-13)."""
+    (W + B@A) x, W and the bias from `reference(name)` — for a residual export, (W − B@A rounded to
+    the base's dtype) x + B@A x, the initial model those files can hold; for a quantized one
+    (Q + B@A) x with Q the NF4 base (`bases`) — on random inputs. The loaded module computes in
+    float64, so the check measures the files, not the arithmetic: in bfloat16 its own rounding is
+    1e-3 whatever the files hold, and even float32 loses ε·‖terms‖/‖output‖ where a residual base
+    and B@A nearly cancel (4e-4 for a cnt-x whose B@A is 2,000× W, on files exact to 6e-13). Each
+    measured module is dropped (to the meta device): the loaded model is not used after the check,
+    and its modules in float64 would pile up."""
     bases = bases or {}
-    generator = torch.Generator().manual_seed(0)
     worst = 0.0
     with torch.no_grad():
         for name, (b, a) in factors.items():
             module = adapted[name]
             stored = getattr(module, "base_layer", module).weight.dtype
-            w = models.weight_matrix(original[name]).double()
+            w, bias = reference(name)
+            w, bias = w.double(), bias.double() if bias is not None else 0.0
             update = b.double() @ a.double()
-            x = torch.randn(4, w.shape[1], generator=generator, dtype=torch.float64).float()
-            bias = original[name].bias.double() if original[name].bias is not None else 0.0
+            x = torch.randn(4, w.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()  # whatever the chunks
             initial = bases[name].double() + update if name in bases else (w - update).to(stored).double() + update if residual \
                 else w + update
             want = x.double() @ initial.T + bias
             got = module.double()(x.double())
+            module.to("meta")
             error = float((got - want).norm() / want.norm().clamp(min=1e-30))
             if not math.isfinite(error):  # max() would drop a NaN
                 return math.inf
@@ -407,7 +453,7 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
     if exported["adapter_format"] == "kohya" and len(ranks) > 1 and not exported["fixed_alpha"]:
         raise CntinitError("diffusers (0.42) ignores the per-module alphas of a kohya file, so it cannot check one with variable "
                            "ranks; sd-scripts reads them: export with --fixed-alpha to check it with diffusers")
-    reference = pretrained.open_recorded(sol.manifest, model, trust_remote_code, whole=True).net
+    reference = pretrained.open_recorded(sol.manifest, model, trust_remote_code)  # a pipeline: loaded
     base = Path(out) / BASE_DIR if exported["residual_base"] else Path(model or sol.manifest["model"]["path"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecations and "no safety checker" notices, not ours to fix
@@ -416,7 +462,7 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
     adapted = {f"{part}.{n}": m for part in pipelines.COMPONENTS if getattr(pipe, part, None) is not None
                for n, m in getattr(pipe, part).named_modules()}
     factors = {name: pair for name, pair in sol.factors().items() if name not in exported.get("left_out", [])}
-    return _worst_error(adapted, dict(reference.named_modules()), factors, bool(exported["residual_base"]))
+    return _worst_error(adapted, reference.layer, factors, bool(exported["residual_base"]))
 
 
 def verify(out: str | Path, solve_dir: str | Path, model: str | Path | None = None, trust_remote_code: bool = False,

@@ -45,6 +45,7 @@ from .gradients import GradientSums
 HIDDEN = "hidden-{}.safetensors"  # a checkpoint's hidden states entering block {}, on the way up
 OUTPUT_GRADIENTS = "output-gradients-{}.safetensors"  # ∂loss/∂(block {}'s output), on the way down (--gradients)
 FILES = {"up": HIDDEN, "down": OUTPUT_GRADIENTS}
+OWN_LOADING = "this checkpoint needs transformers' own loading; capture without --layerwise"  # the fix for a weight not read by name
 
 
 class Weights:
@@ -91,13 +92,24 @@ class Weights:
         with safe_open(self.files[key], framework="pt") as handle:
             return handle.get_tensor(key)
 
+    def tensor(self, name: str, like: torch.Tensor, what: str, fix: str = OWN_LOADING) -> torch.Tensor:
+        """The model's tensor `name` from the checkpoint, refused unless it fits `like` (the model's
+        own, on the meta device): its shape, and floating point where `like` is — integers there
+        are a quantized checkpoint's codes (bitsandbytes' int8 `weight`), not the weights."""
+        value = self.get(name)
+        if value is None:
+            raise CntinitError(f"{self.directory} has no weight for {name} ({what}): {fix}")
+        if value.shape != like.shape:
+            raise CntinitError(f"{self.directory}: {name} has shape {tuple(value.shape)} in the checkpoint but {tuple(like.shape)} in "
+                               "the model its config.json describes: the checkpoint is damaged or another model's; use an intact copy")
+        if like.is_floating_point() and not value.is_floating_point():
+            raise CntinitError(f"{self.directory}: {name} is stored as {str(value.dtype).removeprefix('torch.')}, not floating "
+                               "point (a quantized checkpoint's codes): point at the unquantized weights")
+        return value
+
     def matrix(self, name: str, module: nn.Module, loaded: torch.dtype) -> torch.Tensor:
         """W (out × in) of the linear module `name`, in the dtype from_pretrained would load it in."""
-        weight = self.get(name + ".weight")
-        if weight is None:
-            raise CntinitError(f"{self.directory} has no weight for {name}.weight: this checkpoint needs transformers' own "
-                               "loading; capture without --layerwise")
-        weight = weight.to(loaded)
+        weight = self.tensor(name + ".weight", module.weight, "a target's weight").to(loaded)
         return weight.T if isinstance(module, Conv1D) else weight
 
     def first_float_dtype(self) -> torch.dtype:
@@ -198,8 +210,8 @@ def check_gradient_targets(modules: dict[str, nn.Module], prefix: str, path: str
                            "outside them: leave it out of --targets, or capture without --layerwise")
 
 
-def _materialize(root: nn.Module, names: list[str], prefix: str, weights: Weights, loaded: torch.dtype, device: torch.device,
-                 run_dtype: torch.dtype, what: str) -> None:
+def materialize(root: nn.Module, names: list[str], prefix: str, weights: Weights, loaded: torch.dtype, device: torch.device,
+                run_dtype: torch.dtype, what: str, fix: str = OWN_LOADING) -> None:
     """Put root's tensors `names` on `device` in `run_dtype`: meta ones read from the checkpoint (rounded
     through the dtype from_pretrained would load them in, as the normal capture's are), real ones
     (buffers computed at construction) moved as `Module.to` would."""
@@ -209,13 +221,7 @@ def _materialize(root: nn.Module, names: list[str], prefix: str, weights: Weight
     for name in names:
         tensor = tensors[name]
         if tensor.device.type == "meta":
-            value = weights.get(prefix + name)
-            if value is None:
-                raise CntinitError(f"{weights.directory} has no weight for {prefix + name} ({what}): this checkpoint needs "
-                                   "transformers' own loading; capture without --layerwise")
-            if value.shape != tensor.shape:
-                raise CntinitError(f"{weights.directory}: {prefix + name} has shape {tuple(value.shape)} in the checkpoint but "
-                                   f"{tuple(tensor.shape)} in the model: capture without --layerwise")
+            value = weights.tensor(prefix + name, tensor, what, fix)
         else:
             value = tensor
         if value.is_floating_point():
@@ -397,7 +403,7 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
 
     def load(part: str, what: str) -> None:
         inside = [n for n in names if n.startswith(part + ".")] if part else [n for n in names if not n.startswith(path + ".")]
-        _materialize(root, inside, prefix, s.weights, s.loaded, s.dev, s.run_dtype, what)
+        materialize(root, inside, prefix, s.weights, s.loaded, s.dev, s.run_dtype, what)
 
     load("", "outside the blocks")
     if grads is not None:
@@ -533,17 +539,18 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                 release(block)
                 if index + 1 == end:
                     break
+                halt = _agreed_stop(stop, world) if s.saved is not None else None
                 if grads is not None:  # the way up saves nothing: every block's inputs are too much to keep
-                    if stop:
-                        raise Interrupted(f"stopped by {stop[0]} on the way up, after block {index + 1} of {up_to}; " + (
+                    if halt:
+                        raise Interrupted(f"stopped by {halt} on the way up, after block {index + 1} of {up_to}; " + (
                             f"the checkpoint at {s.saved} still keeps the way down's blocks: run the same command to resume" if down else
                             "checkpoints begin on the way down, so none was made: run the same command to start again"))
                     continue
-                if s.saved is not None and (stop or (index + 1 - first_block) % (s.checkpoint_every or 1) == 0):
+                if s.saved is not None and (halt or (index + 1 - first_block) % (s.checkpoint_every or 1) == 0):
                     _save(s.saved, s.ident, "up", index + 1, {str(j): batch.hidden for j, batch in enumerate(batches)}, payloads, written,
                           world)
-                if stop:
-                    raise Interrupted(f"stopped by {stop[0]} after block {index + 1} of {end}; the checkpoint at {s.saved} "
+                if halt:
+                    raise Interrupted(f"stopped by {halt} after block {index + 1} of {end}; the checkpoint at {s.saved} "
                                       "keeps them: run the same command to resume")
             # --gradients: the loss and its gradient, then each block again from the top down, to the first target.
             if grads is not None:
@@ -573,12 +580,13 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                     release(block)
                     if index == targeted[0]:
                         break
-                    if s.saved is not None and (stop or (top + 1 - index) % (s.checkpoint_every or 1) == 0):
+                    halt = _agreed_stop(stop, world) if s.saved is not None else None
+                    if s.saved is not None and (halt or (top + 1 - index) % (s.checkpoint_every or 1) == 0):
                         counters = {"batches": grads.batches, "tokens": grads.tokens, "loss": grads.loss}
                         _save(s.saved, s.ident, "down", index - 1, {str(j): b.grad for j, b in enumerate(batches) if b.grad is not None},
                               payloads, written, world, counters)
-                    if stop:
-                        raise Interrupted(f"stopped by {stop[0]} on the way down, after block {index}; the checkpoint at {s.saved} "
+                    if halt:
+                        raise Interrupted(f"stopped by {halt} on the way down, after block {index}; the checkpoint at {s.saved} "
                                           "keeps the blocks done: run the same command to resume")
 
         # Targets after the blocks, from the last block's outputs.
@@ -608,6 +616,13 @@ def _loss_gradients(net: nn.Module, blocks: nn.ModuleList, form: Format, batches
                 (loss / count).backward()
             batch.grad = final.grad.to(s.activations_on) if count else None
             batch.hidden = None
+
+
+def _agreed_stop(stop: list[str], world: distributed.World) -> str | None:
+    """The signal that stops the capture after this block, alike on every process: under torchrun a
+    SIGTERM may reach the processes on either side of a block's end (or reach one of them only), and
+    each must save its checkpoint at the same block for a resume to take them."""
+    return next(filter(None, distributed.everyone(world, stop[0] if stop else None)), None)
 
 
 def _check_fit(resumed: dict, batches: list[Batch], saved: Path) -> None:

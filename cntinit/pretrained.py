@@ -1,11 +1,12 @@
-"""The pretrained weights solve and export read — each target's W — and the residual base export
-writes from them.
+"""The pretrained weights solve and export read — each target's W and bias — and the residual
+base export writes from them.
 
 A transformers model stored in safetensors is never loaded whole: it is built without weights,
 each target's W is read when it is needed, by the model's own names (as a layerwise capture
 reads them), and the residual base is written file by file — each of the checkpoint's files
 copied with W − BA in place of every adapted W — so a 70B model takes the memory of a batch of
-weights in solve and of one file in export, not of the model. Diffusers pipelines, checkpoints
+weights in solve, of one file in export and of a chunk of modules in `export --check` (which
+reads the written base the same way), not of the model. Diffusers pipelines, checkpoints
 whose tensors transformers converts on load, classes that keep modules in float32, and `--offload`
 placements load the model.
 """
@@ -89,6 +90,16 @@ class Streamed:
             module.to(self.dtype)
             module.read_weight = functools.partial(weights.matrix, name, module, self.dtype)
 
+    def layer(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pretrained W (out × in) and bias of the target `name`, read from the checkpoint."""
+        module = self.modules[name]
+        if module.bias is None:
+            return models.weight_values(module), None
+        bias = self.weights.get(name + ".bias")
+        if bias is None:
+            raise CntinitError(f"{self.path} has no tensor for {name}.bias: save the model again with save_pretrained")
+        return models.weight_values(module), bias.to(self.dtype)
+
     @classmethod
     def open(cls, path: Path, trust_remote_code: bool, pick) -> "Streamed | None":
         """The model at `path` with the targets `pick(net)` chooses, or None where they cannot be
@@ -141,6 +152,11 @@ class Loaded:
         self.modules = pick(self.net)
         self.dtype = self.net.dtype
 
+    def layer(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pretrained W (out × in) and bias of the target `name`."""
+        module = self.modules[name]
+        return models.weight_values(module), None if module.bias is None else module.bias.detach()
+
     def write_base(self, directory: Path, factors: dict, fan_in_fan_out: dict[str, bool], bases: dict[str, torch.Tensor],
                    precision: Precision) -> None:
         """The loaded model with W − BA (or the NF4 base in `bases`) in every adapted module, saved."""
@@ -157,17 +173,16 @@ class Loaded:
             self.tokenizer.save_pretrained(directory)
 
 
-def open_model(path: str | Path, trust_remote_code: bool, pick, placement: models.Placement | None = None,
-               whole: bool = False) -> Streamed | Loaded:
+def open_model(path: str | Path, trust_remote_code: bool, pick, placement: models.Placement | None = None) -> Streamed | Loaded:
     """The model at `path` with the target modules `pick(net)` returns: read by name where it can
-    be, else loaded (always with a `placement`, or `whole`: to run it)."""
+    be, else loaded (always with a `placement`)."""
     path = models.must_exist(path)
-    streamed = None if whole or placement is not None or pipelines.is_pipeline(path) else Streamed.open(path, trust_remote_code, pick)
+    streamed = None if placement is not None or pipelines.is_pipeline(path) else Streamed.open(path, trust_remote_code, pick)
     return streamed or Loaded(path, trust_remote_code, pick, placement)
 
 
-def open_recorded(manifest: dict, model: str | Path | None, trust_remote_code: bool, placement: models.Placement | None = None,
-                  whole: bool = False) -> Streamed | Loaded:
+def open_recorded(manifest: dict, model: str | Path | None, trust_remote_code: bool,
+                  placement: models.Placement | None = None) -> Streamed | Loaded:
     """The model a capture or solve `manifest` records (or `model`, the same weights elsewhere),
     with its modules, refusing weights other than the ones it recorded."""
     path = Path(model) if model is not None else Path(manifest["model"]["path"])
@@ -180,7 +195,7 @@ def open_recorded(manifest: dict, model: str | Path | None, trust_remote_code: b
             raise CntinitError(f"{path} has no module {missing[0]} that the capture recorded: pass --model with the captured model")
         return {name: named[name] for name in names}
 
-    source = open_model(path, trust_remote_code, recorded, placement, whole)
+    source = open_model(path, trust_remote_code, recorded, placement)
     expected = manifest["model"]["fingerprint"]
     if fingerprints.fingerprint(source.modules, scheme=fingerprints.scheme_of(expected)) != expected:
         raise CntinitError(f"the weights at {path} differ from the ones captured (fingerprint mismatch): "

@@ -183,12 +183,15 @@ def test_fixed_costs_benchmark_compares_equal_results(tmp_path):
 
 
 def test_streamed_benchmark_compares_both_ways(tmp_path):
-    """streamed.py: solve and export reading the model by name write the same tensors as on the loaded model."""
+    """streamed.py: solve and export reading the model by name write the same tensors as on the loaded
+    model, and the check measures the same error."""
     run_script("streamed.py", "--blocks", "2", "--hidden", "128", "--mlp", "256", "--vocab", "512", "--shard", "100KB",
                "--json", str(tmp_path / "rows.json"), cwd=tmp_path)
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
-    assert [(row["stage"], row["way"]) for row in rows] == [(stage, way) for stage in ("solve", "export") for way in ("streamed", "loaded")]
+    assert [(row["stage"], row["way"]) for row in rows] == [(stage, way) for stage in ("solve", "export", "check")
+                                                                  for way in ("streamed", "loaded")]
     assert all(row["equal"] and row["peak"] > 0 for row in rows)
+    assert all(row["error"] < 1e-4 for row in rows if row["stage"] == "check")
 
 
 def test_startup_benchmark_help_never_imports_torch(tmp_path):

@@ -106,8 +106,8 @@ def test_capture_options(tiny, calibration, tmp_path, options):
 def test_only_the_blocks_up_to_the_last_target_run(deep_llama, calibration, tmp_path, monkeypatch):
     """Targets in blocks 1 and 2 of 6: blocks 3–5 are never read; block 0 runs for its outputs."""
     loaded = []
-    original = layerwise._materialize
-    monkeypatch.setattr(layerwise, "_materialize", lambda *a, **k: loaded.append(a[-1]) or original(*a, **k))
+    original = layerwise.materialize
+    monkeypatch.setattr(layerwise, "materialize", lambda *a, **k: loaded.append(a[-1]) or original(*a, **k))
     targets = r"re:model\.layers\.[12]\.self_attn\.(q|v)_proj"
     blockwise = capture(deep_llama, calibration, tmp_path / "layerwise", targets=targets, seq_len=24, layerwise=True)
     assert loaded == ["outside the blocks", "block 0 of layers", "block 1 of layers", "block 2 of layers"]
@@ -132,11 +132,11 @@ def test_the_cache_serves_both(tiny, calibration, tmp_path):
 SLOW_BLOCKS = """
 import importlib, sys, time
 layerwise = importlib.import_module("cntinit.layerwise")
-original = layerwise._materialize
+original = layerwise.materialize
 def slow(*args, **kwargs):
     time.sleep(0.4)
     return original(*args, **kwargs)
-layerwise._materialize = slow
+layerwise.materialize = slow
 from cntinit import cli
 cli.main(sys.argv[1:])
 """
@@ -188,7 +188,7 @@ def test_sigint_stops_after_the_block_with_a_checkpoint(deep_llama, calibration,
     args = ["capture", deep_llama, "--data", calibration, "--seq-len", "24", "--targets", "q_proj,o_proj", "--layerwise",
             "--checkpoint-every", "4"]
     out = tmp_path / "stats"
-    original, loads = layerwise._materialize, []
+    original, loads = layerwise.materialize, []
 
     def interrupt_in_block_2(*a, **k):
         loads.append(1)
@@ -196,7 +196,7 @@ def test_sigint_stops_after_the_block_with_a_checkpoint(deep_llama, calibration,
             os.kill(os.getpid(), signal.SIGINT)
         return original(*a, **k)
 
-    monkeypatch.setattr(layerwise, "_materialize", interrupt_in_block_2)
+    monkeypatch.setattr(layerwise, "materialize", interrupt_in_block_2)
     code, _, err = run(capsys, *args, "-o", out)
     assert code == 130 and "stopped by SIGINT after block 3 of 6" in err, err
     assert json.loads((checkpoint.location(out) / checkpoint.STATE).read_text())["block"] == 3  # saved there, not at 4
@@ -212,7 +212,7 @@ def test_a_damaged_checkpoint_starts_again_or_is_refused(deep_llama, calibration
     args = ["capture", deep_llama, "--data", calibration, "--seq-len", "24", "--targets", "q_proj,o_proj", "--layerwise",
             "--checkpoint-every", "1"]
     out, saved, kept = tmp_path / "stats", checkpoint.location(tmp_path / "stats"), tmp_path / "kept"
-    original, loads = layerwise._materialize, []
+    original, loads = layerwise.materialize, []
 
     def interrupt_in_block_3(*a, **k):
         loads.append(1)
@@ -220,7 +220,7 @@ def test_a_damaged_checkpoint_starts_again_or_is_refused(deep_llama, calibration
             os.kill(os.getpid(), signal.SIGINT)
         return original(*a, **k)
 
-    monkeypatch.setattr(layerwise, "_materialize", interrupt_in_block_3)
+    monkeypatch.setattr(layerwise, "materialize", interrupt_in_block_3)
     assert run(capsys, *args, "-o", out)[0] == 130
     monkeypatch.undo()
     hidden, payload = saved / layerwise.HIDDEN.format(4), saved / "stats-00002.safetensors"
@@ -252,7 +252,7 @@ def test_gradients_checkpoint_on_the_way_down_and_resume_there(deep_llama, calib
     args = ["capture", deep_llama, "--data", calibration, "--seq-len", "24", "--targets", "q_proj,o_proj", "--gradients",
             "--layerwise", "--checkpoint-every", "2"]
     out, saved = tmp_path / "stats", checkpoint.location(tmp_path / "stats")
-    materialize, save, saves = layerwise._materialize, layerwise._save, []
+    materialize, save, saves = layerwise.materialize, layerwise._save, []
 
     def interrupt_at(load: int) -> None:  # loads: outside the blocks, blocks 0 to 5 up, then 5 to 0 down
         loads = []
@@ -262,7 +262,7 @@ def test_gradients_checkpoint_on_the_way_down_and_resume_there(deep_llama, calib
             if len(loads) == load:
                 os.kill(os.getpid(), signal.SIGINT)
             return materialize(*a, **k)
-        monkeypatch.setattr(layerwise, "_materialize", counting)
+        monkeypatch.setattr(layerwise, "materialize", counting)
 
     monkeypatch.setattr(layerwise, "_save", lambda *a, **k: saves.append(a[2:4]) or save(*a, **k))
     interrupt_at(3)
@@ -324,6 +324,55 @@ def test_torchrun_layerwise_gradients_equal_one_process(tiny, calibration, tmp_p
     for name in merged.manifest["modules"]:
         want = merged.gradient(name).double()
         assert float((two.gradient(name).double() - want).norm() / want.norm()) < 1e-5, name
+
+
+ONE_PROCESS_STOPPED = """
+import importlib, os, signal, sys
+layerwise = importlib.import_module("cntinit.layerwise")
+original, loads = layerwise.materialize, []
+def stop_rank_0_at(*args, **kwargs):  # loads: outside the blocks, blocks 0 to 5 up, then 5 to 0 down
+    loads.append(1)
+    if os.environ["RANK"] == "0" and len(loads) == 10:  # block 3 on the way down
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+layerwise.materialize = stop_rank_0_at
+from cntinit import cli
+cli.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_gradients_stop_together_and_resume(deep_llama, calibration, tmp_path):
+    """A SIGTERM that reaches one process of a torchrun --gradients --layerwise capture stops every
+    process after the same block, each with its checkpoint there (each process used to stop where
+    it saw the signal, the others on its failure, their checkpoints at different blocks: a resume
+    started again); the same command resumes them and ends with the statistics of one process and the gradients of
+    the processes' shards merged."""
+    script = tmp_path / "stopped.py"
+    script.write_text(ONE_PROCESS_STOPPED)
+    options = ["--seq-len", "24", "--targets", "q_proj,o_proj", "--gradients", "--layerwise", "--checkpoint-every", "4"]
+    out = tmp_path / "two"
+
+    def torchrun(*command):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, command),
+                               "capture", str(deep_llama), "--data", str(calibration), *options, "--out", str(out)],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+
+    done = torchrun(script)
+    assert done.returncode != 0 and done.stderr.count("stopped by SIGTERM on the way down, after block 3;") == 2, done.stderr[-3000:]
+    for rank in range(2):
+        state = json.loads((checkpoint.location(out, rank) / checkpoint.STATE).read_text())
+        assert (state["way"], state["block"]) == ("down", 2)
+    done = torchrun("-m", "cntinit")
+    assert done.returncode == 0 and "3 of 6 blocks done on the way down" in done.stderr, done.stderr[-3000:]
+    assert not list(tmp_path.glob(".two.checkpoint*"))
+    shards = [capture(deep_llama, calibration, tmp_path / f"shard{i}", seq_len=24, targets="q_proj,o_proj", gradients=True,
+                      layerwise=True, shard=f"{i}/2") for i in range(2)]
+    merged = merge(shards, tmp_path / "merged")  # the processes' batches are the shards'
+    one = capture(deep_llama, calibration, tmp_path / "one", seq_len=24, targets="q_proj,o_proj", gradients=True, layerwise=True)
+    assert_same_store(one, out, tolerance=1e-5)  # the statistics do not depend on how the batches were formed
+    for name in Store(merged).manifest["modules"]:
+        want = Store(merged).gradient(name).double()
+        assert float((Store(out).gradient(name).double() - want).norm() / want.norm()) < 1e-5, name
 
 
 def test_refusals(tiny, calibration, tmp_path, capsys):

@@ -7,14 +7,16 @@ naming files elsewhere is refused."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cntinit import capture, models, pretrained
+from cntinit.errors import CntinitError
 from cntinit.export import export
 from cntinit.solve import solve
 
@@ -84,6 +86,42 @@ def test_smollm2_real_bfloat16_weights(smollm2, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(a[name].dtype == torch.bfloat16 and torch.equal(a[name], b[name]) for name in a)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_check_reads_a_chunk_of_modules_at_a_time(kind, tiny, captured, tmp_path, monkeypatch):
+    """export --check builds the model without weights and reads a chunk of adapted modules at a
+    time (here one each), PEFT loading the adapter onto it: the same figure, bit for bit, as the check
+    on the loaded models, for a residual base and an offset init; a damaged module in the last chunk
+    is found."""
+    export_module = importlib.import_module("cntinit.export")
+    from cntinit.export import check_peft
+
+    solve(None, tmp_path / "residual", model=tiny[kind], targets="all-linear", mode="pissa", rank=4)
+    solve(captured[kind], tmp_path / "offset", mode="cnt-s", rank=4)
+    for init in ("residual", "offset"):
+        export(tmp_path / init, tmp_path / f"e-{init}")
+    loads, real = [], models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: loads.append(k.get("empty", False)) or real(*a, **k))
+    monkeypatch.setattr(export_module, "CHECK_CHUNK_BYTES", 1)
+    by_name = {init: check_peft(tmp_path / f"e-{init}", tmp_path / init) for init in ("residual", "offset")}
+    modules = {init: list(json.loads((tmp_path / init / "manifest.json").read_text())["modules"]) for init in by_name}
+    assert loads == [True] * (len(modules["residual"]) + 2 + len(modules["offset"]) + 2)  # the model, the base's names, a chunk each
+    monkeypatch.setattr(pretrained.Streamed, "open", classmethod(lambda cls, *a: None))
+    whole = {init: check_peft(tmp_path / f"e-{init}", tmp_path / init) for init in by_name}
+    assert by_name == whole and max(whole.values()) < 1e-12, (by_name, whole)
+    monkeypatch.undo()
+    monkeypatch.setattr(export_module, "CHECK_CHUNK_BYTES", 1)
+    path = tmp_path / "e-residual" / "base" / "model.safetensors"
+    tensors = load_file(path)
+    tensors[modules["residual"][-1] + ".weight"] *= 1.01
+    save_file(tensors, path, metadata={"format": "pt"})
+    assert check_peft(tmp_path / "e-residual", tmp_path / "residual") > 1e-3
+    del tensors[modules["residual"][-1] + ".weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(CntinitError, match=f"has no weight for {modules['residual'][-1]}.weight \\(an adapted module\\): export again: "
+                                           "the written base is damaged"):
+        check_peft(tmp_path / "e-residual", tmp_path / "residual")
+
+
 def test_a_shared_weight_gets_no_residual_base(tiny, captured, tmp_path, capsys, monkeypatch):
     """GPT-2's output layer is the token embeddings' matrix: W − BA there would change the
     embeddings too, so the initial model would not be the pretrained one. Solve refuses it (from a
@@ -101,8 +139,28 @@ def test_a_shared_weight_gets_no_residual_base(tiny, captured, tmp_path, capsys,
     assert_refused(capsys, ["export", tmp_path / "s"], message, tmp_path / "streamed")
     monkeypatch.setattr(pretrained.Streamed, "open", classmethod(lambda cls, *a: None))
     assert_refused(capsys, ["export", tmp_path / "s"], message, tmp_path / "loaded")
-    monkeypatch.setattr(pretrained.Streamed, "open", classmethod(lambda cls, *a: None))
-    assert_refused(capsys, ["export", tmp_path / "s"], message, tmp_path / "loaded")
+
+
+def test_a_weight_that_does_not_fit_the_model_is_refused(tmp_path, capsys):
+    """Read by name, a target weight of another shape than the config gives stopped solve with a
+    traceback (from_pretrained refuses it), and one stored as integers — a quantized checkpoint's
+    codes — was taken as the weights' values; both are refused with the fix, by solve and by
+    capture --layerwise."""
+    key = "model.layers.0.self_attn.q_proj.weight"
+    changes = {"shape": (lambda t: t[:, :32].contiguous(), "has shape (64, 32) in the checkpoint but (64, 64) in the model its "
+                         "config.json describes: the checkpoint is damaged or another model's; use an intact copy"),
+               "int8": (lambda t: t.to(torch.int8), "is stored as int8, not floating point (a quantized checkpoint's codes): point "
+                        "at the unquantized weights")}
+    for name, (change, message) in changes.items():
+        model = build_tiny("llama", tmp_path / name)
+        tensors = load_file(model / "model.safetensors")
+        tensors[key] = change(tensors[key])
+        save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+        capsys.readouterr()
+        assert_refused(capsys, ["solve", "--model", model, "--targets", "q_proj", "-m", "pissa", "-r", "4"], f"{key} {message}",
+                       tmp_path / f"solve-{name}")
+        assert_refused(capsys, ["capture", model, "--data", calibration_of(tmp_path), "--targets", "q_proj", "--layerwise"],
+                       f"{key} {message}", tmp_path / f"capture-{name}")
 
 
 def test_a_shard_index_naming_files_elsewhere_is_refused(tmp_path, capsys):
