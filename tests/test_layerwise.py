@@ -345,8 +345,8 @@ def test_torchrun_gradients_stop_together_and_resume(deep_llama, calibration, tm
     """A SIGTERM that reaches one process of a torchrun --gradients --layerwise capture stops every
     process after the same block, each with its checkpoint there (each process used to stop where
     it saw the signal, the others on its failure, their checkpoints at different blocks: a resume
-    started again); the same command resumes them and ends with the statistics of one process and the gradients of
-    the processes' shards merged."""
+    started again); the same command resumes them and ends with the statistics of one process
+    and the gradients of the processes' shards merged."""
     script = tmp_path / "stopped.py"
     script.write_text(ONE_PROCESS_STOPPED)
     options = ["--seq-len", "24", "--targets", "q_proj,o_proj", "--gradients", "--layerwise", "--checkpoint-every", "4"]

@@ -1,9 +1,10 @@
 """A safetensors model is never loaded whole by solve and export: solve reads each target's W by
 name (the same factors as on the loaded model); the residual base is written file by file — the
 same base, tensor for tensor, as the loaded model saves (tiny Llama, GPT-2's Conv1D, BERT, a
-sharded checkpoint, SmolLM2's real bfloat16 weights), the checkpoint's files and index kept; a
-residual base of a weight another module shares is refused on both paths, and a shard index
-naming files elsewhere is refused."""
+sharded checkpoint, SmolLM2's real bfloat16 weights), the checkpoint's files and index kept;
+`export --check` reads a chunk of modules at a time, to the loaded check's figure. A residual
+base of a weight another module shares is refused on both paths, and so are a shard index naming
+files elsewhere and a weight that does not fit the model."""
 
 from __future__ import annotations
 
