@@ -10,8 +10,8 @@ one pass that computes no block; each block's outputs become the next one's hidd
 Targets outside the blocks are summed in that pass (before the blocks: a projector) or in a
 last pass that replays the final hidden states (after them: BERT's pooler).
 
-A checkpoint holds the finished blocks' payloads and the hidden states entering the next block,
-so a stopped run resumes at that block.
+A checkpoint (block_checkpoint) holds the finished blocks' payloads and the hidden states entering
+the next block, so a stopped run resumes at that block.
 
 With gradients, the way up keeps each block's inputs and records nothing; the model's head
 gives the loss's gradient at the last block's output; the way down recomputes each block from
@@ -31,20 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import checkpoint, console, distributed, models, store
-from .atomic import atomic_file
+from . import block_checkpoint, console, distributed, models, store
 from .console import log, warn
 from .errors import CntinitError
 from .gradients import GradientSums
 
-HIDDEN = "hidden-{}.safetensors"  # a checkpoint's hidden states entering block {}, on the way up
-OUTPUT_GRADIENTS = "output-gradients-{}.safetensors"  # ∂loss/∂(block {}'s output), on the way down (--gradients)
-FILES = {"up": HIDDEN, "down": OUTPUT_GRADIENTS}
 OWN_LOADING = "this checkpoint needs transformers' own loading; capture without --layerwise"  # the fix for a weight not read by name
 
 
@@ -409,7 +404,7 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
     if grads is not None:
         net.requires_grad_(False)  # only the targets' weights take gradients, each within its block's turn
     accepts_cache = "use_cache" in inspect.signature(root.forward).parameters
-    resumed = _resume(s.saved, s.ident, world) if s.saved is not None else None
+    resumed = block_checkpoint.resume(s.saved, s.ident, world) if s.saved is not None else None
     down = resumed is not None and resumed.get("way") == "down"  # resumed on the way down: the way up runs again to its block
     first_block = resumed["block"] if resumed and not down else 0
     payloads = store.Payloads(s.work, resumed["payloads"] if resumed and world.leader else None)
@@ -547,8 +542,8 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                             "checkpoints begin on the way down, so none was made: run the same command to start again"))
                     continue
                 if s.saved is not None and (halt or (index + 1 - first_block) % (s.checkpoint_every or 1) == 0):
-                    _save(s.saved, s.ident, "up", index + 1, {str(j): batch.hidden for j, batch in enumerate(batches)}, payloads, written,
-                          world)
+                    block_checkpoint.save(s.saved, s.ident, "up", index + 1, {str(j): batch.hidden for j, batch in enumerate(batches)},
+                                          payloads, written, world)
                 if halt:
                     raise Interrupted(f"stopped by {halt} after block {index + 1} of {end}; the checkpoint at {s.saved} "
                                       "keeps them: run the same command to resume")
@@ -583,8 +578,8 @@ def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed
                     halt = _agreed_stop(stop, world) if s.saved is not None else None
                     if s.saved is not None and (halt or (top + 1 - index) % (s.checkpoint_every or 1) == 0):
                         counters = {"batches": grads.batches, "tokens": grads.tokens, "loss": grads.loss}
-                        _save(s.saved, s.ident, "down", index - 1, {str(j): b.grad for j, b in enumerate(batches) if b.grad is not None},
-                              payloads, written, world, counters)
+                        grads_out = {str(j): b.grad for j, b in enumerate(batches) if b.grad is not None}
+                        block_checkpoint.save(s.saved, s.ident, "down", index - 1, grads_out, payloads, written, world, counters)
                     if halt:
                         raise Interrupted(f"stopped by {halt} on the way down, after block {index}; the checkpoint at {s.saved} "
                                           "keeps the blocks done: run the same command to resume")
@@ -647,47 +642,3 @@ def _give_back_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
-
-
-def _save(saved: Path, ident: str, way: str, block: int, tensors: dict[str, torch.Tensor], payloads: store.Payloads,
-          written: Written, world: distributed.World, gradients: dict | None = None) -> None:
-    """The checkpoint at block `block` on the way `way`: its batches' tensors (the hidden states
-    entering it on the way up, the gradient at its output on the way down) in a file named by the
-    way and the block, so a kill between the two writes leaves the state naming a whole file; then
-    the state (with `gradients`' counters on the way down)."""
-    saved.mkdir(parents=True, exist_ok=True)
-    name = FILES[way].format(block)
-    with atomic_file(saved / name) as tmp:
-        save_file({j: t.contiguous().cpu() for j, t in tensors.items()}, tmp)
-    state = {"identity": ident, "way": way, "block": block, "payloads": payloads.state() if world.leader else None,
-             "stats": written.stats, "modules": written.modules, "gradients": gradients}
-    with atomic_file(saved / checkpoint.STATE) as tmp:
-        tmp.write_text(json.dumps(state))
-    for old in [*saved.glob(HIDDEN.format("*")), *saved.glob(OUTPUT_GRADIENTS.format("*"))]:
-        if old.name != name:
-            old.unlink()
-
-
-def _resume(saved: Path, ident: str, world: distributed.World) -> dict | None:
-    """The checkpoint's state when it continues this capture (on every process alike), else None."""
-    try:
-        state = json.loads((saved / checkpoint.STATE).read_text())
-        way = state.get("way", "up")
-        block = (way, state["block"]) if state.get("identity") == ident and (saved / FILES[way].format(state["block"])).is_file() else None
-        if way == "down":  # the loss's counters so far come back with it
-            state["gradients"] = {k: state["gradients"][k] for k in ("batches", "tokens", "loss")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        state, block = None, None
-    if state is not None and block is None:
-        warn(f"the checkpoint at {saved} is from a capture with other arguments or data: starting from the beginning")
-    if block is not None:
-        name = FILES[block[0]].format(block[1])
-        try:
-            state["tensors"] = load_file(saved / name)
-        except (OSError, SafetensorError):
-            warn(f"the checkpoint at {saved} is damaged ({name} cannot be read): starting from the beginning")
-            block = None
-    if world.size > 1 and len(set(distributed.everyone(world, block))) > 1:
-        warn("the processes' checkpoints stop at different blocks: starting from the beginning")
-        block = None
-    return state if block is not None else None

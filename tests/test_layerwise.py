@@ -19,7 +19,7 @@ import transformers
 from safetensors.torch import save_file
 from torch import nn
 
-from cntinit import capture, checkpoint, embedded, layerwise, merge, runner
+from cntinit import block_checkpoint, capture, checkpoint, embedded, layerwise, merge, runner
 from cntinit.errors import CntinitError
 from cntinit.store import MANIFEST, Store
 
@@ -206,9 +206,10 @@ def test_sigint_stops_after_the_block_with_a_checkpoint(deep_llama, calibration,
 
 
 def test_a_damaged_checkpoint_starts_again_or_is_refused(deep_llama, calibration, tmp_path, capsys, monkeypatch):
-    """A hidden-state file that cannot be read: start from the beginning (a warning). One that reads
-    but does not fit the batches, or a finished block's payload that changed or went while the
-    capture was stopped: refused, naming the checkpoint to delete — never a store of wrong sums."""
+    """A last hidden-state file that cannot be read: resume from the save before it, whose file the
+    checkpoint keeps (a warning); neither readable: start from the beginning. One that reads but
+    does not fit the batches, or a finished block's payload that changed or went while the capture
+    was stopped: refused, naming the checkpoint to delete — never a store of wrong sums."""
     args = ["capture", deep_llama, "--data", calibration, "--seq-len", "24", "--targets", "q_proj,o_proj", "--layerwise",
             "--checkpoint-every", "1"]
     out, saved, kept = tmp_path / "stats", checkpoint.location(tmp_path / "stats"), tmp_path / "kept"
@@ -223,12 +224,15 @@ def test_a_damaged_checkpoint_starts_again_or_is_refused(deep_llama, calibration
     monkeypatch.setattr(layerwise, "materialize", interrupt_in_block_3)
     assert run(capsys, *args, "-o", out)[0] == 130
     monkeypatch.undo()
-    hidden, payload = saved / layerwise.HIDDEN.format(4), saved / "stats-00002.safetensors"
-    assert hidden.is_file() and payload.is_file()
+    hidden, before, payload = (saved / block_checkpoint.HIDDEN.format(4), saved / block_checkpoint.HIDDEN.format(3),
+                               saved / "stats-00002.safetensors")
+    assert hidden.is_file() and before.is_file() and payload.is_file()
+    assert sorted(p.name for p in saved.glob("hidden-*")) == [before.name, hidden.name]  # the last two saves
     shutil.copytree(saved, kept)
 
     def damage(path: Path, change) -> tuple[int, str]:
-        shutil.rmtree(saved)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(saved, ignore_errors=True)
         shutil.copytree(kept, saved)
         change(path)
         return run(capsys, *args, "-o", out)[::2]
@@ -240,9 +244,41 @@ def test_a_damaged_checkpoint_starts_again_or_is_refused(deep_llama, calibration
     code, err = damage(hidden, lambda p: save_file({"0": torch.zeros(2, 3)}, p))
     assert code == 2 and f"the checkpoint at {saved} does not fit this capture's batches (its tensor '0'): delete it" in err, err
     assert not out.exists()
-    code, err = damage(hidden, lambda p: p.write_bytes(p.read_bytes()[:100]))
+    whole = capture(deep_llama, calibration, tmp_path / "whole", seq_len=24, targets="q_proj,o_proj")
+    truncate = lambda p: p.write_bytes(p.read_bytes()[:100])  # noqa: E731
+    code, err = damage(hidden, truncate)
+    assert code == 0 and (f"the checkpoint at {saved} is damaged ({hidden.name} cannot be read): resuming from the save before it, at "
+                          "block 3") in err and "3 of 6 blocks done" in err, err
+    assert_same_store(whole, out)
+    code, err = damage(hidden, lambda p: [truncate(p), truncate(before)])
     assert code == 0 and f"the checkpoint at {saved} is damaged ({hidden.name} cannot be read): starting from the beginning" in err, err
-    assert_same_store(capture(deep_llama, calibration, tmp_path / "whole", seq_len=24, targets="q_proj,o_proj"), out)
+    assert_same_store(whole, out)
+
+
+def test_a_checkpoint_keeps_its_last_two_saves(tmp_path, capsys):
+    """The state names the last save and the one before, whose files stay (older ones go); a
+    resume takes the last, the one before when the last file cannot be read, and says why it takes
+    none of another capture's checkpoint or of one whose state cannot be read."""
+    from types import SimpleNamespace
+
+    from cntinit import distributed, store
+
+    saved, world = tmp_path / "saved", distributed.World()
+    payloads, written = store.Payloads(tmp_path), SimpleNamespace(stats={}, modules={})
+    for block in (1, 2, 3):
+        block_checkpoint.save(saved, "id", "up", block, {"0": torch.full((2, 3), float(block))}, payloads, written, world)
+    assert sorted(p.name for p in saved.glob("hidden-*")) == ["hidden-2.safetensors", "hidden-3.safetensors"]
+    assert float(block_checkpoint.resume(saved, "id", world)["tensors"]["0"][0, 0]) == 3
+    (saved / "hidden-3.safetensors").write_bytes(b"\0" * 10)
+    resumed = block_checkpoint.resume(saved, "id", world)
+    assert (resumed["block"], float(resumed["tensors"]["0"][0, 0])) == (2, 2)
+    assert "damaged (hidden-3.safetensors cannot be read): resuming from the save before it, at block 2" in capsys.readouterr().err
+    assert json.loads((saved / checkpoint.STATE).read_text())["block"] == 2  # the abandoned save is forgotten
+    assert block_checkpoint.resume(saved, "another", world) is None
+    assert "is from a capture with other arguments or data: starting from the beginning" in capsys.readouterr().err
+    (saved / checkpoint.STATE).write_text("{not json")
+    assert block_checkpoint.resume(saved, "id", world) is None
+    assert f"the checkpoint at {saved} is damaged (state.json cannot be read): starting from the beginning" in capsys.readouterr().err
 
 
 def test_gradients_checkpoint_on_the_way_down_and_resume_there(deep_llama, calibration, tmp_path, capsys, monkeypatch):
@@ -252,7 +288,7 @@ def test_gradients_checkpoint_on_the_way_down_and_resume_there(deep_llama, calib
     args = ["capture", deep_llama, "--data", calibration, "--seq-len", "24", "--targets", "q_proj,o_proj", "--gradients",
             "--layerwise", "--checkpoint-every", "2"]
     out, saved = tmp_path / "stats", checkpoint.location(tmp_path / "stats")
-    materialize, save, saves = layerwise.materialize, layerwise._save, []
+    materialize, save, saves = layerwise.materialize, block_checkpoint.save, []
 
     def interrupt_at(load: int) -> None:  # loads: outside the blocks, blocks 0 to 5 up, then 5 to 0 down
         loads = []
@@ -264,7 +300,7 @@ def test_gradients_checkpoint_on_the_way_down_and_resume_there(deep_llama, calib
             return materialize(*a, **k)
         monkeypatch.setattr(layerwise, "materialize", counting)
 
-    monkeypatch.setattr(layerwise, "_save", lambda *a, **k: saves.append(a[2:4]) or save(*a, **k))
+    monkeypatch.setattr(block_checkpoint, "save", lambda *a, **k: saves.append(a[2:4]) or save(*a, **k))
     interrupt_at(3)
     code, _, err = run(capsys, *args, "-o", out)
     assert code == 130 and "on the way up, after block 2 of 6; checkpoints begin on the way down, so none was made" in err, err
@@ -345,11 +381,12 @@ def test_torchrun_gradients_stop_together_and_resume(deep_llama, calibration, tm
     """A SIGTERM that reaches one process of a torchrun --gradients --layerwise capture stops every
     process after the same block, each with its checkpoint there (each process used to stop where
     it saw the signal, the others on its failure, their checkpoints at different blocks: a resume
-    started again); the same command resumes them and ends with the statistics of one process
+    started again). A process killed while saving leaves its save before; the same command resumes
+    every process from the newest save they all hold and ends with the statistics of one process
     and the gradients of the processes' shards merged."""
     script = tmp_path / "stopped.py"
     script.write_text(ONE_PROCESS_STOPPED)
-    options = ["--seq-len", "24", "--targets", "q_proj,o_proj", "--gradients", "--layerwise", "--checkpoint-every", "4"]
+    options = ["--seq-len", "24", "--targets", "q_proj,o_proj", "--gradients", "--layerwise", "--checkpoint-every", "2"]
     out = tmp_path / "two"
 
     def torchrun(*command):
@@ -359,11 +396,15 @@ def test_torchrun_gradients_stop_together_and_resume(deep_llama, calibration, tm
 
     done = torchrun(script)
     assert done.returncode != 0 and done.stderr.count("stopped by SIGTERM on the way down, after block 3;") == 2, done.stderr[-3000:]
-    for rank in range(2):
-        state = json.loads((checkpoint.location(out, rank) / checkpoint.STATE).read_text())
-        assert (state["way"], state["block"]) == ("down", 2)
+    states = [checkpoint.location(out, rank) / checkpoint.STATE for rank in range(2)]
+    for path in states:
+        state = json.loads(path.read_text())
+        assert (state["way"], state["block"], state["previous"]["block"]) == ("down", 2, 3)  # the last save and the one before
+    state = json.loads(states[1].read_text())  # process 1 killed while saving block 2: its state still names block 3
+    states[1].write_text(json.dumps({"identity": state["identity"], **state["previous"], "previous": None}))
     done = torchrun("-m", "cntinit")
-    assert done.returncode == 0 and "3 of 6 blocks done on the way down" in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 0 and "the processes' last saves name different blocks (one stopped while saving): resuming from " \
+        "block 3, the last one they all saved" in done.stderr and "2 of 6 blocks done on the way down" in done.stderr, done.stderr[-3000:]
     assert not list(tmp_path.glob(".two.checkpoint*"))
     shards = [capture(deep_llama, calibration, tmp_path / f"shard{i}", seq_len=24, targets="q_proj,o_proj", gradients=True,
                       layerwise=True, shard=f"{i}/2") for i in range(2)]
