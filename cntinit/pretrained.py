@@ -93,12 +93,9 @@ class Streamed:
     def layer(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The pretrained W (out × in) and bias of the target `name`, read from the checkpoint."""
         module = self.modules[name]
-        if module.bias is None:
-            return models.weight_values(module), None
-        bias = self.weights.get(name + ".bias")
-        if bias is None:
-            raise CntinitError(f"{self.path} has no tensor for {name}.bias: save the model again with save_pretrained")
-        return models.weight_values(module), bias.to(self.dtype)
+        bias = None if module.bias is None else \
+            self.weights.tensor(name + ".bias", module.bias, "a target's bias", "save the model again with save_pretrained").to(self.dtype)
+        return models.weight_values(module), bias
 
     @classmethod
     def open(cls, path: Path, trust_remote_code: bool, pick) -> "Streamed | None":
