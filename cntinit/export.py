@@ -368,15 +368,13 @@ def _bases(source: pretrained.Streamed | pretrained.Loaded, written: Path | None
         yield names, models.load(written, trust_remote_code)[0] if written else copy.deepcopy(source.net)
         return
     directory = written or source.path
-    empty = models.load(directory, trust_remote_code, empty=True)[0]
-    weights = layerwise.Weights(directory, empty)
-    dtype = layerwise.load_dtype(empty, weights)
+    weights = layerwise.Weights(written, source.net) if written else source.weights  # the base: the checkpoint's files, config and dtype
     fix = "export again: the written base is damaged" if written else "save the model again with save_pretrained"
     for chunk in _chunks(names, source.modules):
         net = models.load(directory, trust_remote_code, empty=True)[0]
         for name in chunk:
             tensors = [f"{name}.{tensor}" for tensor, _ in net.get_submodule(name).named_parameters()]
-            layerwise.materialize(net, tensors, "", weights, dtype, torch.device("cpu"), dtype, "an adapted module", fix)
+            layerwise.materialize(net, tensors, "", weights, source.dtype, torch.device("cpu"), source.dtype, "an adapted module", fix)
         yield chunk, net
 
 

@@ -105,7 +105,7 @@ def test_the_check_reads_a_chunk_of_modules_at_a_time(kind, tiny, captured, tmp_
     monkeypatch.setattr(export_module, "CHECK_CHUNK_BYTES", 1)
     by_name = {init: check_peft(tmp_path / f"e-{init}", tmp_path / init) for init in ("residual", "offset")}
     modules = {init: list(json.loads((tmp_path / init / "manifest.json").read_text())["modules"]) for init in by_name}
-    assert loads == [True] * (len(modules["residual"]) + 2 + len(modules["offset"]) + 2)  # the model, the base's names, a chunk each
+    assert loads == [True] * (len(modules["residual"]) + 1 + len(modules["offset"]) + 1)  # the model, then a chunk each
     monkeypatch.setattr(pretrained.Streamed, "open", classmethod(lambda cls, *a: None))
     whole = {init: check_peft(tmp_path / f"e-{init}", tmp_path / init) for init in by_name}
     assert by_name == whole and max(whole.values()) < 1e-12, (by_name, whole)
