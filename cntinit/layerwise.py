@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import inspect
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,18 +49,12 @@ class Weights:
 
     def __init__(self, directory: Path, net: nn.Module):
         self.directory = Path(directory)
-        index = self.directory / "model.safetensors.index.json"
-        single = self.directory / "model.safetensors"
-        self.index: Path | None = None  # the shards' index, where the weights are sharded
-        if single.is_file():  # before an index, as from_pretrained looks
-            with safe_open(single, framework="pt") as handle:
-                self.files = dict.fromkeys(handle.keys(), single)
-        elif index.is_file():
-            self.index = index
-            self.files = {key: self.directory / name for key, name in _weight_map(index).items()}
-        else:
+        self.files = models.safetensors_files(self.directory)
+        if not self.files:
             raise CntinitError(f"{directory} has no safetensors weights (model.safetensors or its index): --layerwise reads "
                                "safetensors only; save the model with save_pretrained, or capture without --layerwise")
+        sharded = not (self.directory / "model.safetensors").is_file()
+        self.index = self.directory / "model.safetensors.index.json" if sharded else None  # the shards' index
         self.keys, self.converted = _model_keys(net, list(self.files))
         self.aliases = models.parameter_aliases(net)  # tied weights (an output layer sharing the embeddings') are stored once
 
@@ -89,17 +82,15 @@ class Weights:
 
     def tensor(self, name: str, like: torch.Tensor, what: str, fix: str = OWN_LOADING) -> torch.Tensor:
         """The model's tensor `name` from the checkpoint, refused unless it fits `like` (the model's
-        own, on the meta device): its shape, and floating point where `like` is — integers there
-        are a quantized checkpoint's codes (bitsandbytes' int8 `weight`), not the weights."""
+        own, on the meta device): its shape, and 16- to 64-bit floats where `like` is floating point —
+        int8 or float8 there are a quantized checkpoint's codes (its scales stored apart), not weights."""
         value = self.get(name)
         if value is None:
             raise CntinitError(f"{self.directory} has no weight for {name} ({what}): {fix}")
         if value.shape != like.shape:
-            raise CntinitError(f"{self.directory}: {name} has shape {tuple(value.shape)} in the checkpoint but {tuple(like.shape)} in "
-                               "the model its config.json describes: the checkpoint is damaged or another model's; use an intact copy")
-        if like.is_floating_point() and not value.is_floating_point():
-            raise CntinitError(f"{self.directory}: {name} is stored as {str(value.dtype).removeprefix('torch.')}, not floating "
-                               "point (a quantized checkpoint's codes): point at the unquantized weights")
+            raise models.misfit(self.directory, name, value.shape, like.shape)
+        if like.is_floating_point() and value.dtype not in models.STORED_FLOATS.values():
+            raise models.coded(self.directory, name, str(value.dtype).removeprefix("torch."))
         return value
 
     def matrix(self, name: str, module: nn.Module, loaded: torch.dtype) -> torch.Tensor:
@@ -116,21 +107,6 @@ class Weights:
             if dtype is not None:
                 return dtype
         return torch.float32
-
-
-def _weight_map(index: Path) -> dict[str, str]:
-    """{tensor key: file name} of a shard index, each file beside it: another path (`../x`) is refused."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not all(isinstance(key, str) and isinstance(name, str) for key, name in weight_map.items()):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise CntinitError(f"{index} is not a safetensors index (a JSON object whose weight_map names a file for each tensor): "
-                           "save the model again with save_pretrained") from None
-    stray = next((name for name in sorted(set(weight_map.values())) if Path(name).name != name or not (index.parent / name).is_file()), None)
-    if stray is not None:
-        raise CntinitError(f"{index} names {stray!r}, which is not a file in {index.parent}: save the model again with save_pretrained")
-    return weight_map
 
 
 def _model_keys(net: nn.Module, checkpoint_keys: list[str]) -> tuple[dict[str, str], set[str]]:

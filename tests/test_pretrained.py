@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -143,25 +144,51 @@ def test_a_shared_weight_gets_no_residual_base(tiny, captured, tmp_path, capsys,
 
 
 def test_a_weight_that_does_not_fit_the_model_is_refused(tmp_path, capsys):
-    """Read by name, a target weight of another shape than the config gives stopped solve with a
-    traceback (from_pretrained refuses it), and one stored as integers — a quantized checkpoint's
-    codes — was taken as the weights' values; both are refused with the fix, by solve and by
-    capture --layerwise."""
+    """A target weight of another shape than the config gives stopped solve with a traceback
+    (from_pretrained refuses it); one stored as int8 or float8 — a quantized checkpoint's codes,
+    their scales stored apart — was taken as the weights' values by solve and by every capture
+    (from_pretrained casts it without a word); one missing was drawn at random by a normal capture.
+    Each is refused with the fix, read by name (solve, capture --layerwise) and loaded (capture)."""
     key = "model.layers.0.self_attn.q_proj.weight"
+    codes = "not as 16-, 32- or 64-bit floats: a quantized checkpoint's codes, not weights — point at the unquantized checkpoint"
     changes = {"shape": (lambda t: t[:, :32].contiguous(), "has shape (64, 32) in the checkpoint but (64, 64) in the model its "
                          "config.json describes: the checkpoint is damaged or another model's; use an intact copy"),
-               "int8": (lambda t: t.to(torch.int8), "is stored as int8, not floating point (a quantized checkpoint's codes): point "
-                        "at the unquantized weights")}
+               "int8": (lambda t: (t * 100).to(torch.int8), f"is stored as int8, {codes}"),
+               "float8": (lambda t: t.to(torch.float8_e4m3fn), f"is stored as float8_e4m3fn, {codes}"),
+               "missing": (None, "")}
     for name, (change, message) in changes.items():
         model = build_tiny("llama", tmp_path / name)
         tensors = load_file(model / "model.safetensors")
-        tensors[key] = change(tensors[key])
+        if change is None:
+            del tensors[key]
+        else:
+            tensors[key] = change(tensors[key])
         save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
         capsys.readouterr()
-        assert_refused(capsys, ["solve", "--model", model, "--targets", "q_proj", "-m", "pissa", "-r", "4"], f"{key} {message}",
-                       tmp_path / f"solve-{name}")
-        assert_refused(capsys, ["capture", model, "--data", calibration_of(tmp_path), "--targets", "q_proj", "--layerwise"],
-                       f"{key} {message}", tmp_path / f"capture-{name}")
+        drawn = f"{model} has no weight for {key}, which from_pretrained would draw at random: the checkpoint is incomplete or " \
+                "another model's; use an intact copy"
+        by_name = f"{model} has no weight for {key} (a target's weight)" if change is None else f"{key} {message}"
+        data = calibration_of(tmp_path)
+        for command, expected in ((["solve", "--model", model, "--targets", "q_proj", "-m", "pissa", "-r", "4"], by_name if change else drawn),
+                                  (["capture", model, "--data", data, "--targets", "q_proj", "--layerwise"], by_name),
+                                  (["capture", model, "--data", data, "--targets", "q_proj"], by_name if change else drawn)):
+            assert_refused(capsys, command, expected, tmp_path / f"{command[0]}-{name}")
+
+
+def test_a_quantized_checkpoint_is_refused(tiny, tmp_path, capsys):
+    """A bitsandbytes/GPTQ/FP8 checkpoint holds codes and scales: its loading crashed a capture with
+    a traceback (a bitsandbytes model cannot be cast). Refused by every command that reads it, by
+    its config.json, with the way to a QLoRA base."""
+    model = tmp_path / "bnb"
+    shutil.copytree(tiny["llama"], model)
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (model / "config.json").write_text(json.dumps(config))
+    message = (f"{model} is a quantized checkpoint (bitsandbytes): cntinit reads the unquantized weights — point at the checkpoint "
+               "it was quantized from (for a 4-bit QLoRA base, solve that with --quantize nf4, or -m loftq)")
+    for command in (["capture", model, "--data", calibration_of(tmp_path)], ["capture", model, "--data", calibration_of(tmp_path), "--layerwise"],
+                    ["solve", "--model", model, "-m", "pissa", "-r", "4"]):
+        assert_refused(capsys, command, message, tmp_path / "out")
 
 
 def test_a_shard_index_naming_files_elsewhere_is_refused(tmp_path, capsys):
