@@ -137,7 +137,8 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
         }
         (tmp / store.MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
         if check:  # before the swap: a failed check leaves what `out` held
-            record["check"] = {"max_relative_error": verify(tmp, solve_dir, model, trust_remote_code, shown=Path(out))}
+            unchanged = source if isinstance(source, pretrained.Streamed) else None  # a loaded model holds the written base now
+            record["check"] = {"max_relative_error": verify(tmp, solve_dir, model, trust_remote_code, shown=Path(out), source=unchanged)}
             (tmp / store.MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
     if left_out:
         log(f"left out the {len(left_out)} text-encoder modules (--unet-only): the text encoder stays as it is")
@@ -326,20 +327,22 @@ def _dequantized(sol: solution.Solution, dtype: torch.dtype, bases: dict[str, qu
     return values
 
 
-def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None = None, trust_remote_code: bool = False) -> float:
+def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None = None, trust_remote_code: bool = False,
+               source: pretrained.Streamed | None = None) -> float:
     """Load the export at `out` with PEFT and return the largest relative difference, over every
     adapted module, between its output and (W + B@A) x computed from the solve directory.
 
     For a residual export the base is the written residual model and the reference is the
     pretrained W x (the initial model equals the pretrained one). A model solve and export read by
     name is checked CHECK_CHUNK_BYTES of adapted weights at a time, so a 70B takes the memory of
-    a chunk, not of the model (`_bases`).
+    a chunk, not of the model (`_bases`). `source`: that model as export opened and verified it,
+    so that its weights are not all read and fingerprinted again.
     """
     sol = solution.Solution(solve_dir)
     exported = json.loads((Path(out) / store.MANIFEST).read_text())
     if exported["module_prefix"]:
         raise CntinitError("the check loads the captured model class, which has no module prefix: export without --module-prefix to check")
-    source = pretrained.open_recorded(sol.manifest, model, trust_remote_code)
+    source = source or pretrained.open_recorded(sol.manifest, model, trust_remote_code)
     residual = bool(exported["residual_base"])
     factors, nf4 = sol.factors(), sol.quantized_bases()
     bases = _dequantized(sol, source.dtype, nf4)
@@ -464,13 +467,15 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
 
 
 def verify(out: str | Path, solve_dir: str | Path, model: str | Path | None = None, trust_remote_code: bool = False,
-           shown: Path | None = None) -> float:
+           shown: Path | None = None, source: pretrained.Streamed | None = None) -> float:
     """Load the export at `out` in its real client (PEFT, or diffusers for kohya/diffusers files),
     log how closely every adapted module computes the initial layer, and fail above CHECK_TOLERANCE
-    (`shown`: the name to say, when `out` is the temporary directory an export is written in)."""
+    (`shown`: the name to say, when `out` is the temporary directory an export is written in;
+    `source`: the pretrained model the export read by name, for `check_peft`)."""
     exported = json.loads((Path(out) / store.MANIFEST).read_text())
     peft_format = exported["adapter_format"] == "peft"
-    error = (check_peft if peft_format else check_pipeline)(out, solve_dir, model, trust_remote_code)
+    error = check_peft(out, solve_dir, model, trust_remote_code, source) if peft_format else \
+        check_pipeline(out, solve_dir, model, trust_remote_code)
     shown = shown or out
     if not math.isfinite(error):
         raise CntinitError(f"the adapter loaded from {shown} computes NaN or Inf: its files or its base hold non-finite values; "

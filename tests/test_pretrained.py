@@ -17,7 +17,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from cntinit import capture, models, pretrained
+from cntinit import capture, fingerprints, models, pretrained
 from cntinit.errors import CntinitError
 from cntinit.export import export
 from cntinit.solve import solve
@@ -122,6 +122,22 @@ def test_the_check_reads_a_chunk_of_modules_at_a_time(kind, tiny, captured, tmp_
     with pytest.raises(CntinitError, match=f"has no weight for {modules['residual'][-1]}.weight \\(an adapted module\\): export again: "
                                            "the written base is damaged"):
         check_peft(tmp_path / "e-residual", tmp_path / "residual")
+
+
+def test_export_check_reads_the_weights_once(tiny, tmp_path, monkeypatch):
+    """Export verifies the model's fingerprint, a read of every target weight (about 130 GB for a
+    70B, all-linear); --check takes the model export opened instead of reading them all again. A
+    loaded model holds the written base after export, so there the check opens the model anew."""
+    solve(None, tmp_path / "s", model=tiny["llama"], targets="all-linear", mode="pissa", rank=4)
+    counted, real = [], fingerprints.fingerprint
+    monkeypatch.setattr(fingerprints, "fingerprint", lambda *a, **k: counted.append(1) or real(*a, **k))
+    export(tmp_path / "s", tmp_path / "streamed", check=True)
+    assert len(counted) == 1
+    monkeypatch.setattr(pretrained.Streamed, "open", classmethod(lambda cls, *a: None))
+    export(tmp_path / "s", tmp_path / "loaded", check=True)
+    assert len(counted) == 3
+    streamed, loaded = (json.loads((tmp_path / name / "manifest.json").read_text())["check"] for name in ("streamed", "loaded"))
+    assert streamed == loaded and streamed["max_relative_error"] < 1e-12
 
 
 def test_a_shared_weight_gets_no_residual_base(tiny, captured, tmp_path, capsys, monkeypatch):
