@@ -34,7 +34,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import block_checkpoint, console, distributed, models, store
+from . import block_checkpoint, console, distributed, models, store, weight_files
 from .console import log, warn
 from .errors import CntinitError
 from .gradients import GradientSums
@@ -49,7 +49,7 @@ class Weights:
 
     def __init__(self, directory: Path, net: nn.Module):
         self.directory = Path(directory)
-        self.files = models.safetensors_files(self.directory)
+        self.files = weight_files.safetensors_files(self.directory)
         if not self.files:
             raise CntinitError(f"{directory} has no safetensors weights (model.safetensors or its index): --layerwise reads "
                                "safetensors only; save the model with save_pretrained, or capture without --layerwise")
@@ -88,9 +88,9 @@ class Weights:
         if value is None:
             raise CntinitError(f"{self.directory} has no weight for {name} ({what}): {fix}")
         if value.shape != like.shape:
-            raise models.misfit(self.directory, name, value.shape, like.shape)
-        if like.is_floating_point() and value.dtype not in models.STORED_FLOATS.values():
-            raise models.coded(self.directory, name, str(value.dtype).removeprefix("torch."))
+            raise weight_files.misfit(self.directory, name, value.shape, like.shape)
+        if like.is_floating_point() and value.dtype not in weight_files.STORED_FLOATS.values():
+            raise weight_files.coded(self.directory, name, str(value.dtype).removeprefix("torch."))
         return value
 
     def matrix(self, name: str, module: nn.Module, loaded: torch.dtype) -> torch.Tensor:

@@ -7,7 +7,6 @@ An attachment point is a linear map y = W x (+ b): `nn.Linear`, or transformers'
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import tempfile
@@ -16,11 +15,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import pipelines
+from . import pipelines, weight_files
 from .errors import CntinitError, first_line, not_one_of
 
 ALL_LINEAR = "all-linear"
@@ -82,16 +80,16 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
             raise CntinitError(f"--offload places transformers models; {path} is a diffusers pipeline: leave out --offload")
         for part in (*pipelines.COMPONENTS, "vae"):
             if (path / part).is_dir():
-                refuse_pickles(path / part)
+                weight_files.refuse_pickles(path / part)
         return pipelines.load(path)
     if not (path / "config.json").is_file():
         raise CntinitError(f"{path} is not a transformers model directory (no config.json): give the folder save_pretrained wrote")
-    refuse_pickles(path)
+    weight_files.refuse_pickles(path)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     try:
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        refuse_quantized(path, config)
+        weight_files.refuse_quantized(path, config)
         names = getattr(config, "architectures", None) or []
         model_class = getattr(transformers, names[0], None) if names else None
         model_class = model_class or transformers.AutoModel
@@ -106,8 +104,8 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
             spread = placement.arguments() if placement is not None else {}
             model, loading = model_class.from_pretrained(path, dtype=spread.pop("dtype", "auto"), trust_remote_code=trust_remote_code,
                                                          output_loading_info=True, ignore_mismatched_sizes=True, **spread)
-            refuse_incomplete(path, loading["missing_keys"], loading["mismatched_keys"])
-            refuse_codes(path, model)
+            weight_files.refuse_incomplete(path, loading["missing_keys"], loading["mismatched_keys"])
+            weight_files.refuse_codes(path, model)
         has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) if has_tokenizer else None
     except CntinitError:
@@ -120,99 +118,6 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
                            "of an architecture this transformers knows (custom code needs --trust-remote-code)") from None
     model.eval().requires_grad_(False)
     return model, tokenizer
-
-
-STORED_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}  # safetensors' names
-
-
-def refuse_quantized(path: Path, config) -> None:
-    """A quantized checkpoint (bitsandbytes, GPTQ, AWQ, FP8...) holds codes and scales, not the
-    weights an init is computed from and subtracted from."""
-    quantization = getattr(config, "quantization_config", None)
-    if quantization is None:
-        return
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
-    raise CntinitError(f"{path} is a quantized checkpoint ({method or 'config.json has a quantization_config'}): cntinit reads the "
-                       "unquantized weights — point at the checkpoint it was quantized from (for a 4-bit QLoRA base, solve that "
-                       "with --quantize nf4, or -m loftq)")
-
-
-def refuse_incomplete(path: Path, missing: set[str], mismatched: set[tuple]) -> None:
-    """from_pretrained fills a weight the checkpoint lacks (or has in another shape, once told to
-    go on) with random values and only warns."""
-    if mismatched:
-        key, stored, expected = sorted(mismatched)[0]
-        raise misfit(path, key, stored, expected)
-    if missing:
-        first = sorted(missing)[0]
-        raise CntinitError(f"{path} has no weight for {first}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, "
-                           "which from_pretrained would draw at random: the checkpoint is incomplete or another model's; use an "
-                           "intact copy")
-
-
-def misfit(path: Path, key: str, stored: tuple, expected: tuple) -> CntinitError:
-    return CntinitError(f"{path}: {key} has shape {tuple(stored)} in the checkpoint but {tuple(expected)} in the model its "
-                        "config.json describes: the checkpoint is damaged or another model's; use an intact copy")
-
-
-def refuse_codes(path: Path, net: nn.Module) -> None:
-    """from_pretrained casts a stored tensor to its parameter's dtype without a word, so a quantized
-    checkpoint's codes (int8, uint8, float8) stored under a weight's name would be taken for the
-    weights. Each tensor named like a floating-point parameter (its last name) is checked in the
-    files' headers."""
-    floating = {name.rsplit(".", 1)[-1] for name, parameter in net.named_parameters() if parameter.is_floating_point()}
-    by_file: dict[Path, list[str]] = {}
-    for key, file in safetensors_files(path).items():
-        if key.rsplit(".", 1)[-1] in floating:
-            by_file.setdefault(file, []).append(key)
-    for file, keys in by_file.items():
-        with safe_open(file, framework="pt") as handle:
-            for key in keys:
-                stored = handle.get_slice(key).get_dtype()
-                if stored not in STORED_FLOATS:
-                    raise coded(path, key, TORCH_NAMES.get(stored, stored))
-
-
-TORCH_NAMES = {"I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool",
-               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # safetensors' dtype names, as torch writes them
-
-
-def coded(path: Path, key: str, stored: str) -> CntinitError:
-    return CntinitError(f"{path}: {key} is stored as {stored}, not as 16-, 32- or 64-bit floats: a quantized checkpoint's codes, "
-                        "not weights — point at the unquantized checkpoint")
-
-
-def safetensors_files(directory: Path) -> dict[str, Path]:
-    """{tensor key: file} of the safetensors weights from_pretrained reads — model.safetensors, else
-    the shards its index names — or {} where there are none."""
-    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
-    if single.is_file():  # before an index, as from_pretrained looks
-        with safe_open(single, framework="pt") as handle:
-            return dict.fromkeys(handle.keys(), single)
-    if not index.is_file():
-        return {}
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not all(isinstance(key, str) and isinstance(name, str) for key, name in weight_map.items()):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise CntinitError(f"{index} is not a safetensors index (a JSON object whose weight_map names a file for each tensor): "
-                           "save the model again with save_pretrained") from None
-    stray = next((name for name in sorted(set(weight_map.values())) if Path(name).name != name or not (directory / name).is_file()), None)
-    if stray is not None:
-        raise CntinitError(f"{index} names {stray!r}, which is not a file in {directory}: save the model again with save_pretrained")
-    return {key: directory / name for key, name in weight_map.items()}
-
-
-PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-
-
-def refuse_pickles(directory: Path) -> None:
-    """Weights only in pickle files (pytorch_model.bin) are refused: unpickling runs whatever the
-    file says, and cntinit reads safetensors only."""
-    if not any(directory.glob("*.safetensors")) and any(p for pattern in PICKLED for p in directory.glob(pattern)):
-        raise CntinitError(f"{directory} holds its weights only in pickle files ({', '.join(sorted(p.name for pattern in PICKLED for p in directory.glob(pattern))[:2])}), "
-                           "which cntinit never loads: convert them to safetensors with a tool you trust (save_pretrained writes safetensors)")
 
 
 def record(net: nn.Module, path: str | Path, fingerprint: str) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import weight_files
 from .errors import CntinitError, first_line
 
 INDEX = "model_index.json"
@@ -120,7 +121,13 @@ def load(path: str | Path) -> tuple[DiffusionParts, object]:
         def component(name):
             library, class_name = index[name]
             module = diffusers if library == "diffusers" else transformers
-            return getattr(module, class_name).from_pretrained(path / name)
+            if name == "scheduler":
+                return getattr(module, class_name).from_pretrained(path / name)
+            weight_files.refuse_quantized(path / name, json.loads((path / name / "config.json").read_text()))
+            model, loading = getattr(module, class_name).from_pretrained(path / name, output_loading_info=True)
+            weight_files.refuse_incomplete(path / name, loading["missing_keys"])  # diffusers refuses other shapes itself
+            weight_files.refuse_codes(path / name, model, "diffusion_pytorch_model" if library == "diffusers" else "model")
+            return model
 
         second = (component("text_encoder_2"), transformers.AutoTokenizer.from_pretrained(path / "tokenizer_2")) if sdxl else (None, None)
         parts = DiffusionParts(component("unet"), component("text_encoder"), component("vae"), component("scheduler"), *second)

@@ -2,6 +2,7 @@
 files, and load them with diffusers' own `load_lora_weights`."""
 
 import json
+import shutil
 import warnings
 
 import diffusers
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from cntinit import capture, export, solve, store
 from conftest import assert_refused, run
@@ -224,6 +226,34 @@ def test_pipeline_errors(sd, captured, tmp_path, capsys):
     assert not list(tmp_path.glob(".i.offload-*"))  # its disk folder went with the error
     code, _, err = run(capsys, "capture", sd["model"], "--data", uncaptioned, "--prompt", "a photo of sks dog", "-o", tmp_path / "h")
     assert code == 0, err
+
+
+def test_a_pipeline_part_that_does_not_hold_its_weights_is_refused(sd, tmp_path, capsys):
+    """A weight missing from the UNet or the text encoder was left at its random init (diffusers and
+    transformers only warn); one stored as float8 codes was cast into the weights; a quantized part
+    could not be loaded. Each is refused with the fix, naming the part."""
+    def damaged(name, part, change):
+        model = tmp_path / name
+        shutil.copytree(sd["model"], model)
+        file = next((model / part).glob("*.safetensors"))
+        tensors = load_file(file)
+        change(tensors, model / part)
+        save_file(tensors, file, metadata={"format": "pt"})
+        return model
+
+    def quantized(tensors, part):
+        config = json.loads((part / "config.json").read_text())
+        (part / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "bitsandbytes"}}))
+
+    cases = {"unet": ("unet", lambda t, _: t.pop("conv_out.weight"), "unet has no weight for conv_out.weight, which from_pretrained "
+                      "would draw at random: the checkpoint is incomplete or another model's; use an intact copy"),
+             "text": ("text_encoder", lambda t, _: t.pop("final_layer_norm.weight"), "text_encoder has no weight for "),
+             "codes": ("unet", lambda t, _: t.update({"conv_in.weight": t["conv_in.weight"].to(torch.float8_e4m3fn)}),
+                       "unet: conv_in.weight is stored as float8_e4m3fn, not as 16-, 32- or 64-bit floats"),
+             "quantized": ("unet", quantized, "unet is a quantized checkpoint (bitsandbytes): cntinit reads the unquantized weights")}
+    for name, (part, change, message) in cases.items():
+        model = damaged(name, part, change)
+        assert_refused(capsys, ["capture", model, "--data", sd["images"]], f"{model}/{message}", tmp_path / f"out-{name}")
 
 
 def test_a_tokenizer_without_a_length_limit_pads_to_the_text_encoders_positions(sd, tmp_path):
