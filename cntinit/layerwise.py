@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -77,7 +76,7 @@ class Weights:
         key = self.key(name)
         if key is None:
             return None
-        with safe_open(self.files[key], framework="pt") as handle:
+        with weight_files.opened(self.files[key]) as handle:
             return handle.get_tensor(key)
 
     def tensor(self, name: str, like: torch.Tensor, what: str, fix: str = OWN_LOADING) -> torch.Tensor:
@@ -99,11 +98,9 @@ class Weights:
         return weight.T if isinstance(module, Conv1D) else weight
 
     def first_float_dtype(self) -> torch.dtype:
-        key = next(iter(self.files))
         for key in self.files:
-            with safe_open(self.files[key], framework="pt") as handle:
-                tensor = handle.get_slice(key)
-                dtype = getattr(torch, {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(tensor.get_dtype(), ""), None)
+            with weight_files.opened(self.files[key]) as handle:
+                dtype = weight_files.STORED_FLOATS.get(handle.get_slice(key).get_dtype())
             if dtype is not None:
                 return dtype
         return torch.float32

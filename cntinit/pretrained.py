@@ -18,11 +18,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import console, fingerprints, layerwise, models, pipelines
+from . import console, fingerprints, layerwise, models, pipelines, weight_files
 from .console import warn
 from .errors import CntinitError
 
@@ -124,7 +123,7 @@ class Streamed:
         with console.progress() as bar:
             task = bar.add_task(f"residual base, {len(files)} file{'s' if len(files) > 1 else ''}", total=len(files))
             for file in files:
-                with safe_open(file, framework="pt") as handle:
+                with weight_files.opened(file) as handle:
                     metadata = handle.metadata() or {"format": "pt"}
                     tensors = {key: handle.get_tensor(key) for key in handle.keys()}
                 for key, name in adapted.items():

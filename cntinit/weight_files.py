@@ -8,14 +8,15 @@ is wrong without a sign, so each is refused with the fix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import CntinitError
+from .errors import CntinitError, first_line
 
 STORED_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}  # safetensors' names
 
@@ -61,7 +62,7 @@ def refuse_codes(path: Path, net: nn.Module, stem: str = "model") -> None:
         if key.rsplit(".", 1)[-1] in floating:
             by_file.setdefault(file, []).append(key)
     for file, keys in by_file.items():
-        with safe_open(file, framework="pt") as handle:
+        with opened(file) as handle:
             for key in keys:
                 stored = handle.get_slice(key).get_dtype()
                 if stored not in STORED_FLOATS:
@@ -83,7 +84,7 @@ def safetensors_files(directory: Path, stem: str = "model") -> dict[str, Path]:
     diffusion_pytorch_model)."""
     single, index = directory / f"{stem}.safetensors", directory / f"{stem}.safetensors.index.json"
     if single.is_file():  # before an index, as from_pretrained looks
-        with safe_open(single, framework="pt") as handle:
+        with opened(single) as handle:
             return dict.fromkeys(handle.keys(), single)
     if not index.is_file():
         return {}
@@ -109,3 +110,14 @@ def refuse_pickles(directory: Path) -> None:
     if not any(directory.glob("*.safetensors")) and any(p for pattern in PICKLED for p in directory.glob(pattern)):
         raise CntinitError(f"{directory} holds its weights only in pickle files ({', '.join(sorted(p.name for pattern in PICKLED for p in directory.glob(pattern))[:2])}), "
                            "which cntinit never loads: convert them to safetensors with a tool you trust (save_pretrained writes safetensors)")
+
+
+@contextlib.contextmanager
+def opened(file: Path):
+    """safe_open, a damaged file (cut short, or not safetensors) refused with the fix, not a traceback."""
+    try:
+        with safe_open(file, framework="pt") as handle:
+            yield handle
+    except (OSError, SafetensorError) as exc:
+        raise CntinitError(f"{file} cannot be read as safetensors ({first_line(exc)}): the checkpoint is damaged (a download cut "
+                           "short?); use an intact copy") from None

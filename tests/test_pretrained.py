@@ -191,6 +191,27 @@ def test_a_weight_that_does_not_fit_the_model_is_refused(tmp_path, capsys):
             assert_refused(capsys, command, expected, tmp_path / f"{command[0]}-{name}")
 
 
+def test_a_weight_file_cut_short_is_refused(tmp_path, capsys):
+    """A safetensors file cut short (an interrupted download) stopped solve and capture --layerwise
+    with safetensors' traceback; refused with the file and the fix, one file or one shard of many,
+    and by export, which copies the files into the residual base."""
+    model, sharded = build_tiny("llama", tmp_path / "one"), _sharded(tmp_path)
+    solve(None, tmp_path / "s", model=sharded, targets="q_proj", mode="pissa", rank=4)
+    capsys.readouterr()
+    shard = sharded / json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]["model.layers.1.self_attn.q_proj.weight"]
+    data = calibration_of(tmp_path)
+    for path, file in ((model, model / "model.safetensors"), (sharded, shard)):
+        file.write_bytes(file.read_bytes()[:-1000])
+        damaged = f"{file} cannot be read as safetensors (Error while deserializing header: incomplete metadata, file not fully " \
+                  "covered): the checkpoint is damaged (a download cut short?); use an intact copy"
+        for command in (["solve", "--model", path, "--targets", "q_proj", "-m", "pissa", "-r", "4"],
+                        ["capture", path, "--data", data, "--targets", "q_proj", "--layerwise"]):
+            assert_refused(capsys, command, damaged, tmp_path / "out")
+        assert_refused(capsys, ["capture", path, "--data", data], f"could not load the model at {path}: Error while deserializing "
+                       "header: incomplete metadata", tmp_path / "out")
+    assert_refused(capsys, ["export", tmp_path / "s"], f"{shard} cannot be read as safetensors", tmp_path / "out")
+
+
 def test_a_quantized_checkpoint_is_refused(tiny, tmp_path, capsys):
     """A bitsandbytes/GPTQ/FP8 checkpoint holds codes and scales: its loading crashed a capture with
     a traceback (a bitsandbytes model cannot be cast). Refused by every command that reads it, by
