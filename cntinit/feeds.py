@@ -71,6 +71,7 @@ def text(net, tokenizer, data, *, seq_len: int, batch_size: int, buckets: int, m
     if not sequences:
         raise CntinitError(f"no sample of {data} has any token: give non-empty text")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    _refuse_foreign_ids(net, max(pad_id, *(max(sequence) for sequence in sequences)))
     every = data_mod.split_buckets(sequences, buckets)
     total = _shard_total([len(part) for part in every], shard)
     parts = [[part[i] for i in _share(range(len(part)), shard)] for part in every]
@@ -85,6 +86,18 @@ def text(net, tokenizer, data, *, seq_len: int, batch_size: int, buckets: int, m
     return Feed({"input_ids": probe, "attention_mask": torch.ones_like(probe)}, total, "tok", batches,
                 {"fingerprint": data_mod.fingerprint(samples), "sources": [source], "samples": len(samples),
                  "sequences": total}, {"seq_len": seq_len, "pack": pack})
+
+
+def _refuse_foreign_ids(net, largest: int) -> None:
+    """A tokenizer of another model (its files copied beside these weights) gives ids the embeddings
+    lack: refused before any work, where the forward stopped with torch's IndexError."""
+    try:
+        rows = net.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return
+    if largest >= rows:
+        raise CntinitError(f"the tokenizer gives token id {largest}, but the model's embeddings have {rows} rows: its tokenizer "
+                           "files are another model's; put the model's own tokenizer beside its weights")
 
 
 def vision(net, model_dir: Path, data, *, batch_size: int, buckets: int, max_samples, dtype: torch.dtype,

@@ -106,8 +106,6 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
                                                          output_loading_info=True, ignore_mismatched_sizes=True, **spread)
             weight_files.refuse_incomplete(path, loading["missing_keys"], loading["mismatched_keys"])
             weight_files.refuse_codes(path, model)
-        has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) if has_tokenizer else None
     except CntinitError:
         raise
     except Exception as exc:
@@ -117,7 +115,18 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
         raise CntinitError(f"could not load the model at {path}: {first_line(exc)} — give a complete save_pretrained directory "
                            "of an architecture this transformers knows (custom code needs --trust-remote-code)") from None
     model.eval().requires_grad_(False)
-    return model, tokenizer
+    return model, _tokenizer(path, trust_remote_code)
+
+
+def _tokenizer(path: Path, trust_remote_code: bool):
+    """The model's tokenizer, or None where its directory has no tokenizer files (a vision encoder)."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise CntinitError(f"could not load the tokenizer at {path}: {first_line(exc)} — its tokenizer files are damaged or of "
+                           "another version: put the model's own tokenizer files (save_pretrained's) beside its weights") from None
 
 
 def record(net: nn.Module, path: str | Path, fingerprint: str) -> dict:

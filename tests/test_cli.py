@@ -68,9 +68,30 @@ def bad_cases(tiny, tmp_path, text_jsonl, inf_model):
         ([llama, "-d", no_field], r"nofield.jsonl:1: no string field 'text'"),
         ([llama, "-d", text_jsonl, "--buckets", "0"], "--buckets must be at least 1"),
         ([llama, "-d", text_jsonl, "--dtype", "int8"], "--dtype int8 is not one of"),
+        ([foreign_tokenizer(tiny["llama"], tmp_path), "-d", text_jsonl],
+         r"the tokenizer gives token id \d+, but the model's embeddings have 500 rows: its tokenizer files are another model's; "
+         r"put the model's own tokenizer beside its weights"),
+        ([damaged_tokenizer(tiny["llama"], tmp_path), "-d", text_jsonl],
+         r"could not load the tokenizer at .*: Expecting value: .* — its tokenizer files are damaged or of another version"),
         ([inf_model, "-d", text_jsonl], r"non-finite activations \(NaN/Inf, or squares beyond the sums' range\) entering "
                                         r"encoder.layer.0.output.dense: run with --dtype float32"),
     ]
+
+
+def foreign_tokenizer(model, tmp_path):
+    """A model of 500 token embeddings beside another model's tokenizer (30k ids): the forward
+    stopped with torch's IndexError."""
+    config = transformers.AutoConfig.from_pretrained(model)
+    config.vocab_size = 500
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "small-vocab")
+    transformers.AutoTokenizer.from_pretrained(model).save_pretrained(tmp_path / "small-vocab")
+    return tmp_path / "small-vocab"
+
+
+def damaged_tokenizer(model, tmp_path):
+    copy = shutil.copytree(model, tmp_path / "damaged-tokenizer")
+    (copy / "tokenizer.json").write_text("garbage")
+    return copy
 
 
 def unknown_architecture(model, tmp_path):
