@@ -16,7 +16,7 @@ import torch
 from . import data as data_mod
 from . import images, models, pipelines
 from .console import warn
-from .errors import CntinitError
+from .errors import CntinitError, first_line
 
 # (bucket, model inputs, padding mask or None, which tokens are next-token targets — None: every real one)
 Batch = tuple[int, dict[str, torch.Tensor], "torch.Tensor | None", "torch.Tensor | None"]
@@ -108,7 +108,11 @@ def vision(net, model_dir: Path, data, *, batch_size: int, buckets: int, max_sam
     if image_size is None and (Path(model_dir) / "preprocessor_config.json").is_file():
         import transformers
 
-        processor = transformers.AutoImageProcessor.from_pretrained(model_dir)
+        try:
+            processor = transformers.AutoImageProcessor.from_pretrained(model_dir)
+        except Exception as exc:
+            raise CntinitError(f"could not load the image processor at {model_dir}: {first_line(exc)} — put the model's own "
+                               "preprocessor_config.json beside its weights, or give --image-size to preprocess without it") from None
     pixels = images.Pixels(processor, image_size, image_mean, image_std)
     pictures = images.read_pictures(data, max_samples)
     return _image_feed(pictures, data, batch_size, buckets, lambda chunk: {"pixel_values": pixels([p.path for p in chunk]).to(dtype)},

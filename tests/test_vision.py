@@ -1,6 +1,7 @@
 """Vision encoders: capture from a folder of images, solve, export PEFT, load with PEFT."""
 
 import json
+import shutil
 
 import numpy as np
 import peft
@@ -125,3 +126,7 @@ def test_image_folder_errors(vit, tmp_path, capsys):
                    "--prompt does not apply to a vision model", tmp_path / "c")
     assert_refused(capsys, ["capture", vit["model"], "--data", vit["images"], "--image-mean", "0.5,0.5"],
                    "--image-mean needs one value per RGB channel", tmp_path / "d")
+    damaged = shutil.copytree(vit["model"], tmp_path / "damaged")
+    (damaged / "preprocessor_config.json").write_text("{not json")
+    assert_refused(capsys, ["capture", damaged, "--data", vit["images"]], f"could not load the image processor at {damaged}: ",
+                   tmp_path / "e")  # was a traceback
