@@ -204,6 +204,9 @@ def _check_format(format: str, pipeline: bool, alpha, rslora: bool, dora: bool, 
         raise CntinitError("this solve is of a diffusion pipeline: export it with --format diffusers or --format kohya")
     if not pipeline and format in PIPELINE_FORMATS:
         raise CntinitError(f"--format {format} is for diffusion pipelines (unet, text_encoder): use --format peft for this model")
+    if module_prefix and not re.fullmatch(r"\w+(\.\w+)*\.?", module_prefix):
+        raise CntinitError(f"--module-prefix {module_prefix!r} is not a module path: give attribute names joined by dots, e.g. "
+                           "bert. (the path of the captured model inside the one training loads)")
     if format in PIPELINE_FORMATS:
         unsupported = [o for o, on in (("--rslora", rslora), ("--dora", dora), ("--module-prefix", bool(module_prefix)),
                                        ("--task-type", task_type != "auto")) if on]

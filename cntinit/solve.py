@@ -122,7 +122,8 @@ class Options:
             corda_mode=self.corda_mode or ("ipm" if mode == "corda" else None),
         )
         if mode == "loftq":
-            options = replace(options, quantize=self.quantize or "nf4", bits=self.bits or 4, loftq_iter=self.loftq_iter or 1)
+            options = replace(options, quantize=self.quantize or "nf4", bits=4 if self.bits is None else self.bits,
+                              loftq_iter=1 if self.loftq_iter is None else self.loftq_iter)  # 0 is refused, not taken for the default
         if options.quantize is not None and (options.init != "residual" or mode in modes.ZERO_B):
             why = "B = 0 leaves the base W" if mode in modes.ZERO_B else "an offset init's base is W itself"
             raise CntinitError(f"--quantize {options.quantize} makes the shipped base the 4-bit NF4(W − BA); {why}: quantize W in the "

@@ -12,6 +12,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from cntinit.errors import CntinitError
 from cntinit.export import export
 from cntinit.solve import Options, solve
 from conftest import leftovers, run
@@ -155,6 +156,10 @@ def test_module_prefix_targets_a_task_model(tiny, captured, tmp_path):
     task_model = load(tiny["bert"], transformers.BertForSequenceClassification)
     wrapped = peft.PeftModel.from_pretrained(task_model, tmp_path / "e")
     assert_modules_add_exactly_ba(wrapped, load(tiny["bert"]), factors(tmp_path / "s"), prefix="bert.")
+    for bad in ("a b", "..", "bert..encoder", ".bert"):  # were written as keys no model has ("base_model.model.a b.encoder...")
+        with pytest.raises(CntinitError, match=f"--module-prefix '{re.escape(bad)}' is not a module path: give attribute names"):
+            export(tmp_path / "s", tmp_path / "bad", module_prefix=bad)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_export_with_check(captured, tmp_path, capsys):

@@ -112,6 +112,8 @@ def test_quantize_refusals(tiny, tmp_path, capsys):
     assert_refused(capsys, [*base, "--mode", "pissa", "--quantize", "int3"], "--quantize int3 is not one of nf4", tmp_path / "a")
     assert_refused(capsys, [*base, "--mode", "lora", "--quantize", "nf4"], "B = 0 leaves the base W", tmp_path / "b")
     assert_refused(capsys, [*base, "--mode", "loftq", "--bits", "8"], "use --bits 4", tmp_path / "c")
+    assert_refused(capsys, [*base, "--mode", "loftq", "--bits", "0"], "--bits 0: LoftQ here quantizes to 4-bit NF4", tmp_path / "c")
+    assert_refused(capsys, [*base, "--mode", "loftq", "--loftq-iter", "0"], "--loftq-iter must be from 1 to 1000", tmp_path / "c")  # 0 was 1
     assert_refused(capsys, [*base, "--mode", "pissa", "--loftq-iter", "2"], "--loftq-iter applies to --mode loftq", tmp_path / "d")
     assert_refused(capsys, [*base, "--mode", "loftq", "--init", "offset"], "use --init residual", tmp_path / "e")
     solved = solve(None, tmp_path / "loftq", model=tiny["llama"], targets="v_proj", mode="loftq", rank=4)
