@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import console
-from .errors import CntinitError
+from .errors import CntinitError, first_line
 
 if TYPE_CHECKING:
     from .store import Store
@@ -662,10 +662,24 @@ def demo(
     typer.echo(str(adapter_dir))
 
 
+OUT_OF_MEMORY_FIXES = {  # per command: what to change when the device runs out of memory
+    "capture": "lower --batch-size or --seq-len, keep the sums in CPU memory (--stats-device cpu), or read the model block "
+               "by block (--layerwise)",
+    "solve": "free the device, or solve on the CPU (--device cpu)",
+    "run": "lower the recipe's capture batch_size or seq_len, or give its solves device: cpu",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     console.quiet = False  # each command sets it; an earlier in-process call's --quiet must not leak
     try:
-        app(args=argv)
+        try:
+            app(args=argv)
+        except RuntimeError as exc:
+            error = _out_of_memory(exc, argv if argv is not None else sys.argv[1:])
+            if error is None:
+                raise
+            raise error from None
     except CntinitError as exc:
         console.err.print(f"[bold red]{exc.label}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
@@ -673,3 +687,14 @@ def main(argv: list[str] | None = None) -> None:
         if exc.code == 130:  # Typer turns Ctrl-C into exit 130 without a word
             console.err.print("[bold red]interrupted:[/] nothing was written", highlight=False)
         raise
+
+
+def _out_of_memory(exc: RuntimeError, argv: list[str]) -> CntinitError | None:
+    """A device out of memory (torch's OutOfMemoryError, a traceback) as one line with the command's fix;
+    None for any other error. What the command was writing is discarded as for any error."""
+    torch = sys.modules.get("torch")  # imported by the command that ran; the CLI itself does not load it
+    if torch is None or not isinstance(exc, torch.OutOfMemoryError):
+        return None
+    command = next((arg for arg in argv if not arg.startswith("-")), "")
+    return CntinitError(f"the device ran out of memory ({first_line(exc)}): "
+                        f"{OUT_OF_MEMORY_FIXES.get(command, 'free the device, or run on the CPU (--device cpu)')}")

@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import safetensors.torch
+import torch
 
 from cntinit import solution, store
 from conftest import leftovers, run
@@ -44,6 +45,29 @@ def test_a_full_disk_mid_write_leaves_the_previous_output_untouched(stage, tiny,
     code, stdout, err = run(capsys, *commands[stage], "-o", out, "-q", "--overwrite")
     assert code == 2 and stdout == "" and err.count("\n") == 1
     assert "No space left on device" in err and "untouched" in err
+    assert contents(out) == before and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("stage", ["capture", "solve"])
+def test_a_device_out_of_memory_is_one_line_with_the_fix(stage, tiny, calibration, captured, tmp_path, capsys, monkeypatch):
+    """A GPU out of memory mid-stage (torch's OutOfMemoryError) printed a traceback: now one line
+    with what to change, and the previous output at --out untouched."""
+    commands = {"capture": ("capture", tiny["bert"], "-d", calibration), "solve": ("solve", captured["bert"], "-m", "cnt-s", "-r", "2")}
+    out = tmp_path / "out"
+    assert run(capsys, *commands[stage], "-o", out, "-q")[0] == 0
+    before = contents(out)
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB\nmore")
+    module, function = {"capture": ("cntinit.capture", "_stream"), "solve": ("cntinit.solve", "_factor_unquantized")}[stage]
+    monkeypatch.setattr(importlib.import_module(module), function, exhausted)
+    code, stdout, err = run(capsys, *commands[stage], "-o", out, "--overwrite")
+    fix = {"capture": "lower --batch-size or --seq-len, keep the sums in CPU memory (--stats-device cpu), or read the model block by "
+                      "block (--layerwise)", "solve": "free the device, or solve on the CPU (--device cpu)"}[stage]
+    last = err.rstrip("\n").split("\n")[-1]
+    assert code == 2 and stdout == "" and err.count("error") == 1
+    assert last == ("error: the device ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                    f"of 79.10 GiB): {fix}"), err
     assert contents(out) == before and leftovers(tmp_path) == []
 
 
