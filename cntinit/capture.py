@@ -20,7 +20,7 @@ import torch
 from rich.progress import TextColumn
 from torch import nn
 
-from . import checkpoint, console, distributed, feeds, fingerprints, models, store
+from . import checkpoint, console, distributed, feeds, fingerprints, models, named_weights, store
 from . import gradients as gradients_mod
 from . import layerwise as layerwise_mod
 from .atomic import atomic_directory
@@ -355,8 +355,8 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         prefix, path = layerwise_mod.chain(net, root, modules)  # refuses, before any work, a model without one chain of blocks
         if gradients:
             layerwise_mod.check_gradient_targets(modules, prefix, path)
-    weights = layerwise_mod.Weights(Path(model), net) if layerwise else None
-    checkpoint_dtype = layerwise_mod.load_dtype(net, weights) if layerwise else net.dtype
+    weights = named_weights.Weights(Path(model), net) if layerwise else None
+    checkpoint_dtype = named_weights.load_dtype(net, weights) if layerwise else net.dtype
     model_fingerprint = fingerprints.fingerprint(modules, weights.matrix if layerwise else None, checkpoint_dtype)
     store.check_out(out, model_fingerprint, overwrite)
     run_dtype = net.dtype if placement is not None else models.resolve_dtype(dtype, checkpoint_dtype, dev)

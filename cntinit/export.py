@@ -23,7 +23,7 @@ import peft
 import torch
 from safetensors.torch import save_file
 
-from . import console, layerwise, models, modes, pipelines, pretrained, quant, solution, store
+from . import console, layerwise, models, modes, named_weights, pipelines, pretrained, quant, solution, store
 from .atomic import atomic_directory
 from .console import log, warn
 from .errors import CntinitError, not_one_of
@@ -374,7 +374,7 @@ def _bases(source: pretrained.Streamed | pretrained.Loaded, written: Path | None
         yield names, models.load(written, trust_remote_code)[0] if written else copy.deepcopy(source.net)
         return
     directory = written or source.path
-    weights = layerwise.Weights(written, source.net) if written else source.weights  # the base: the checkpoint's files, config and dtype
+    weights = named_weights.Weights(written, source.net) if written else source.weights  # the base: the checkpoint's files, config and dtype
     fix = "export again: the written base is damaged" if written else "save the model again with save_pretrained"
     for chunk in _chunks(names, source.modules):
         net = models.load(directory, trust_remote_code, empty=True)[0]

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import console, fingerprints, layerwise, models, pipelines, weight_files
+from . import console, fingerprints, models, named_weights, pipelines, weight_files
 from .console import warn
 from .errors import CntinitError
 
@@ -82,9 +82,9 @@ class Streamed:
     device, in the dtype from_pretrained would give it) reads its W from the checkpoint when
     `models.weight_values` asks for it."""
 
-    def __init__(self, path: Path, net: nn.Module, modules: dict[str, nn.Module], weights: layerwise.Weights):
+    def __init__(self, path: Path, net: nn.Module, modules: dict[str, nn.Module], weights: named_weights.Weights):
         self.path, self.net, self.modules, self.weights = path, net, modules, weights
-        self.dtype = layerwise.load_dtype(net, weights)
+        self.dtype = named_weights.load_dtype(net, weights)
         for name, module in modules.items():
             module.to(self.dtype)
             module.read_weight = functools.partial(weights.matrix, name, module, self.dtype)
@@ -107,7 +107,7 @@ class Streamed:
         if getattr(net, "_keep_in_fp32_modules", None) or getattr(net, "_keep_in_fp32_modules_strict", None):
             return None
         modules = pick(net)
-        weights = layerwise.Weights(path, net)  # a malformed shard index is refused, not loaded another way
+        weights = named_weights.Weights(path, net)  # a malformed shard index is refused, not loaded another way
         if not all(weights.readable(name + ".weight") for name in modules):
             return None
         return cls(path, net, modules, weights)

@@ -21,7 +21,7 @@ from torch import nn
 
 from cntinit import block_checkpoint, capture, checkpoint, embedded, layerwise, merge, runner
 from cntinit.errors import CntinitError
-from cntinit.store import MANIFEST, Store
+from cntinit.store import Store
 
 from conftest import assert_refused, run
 from imaging import build_sd, build_vit, write_images

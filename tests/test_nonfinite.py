@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cntinit import CntinitError, Store, capture, export, solve
+from cntinit import CntinitError, Store, export, solve
 from cntinit.export import verify
 from cntinit.finite import all_finite
 from cntinit.store import MANIFEST, file_entry

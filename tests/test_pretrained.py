@@ -253,12 +253,12 @@ def test_solve_reads_each_weight_by_name(tiny, captured, tmp_path, monkeypatch):
     monkeypatch.setattr(models, "load", lambda *a, **k: empty.append(k.get("empty", False)) or real(*a, **k))
     runs = {"cnt-s": lambda out: solve(captured["llama"], out, mode="cnt-s", rank=4),
             "inilora": lambda out: solve(None, out, model=tiny["gpt2"], mode="inilora", rank=4, steps=20)}
-    for name, run in runs.items():
-        run(tmp_path / f"{name}-streamed")
+    for name, solving in runs.items():
+        solving(tmp_path / f"{name}-streamed")
     assert empty == [True, True]
     monkeypatch.setattr(pretrained.Streamed, "open", classmethod(lambda cls, *a: None))
-    for name, run in runs.items():
-        run(tmp_path / f"{name}-loaded")
+    for name, solving in runs.items():
+        solving(tmp_path / f"{name}-loaded")
         streamed, loaded = tmp_path / f"{name}-streamed", tmp_path / f"{name}-loaded"
         a, b = load_file(streamed / "adapter.safetensors"), load_file(loaded / "adapter.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
