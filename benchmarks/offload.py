@@ -3,7 +3,9 @@
     python benchmarks/offload.py                                   # embedded MiniLM, 256 verses (CPU)
     python benchmarks/offload.py --model DIR --data calib.jsonl --device cuda --max-memory cuda=2GiB
 
-Each setting runs in a fresh process (so peaks do not mix) over the same data. Prints wall
+Each setting runs in a fresh process (so peaks do not mix) over the same data, or with
+--in-process all in this one (imports and start-up once: on a GPU machine whose libraries compile
+anew in every process, a minute saved; the GPU peak is reset per setting, the process's is not). Prints wall
 seconds, the process's peak resident memory (VmHWM: weights, activations, sums, and the
 libraries — the first row shows what importing them alone costs), the peak GPU memory torch
 allocated, where the weights were, and the largest difference of Σxxᵀ from the normal run.
@@ -54,6 +56,24 @@ def child(args) -> None:
                       "gpu": torch.cuda.max_memory_allocated() if cuda else None}))
 
 
+def measure_here(name: str, args, out: Path) -> dict:
+    """One setting in this process: its seconds, GPU peak and where the weights were (from its log)."""
+    from cntinit import capture, console
+
+    extra = SETTINGS[name] | ({"max_memory": args.max_memory} if SETTINGS[name].get("offload") else {})
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    with console.err.capture() as log:
+        capture(args.model, args.data, out, targets=args.targets, seq_len=args.seq_len, batch_size=args.batch_size,
+                max_samples=args.samples, device=args.device, **extra)
+    where = next((line.split(", weights on ")[1].split(")")[0] for line in log.get().splitlines() if ", weights on " in line), "device")
+    return {"seconds": time.perf_counter() - started, "rss": None, "gpu": torch.cuda.max_memory_allocated() if cuda else None,
+            "where": where}
+
+
 def measure(name: str, args, out: Path) -> dict:
     command = [sys.executable, __file__, f"--child={name}", "--out", str(out), "--model", str(args.model), "--data", str(args.data),
                "--targets", args.targets, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
@@ -83,6 +103,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-memory", default=None, help="--offload limits (default: see above)")
     parser.add_argument("--json", help="also write the table's rows to this JSON file")
+    parser.add_argument("--in-process", action="store_true", help="every setting in this process (see above): no peak RSS column")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -95,9 +116,10 @@ def main() -> None:
              f"--max-memory {args.max_memory}")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        rows["idle"] = measure("idle", args, Path(tmp) / "idle")
+        if not args.in_process:
+            rows["idle"] = measure("idle", args, Path(tmp) / "idle")
         for name in SETTINGS:
-            rows[name] = measure(name, args, Path(tmp) / name.replace(" ", "_"))
+            rows[name] = (measure_here if args.in_process else measure)(name, args, Path(tmp) / name.replace(" ", "_"))
             reference, store = Store(Path(tmp) / "normal"), Store(Path(tmp) / name.replace(" ", "_"))
             rows[name]["drift"] = max(float((store.tensors(k)["xxt"].double() - reference.tensors(k)["xxt"].double()).abs().max())
                                       for k in reference.keys)
@@ -116,7 +138,7 @@ def table_rows(rows: dict) -> list[dict]:
     for name, row in rows.items():
         idle = name == "idle"
         out.append({"setting": "(imports only)" if idle else name, "wall s": f"{row['seconds']:.1f}",
-                    "peak RSS MiB": f"{row['rss'] / 2**20:,.0f}",
+                    "peak RSS MiB": "-" if row["rss"] is None else f"{row['rss'] / 2**20:,.0f}",
                     "peak GPU MiB": "-" if row["gpu"] is None else f"{row['gpu'] / 2**20:,.0f}",
                     "weights on": "-" if idle else row["where"], "max |ΔΣxxᵀ|": "-" if idle else f"{row['drift']:.1e}"})
     return out
