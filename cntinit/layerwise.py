@@ -38,6 +38,7 @@ from .errors import CntinitError
 from .gradients import GradientSums
 from .named_weights import OWN_LOADING, Weights
 
+
 def find_blocks(root: nn.Module, targets: list[str]) -> str:
     """The path (within `root`) of its list of repeated blocks that holds the targets: a ModuleList
     of two or more modules of one class, the outermost such list (not the experts inside a block)."""
