@@ -665,6 +665,8 @@ def demo(
 OUT_OF_MEMORY_FIXES = {  # per command: what to change when the device runs out of memory
     "capture": "lower --batch-size or --seq-len, keep the sums in CPU memory (--stats-device cpu), or read the model block "
                "by block (--layerwise)",
+    "capture --layerwise": "lower --batch-size or --seq-len, or keep the sums and the hidden states in CPU memory "
+                           "(--stats-device cpu --activations-device cpu)",
     "solve": "free the device, or solve on the CPU (--device cpu)",
     "run": "lower the recipe's capture batch_size or seq_len, or give its solves device: cpu",
 }
@@ -696,5 +698,7 @@ def _out_of_memory(exc: RuntimeError, argv: list[str]) -> CntinitError | None:
     if torch is None or not isinstance(exc, torch.OutOfMemoryError):
         return None
     command = next((arg for arg in argv if not arg.startswith("-")), "")
+    if command == "capture" and "--layerwise" in argv:
+        command = "capture --layerwise"
     return CntinitError(f"the device ran out of memory ({first_line(exc)}): "
                         f"{OUT_OF_MEMORY_FIXES.get(command, 'free the device, or run on the CPU (--device cpu)')}")

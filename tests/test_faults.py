@@ -69,6 +69,10 @@ def test_a_device_out_of_memory_is_one_line_with_the_fix(stage, tiny, calibratio
     assert last == ("error: the device ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
                     f"of 79.10 GiB): {fix}"), err
     assert contents(out) == before and leftovers(tmp_path) == []
+    if stage == "capture":  # block by block, the fix is what that capture holds on the device
+        monkeypatch.setattr(importlib.import_module("cntinit.layerwise"), "capture", exhausted)
+        err = run(capsys, *commands[stage], "--layerwise", "-o", tmp_path / "layerwise")[2]
+        assert err.rstrip("\n").split("\n")[-1].endswith("(--stats-device cpu --activations-device cpu)"), err
 
 
 def test_an_unwritable_place_is_refused_before_any_work(captured, tmp_path, capsys):
