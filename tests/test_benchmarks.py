@@ -143,8 +143,8 @@ def test_gpu_run_dry_run_measures_every_step(tmp_path):
     assert all(float(r["forward s"]) > 0 and float(r["ratio"].rstrip("×")) > 0 for r in tables["capture"])
 
     offload = {row["setting"]: row for row in tables["offload"]}
-    assert list(offload) == ["(imports only)", "normal", "--stats-device cpu", "--offload", "--offload --stats-device cpu"]
-    assert all(float(r["max |ΔΣxxᵀ|"]) == 0 for r in list(offload.values())[1:])  # placement never changes the statistics
+    assert list(offload) == ["normal", "--stats-device cpu", "--offload", "--offload --stats-device cpu"]  # --in-process: no idle row
+    assert all(float(r["max |ΔΣxxᵀ|"]) == 0 and r["peak RSS MiB"] == "-" for r in offload.values())  # placement never changes the statistics
     assert offload["--offload"]["weights on"] == "disk"  # cpu=1MB: every weight streamed from disk
 
     blocks = {row["blocks"]: row for row in tables["layerwise"]}
@@ -172,6 +172,17 @@ def test_gpu_run_keeps_the_rows_of_a_script_stopped_at_its_step_limit(tmp_path, 
     assert result["rows"] == [{"setting": "first", "seconds": 1}] and "1 rows kept" in result["stopped"]
     with pytest.raises(SystemExit, match="slow.py stopped at the step's limit"):
         gpu.stopped(result)
+
+
+def test_offload_benchmark_measures_each_setting_in_its_own_process(tiny, calibration, tmp_path):
+    """offload.py's process per setting (the peak RSS column; the GPU run takes --in-process, which
+    its dry run covers): every setting's statistics equal the normal capture's."""
+    run_script("offload.py", "--model", str(tiny["bert"]), "--data", str(calibration), "--samples", "8", "--seq-len", "16",
+               "--json", str(tmp_path / "rows.json"), cwd=tmp_path)
+    rows = {row["setting"]: row for row in json.loads((tmp_path / "rows.json").read_text())["rows"]}
+    assert list(rows) == ["(imports only)", "normal", "--stats-device cpu", "--offload", "--offload --stats-device cpu"]
+    assert all(float(row["peak RSS MiB"].replace(",", "")) > 0 for row in rows.values())
+    assert all(float(row["max |ΔΣxxᵀ|"]) == 0 for setting, row in rows.items() if setting != "(imports only)")
 
 
 def test_fixed_costs_benchmark_compares_equal_results(tmp_path):
