@@ -39,50 +39,56 @@ SETTINGS = {  # name: extra capture options
 }
 
 
-def child(args) -> None:
-    """One setting in this process; prints its measurements as JSON."""
+def run_setting(name: str, args, out: Path) -> float:
+    """Capture with setting `name`'s options ("idle": nothing, the imports only); its seconds."""
     from cntinit import capture
 
-    extra = {"idle": {}}.get(args.child, SETTINGS.get(args.child, {}))
+    extra = SETTINGS.get(name, {})
     if extra.get("offload"):
         extra = extra | {"max_memory": args.max_memory}
-    cuda = args.device == "cuda"
     started = time.perf_counter()
-    if args.child != "idle":
-        capture(args.model, args.data, args.out, targets=args.targets, seq_len=args.seq_len, batch_size=args.batch_size,
+    if name != "idle":
+        capture(args.model, args.data, out, targets=args.targets, seq_len=args.seq_len, batch_size=args.batch_size,
                 max_samples=args.samples, device=args.device, **extra)
-    print(json.dumps({"seconds": time.perf_counter() - started,
-                      "rss": peak_rss(),
-                      "gpu": torch.cuda.max_memory_allocated() if cuda else None}))
+    return time.perf_counter() - started
+
+
+def gpu_peak(args) -> int | None:
+    return torch.cuda.max_memory_allocated() if args.device == "cuda" else None
+
+
+def weights_on(log: str) -> str:
+    """Where the capture's log says the weights were ("device" when it names no placement)."""
+    return next((line.split(", weights on ")[1].split(")")[0] for line in log.splitlines() if ", weights on " in line), "device")
+
+
+def child(args) -> None:
+    """One setting in this process; prints its measurements as JSON."""
+    seconds = run_setting(args.child, args, args.out)
+    print(json.dumps({"seconds": seconds, "rss": peak_rss(), "gpu": gpu_peak(args)}))
 
 
 def measure_here(name: str, args, out: Path) -> dict:
-    """One setting in this process: its seconds, GPU peak and where the weights were (from its log)."""
-    from cntinit import capture, console
+    """One setting in this process: its seconds, GPU peak (reset before it) and where the weights were."""
+    from cntinit import console
 
-    extra = SETTINGS[name] | ({"max_memory": args.max_memory} if SETTINGS[name].get("offload") else {})
-    cuda = args.device == "cuda"
-    if cuda:
+    if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
     with console.err.capture() as log:
-        capture(args.model, args.data, out, targets=args.targets, seq_len=args.seq_len, batch_size=args.batch_size,
-                max_samples=args.samples, device=args.device, **extra)
-    where = next((line.split(", weights on ")[1].split(")")[0] for line in log.get().splitlines() if ", weights on " in line), "device")
-    return {"seconds": time.perf_counter() - started, "rss": None, "gpu": torch.cuda.max_memory_allocated() if cuda else None,
-            "where": where}
+        seconds = run_setting(name, args, out)
+    return {"seconds": seconds, "rss": None, "gpu": gpu_peak(args), "where": weights_on(log.get())}
 
 
 def measure(name: str, args, out: Path) -> dict:
+    """One setting in a fresh process (`child`)."""
     command = [sys.executable, __file__, f"--child={name}", "--out", str(out), "--model", str(args.model), "--data", str(args.data),
                "--targets", args.targets, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
                "--samples", str(args.samples), "--device", args.device, "--max-memory", args.max_memory]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-    where = next((line.split(", weights on ")[1].split(")")[0] for line in done.stderr.splitlines() if ", weights on " in line), "device")
-    return json.loads(done.stdout.strip().splitlines()[-1]) | {"where": where}
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"where": weights_on(done.stderr)}
 
 
 def default_max_memory(model: Path, device: str) -> str:
