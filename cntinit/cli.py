@@ -17,8 +17,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import console
+from . import __version__, console
 from .errors import CntinitError, first_line
+
+try:  # typer 0.2x carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typer runs on click itself
+    from click import exceptions as click_errors
 
 if TYPE_CHECKING:
     from .store import Store
@@ -51,6 +56,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"cntinit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print cntinit's version and exit.", is_eager=True,
+                                       callback=_print_version, metavar="")) -> None:
+    pass
 
 def _flag(*declarations: str, help: str, default: bool = False):
     """An on/off option, shown in --help without a `<bool>` type column (a flag takes no value)."""
@@ -676,19 +693,40 @@ def main(argv: list[str] | None = None) -> None:
     console.quiet = False  # each command sets it; an earlier in-process call's --quiet must not leak
     try:
         try:
-            app(args=argv)
+            # Not standalone: click's usage errors come here, to be said in one line like every other error.
+            code = app(args=argv, prog_name="cntinit", standalone_mode=False)
         except RuntimeError as exc:
             error = _out_of_memory(exc, argv if argv is not None else sys.argv[1:])
             if error is None:
                 raise
             raise error from None
-    except CntinitError as exc:
-        console.err.print(f"[bold red]{exc.label}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    except click_errors.NoArgsIsHelpError as exc:  # a bare `cntinit` (or `cntinit cache`): the help, already shown
         sys.exit(exc.exit_code)
-    except SystemExit as exc:
-        if exc.code == 130:  # Typer turns Ctrl-C into exit 130 without a word
-            console.err.print("[bold red]interrupted:[/] nothing was written", highlight=False)
-        raise
+    except click_errors.ClickException as exc:
+        _say("error", _usage_error(exc))
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        _say("interrupted", "nothing was written")
+        sys.exit(1)
+    except CntinitError as exc:
+        _say(exc.label, str(exc))
+        sys.exit(exc.exit_code)
+    if code == 130:  # Typer turns Ctrl-C into exit 130 without a word
+        _say("interrupted", "nothing was written")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _say(label: str, message: str) -> None:
+    console.err.print(f"[bold red]{label}:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _usage_error(exc: click_errors.ClickException) -> str:
+    """click's own errors (an unknown option, a value of the wrong type, a missing argument) as one line that
+    points at the command's --help, instead of its boxed usage block."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    ctx = getattr(exc, "ctx", None)
+    return f"{message}: see {ctx.command_path} --help" if ctx is not None else message
 
 
 def _out_of_memory(exc: RuntimeError, argv: list[str]) -> CntinitError | None:

@@ -186,6 +186,22 @@ def test_help_shows_flags_as_flags_and_misspellings_get_a_suggestion(capsys):
     assert code == 2 and "--mode cnt_s is not one of" in err and "did you mean cnt-s?" in err
 
 
+def test_usage_errors_are_one_line_pointing_at_help(tmp_path, capsys):
+    """click's own errors (unknown option or command, a value of the wrong type, a missing argument) are one line
+    like cntinit's, exit 2, instead of a boxed usage block."""
+    cases = {("solve", "--nope"): "no such option: --nope", ("capture", "x", "-d", "y", "--seq-len", "nan"): "invalid value for '--seq-len'",
+             ("capture",): "missing argument 'MODEL'", ("bogus",): "no such command 'bogus'", ("export", tmp_path): "missing option '--out'"}
+    for args, message in cases.items():
+        code, out, err = run(capsys, *args)
+        command = " ".join(["cntinit", *[a for a in args if a in ("solve", "capture", "export")]])
+        assert code == 2 and out == "" and err.startswith(f"error: {message}"), (args, err)
+        assert err.count("\n") == 1 and err.rstrip().endswith(f"see {command} --help") and "╭" not in err, (args, err)
+    code, out, err = run(capsys)  # a bare `cntinit` shows the help, as before
+    assert code == 2 and "capture" in out and "Usage" in out and err == ""
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and re.fullmatch(r"cntinit \d+\.\d+\.\d+\n", out)
+
+
 def test_inspect_names_what_an_export_is(captured, tmp_path, capsys):
     run(capsys, "solve", captured["bert"], "-m", "cnt-s", "-r", "2", "-o", tmp_path / "s", "-q")
     run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e", "-q")
