@@ -276,7 +276,7 @@ def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
 @app.command(cls=_Command)
 def solve(
     capture_dir: Optional[Path] = typer.Argument(None, metavar="CAPTURE_DIR", help="A statistics store written by `cntinit capture` (data-free modes may give --model instead)."),
-    mode: str = typer.Option(..., "--mode", "-m", help="cnt-x (Cross: WΣ⁺), cnt-s (Self: WD^-1/2Pᵀ), cnt-sh (Shift: c((I−Σ)Wᵀ)⁺); from a capture also eva, corda; from a --gradients capture lora-ga, lora-one; data-free lora, pissa, milora, olora, inilora, inilora-alpha, inilora-beta, loftq (4-bit base)."),
+    mode: str = typer.Option(..., "--mode", "-m", help="cnt-x (Cross: WΣ⁺), cnt-s (Self: WD^-1/2Pᵀ), cnt-sh (Shift: c((I−Σ)Wᵀ)⁺); from a capture also eva, corda; from a --gradients capture lora-ga, lora-one; data-free lora, pissa, milora, olora, mica (B frozen by PEFT), inilora, inilora-alpha, inilora-beta, loftq (4-bit base)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Solve directory to write (default: the cache — $CNTINIT_CACHE — where a repeated solve is a hit that computes nothing)."),
     rank: int = typer.Option(16, "--rank", "-r", help="Adapter rank per module (the base rank with --vas)."),
     rcond: float = typer.Option(1e-4, "--rcond", help="Eigenvalue floor relative to the largest: below it, values count as zero (pseudo-inverse) or are clamped (inverse root)."),
@@ -287,7 +287,7 @@ def solve(
     pooled: bool = _flag("--pooled", help="Ignore the capture's buckets: one estimate from the pooled statistics."),
     decompose: Optional[str] = typer.Option(None, "--decompose", help="Rank-r split of ΔW: svd (best rank-r approximation; the default) or qr."),
     split_p: float = typer.Option(0.5, "--split-p", help="svd only: B = U S^(1−p), A = S^p Vᵀ."),
-    init: Optional[str] = typer.Option(None, "--init", help="offset (CNT, lora, eva): base stays W, initial model W + BA. residual (pissa, milora, olora, corda, inilora*; optional for CNT): base becomes W − BA, initial model = pretrained."),
+    init: Optional[str] = typer.Option(None, "--init", help="offset (CNT, lora, eva, mica): base stays W, initial model W + BA. residual (pissa, milora, olora, corda, inilora*; optional for CNT): base becomes W − BA, initial model = pretrained."),
     vas: bool = _flag("--vas", help="Variable ranks from the pooled relative variances of ΔW's singular values."),
     budget: Optional[int] = typer.Option(None, "--budget", help="--vas: total rank over all modules (default rank × modules)."),
     min_rank: int = typer.Option(0, "--min-rank", help="--vas: smallest rank per module; 0 lets a module go without adapter."),

@@ -63,6 +63,8 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
     pipeline = manifest["model"].get("class") == pipelines.DiffusionParts.__name__
     sdxl = manifest["model"].get("layout") == pipelines.SDXL
     _check_format(format, pipeline, alpha, rslora, dora, fixed_alpha, module_prefix, task_type)
+    if manifest["mode"] == "mica":
+        _check_mica(format, dora)
     quantized = manifest["params"].get("quantize") is not None
     if quantized and format != "peft":
         raise CntinitError(f"this solve's base is 4-bit NF4 for a QLoRA trainer (bitsandbytes, transformers models); --format {format} "
@@ -79,7 +81,8 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
     factors = {name: pair for name, pair in sol.factors().items() if name not in left_out}
     bases = _dequantized(sol, source.dtype) if quantized else {}
 
-    zero_b = manifest["mode"] in modes.ZERO_B  # BA = 0 for any scale: A is written as drawn (its scale is the method's)
+    # BA = 0 for any scale: the factors are written as drawn (their scale is the method's; MiCA's B stays orthonormal)
+    zero_update = manifest["mode"] in modes.ZERO_UPDATE
     tensors, ranks, alphas = {}, {}, {}
     for name, (b, a) in factors.items():
         rank = manifest["modules"][name]["rank"]
@@ -88,7 +91,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
         else:
             module_alpha = alpha if fixed_alpha else alpha * (math.sqrt(rank / base_rank) if rslora else rank / base_rank)
         scale = module_alpha / (math.sqrt(rank) if rslora else rank)
-        fold = 1.0 if zero_b else math.sqrt(scale)
+        fold = 1.0 if zero_update else math.sqrt(scale)
         a, b = (a / fold).contiguous(), (b / fold).contiguous()
         if format == "kohya":
             key = _kohya_name(name, sdxl)
@@ -218,6 +221,16 @@ def _check_format(format: str, pipeline: bool, alpha, rslora: bool, dora: bool, 
             raise CntinitError(f"{unsupported[0]} does not apply to --format {format}: {why}; leave it out")
 
 
+def _check_mica(format: str, dora: bool) -> None:
+    """MiCA trains A under a frozen B: PEFT's own variant (init_lora_weights "mica") freezes it; the
+    pipeline formats carry no such flag."""
+    if dora:
+        raise CntinitError("--dora does not combine with --mode mica: PEFT's MiCA is a LoRA variant of its own (B frozen); leave out --dora")
+    if format != "peft":
+        warn(f"MiCA trains A only, under a frozen B, and the {format} format cannot say so: freeze the lora_"
+             f"{'up' if format == 'kohya' else 'B'} weights in the trainer, or it trains both factors")
+
+
 TASK_TYPE_NAMES = tuple(dict.fromkeys([*models.TASK_TYPES.values(), "FEATURE_EXTRACTION"]))
 
 
@@ -250,7 +263,7 @@ def _peft_config(ranks: dict, alphas: dict, base_rank: int, alpha: float, rslora
         alpha_pattern={_anchored(n): a for n, a in alphas.items() if a != alpha},
         use_rslora=rslora,
         use_dora=dora,
-        init_lora_weights=True,
+        init_lora_weights="mica" if sol.manifest["mode"] == "mica" else True,  # PEFT's MiCA variant freezes B
         fan_in_fan_out=any(sol.modules[n]["fan_in_fan_out"] for n in sol.modules),
         lora_dropout=0.0,
         bias="none",
@@ -358,7 +371,8 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations PEFT triggers, not ours to fix
                 warnings.filterwarnings("ignore", ".*copying from a non-meta parameter")  # the modules of other chunks, left unread
-                wrapped = peft.PeftModel.from_pretrained(base, str(out))
+                # MiCA: adapters made empty, or PEFT's mica_init would run its SVD of every W before loading ours
+                wrapped = peft.PeftModel.from_pretrained(base, str(out), low_cpu_mem_usage=exported["mode"] == "mica")
             chunk = {name: factors[name] for name in names}
             worst = max(worst, _worst_error(dict(wrapped.base_model.model.named_modules()), source.layer, chunk, residual, bases))
             bar.advance(task, len(names))

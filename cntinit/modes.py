@@ -16,10 +16,11 @@ INILORA_MODES = ("inilora", "inilora-alpha", "inilora-beta")  # fit (or draw) BA
 DATA_BASELINES = ("eva", "corda")  # baselines that need activation statistics
 GRADIENT_MODES = ("lora-ga", "lora-one")  # need the loss gradient (capture --gradients)
 QUANTIZED_MODES = ("loftq",)  # fit BA to W − Q for a 4-bit base Q (data-free)
-ALL_MODES = MODES + ("lora",) + WEIGHT_MODES + INILORA_MODES + DATA_BASELINES + GRADIENT_MODES + QUANTIZED_MODES
+ALL_MODES = MODES + ("lora",) + WEIGHT_MODES + ("mica",) + INILORA_MODES + DATA_BASELINES + GRADIENT_MODES + QUANTIZED_MODES
 NEED_STATISTICS = MODES + DATA_BASELINES + GRADIENT_MODES
 RESIDUAL_ONLY = WEIGHT_MODES + INILORA_MODES + ("corda", "lora-ga", "loftq")  # the base must be W − BA (LoRA-GA: as PEFT leaves it; LoftQ: Q)
-ZERO_B = ("lora", "eva")  # B = 0: the update is zero and A keeps its own scale (export folds nothing)
+ZERO_B = ("lora", "eva")  # B = 0: the update is zero and A keeps its own scale
+ZERO_UPDATE = ZERO_B + ("mica",)  # BA = 0 (MiCA: A = 0 under a frozen orthonormal B): the base stays W, export folds no scale
 SELF_FORMS = ("paper", "zca")
 DECOMPOSE = ("svd", "qr")
 
@@ -51,6 +52,14 @@ def sign_of_largest(vectors: torch.Tensor, dim: int) -> torch.Tensor:
     index = vectors.abs().argmax(dim=dim, keepdim=True)
     sign = torch.sign(vectors.gather(dim, index)).squeeze(dim)
     return torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def minor_directions(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MiCA's B: the left singular vectors of W's r smallest singular values (in the SVD's order,
+    largest first, as PEFT's `mica_init` takes them), each column's sign fixed; and every singular value."""
+    u, s, _ = torch.linalg.svd(w, full_matrices=False)  # the smallest singular values need the SVD's accuracy
+    u = u[..., -rank:]
+    return u * sign_of_largest(u, dim=-2).unsqueeze(-2), s
 
 
 def floor(values: torch.Tensor, rcond: float) -> torch.Tensor:

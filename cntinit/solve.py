@@ -99,18 +99,18 @@ class Options:
         if (self.bucket_weights is not None or self.pooled) and mode not in modes.MODES:
             raise CntinitError(f"--bucket-weights and --pooled shape the robust CNT estimate; --mode {mode} uses the pooled statistics")
         natural = "qr" if mode == "olora" else "svd"
-        splits_delta = mode in modes.MODES + modes.WEIGHT_MODES + ("corda",)
+        splits_delta = mode in modes.MODES + modes.WEIGHT_MODES + ("corda", "mica")
         if self.decompose not in (None, natural) and (mode not in modes.MODES):
             what = f"splits W by {natural}" if splits_delta else "does not split a matrix"
             raise CntinitError(f"--mode {mode} {what}; --decompose {self.decompose} would make it another method")
         if mode in modes.RESIDUAL_ONLY and self.init == "offset":
             raise CntinitError(f"--mode {mode} moves part of W into the adapter, so its base must be W − BA: use --init residual (the default)")
-        if mode in modes.ZERO_B and self.init == "residual":
-            raise CntinitError(f"--mode {mode} starts with B = 0, so there is nothing to subtract from W: leave out --init")
-        if self.vas and mode in modes.ZERO_B + modes.INILORA_MODES + modes.GRADIENT_MODES + modes.QUANTIZED_MODES:
+        if mode in modes.ZERO_UPDATE and self.init == "residual":
+            raise CntinitError(f"--mode {mode} starts with BA = 0, so there is nothing to subtract from W: leave out --init")
+        if self.vas and mode in modes.ZERO_UPDATE + modes.INILORA_MODES + modes.GRADIENT_MODES + modes.QUANTIZED_MODES:
             hint = {"eva": "eva redistributes ranks itself (see --rho)", "lora": "B = 0 leaves no spectrum to allocate by",
                     "lora-ga": "its factors are sized for one rank", "lora-one": "its factors are sized for one rank",
-                    "loftq": "each rank's fit changes the quantized base"}.get(
+                    "loftq": "each rank's fit changes the quantized base", "mica": "A = 0 leaves no spectrum to allocate by"}.get(
                 mode, "a fit of one rank cannot be cut to another; use pissa for the rank-r optimum")
             raise CntinitError(f"--vas does not apply to --mode {mode}: {hint}")
         options = replace(
@@ -124,8 +124,8 @@ class Options:
         if mode == "loftq":
             options = replace(options, quantize=self.quantize or "nf4", bits=4 if self.bits is None else self.bits,
                               loftq_iter=1 if self.loftq_iter is None else self.loftq_iter)  # 0 is refused, not taken for the default
-        if options.quantize is not None and (options.init != "residual" or mode in modes.ZERO_B):
-            why = "B = 0 leaves the base W" if mode in modes.ZERO_B else "an offset init's base is W itself"
+        if options.quantize is not None and (options.init != "residual" or mode in modes.ZERO_UPDATE):
+            why = "BA = 0 leaves the base W" if mode in modes.ZERO_UPDATE else "an offset init's base is W itself"
             raise CntinitError(f"--quantize {options.quantize} makes the shipped base the 4-bit NF4(W − BA); {why}: quantize W in the "
                                "trainer (plain QLoRA), or use --init residual")
         if mode in modes.GRADIENT_MODES:
@@ -325,7 +325,7 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, world:
         singular_values = {}
         ranks = {name: min(options.rank, limit) for name, limit in max_ranks.items()}
     spread = _mean_weight_std(modules) if options.mode == "inilora" else 0.0
-    minor = options.mode == "milora" or options.corda_mode == "kpm"
+    minor = options.mode in ("milora", "mica") or options.corda_mode == "kpm"
     factors, rows = {}, {}
     for batch, bar in batches(f"solve {options.mode}"):
         top = max(max(ranks[name] for name in batch.names), 1)
@@ -338,8 +338,8 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, world:
             update = b[i, :, keep] @ a[i, keep]
             sigma = batch.sigma[i] if batch.sigma is not None else None
             rows[name] = _diagnostics(batch.weight[i], batch.delta[i], update, sigma, r, batch.floored[i])
-            if options.mode == "lora":
-                rows[name]["kept"] = None  # B = 0: no change wanted, none kept
+            if options.mode in modes.ZERO_UPDATE:
+                rows[name]["kept"] = None  # BA = 0: no change wanted, none kept
             if steps is not None:
                 rows[name] |= _fit_errors(batch.weight[i], update, r) | {"steps": steps}
             if options.mode in modes.GRADIENT_MODES:
@@ -381,7 +381,8 @@ def _open(capture_dir, model, targets, options: Options, trust_remote_code: bool
     if options.mode in modes.NEED_STATISTICS:
         raise CntinitError(f"--mode {options.mode} needs activation statistics: give the directory `cntinit capture` wrote")
     if model is None:
-        raise CntinitError("give a capture directory, or --model MODEL for a data-free mode (lora, pissa, milora, olora, inilora*)")
+        raise CntinitError("give a capture directory, or --model MODEL for a data-free mode (lora, pissa, milora, olora, mica, inilora*, "
+                           "loftq)")
     source = pretrained.open_model(model, trust_remote_code, lambda net: models.select_targets(net, targets or models.ALL_LINEAR), placement)
     if options.init == "residual":
         pretrained.refuse_tied(list(source.modules), source)
@@ -532,6 +533,9 @@ def _factor_unquantized(batch: Batch, top: int, options: Options, generators: li
     if options.mode == "lora":
         a = baselines.lora_a(top, d, options.lora_init, generators)
         return torch.zeros(count, k, top, device=dev, dtype=dtype), a.to(dev, dtype), None, None
+    if options.mode == "mica":
+        b, values = modes.minor_directions(batch.weight, top)
+        return b, torch.zeros(count, top, d, device=dev, dtype=dtype), None, values
     if options.mode == "lora-ga":
         b, a, values = gradient_modes.lora_ga(batch.delta, batch.weight, top, options.direction, options.scale, options.stable_gamma,
                                               options.lora_scale, generators)
@@ -673,7 +677,7 @@ def _report(options: Options, rows: dict, ranks: dict, seconds: float, loaded: f
         "budget": options.budget,
         "total_rank": sum(ranks.values()),
         "modules_with_adapter": sum(1 for r in ranks.values() if r),
-        "kept": None if options.mode in modes.ZERO_B else _kept(options, rows, update_sq, delta_sq),
+        "kept": None if options.mode in modes.ZERO_UPDATE else _kept(options, rows, update_sq, delta_sq),
         "rcond": options.rcond,
         "floored_modules": sum(1 for r in rows.values() if r["floored"]),
         "solve_seconds": round(seconds, 3),

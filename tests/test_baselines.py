@@ -1,4 +1,4 @@
-"""The weight-splitting baselines (pissa, milora, olora) against PEFT's own inits and NumPy."""
+"""The weight-splitting baselines (pissa, milora, olora, mica) against PEFT's own inits and NumPy."""
 
 import json
 
@@ -109,6 +109,42 @@ def spectral_model(source, directory, decay, seed=0):
     model.save_pretrained(directory)
     transformers.AutoTokenizer.from_pretrained(source).save_pretrained(directory)
     return directory
+
+
+def test_mica_takes_the_minor_left_directions_as_peft_does_and_peft_keeps_b_frozen(tiny, tmp_path, capsys):
+    """MiCA: A = 0 and B = the left singular vectors of W's r smallest singular values — the definition in float64, and
+    PEFT's mica_init on the same weights column for column (up to sign). The export loads in PEFT with B frozen and A
+    trainable (init_lora_weights "mica"), the model unchanged, and B is ours, not PEFT's own SVD run again."""
+    model = spectral_model(tiny["llama"], tmp_path / "m", decay=0.97)  # distinct singular values that float32 resolves
+    targets, rank = ["q_proj", "v_proj", "down_proj"], 4
+    solve(None, tmp_path / "s", Options(mode="mica", rank=rank), model=model, targets=",".join(targets))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["init"] == "offset" and manifest["params"]["decompose"] == "svd"
+    ours = factors(tmp_path / "s")
+    weights = dict(load(model).named_modules())
+    reference = peft.get_peft_model(load(model), peft.LoraConfig(r=rank, lora_alpha=8, target_modules=targets, init_lora_weights="mica"))
+    theirs = dict(reference.base_model.model.named_modules())
+    assert set(ours) == {n for n, m in theirs.items() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    for name, (b, a) in ours.items():
+        assert not a.any() and not theirs[name].lora_A["default"].weight.any()
+        u = torch.linalg.svd(linear_weight(weights[name]))[0][:, : min(weights[name].weight.shape)]
+        torch.testing.assert_close(b.T @ u[:, -rank:], torch.diag(torch.sign(torch.diagonal(b.T @ u[:, -rank:]))), rtol=0, atol=1e-6)
+        peft_b = theirs[name].lora_B["default"].weight.detach().double()  # float32: each vector moves by about ε₃₂·s₁/gap
+        torch.testing.assert_close((b.T @ peft_b).abs(), torch.eye(rank, dtype=torch.float64), rtol=0, atol=1e-4)
+    export(tmp_path / "s", tmp_path / "e", alpha=8)
+    assert json.loads((tmp_path / "e" / "adapter_config.json").read_text())["init_lora_weights"] == "mica"
+    wrapped = peft.PeftModel.from_pretrained(load(model), tmp_path / "e", is_trainable=True, low_cpu_mem_usage=True)
+    adapted = dict(wrapped.base_model.model.named_modules())
+    for name, (b, _) in ours.items():
+        assert not adapted[name].lora_B["default"].weight.requires_grad and adapted[name].lora_A["default"].weight.requires_grad
+        assert torch.equal(adapted[name].lora_B["default"].weight.double(), b)  # no scale folded in: B stays orthonormal
+    assert_modules_add_exactly_ba(wrapped, load(model), ours)
+    code, _, err = run(capsys, "export", tmp_path / "s", "-o", tmp_path / "checked", "--check")
+    assert code == 0 and "every adapted module computes the initial layer" in err, err
+    assert_refused(capsys, ["export", tmp_path / "s", "--dora"], "--dora does not combine with --mode mica", tmp_path / "bad")
+    for args, message in ((["--init", "residual"], "--mode mica starts with BA = 0, so there is nothing to subtract"),
+                          (["--vas"], "--vas does not apply to --mode mica"), (["--decompose", "qr"], "--mode mica splits W by svd")):
+        assert_refused(capsys, ["solve", "--model", model, "-m", "mica", *args], message, tmp_path / "bad")
 
 
 def test_pissa_niter_agrees_with_peft_randomized_pissa(tiny, tmp_path):

@@ -179,7 +179,7 @@ BAD_RECIPES = [
     ({"solves.0.vas": "yes"}, "recipe key solves.0.vas must be true or false"),
     ({"exports.0.format": "onnx"}, "recipe key exports.0.format onnx is not one of peft, kohya, diffusers"),
     ({"exports.0.format": "Kohya"}, "recipe key exports.0.format Kohya is not one of peft, kohya, diffusers: did you mean kohya?"),
-    ({"solves.0.mode": "cnt_x"}, "recipe solves.0 (cnt_x-r4): --mode cnt_x is not one of cnt-x, cnt-s, cnt-sh, lora, pissa, milora, olora, inilora, inilora-alpha, inilora-beta, eva, corda, lora-ga, lora-one, loftq: did you mean cnt-x?"),
+    ({"solves.0.mode": "cnt_x"}, "recipe solves.0 (cnt_x-r4): --mode cnt_x is not one of cnt-x, cnt-s, cnt-sh, lora, pissa, milora, olora, mica, inilora, inilora-alpha, inilora-beta, eva, corda, lora-ga, lora-one, loftq: did you mean cnt-x?"),
     ({"solves.0.rank": 4, "solves.0.budget": 10}, "recipe solves.0 (cnt-s-r4): --budget, --min-rank and --max-rank shape variable ranks"),
     ({"capture": None}, "recipe key capture must be a mapping"),
     ({"model": "/nonexistent/model"}, "recipe key model: /nonexistent/model does not exist"),
