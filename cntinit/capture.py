@@ -289,8 +289,9 @@ def capture(
     `max_memory`, 'cuda=20GiB,cpu=64GiB'); `stats_device` ('cpu') keeps the sums off the device.
     `layerwise` reads and runs one block at a time, holding one block's weights and statistics
     and every batch's hidden states (on `activations_device`). None of these changes the statistics.
-    `gradients` (causal LMs) also sums each target weight's gradient of the next-token loss, in the
-    same pass; `gradient_checkpointing` recomputes each block's activations in backward instead of
+    `gradients` also sums each target weight's gradient of the training loss, in the same pass: a
+    causal LM's next-token loss, or a pipeline's denoising loss (its latents then noised as training
+    does, at random timesteps, for the statistics too); `gradient_checkpointing` recomputes each block's activations in backward instead of
     keeping them."""
     arguments = dict(locals())
     with distributed.joined() as world, contextlib.ExitStack() as scratch:
@@ -349,6 +350,9 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
         raise CntinitError(f"--layerwise runs one chain of repeated blocks; {model} is {what} is not one: capture without --layerwise")
     if gradients:
         gradients_mod.check_model(net, kind, model)
+    if gradient_checkpointing and kind == "diffusion":
+        raise CntinitError("--gradient-checkpointing recomputes one chain of repeated blocks, and a diffusers pipeline's UNet is not "
+                           "one: leave it out (a smaller --batch-size saves memory)")
     modules = models.select_targets(net, targets)
     root = net if gradients and layerwise else models.forward_root(net, list(modules))  # the loss needs the output layer
     if layerwise:

@@ -1,9 +1,11 @@
-"""Gradient capture: each target weight's gradient of a causal LM's next-token loss, for the
-gradient inits (LoRA-GA, LoRA-One).
+"""Gradient capture: each target weight's gradient of the loss the model trains with — a causal
+LM's next-token loss, a diffusion pipeline's denoising loss — for the gradient inits (LoRA-GA, LoRA-One).
 
 G = (1/K) Σ over the K batches of ∇W of the batch's mean loss over its predicted tokens
 (padding and prompt tokens carry no label) — METHODS.md's definition, what PEFT's
-`preprocess_loraga` averages with one backward per batch. The store keeps the sum and K, so
+`preprocess_loraga` averages with one backward per batch. For a pipeline the predicted values
+are the latents' (the "tokens" counted), and the batch's mean loss is the training scripts'
+mean squared error of the UNet's prediction (`pipelines.DiffusionParts`). The store keeps the sum and K, so
 shards and processes add up. Only the target weights take gradients, each added into a
 float32 (or float64) sum as soon as backward produces it, then freed. The model stays in eval
 mode (no dropout): the gradient is of the pretrained model as it is.
@@ -26,10 +28,13 @@ IGNORE = -100  # a position that predicts nothing
 
 
 def check_model(net: nn.Module, kind: str, path) -> None:
-    """Gradients need a next-token loss: a causal language model."""
-    if kind != "text" or not models.is_causal_lm(net):
-        raise CntinitError(f"--gradients takes the next-token loss of a causal language model (…ForCausalLM); {path} is "
-                           f"{type(net).__name__}, for which no loss is defined yet: capture it without --gradients")
+    """Gradients need a training loss: a causal language model's, or a diffusion pipeline's."""
+    if kind == "diffusion":
+        net.noise_as_training()
+    elif kind != "text" or not models.is_causal_lm(net):
+        raise CntinitError(f"--gradients takes the next-token loss of a causal language model (…ForCausalLM) or a diffusion "
+                           f"pipeline's denoising loss; {path} is {type(net).__name__}, for which no loss is defined yet: "
+                           "capture it without --gradients")
 
 
 def labels(ids: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
@@ -84,8 +89,11 @@ class GradientSums:
         """Forward one batch through `net`, backward its mean token loss (inside
         `backward_context()`: a checkpointed forward runs again there)."""
         with torch.enable_grad():
-            no_cache = {"use_cache": False} if hasattr(net.config, "use_cache") else {}  # a checkpointed block must not append to a cache twice
-            loss, count = self.loss_of(net(**inputs, **no_cache).logits, inputs["input_ids"], mask, targets)
+            if getattr(net, "training_noise", None) is not None:  # a diffusion pipeline: its prediction and training target
+                loss, count = self.squared_error(*net(**inputs))
+            else:
+                no_cache = {"use_cache": False} if hasattr(net.config, "use_cache") else {}  # a checkpointed block must not append to a cache twice
+                loss, count = self.loss_of(net(**inputs, **no_cache).logits, inputs["input_ids"], mask, targets)
             if count:
                 with backward_context():
                     (loss / count).backward()
@@ -94,11 +102,18 @@ class GradientSums:
         """(Σ token losses, predicted tokens) of one batch, counted into the totals."""
         wanted = labels(ids, mask, targets).to(logits.device)
         loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), wanted.flatten(), ignore_index=IGNORE, reduction="sum")
-        count = int((wanted != IGNORE).sum())
+        return self._counted(loss, int((wanted != IGNORE).sum()))
+
+    def _counted(self, loss: torch.Tensor, count: int) -> tuple:
         self.batches += int(count > 0)
         self.tokens += count
         self.loss += float(loss.detach())
         return loss, count
+
+    def squared_error(self, prediction: torch.Tensor, target: torch.Tensor) -> tuple:
+        """(Σ squared errors, values predicted) of one denoising batch, counted into the totals."""
+        loss = (prediction.float() - target.float()).square().sum()
+        return self._counted(loss, target.numel())
 
     def check_finite(self) -> None:
         bad = next((name for name, total in self.sums.items() if not all_finite(total)), None)

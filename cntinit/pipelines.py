@@ -13,6 +13,12 @@ SDXL (a pipeline with `text_encoder_2`) conditions as its pipeline and training 
 UNet reads both encoders' penultimate hidden states side by side, plus `added_cond_kwargs` —
 the second encoder's pooled projection and the micro-conditioning `time_ids` (original size =
 target size = the calibration resolution, crop at 0, 0).
+
+With --gradients the forward also gives the training loss: each image's latents noised as the
+training scripts do (a DDPMScheduler of the pipeline's scheduler config) at a timestep drawn
+uniformly from [0, num_train_timesteps) — or at --noise-timestep — and the squared error of the
+UNet's prediction against its target (the noise for `epsilon`, the velocity for `v_prediction`,
+the latents for `sample`). Timesteps are drawn first, then the noise, from the capture's generator.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ INDEX = "model_index.json"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the targets (SDXL has the third); the VAE only encodes images
 REQUIRED = ("unet", "text_encoder", "vae", "tokenizer", "scheduler")
 SDXL = "sdxl"  # the model record's layout for a pipeline with two text encoders
+PREDICTIONS = ("epsilon", "v_prediction", "sample")  # what a UNet may be trained to predict (the scheduler config says)
 
 
 def is_pipeline(path: str | Path) -> bool:
@@ -46,6 +53,17 @@ class DiffusionParts(nn.Module):
         self.helpers = {"vae": vae, "scheduler": scheduler, "tokenizer_2": tokenizer_2}
         self.noise_timestep: int | None = None
         self.generator: torch.Generator | None = None
+        self.training_noise = None  # --gradients: the DDPMScheduler that noises latents as training does
+
+    def noise_as_training(self) -> None:
+        """Noise every batch as training does (`forward` then returns the prediction and its target)."""
+        import diffusers
+
+        schedule = diffusers.DDPMScheduler.from_config(self.helpers["scheduler"].config)
+        if schedule.config.prediction_type not in PREDICTIONS:
+            raise CntinitError(f"--gradients knows the denoising targets {', '.join(PREDICTIONS)}; this pipeline's scheduler predicts "
+                               f"{schedule.config.prediction_type!r}: capture it without --gradients")
+        self.training_noise = schedule
 
     @property
     def dtype(self) -> torch.dtype:
@@ -83,12 +101,32 @@ class DiffusionParts(nn.Module):
             time_ids = torch.tensor([height, width, 0, 0, height, width], device=states.device).repeat(len(states), 1)
             added = {"text_embeds": second[0].to(self.unet.dtype), "time_ids": time_ids.to(self.unet.dtype)}
         latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        if self.training_noise is not None:
+            return self._denoise(latents, states, added)
         timestep = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
         if self.noise_timestep is not None:
             timestep += self.noise_timestep
             noise = torch.randn(latents.shape, generator=self.generator, dtype=latents.dtype).to(latents.device)
             latents = scheduler.add_noise(latents, noise, timestep)
         self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=states.to(self.unet.dtype), added_cond_kwargs=added)
+        return None
+
+    def _denoise(self, latents: torch.Tensor, states: torch.Tensor, added: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the UNet's prediction, its training target) for latents noised as training does."""
+        schedule = self.training_noise
+        count = latents.shape[0]
+        if self.noise_timestep is None:
+            timestep = torch.randint(0, schedule.config.num_train_timesteps, (count,), generator=self.generator)
+        else:
+            timestep = torch.full((count,), self.noise_timestep, dtype=torch.long)
+        timestep = timestep.to(latents.device)
+        noise = torch.randn(latents.shape, generator=self.generator, dtype=latents.dtype).to(latents.device)
+        noisy = schedule.add_noise(latents, noise, timestep)
+        prediction = self.unet(noisy.to(self.unet.dtype), timestep, encoder_hidden_states=states.to(self.unet.dtype),
+                               added_cond_kwargs=added).sample
+        kind = schedule.config.prediction_type
+        target = noise if kind == "epsilon" else schedule.get_velocity(latents, noise, timestep) if kind == "v_prediction" else latents
+        return prediction, target
 
     def save_pretrained(self, directory: Path, source: Path) -> None:
         """A pipeline directory: `source`'s files, with this UNet and text encoder(s) (a residual base)."""

@@ -326,7 +326,7 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, world:
         ranks = {name: min(options.rank, limit) for name, limit in max_ranks.items()}
     spread = _mean_weight_std(modules) if options.mode == "inilora" else 0.0
     minor = options.mode in ("milora", "mica") or options.corda_mode == "kpm"
-    factors, rows = {}, {}
+    factors, rows, unreached = {}, {}, []
     for batch, bar in batches(f"solve {options.mode}"):
         top = max(max(ranks[name] for name in batch.names), 1)
         generators = [_generator(options.seed, name) for name in batch.names]
@@ -344,6 +344,8 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, world:
                 rows[name] |= _fit_errors(batch.weight[i], update, r) | {"steps": steps}
             if options.mode in modes.GRADIENT_MODES:
                 rows[name]["kept"] = gradient_modes.share(values[i], r)  # of ‖G‖², in its rank-r subspace
+                if not values[i].any():
+                    unreached.append(name)
             if options.quantize is not None:
                 base = bases[i] if bases is not None else _nf4_base(batch.weight[i] - update, *layouts[i])
                 rows[name] |= _quantization_errors(batch.weight[i], update, base, layouts[i])
@@ -354,6 +356,10 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, world:
                 factors[name] = (b[i, :, keep].cpu(), a[i, keep].cpu())
                 if options.quantize is not None:  # the base's codes and block maxima travel with the factors
                     factors[name] += (quant.pack(base.codes), base.absmax)
+    if unreached:
+        start = "B = 0 (plain LoRA's start)" if options.mode == "lora-ga" else "A = B = 0, which never trains"
+        warn(f"{len(unreached)} modules have a zero loss gradient, so their output never reaches the loss (e.g. {unreached[0]}; "
+             f"SDXL's first text encoder's last layer is one): {options.mode} gives them {start}; leave them out of --targets")
     return options, ranks, factors, rows
 
 

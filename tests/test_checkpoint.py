@@ -43,6 +43,9 @@ def assert_identical(a: Path, b: Path) -> None:
         x, y = one.tensors(key), two.tensors(key)
         assert all(torch.equal(x[name], y[name]) for name in x), key
     assert one.manifest["data"] == two.manifest["data"] and one.manifest["capture"] == two.manifest["capture"]
+    assert one.manifest.get("gradients") == two.manifest.get("gradients")
+    if one.has_gradients:
+        assert all(torch.equal(one.gradient(name), two.gradient(name)) for name in one.manifest["modules"])
 
 
 def start_slow(tmp_path, args) -> subprocess.Popen:
@@ -126,10 +129,12 @@ def interrupt_at(monkeypatch, batch: int):
     return lambda: len(seen) >= batch
 
 
-def test_noised_pipeline_capture_resumes_with_the_same_noise(tmp_path, capsys, monkeypatch):
-    """The checkpoint holds the noise generator's state, so resumed draws continue the sequence."""
+@pytest.mark.parametrize("noising", [["--noise-timestep", "300"], ["--gradients"]])
+def test_noised_pipeline_capture_resumes_with_the_same_noise(noising, tmp_path, capsys, monkeypatch):
+    """The checkpoint holds the noise generator's state, so resumed draws (noise; with --gradients, the random
+    timesteps too) continue the sequence."""
     pipe, images = build_sd(tmp_path / "sd"), write_images(tmp_path / "images", count=5)
-    args = ["capture", pipe, "--data", images, "--targets", "to_q,to_k", "--batch-size", "1", "--noise-timestep", "300",
+    args = ["capture", pipe, "--data", images, "--targets", "to_q,to_k", "--batch-size", "1", *noising,
             "--seed", "7", "--checkpoint-every", "1"]
     fired = interrupt_at(monkeypatch, 3)
     code, _, err = run(capsys, *args, "-o", tmp_path / "stats")

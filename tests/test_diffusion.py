@@ -108,6 +108,69 @@ def test_noise_timestep_changes_only_the_unet_and_is_seeded(sd, tmp_path):
         assert same == (name.startswith("text_encoder") or name.endswith(("attn2.to_k", "attn2.to_v"))), name
 
 
+@pytest.mark.parametrize("prediction,timestep", [("epsilon", None), ("v_prediction", None), ("epsilon", 400)])
+def test_gradients_are_of_the_denoising_loss_training_computes(sd, tmp_path, prediction, timestep):
+    """capture --gradients on a pipeline: each target's gradient of diffusers' training loss — latents noised by a
+    DDPMScheduler at uniform random timesteps (or --noise-timestep's), MSE of the UNet's prediction against the noise
+    (epsilon) or the velocity (v_prediction) — computed here by autograd on the pipeline diffusers loads, same seed."""
+    model = tmp_path / "model"
+    shutil.copytree(sd["model"], model)
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": prediction}))
+    stats = store.Store(capture(model, sd["images"], tmp_path / "stats", targets=TARGETS, batch_size=8, gradients=True, seed=3,
+                                noise_timestep=timestep))
+    pipe = load_pipeline(model)
+    schedule = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(3)
+    ids = pipe.tokenizer(captions_of(sd["images"]), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels_of(sd["images"])).latent_dist.mean * pipe.vae.config.scaling_factor
+    t = torch.randint(0, schedule.config.num_train_timesteps, (latents.shape[0],), generator=generator) if timestep is None \
+        else torch.full((latents.shape[0],), timestep)
+    noise = torch.randn(latents.shape, generator=generator)
+    prediction_ = pipe.unet(schedule.add_noise(latents, noise, t), t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+    target = noise if prediction == "epsilon" else schedule.get_velocity(latents, noise, t)
+    loss = torch.nn.functional.mse_loss(prediction_, target)
+    names = list(stats.manifest["modules"])
+    weights = [getattr(pipe, name.split(".")[0]).get_submodule(name.split(".", 1)[1]).weight for name in names]
+    expected = torch.autograd.grad(loss, weights)
+    gradients = stats.manifest["gradients"]
+    assert gradients["batches"] == 1 and gradients["tokens"] == latents.numel()
+    assert gradients["mean_loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert {n.split(".")[0] for n in names} == {"unet", "text_encoder"}  # the text encoder's gradient comes through cross-attention
+    for name, want in zip(names, expected):
+        got = stats.gradient(name).double()
+        torch.testing.assert_close(got, want.double(), rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_lora_ga_of_a_pipeline_exports_and_loads_in_diffusers(sd, tmp_path, capsys):
+    """The gradient inits reach the pipeline formats: lora-ga's residual base and adapter load in diffusers, starting at
+    the pretrained pipeline; a pipeline refuses --gradient-checkpointing (no chain of blocks)."""
+    stats = capture(sd["model"], sd["images"], tmp_path / "stats", targets=TARGETS, batch_size=2, gradients=True)
+    code, _, err = run(capsys, "solve", stats, "-m", "lora-ga", "-r", "4", "-o", tmp_path / "solve")
+    assert code == 0, err
+    code, _, err = run(capsys, "export", tmp_path / "solve", "--format", "diffusers", "--check", "-o", tmp_path / "e")
+    assert code == 0 and "check: diffusers loads" in err, err
+    pipe = load_pipeline(tmp_path / "e" / "base")
+    pipe.load_lora_weights(str(tmp_path / "e"))
+    assert_pipeline_computes(pipe, load_pipeline(sd["model"]), factors(tmp_path / "solve"), residual=True)
+    assert_refused(capsys, ["capture", sd["model"], "--data", sd["images"], "--gradients", "--gradient-checkpointing"],
+                   "a diffusers pipeline's UNet is not one", tmp_path / "bad")
+    code, _, err = run(capsys, "solve", stats, "-m", "lora-ga", "-r", "4", "--alpha", "16", "-o", tmp_path / "solve16")
+    assert code == 0, err
+    assert_refused(capsys, ["export", tmp_path / "solve16", "--format", "diffusers"],
+                   "diffusers loads its files at scale 1: export with --format kohya (which carries α)", tmp_path / "bad")
+    code, _, err = run(capsys, "export", tmp_path / "solve16", "--format", "kohya", "--check", "-o", tmp_path / "k")
+    assert code == 0 and "check: diffusers loads" in err, err
+    flow = tmp_path / "flow"
+    shutil.copytree(sd["model"], flow)
+    config = flow / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": "flow"}))
+    assert_refused(capsys, ["capture", flow, "--data", sd["images"], "--gradients"], "this pipeline's scheduler predicts 'flow'",
+                   tmp_path / "bad")
+
+
 def adapted_modules(pipe):
     return {f"{part}.{n}": m for part in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, part, None) is not None
             for n, m in getattr(pipe, part).named_modules()}
@@ -359,6 +422,17 @@ def test_sdxl_statistics_match_the_pipelines_own_conditioning(sdxl, tmp_path):
     for name, entry in opened.manifest["modules"].items():
         got = opened.tensors(entry["key"])["xxt"].double()
         torch.testing.assert_close(got, sums[name], rtol=1e-4, atol=1e-4 * float(sums[name].abs().max()), msg=name)
+
+
+def test_sdxl_gradients_name_the_layers_the_loss_never_reaches(sdxl, tmp_path, capsys):
+    """SDXL's UNet reads the first text encoder's penultimate states, so its last layer gets a zero gradient: lora-one
+    would give it A = B = 0, an adapter that never trains; the solve says so and names the way out. The rest get one."""
+    stats = store.Store(capture(sdxl["model"], sdxl["images"], tmp_path / "stats", targets=TARGETS, batch_size=2, gradients=True))
+    zero = sorted(n for n in stats.manifest["modules"] if not stats.gradient(n).any())
+    assert zero and all(n.startswith("text_encoder.") and ".layers.1." in n for n in zero)
+    assert any(n.startswith("text_encoder_2.") and ".layers.1." in n and stats.gradient(n).any() for n in stats.manifest["modules"])
+    code, _, err = run(capsys, "solve", stats.path, "-m", "lora-one", "-r", "2", "-o", tmp_path / "solve")
+    assert code == 0 and f"{len(zero)} modules have a zero loss gradient" in err and "A = B = 0, which never trains" in err, err
 
 
 def _sd_scripts_sdxl_unet(transformer_blocks: int, width: int = 8) -> torch.nn.Module:
