@@ -171,6 +171,15 @@ def test_lora_ga_of_a_pipeline_exports_and_loads_in_diffusers(sd, tmp_path, caps
                    tmp_path / "bad")
 
 
+def test_mica_to_a_pipeline_format_says_b_must_be_frozen_by_the_trainer(sd, tmp_path, capsys):
+    """kohya and diffusers files cannot mark MiCA's B frozen (PEFT's adapter_config can): the export warns, and what it
+    writes loads in diffusers as the pretrained pipeline (A = 0)."""
+    solved = solve(sd["stats"], tmp_path / "solve", mode="mica", rank=2)
+    code, _, err = run(capsys, "export", solved, "--format", "kohya", "--check", "-o", tmp_path / "k")
+    assert code == 0 and "MiCA trains A only, under a frozen B, and the kohya format cannot say so: freeze the lora_up" in err, err
+    assert "check: diffusers loads" in err
+
+
 def adapted_modules(pipe):
     return {f"{part}.{n}": m for part in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, part, None) is not None
             for n, m in getattr(pipe, part).named_modules()}
