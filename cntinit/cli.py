@@ -69,6 +69,7 @@ def _root(version: bool = typer.Option(False, "--version", help="Print cntinit's
                                        callback=_print_version, metavar="")) -> None:
     pass
 
+
 def _flag(*declarations: str, help: str, default: bool = False):
     """An on/off option, shown in --help without a `<bool>` type column (a flag takes no value)."""
     return typer.Option(default, *declarations, help=help, metavar="")
