@@ -52,7 +52,7 @@ from convergence import FRACTIONS, parse_init, plot, spread, starting_size, summ
 DEFAULT_INITS = ("lora,lora:lr=6e-4,lora:lr=2e-3,pissa,olora,milora,mica,eva,corda,inilora:steps=100,cnt-x,cnt-s,cnt-sh,cnt-x:init=residual,cnt-s:init=residual,"
                  "cnt-sh:init=residual,cnt-s:vas=true,cnt-s:self_form=zca,lora-ga,lora-one,lora:base=nf4,loftq")
 QUICK = {"targets": "q_proj,v_proj", "steps": 4, "seeds": 2, "train_samples": 32, "eval_samples": 4, "calib_samples": 8, "seq_len": 16, "batch_size": 2,
-         "inits": "lora,cnt-s,lora-ga,lora:base=nf4,loftq", "rescale_above": 5.0}
+         "inits": "lora,cnt-s,lora-ga,mica,lora:base=nf4,loftq", "rescale_above": 5.0}
 
 
 def reviews(split: str, count: int) -> list[str]:

@@ -55,8 +55,9 @@ def test_lm_convergence_benchmark_quick(tmp_path):
         assert all(math.isfinite(r["eval_loss"]) and r["eval_loss"] > 0 for r in rows), spec
         assert "step0" in rows[0] and all("step0" not in r for r in rows[1:]), spec
         assert spec.split(":")[0] in out
-    # the pretrained model is where LoRA (B = 0) and LoRA-GA (base W − s·BA) start; the offset cnt-s does not
-    for exact in ("lora", "lora-ga"):
+    # the pretrained model is where LoRA (B = 0), MiCA (A = 0) and LoRA-GA (base W − s·BA) start; the offset cnt-s does not
+    assert runs["mica"][0]["start"]["a"] == 0 and runs["mica"][0]["start"]["b"] > 0
+    for exact in ("lora", "lora-ga", "mica"):
         start = runs[exact][0]["step0"]
         assert start["agreement"] > 0.99 and abs(start["kl"]) < 1e-3, (exact, start)
     assert runs["cnt-s"][0]["step0"]["kl"] > 0.1 and runs["cnt-s"][0]["out_delta"] > 0
@@ -75,6 +76,20 @@ def test_lm_convergence_benchmark_quick(tmp_path):
         assert runs[spec][0]["losses"][0] == plain["losses"][0]  # same init and batch; only the step size differs
     again = run_script("convergence_lm.py", "--report", str(tmp_path / "convergence-lm.json"), cwd=tmp_path)  # trains nothing
     assert "each init at each learning rate" in again and all(spec.split(":")[0] in again for spec in runs)
+
+
+def test_lm_benchmark_verses_task_trains_on_one_testament_and_holds_out_the_other(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import convergence_lm as lm
+
+    from cntinit import embedded
+
+    rows = [json.loads(line) for line in embedded.data_file().read_text().splitlines()]
+    new = {row["text"] for row in rows[next(i for i, row in enumerate(rows) if row["book"] == "Matthew"):]}
+    train, held_out = lm.verses("train", 400), lm.verses("test", 32)
+    assert len(train) == 400 and len(held_out) == 32 and not new & set(train) and set(held_out) <= new
+    books = {row["text"]: row["book"] for row in rows}
+    assert books[train[0]] == "Genesis" and len({books[text] for text in train}) > 30  # spread over the Old Testament's 39 books
 
 
 def test_lm_benchmark_sweeps_rates_and_names_each_init_s_best(monkeypatch):
