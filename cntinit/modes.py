@@ -19,8 +19,9 @@ QUANTIZED_MODES = ("loftq",)  # fit BA to W − Q for a 4-bit base Q (data-free)
 ALL_MODES = MODES + ("lora",) + WEIGHT_MODES + ("mica",) + INILORA_MODES + DATA_BASELINES + GRADIENT_MODES + QUANTIZED_MODES
 NEED_STATISTICS = MODES + DATA_BASELINES + GRADIENT_MODES
 RESIDUAL_ONLY = WEIGHT_MODES + INILORA_MODES + ("corda", "lora-ga", "loftq")  # the base must be W − BA (LoRA-GA: as PEFT leaves it; LoftQ: Q)
-ZERO_B = ("lora", "eva")  # B = 0: the update is zero and A keeps its own scale
-ZERO_UPDATE = ZERO_B + ("mica",)  # BA = 0 (MiCA: A = 0 under a frozen orthonormal B): the base stays W, export folds no scale
+# BA = 0 (lora, eva: B = 0; MiCA: A = 0 under a frozen orthonormal B): the base stays W, and export folds no
+# scale into the factors, which keep the method's own
+ZERO_UPDATE = ("lora", "eva", "mica")
 SELF_FORMS = ("paper", "zca")
 DECOMPOSE = ("svd", "qr")
 
