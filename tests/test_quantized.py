@@ -110,7 +110,7 @@ def test_quantized_residual_export_loads_in_4bit_and_starts_at_q_plus_ba(tiny, t
 def test_quantize_refusals(tiny, tmp_path, capsys):
     base = ["solve", "--model", tiny["llama"], "--targets", "v_proj", "--rank", "4"]
     assert_refused(capsys, [*base, "--mode", "pissa", "--quantize", "int3"], "--quantize int3 is not one of nf4", tmp_path / "a")
-    assert_refused(capsys, [*base, "--mode", "lora", "--quantize", "nf4"], "B = 0 leaves the base W", tmp_path / "b")
+    assert_refused(capsys, [*base, "--mode", "lora", "--quantize", "nf4"], "BA = 0 leaves the base W", tmp_path / "b")
     assert_refused(capsys, [*base, "--mode", "loftq", "--bits", "8"], "use --bits 4", tmp_path / "c")
     assert_refused(capsys, [*base, "--mode", "loftq", "--bits", "0"], "--bits 0: LoftQ here quantizes to 4-bit NF4", tmp_path / "c")
     assert_refused(capsys, [*base, "--mode", "loftq", "--loftq-iter", "0"], "--loftq-iter must be from 1 to 1000", tmp_path / "c")  # 0 was 1
