@@ -176,13 +176,12 @@ def _sized_for(manifest: dict, alpha: float | None, rslora: bool, fixed_alpha: b
     if manifest["mode"] not in modes.GRADIENT_MODES:
         return alpha, rslora
     sized, sized_rslora = params["alpha"], params["rslora"]
-    scale_one = sized == (math.sqrt(params["rank"]) if sized_rslora else params["rank"])  # diffusers' only scale
-    if format == "diffusers" and not scale_one:
-        raise CntinitError(f"{manifest['mode']}'s factors were sized for the LoRA scale of --alpha {sized:g}" + (" --rslora" if sized_rslora else "")
-                           + ", and diffusers loads its files at scale 1: export with --format kohya (which carries α), or solve "
-                           f"again with --alpha {params['rank']} (scale 1)")
-    if format == "diffusers":
-        return alpha, rslora  # scale 1, as diffusers loads it; --alpha and --rslora are refused for the format as ever
+    if format == "diffusers":  # its only scale is 1; --alpha and --rslora are refused for the format as ever
+        if sized != (math.sqrt(params["rank"]) if sized_rslora else params["rank"]):
+            raise CntinitError(f"{manifest['mode']}'s factors were sized for the LoRA scale of --alpha {sized:g}"
+                               + (" --rslora" if sized_rslora else "") + ", and diffusers loads its files at scale 1: export with "
+                               f"--format kohya (which carries α), or solve again with --alpha {params['rank']} (scale 1)")
+        return alpha, rslora
     if (alpha is not None and alpha != sized) or (rslora and not sized_rslora) or fixed_alpha:
         how = f"--alpha {sized:g}" + (" --rslora" if sized_rslora else "")
         given = "--fixed-alpha" if fixed_alpha else \

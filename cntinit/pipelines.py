@@ -88,7 +88,8 @@ class DiffusionParts(nn.Module):
         return super().to(*args, **kwargs)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None,
-                attention_mask=None) -> None:
+                attention_mask=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One calibration batch through the UNet; with `training_noise`, (the UNet's prediction, its training target)."""
         vae, scheduler = self.helpers["vae"], self.helpers["scheduler"]
         added = None
         if self.text_encoder_2 is None:
@@ -101,31 +102,22 @@ class DiffusionParts(nn.Module):
             time_ids = torch.tensor([height, width, 0, 0, height, width], device=states.device).repeat(len(states), 1)
             added = {"text_embeds": second[0].to(self.unet.dtype), "time_ids": time_ids.to(self.unet.dtype)}
         latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-        if self.training_noise is not None:
-            return self._denoise(latents, states, added)
-        timestep = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
-        if self.noise_timestep is not None:
-            timestep += self.noise_timestep
-            noise = torch.randn(latents.shape, generator=self.generator, dtype=latents.dtype).to(latents.device)
-            latents = scheduler.add_noise(latents, noise, timestep)
-        self.unet(latents.to(self.unet.dtype), timestep, encoder_hidden_states=states.to(self.unet.dtype), added_cond_kwargs=added)
-        return None
-
-    def _denoise(self, latents: torch.Tensor, states: torch.Tensor, added: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the UNet's prediction, its training target) for latents noised as training does."""
-        schedule = self.training_noise
-        count = latents.shape[0]
-        if self.noise_timestep is None:
-            timestep = torch.randint(0, schedule.config.num_train_timesteps, (count,), generator=self.generator)
+        training, count = self.training_noise, latents.shape[0]
+        if training is not None and self.noise_timestep is None:  # training's timesteps: uniform over its schedule
+            timestep = torch.randint(0, training.config.num_train_timesteps, (count,), generator=self.generator)
         else:
-            timestep = torch.full((count,), self.noise_timestep, dtype=torch.long)
+            timestep = torch.full((count,), self.noise_timestep or 0, dtype=torch.long)
         timestep = timestep.to(latents.device)
-        noise = torch.randn(latents.shape, generator=self.generator, dtype=latents.dtype).to(latents.device)
-        noisy = schedule.add_noise(latents, noise, timestep)
+        noisy, noise = latents, None
+        if training is not None or self.noise_timestep is not None:
+            noise = torch.randn(latents.shape, generator=self.generator, dtype=latents.dtype).to(latents.device)
+            noisy = (training if training is not None else scheduler).add_noise(latents, noise, timestep)
         prediction = self.unet(noisy.to(self.unet.dtype), timestep, encoder_hidden_states=states.to(self.unet.dtype),
                                added_cond_kwargs=added).sample
-        kind = schedule.config.prediction_type
-        target = noise if kind == "epsilon" else schedule.get_velocity(latents, noise, timestep) if kind == "v_prediction" else latents
+        if training is None:  # a statistics capture: the forward is what the hooks record
+            return None
+        kind = training.config.prediction_type
+        target = noise if kind == "epsilon" else training.get_velocity(latents, noise, timestep) if kind == "v_prediction" else latents
         return prediction, target
 
     def save_pretrained(self, directory: Path, source: Path) -> None:

@@ -108,15 +108,20 @@ def test_noise_timestep_changes_only_the_unet_and_is_seeded(sd, tmp_path):
         assert same == (name.startswith("text_encoder") or name.endswith(("attn2.to_k", "attn2.to_v"))), name
 
 
+def predicting(model, prediction: str, directory):
+    """A copy of the pipeline at `model` whose scheduler config says the UNet predicts `prediction`."""
+    shutil.copytree(model, directory)
+    config = directory / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": prediction}))
+    return directory
+
+
 @pytest.mark.parametrize("prediction,timestep", [("epsilon", None), ("v_prediction", None), ("epsilon", 400)])
 def test_gradients_are_of_the_denoising_loss_training_computes(sd, tmp_path, prediction, timestep):
     """capture --gradients on a pipeline: each target's gradient of diffusers' training loss — latents noised by a
     DDPMScheduler at uniform random timesteps (or --noise-timestep's), MSE of the UNet's prediction against the noise
     (epsilon) or the velocity (v_prediction) — computed here by autograd on the pipeline diffusers loads, same seed."""
-    model = tmp_path / "model"
-    shutil.copytree(sd["model"], model)
-    config = model / "scheduler" / "scheduler_config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": prediction}))
+    model = predicting(sd["model"], prediction, tmp_path / "model")
     stats = store.Store(capture(model, sd["images"], tmp_path / "stats", targets=TARGETS, batch_size=8, gradients=True, seed=3,
                                 noise_timestep=timestep))
     pipe = load_pipeline(model)
@@ -163,10 +168,7 @@ def test_lora_ga_of_a_pipeline_exports_and_loads_in_diffusers(sd, tmp_path, caps
                    "diffusers loads its files at scale 1: export with --format kohya (which carries α)", tmp_path / "bad")
     code, _, err = run(capsys, "export", tmp_path / "solve16", "--format", "kohya", "--check", "-o", tmp_path / "k")
     assert code == 0 and "check: diffusers loads" in err, err
-    flow = tmp_path / "flow"
-    shutil.copytree(sd["model"], flow)
-    config = flow / "scheduler" / "scheduler_config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": "flow"}))
+    flow = predicting(sd["model"], "flow", tmp_path / "flow")
     assert_refused(capsys, ["capture", flow, "--data", sd["images"], "--gradients"], "this pipeline's scheduler predicts 'flow'",
                    tmp_path / "bad")
 
