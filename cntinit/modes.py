@@ -55,14 +55,6 @@ def sign_of_largest(vectors: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
-def minor_directions(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """MiCA's B: the left singular vectors of W's r smallest singular values (in the SVD's order,
-    largest first, as PEFT's `mica_init` takes them), each column's sign fixed; and every singular value."""
-    u, s, _ = torch.linalg.svd(w, full_matrices=False)  # the smallest singular values need the SVD's accuracy
-    u = u[..., -rank:]
-    return u * sign_of_largest(u, dim=-2).unsqueeze(-2), s
-
-
 def floor(values: torch.Tensor, rcond: float) -> torch.Tensor:
     """The eigenvalue floor max(rcond, n·ε) · λ_max, one per matrix, shaped to broadcast against `values`
     (n values, ε of their dtype): below n·ε · λ_max an eigenvalue is rounding noise — torch's own

@@ -539,8 +539,8 @@ def _factor_unquantized(batch: Batch, top: int, options: Options, generators: li
     if options.mode == "lora":
         a = baselines.lora_a(top, d, options.lora_init, generators)
         return torch.zeros(count, k, top, device=dev, dtype=dtype), a.to(dev, dtype), None, None
-    if options.mode == "mica":
-        b, values = modes.minor_directions(batch.weight, top)
+    if options.mode == "mica":  # B = U of the r smallest singular triplets (p = 1 puts S on A, which MiCA zeroes)
+        b, _, values = modes.split(batch.weight, top, "svd", 1.0, minor=True)
         return b, torch.zeros(count, top, d, device=dev, dtype=dtype), None, values
     if options.mode == "lora-ga":
         b, a, values = gradient_modes.lora_ga(batch.delta, batch.weight, top, options.direction, options.scale, options.stable_gamma,
