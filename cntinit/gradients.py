@@ -39,10 +39,11 @@ def check_model(net: nn.Module, kind: str, path) -> None:
 
 def labels(ids: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
     """Each position's next token, or IGNORE where there is none, it is padding, or (`targets`
-    False) it is part of the prompt."""
-    wanted = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    False) it is part of the prompt. On `ids`' device: a layerwise capture keeps the mask on the
+    CPU and the ids on the GPU."""
+    wanted = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(ids.device).bool()
     if targets is not None:
-        wanted &= targets.to(wanted.device).bool()
+        wanted &= targets.to(ids.device).bool()
     following = torch.full_like(ids, IGNORE)
     following[:, :-1] = torch.where(wanted[:, 1:], ids[:, 1:], IGNORE)
     return following

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from cntinit import capture, export, merge, runner, solve
 from cntinit import data as data_mod
+from cntinit import gradients
 from cntinit.solution import Solution
 from cntinit.store import Store
 
@@ -94,6 +95,15 @@ def test_prompt_tokens_carry_no_label(tiny, tmp_path):
         assert _close(store.gradient(name), expected, 1e-5), name
     whole = Store(capture(tiny["llama"], _jsonl(tmp_path / "t.jsonl", [{"text": t} for t in TEXTS]), tmp_path / "w", targets="v_proj"))
     assert whole.manifest["stats"][whole.keys[0]]["count"] == store.manifest["stats"][store.keys[0]]["count"]
+
+
+def test_labels_follow_the_ids_device():
+    """A layerwise capture keeps the mask and prompt flags on the CPU and the ids on the GPU (the first
+    H100 run failed there); the meta device stands in for the GPU: the labels land on the ids' device."""
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])
+    mask, targets = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert gradients.labels(ids, mask, targets).tolist() == [[6, 7, 8, -100], [10, 11, -100, -100]]
+    assert gradients.labels(ids.to("meta"), mask, targets).device.type == "meta"
 
 
 def test_prompt_length_of_chat_and_text_records(tiny):
