@@ -376,7 +376,7 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, model, dat
     if layerwise:
         where = f"{dev}, weights read block by block"
     elif placement is None:
-        net.to(dev, run_dtype)
+        models.place(net, dev, run_dtype)
         where = str(dev)
     else:
         places = getattr(net, "hf_device_map", {"": dev}).values()  # GPUs by index, then "cpu", "disk"

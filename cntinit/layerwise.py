@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import block_checkpoint, console, distributed, store
+from . import block_checkpoint, console, distributed, models, store
 from .console import log
 from .errors import CntinitError
 from .gradients import GradientSums
@@ -78,7 +78,7 @@ def materialize(root: nn.Module, names: list[str], prefix: str, weights: Weights
                 run_dtype: torch.dtype, what: str, fix: str = OWN_LOADING) -> None:
     """Put root's tensors `names` on `device` in `run_dtype`: meta ones read from the checkpoint (rounded
     through the dtype from_pretrained would load them in, as the normal capture's are), real ones
-    (buffers computed at construction) moved as `Module.to` would."""
+    (buffers computed at construction) as `models.place` keeps them (RoPE's float32 frequencies stay)."""
     from accelerate.utils import set_module_tensor_to_device
 
     tensors = dict(root.named_parameters(remove_duplicate=False)) | dict(root.named_buffers(remove_duplicate=False))
@@ -89,7 +89,7 @@ def materialize(root: nn.Module, names: list[str], prefix: str, weights: Weights
         else:
             value = tensor
         if value.is_floating_point():
-            value = value.to(loaded if tensor.device.type == "meta" else value.dtype).to(run_dtype)
+            value = value.to(loaded).to(run_dtype) if tensor.device.type == "meta" else value.to(models.buffer_dtype(value, run_dtype))
         set_module_tensor_to_device(root, name, device, value=value, dtype=value.dtype)
 
 

@@ -320,6 +320,26 @@ def resolve_device(device: str, option: str = "--device") -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def place(net: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move `net` to `device` with its weights in `dtype`, as from_pretrained(dtype=...) holds them:
+    float32 buffers stay float32. transformers computes RoPE's frequencies in float32 and keeps them
+    so; `Module.to(bfloat16)` would round them, and every attention after them, away from the model
+    a trainer runs. Half-precision buffers (the checkpoint's dtype) follow the weights."""
+    net.to(device)
+    for parameter in net.parameters():
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
+    for module in net.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.to(buffer_dtype(buffer, dtype)))
+
+
+def buffer_dtype(buffer: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a floating buffer has in a model run in `dtype` (see `place`)."""
+    return dtype if buffer.dtype in (torch.bfloat16, torch.float16) else buffer.dtype
+
+
 def resolve_dtype(dtype: str, checkpoint: torch.dtype | None, device: torch.device) -> torch.dtype:
     """`auto`: the `checkpoint`'s dtype on GPU; float32 on CPU, where half precision is slow."""
     if dtype == "auto":

@@ -168,3 +168,32 @@ def test_regex_targets_pick_whole_paths(tiny):
         models.select_targets(net, "re:model.(")
     with pytest.raises(CntinitError, match="matched no linear module"):
         models.select_targets(net, r"re:vision_tower\..*")
+
+
+def test_half_precision_capture_keeps_float32_buffers_as_from_pretrained_does(tiny, tmp_path):
+    """A capture in bf16 runs the model a trainer loads with from_pretrained(dtype=bfloat16): RoPE's
+    frequencies stay float32 there. `Module.to(bfloat16)` rounded them (found on an H200, where bf16
+    is the default: --offload, which never cast, differed from the normal capture by 1.3e-2); the
+    normal, --offload and --layerwise captures now equal the reference, one verse at a time."""
+    model_dir = tmp_path / "bf16"
+    transformers.LlamaForCausalLM.from_pretrained(tiny["llama"]).to(torch.bfloat16).save_pretrained(model_dir)
+    transformers.AutoTokenizer.from_pretrained(tiny["llama"]).save_pretrained(model_dir)
+    verses = [json.loads(line)["text"] for line in open(cntinit.embedded.data_file())][:6]
+    data = tmp_path / "verses.jsonl"
+    data.write_text("".join(json.dumps({"text": v * 4}) + "\n" for v in verses))  # long rows: RoPE's rounding grows with position
+    net = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    target = "model.layers.1.self_attn.q_proj"  # its input has been through block 0's attention
+    rows = []
+    handle = net.get_submodule(target).register_forward_pre_hook(lambda m, a: rows.append(a[0][0].double()))
+    with torch.no_grad():
+        for verse in verses:
+            net(**tokenizer(verse * 4, truncation=True, max_length=256, return_tensors="pt"))
+    handle.remove()
+    x = torch.cat(rows)
+    expected = x.T @ x
+    for how in ({}, {"offload": True, "max_memory": "cpu=1MB"}, {"layerwise": True}):
+        store = cntinit.Store(cntinit.capture(model_dir, data, tmp_path / f"s{len(how)}", targets="q_proj", batch_size=1,
+                                              seq_len=256, dtype="bfloat16", **how))
+        got = load_key(store, store.manifest["modules"][target]["key"])["xxt"]
+        assert float((got - expected).abs().max() / expected.abs().max()) < 1e-5, how
