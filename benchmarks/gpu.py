@@ -54,7 +54,7 @@ STEPS = {  # name: (seconds allowed on the GPU, what it measures)
     "inilora": (150, "IniLoRA fit, Llama-2-7B q/v shapes"),
     "speed": (210, "speed.py against PEFT, SmolLM2-135M shape"),
     "capture": (150, "capture overhead, Llama-3.2-1B and Llama-3-8B shapes"),
-    "offload": (120, "offloaded capture's peak memory, Llama-3.2-1B shape"),
+    "offload": (180, "offloaded capture's peak memory, Llama-3.2-1B shape"),
     "layerwise": (120, "layerwise capture per block, Llama-3-70B shape"),
     "gradients": (120, "layerwise --gradients per block, Llama-3-70B shape"),
 }

@@ -127,8 +127,7 @@ def main() -> None:
         for name in SETTINGS:
             rows[name] = (measure_here if args.in_process else measure)(name, args, Path(tmp) / name.replace(" ", "_"))
             reference, store = Store(Path(tmp) / "normal"), Store(Path(tmp) / name.replace(" ", "_"))
-            rows[name]["drift"] = max(float((store.tensors(k)["xxt"].double() - reference.tensors(k)["xxt"].double()).abs().max())
-                                      for k in reference.keys)
+            rows[name]["drift"], rows[name]["worst"] = max(relative_drift(store, reference, k) for k in reference.keys)
             Console(stderr=True).print(f"{name}: {rows[name]['seconds']:.1f} s", highlight=False)
             if args.json:  # after every setting: a run stopped from outside keeps the settings it measured
                 Path(args.json).write_text(json.dumps({"title": title, "rows": table_rows(rows)}, indent=1))
@@ -139,6 +138,16 @@ def main() -> None:
     Console(width=140).print(table)
 
 
+DRIFT = "max |ΔΣxxᵀ| / max |Σxxᵀ|"
+
+
+def relative_drift(store: Store, reference: Store, key: str) -> tuple[float, str]:
+    """How far a setting's Σxxᵀ is from the normal capture's, relative to its largest entry (an
+    absolute figure says nothing: the sums grow with the tokens and the activations' scale)."""
+    ours, theirs = store.tensors(key)["xxt"].double(), reference.tensors(key)["xxt"].double()
+    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-300)), key
+
+
 def table_rows(rows: dict) -> list[dict]:
     out = []
     for name, row in rows.items():
@@ -146,7 +155,7 @@ def table_rows(rows: dict) -> list[dict]:
         out.append({"setting": "(imports only)" if idle else name, "wall s": f"{row['seconds']:.1f}",
                     "peak RSS MiB": "-" if row["rss"] is None else f"{row['rss'] / 2**20:,.0f}",
                     "peak GPU MiB": "-" if row["gpu"] is None else f"{row['gpu'] / 2**20:,.0f}",
-                    "weights on": "-" if idle else row["where"], "max |ΔΣxxᵀ|": "-" if idle else f"{row['drift']:.1e}"})
+                    "weights on": "-" if idle else row["where"], DRIFT: "-" if idle else f"{row['drift']:.1e}" + (f" ({row['worst']})" if row["drift"] else "")})
     return out
 
 
