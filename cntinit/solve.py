@@ -335,11 +335,12 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, world:
         for i, name in enumerate(batch.names):
             r = ranks[name]
             keep = slice(top - r, top) if minor else slice(0, r)  # the r smallest of the top kept, for MiLoRA/kpm
-            update = b[i, :, keep] @ a[i, keep]
             sigma = batch.sigma[i] if batch.sigma is not None else None
-            rows[name] = _diagnostics(batch.weight[i], batch.delta[i], update, sigma, r, batch.floored[i])
+            rows[name] = _diagnostics(batch.weight[i], batch.delta[i], b[i, :, keep], a[i, keep], sigma, r, batch.floored[i])
             if options.mode in modes.ZERO_UPDATE:
                 rows[name]["kept"] = None  # BA = 0: no change wanted, none kept
+            if steps is not None or options.quantize is not None:  # the errors that need BA itself
+                update = b[i, :, keep] @ a[i, keep]
             if steps is not None:
                 rows[name] |= _fit_errors(batch.weight[i], update, r) | {"steps": steps}
             if options.mode in modes.GRADIENT_MODES:
@@ -654,14 +655,17 @@ def _solve_group(names, modules, options, bucket_weights, sigma, pooled, eig, fl
     return Batch(names, w, delta, pooled[index], floor_counts.tolist())
 
 
-def _diagnostics(w, delta, update, sigma, rank, floored) -> dict:
-    """What the report shows for one module; output change is on the pooled uncentered Σ."""
+def _diagnostics(w, delta, b, a, sigma, rank, floored) -> dict:
+    """What the report shows for one module; output change is on the pooled uncentered Σ. The
+    update BA's terms come from its factors: ‖BA‖² = tr(BᵀB·AAᵀ), tr(BAΣAᵀBᵀ) = tr(BᵀB·AΣAᵀ),
+    r·in² work where forming BA and BAΣ took out·in²."""
     delta_sq = float(delta.square().sum())
-    update_sq = float(update.square().sum())
+    gram = b.T @ b
+    update_sq = float((gram * (a @ a.T)).sum())
     output_change = None
     if sigma is not None:
         base_energy = float(((w @ sigma) * w).sum())
-        output_change = float(((update @ sigma) * update).sum()) / base_energy if base_energy > 0 else 0.0
+        output_change = float((gram * (a @ sigma @ a.T)).sum()) / base_energy if base_energy > 0 else 0.0
     return {
         "rank": rank,
         "weight_norm": float(w.norm()),
