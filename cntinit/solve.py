@@ -335,12 +335,12 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, world:
         for i, name in enumerate(batch.names):
             r = ranks[name]
             keep = slice(top - r, top) if minor else slice(0, r)  # the r smallest of the top kept, for MiLoRA/kpm
+            b_kept, a_kept = b[i, :, keep], a[i, keep]
             sigma = batch.sigma[i] if batch.sigma is not None else None
-            rows[name] = _diagnostics(batch.weight[i], batch.delta[i], b[i, :, keep], a[i, keep], sigma, r, batch.floored[i])
+            rows[name] = _diagnostics(batch.weight[i], batch.delta[i], b_kept, a_kept, sigma, r, batch.floored[i])
             if options.mode in modes.ZERO_UPDATE:
                 rows[name]["kept"] = None  # BA = 0: no change wanted, none kept
-            if steps is not None or options.quantize is not None:  # the errors that need BA itself
-                update = b[i, :, keep] @ a[i, keep]
+            update = b_kept @ a_kept if steps is not None or options.quantize is not None else None  # for the errors that need BA itself
             if steps is not None:
                 rows[name] |= _fit_errors(batch.weight[i], update, r) | {"steps": steps}
             if options.mode in modes.GRADIENT_MODES:
@@ -354,7 +354,7 @@ def _split_all(batches, modules: dict, options: Options, max_ranks: dict, world:
             if spectrum is not None:
                 rows[name]["spectrum"] = [float(f"{v:.6g}") for v in spectrum[:SPECTRUM_LENGTH].tolist()]
             if r:
-                factors[name] = (b[i, :, keep].cpu(), a[i, keep].cpu())
+                factors[name] = (b_kept.cpu(), a_kept.cpu())
                 if options.quantize is not None:  # the base's codes and block maxima travel with the factors
                     factors[name] += (quant.pack(base.codes), base.absmax)
     if unreached:
