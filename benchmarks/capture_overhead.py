@@ -22,8 +22,11 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from cntinit import data, embedded, models
-from cntinit.capture import ACCUMULATE, Recorder, exact_float32, shared_input_groups
+from cntinit import embedded
+from cntinit.capture.feeds import samples as data
+from cntinit.models import linears, loading, placement
+from cntinit.capture.recorder import Recorder, exact_float32, shared_input_groups
+from cntinit.capture.stage import ACCUMULATE
 
 COLUMNS = ("targets", "modules", "statistics", "forward s", "capture s", "ratio", "target")
 ATTENTION = {"q_proj": "q_proj,k_proj,v_proj,o_proj", "query": "query,key,value,attention.output.dense"}
@@ -60,12 +63,12 @@ def load(args, device):
         config = transformers.LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SYNTHETIC[args.synthetic])
         torch.manual_seed(0)
         with torch.device(device):
-            net = transformers.LlamaForCausalLM(config).to(models.DTYPES.get(args.dtype, torch.bfloat16)).eval()
+            net = transformers.LlamaForCausalLM(config).to(placement.DTYPES.get(args.dtype, torch.bfloat16)).eval()
         rng = random.Random(0)
         sequences = [[rng.randrange(32000) for _ in range(rng.randint(args.seq_len // 2, args.seq_len))] for _ in range(args.samples)]
         return net.requires_grad_(False), sequences, 0
-    net, tokenizer = models.load(args.model or embedded.model_dir())
-    net.to(device, models.resolve_dtype(args.dtype, net.dtype, device))
+    net, tokenizer = loading.load(args.model or embedded.model_dir())
+    net.to(device, placement.resolve_dtype(args.dtype, net.dtype, device))
     samples = data.read_samples(args.data or embedded.data_file(), max_samples=args.samples)
     sequences = data.tokenize(samples, tokenizer, args.seq_len)
     return net, sequences, tokenizer.pad_token_id or 0
@@ -101,12 +104,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported) after one warm-up")
     parser.add_argument("--json", help="also write the table's rows to this JSON file")
     args = parser.parse_args()
-    device = models.resolve_device(args.device)
+    device = placement.resolve_device(args.device)
     net, sequences, pad_id = load(args, device)
     batches = [(ids, mask) for ids, mask, _ in data.batches(sequences, args.batch_size, pad_id)]
     tokens = sum(len(s) for s in sequences)
-    root = models.forward_root(net, list(models.select_targets(net, models.ALL_LINEAR)))
-    suffixes = {models.module_kind(name) for name in models.linear_modules(net)}
+    root = linears.forward_root(net, list(linears.select_targets(net, linears.ALL_LINEAR)))
+    suffixes = {linears.module_kind(name) for name in linears.linear_modules(net)}
     attention = next(v for k, v in ATTENTION.items() if any(s.endswith(k) for s in suffixes))
 
     def forward():
@@ -119,8 +122,8 @@ def main() -> None:
                         f"{type(net).__name__} {next(net.parameters()).dtype}, {len(sequences)} seqs, {tokens:,} tokens")
     for column in COLUMNS:
         table.add_column(column)
-    for label, targets, goal in (("attention", attention, 1.3), ("all-linear", models.ALL_LINEAR, 2.0)):
-        modules = models.select_targets(net, targets)
+    for label, targets, goal in (("attention", attention, 1.3), ("all-linear", linears.ALL_LINEAR, 2.0)):
+        modules = linears.select_targets(net, targets)
         probe = torch.tensor([sequences[0][:8]], device=device)
         groups = shared_input_groups(modules, lambda: root(input_ids=probe, attention_mask=torch.ones_like(probe)))
         recorder = Recorder(modules, groups, 1, ACCUMULATE[args.accumulate], device, root=root)

@@ -93,7 +93,8 @@ def finetune(spec: str, seed: int, stats: Path, scratch: Path, args, train, held
     """Solve, export, load in PEFT, train: the loss of every step, held-out accuracy and loss."""
     import peft
 
-    from cntinit import export, models, solve
+    from cntinit import export, solve
+    from cntinit.models import loading, placement
 
     mode, options = parse_init(spec)
     lr = float(options.pop("lr", args.lr))  # the adapter's (the head keeps --lr); the solve is shared across lrs
@@ -104,8 +105,8 @@ def finetune(spec: str, seed: int, stats: Path, scratch: Path, args, train, held
         export(run / "solve", run / "adapter", alpha=args.alpha)
     exported = json.loads((run / "adapter" / "manifest.json").read_text())
     base_dir = run / "adapter" / exported["residual_base"] if exported["residual_base"] else args.model
-    device = models.resolve_device(args.device)
-    base, tokenizer = models.load(base_dir)
+    device = placement.resolve_device(args.device)
+    base, tokenizer = loading.load(base_dir)
     encoder = peft.PeftModel.from_pretrained(base, run / "adapter", is_trainable=True)
     initial = starting_size(encoder)
     generator = torch.Generator().manual_seed(seed)  # head draw and batch order

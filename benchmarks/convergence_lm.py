@@ -138,13 +138,13 @@ def finetune(spec: str, seed: int, lr: float, stats: Path, scratch: Path, args, 
     """One init and seed: the loss of every step, held-out loss after training (and before, if asked)."""
     import peft
 
-    from cntinit import models
+    from cntinit.models import loading, placement
 
     adapter, facts = prepared(spec, seed, stats, scratch, args)
     exported = json.loads((adapter / "manifest.json").read_text())
     base_dir = adapter / exported["residual_base"] if exported["residual_base"] else args.model
-    device = models.resolve_device(args.device)
-    base, tokenizer = models.load(base_dir)
+    device = placement.resolve_device(args.device)
+    base, tokenizer = loading.load(base_dir)
     # mica: PEFT freezes B; adapters made empty, or PEFT would run its own SVD of every W before loading ours
     model = peft.PeftModel.from_pretrained(base.to(device), adapter, is_trainable=True, low_cpu_mem_usage=exported["mode"] == "mica")
     if parse_init(spec)[1].get("base") == "nf4":
@@ -180,7 +180,7 @@ def quantize_adapted(model) -> None:
     """Plain QLoRA's base: every adapted weight rounded to NF4 as bitsandbytes does, kept in its dtype."""
     from peft.tuners.lora import LoraLayer
 
-    from cntinit import quant
+    from cntinit.solve import quant
 
     with torch.no_grad():
         for layer in model.modules():
@@ -307,7 +307,8 @@ def main() -> None:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
-    from cntinit import capture, console, models
+    from cntinit import capture, console
+    from cntinit.models import loading, placement
 
     console.quiet = True
     torch.set_flush_denormal(True)  # denormal floats (tiny Adam states, milora's smallest directions) are slow on CPUs
@@ -318,8 +319,8 @@ def main() -> None:
     checked(specs, args)
     task_name, texts = TASKS[args.task]
     train = texts("train", args.train_samples)
-    device = models.resolve_device(args.device)
-    pretrained, tokenizer = models.load(args.model)
+    device = placement.resolve_device(args.device)
+    pretrained, tokenizer = loading.load(args.model)
     held_out = HeldOut(pretrained.to(device).eval(), batches_of(tokenizer, texts("test", args.eval_samples), args.seq_len, 16, device))
     del pretrained
     err = Console(stderr=True)

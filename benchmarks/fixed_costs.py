@@ -24,9 +24,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cntinit import fingerprints
+from cntinit.models import fingerprints
 from cntinit.finite import all_finite
-from cntinit.stats import symmetrize
+from cntinit.capture.stats import symmetrize
 
 
 def rss() -> int:

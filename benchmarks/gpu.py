@@ -196,7 +196,7 @@ def step_solve(args) -> None:
     from capture_overhead import save_synthetic  # benchmarks/ is this script's directory
 
     from cntinit import capture, console, embedded, solve
-    from cntinit.solution import Solution
+    from cntinit.solve.solution import Solution
 
     console.quiet = True
     shape, blocks = ("tiny", 2) if args.dry_run else ("llama-2-7b", 2)
@@ -276,7 +276,7 @@ def step_inilora(args) -> None:
     import torch
     from inilora_time import batched, per_module_loop
 
-    from cntinit import inilora
+    from cntinit.solve.modes import inilora
 
     count, size, rank, fixed, compared = (4, 32, 4, 20, 10) if args.dry_run else (64, 4096, 8, 2000, 200)
     device = torch.device(args.device)

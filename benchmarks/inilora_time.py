@@ -18,7 +18,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cntinit import embedded, inilora, models
+from cntinit import embedded
+from cntinit.models import linears, loading, placement
+from cntinit.solve.modes import inilora
 
 
 def per_module_loop(weights: list[torch.Tensor], starts: list[tuple[torch.Tensor, torch.Tensor]], steps: int) -> list[torch.Tensor]:
@@ -54,21 +56,21 @@ def synchronize(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model directory (default: the embedded MiniLM)")
-    parser.add_argument("--targets", default=models.ALL_LINEAR)
+    parser.add_argument("--targets", default=linears.ALL_LINEAR)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    device = models.resolve_device(args.device)
-    net, _ = models.load(args.model or embedded.model_dir())
-    modules = models.select_targets(net, args.targets)
+    device = placement.resolve_device(args.device)
+    net, _ = loading.load(args.model or embedded.model_dir())
+    modules = linears.select_targets(net, args.targets)
     generator = torch.Generator().manual_seed(0)
     groups: dict[tuple, tuple] = {}
     for name, module in modules.items():
-        groups.setdefault(tuple(models.weight_matrix(module).shape), ([], []))
-        groups[tuple(models.weight_matrix(module).shape)][0].append(name)
-        groups[tuple(models.weight_matrix(module).shape)][1].append(models.weight_matrix(module).detach().float())
+        groups.setdefault(tuple(linears.weight_matrix(module).shape), ([], []))
+        groups[tuple(linears.weight_matrix(module).shape)][0].append(name)
+        groups[tuple(linears.weight_matrix(module).shape)][1].append(linears.weight_matrix(module).detach().float())
     batches, names, weights, starts = {}, [], [], []
     for (k, d), (group, ws) in groups.items():
         b, a = inilora.start(len(group), k, d, args.rank, "inilora", 0.02, generator)

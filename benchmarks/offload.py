@@ -29,7 +29,7 @@ from rich.table import Table
 
 from cntinit import embedded
 from peaks import peak_rss
-from cntinit.store import Store
+from cntinit.storage.store import Store
 
 SETTINGS = {  # name: extra capture options
     "normal": {},

@@ -23,8 +23,10 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from cntinit import console, data, embedded, export, models, solve
-from cntinit.solution import Solution
+from cntinit import console, embedded, export, solve
+from cntinit.capture.feeds import samples as data
+from cntinit.models import linears, loading
+from cntinit.solve.solution import Solution
 
 INITS = {"QLoRA (NF4(W), B = 0)": None, "QPiSSA (pissa --quantize nf4)": {"mode": "pissa", "quantize": "nf4"},
          "LoftQ, 1 iteration": {"mode": "loftq"}, "LoftQ, 5 iterations": {"mode": "loftq", "loftq_iter": 5}}
@@ -32,7 +34,7 @@ INITS = {"QLoRA (NF4(W), B = 0)": None, "QPiSSA (pissa --quantize nf4)": {"mode"
 
 def initial_weights(base_dir: Path, names: list[str], double: bool) -> dict[str, torch.Tensor]:
     """What a 4-bit trainer computes with: each exported base weight quantized by bitsandbytes and dequantized."""
-    net, _ = models.load(base_dir)
+    net, _ = loading.load(base_dir)
     out = {}
     for name in names:
         weight = net.get_submodule(name).weight.detach()
@@ -53,7 +55,7 @@ def main() -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     samples = data.read_samples(embedded.data_file())[-args.held_out:]
     ids, mask, _ = next(data.batches(data.tokenize(samples, tokenizer, 64), args.held_out, tokenizer.pad_token_id or 0))
-    names = list(models.select_targets(pretrained, args.targets))
+    names = list(linears.select_targets(pretrained, args.targets))
     with torch.no_grad():
         reference = pretrained(input_ids=ids, attention_mask=mask).logits[mask.bool()]
     originals = {name: pretrained.get_submodule(name).weight.detach().clone() for name in names}

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cntinit import embedded
-from cntinit.store import Store
+from cntinit.storage.store import Store
 
 
 def run(processes: int, args, out: Path) -> float:

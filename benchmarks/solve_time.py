@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cntinit import capture, console, embedded
-from cntinit.solution import Solution
+from cntinit.solve.solution import Solution
 from cntinit.solve import Options, solve
 
 

@@ -46,17 +46,19 @@ def run_step(step: str, args, scratch: Path) -> dict:
     from peft.tuners.lora.corda import preprocess_corda
     from peft.tuners.lora.eva import get_eva_state_dict
 
-    from cntinit import capture, console, data, embedded, models, solve
-    from cntinit.capture import exact_float32
+    from cntinit import capture, console, embedded, solve
+    from cntinit.capture.feeds import samples as data
+    from cntinit.models import linears, loading, placement
+    from cntinit.capture.recorder import exact_float32
 
     console.quiet = True
-    device = models.resolve_device(args.device)
+    device = placement.resolve_device(args.device)
     model_dir = args.model or embedded.model_dir()
     stats = scratch / "stats"
 
     def fresh_model():
-        net, tokenizer = models.load(model_dir)
-        return net.to(device, models.resolve_dtype(args.dtype, net.dtype, device)), tokenizer
+        net, tokenizer = loading.load(model_dir)
+        return net.to(device, placement.resolve_dtype(args.dtype, net.dtype, device)), tokenizer
 
     def tokenized(tokenizer):
         samples = data.read_samples(args.data or embedded.data_file(), max_samples=args.samples)
@@ -64,7 +66,7 @@ def run_step(step: str, args, scratch: Path) -> dict:
 
     def lora_config(net, **kwargs):
         # full module paths: PEFT's preprocess_corda does not resolve "all-linear"
-        names = sorted(models.select_targets(net, args.targets))
+        names = sorted(linears.select_targets(net, args.targets))
         return peft.LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=names, **kwargs)
 
     if device.type == "cuda":
@@ -72,7 +74,7 @@ def run_step(step: str, args, scratch: Path) -> dict:
     if step == "forward":
         def work():
             net, tokenizer = fresh_model()
-            root = models.forward_root(net, list(models.select_targets(net, args.targets)))
+            root = linears.forward_root(net, list(linears.select_targets(net, args.targets)))
             with exact_float32(), torch.inference_mode():
                 for ids, mask, _ in data.batches(tokenized(tokenizer), args.batch_size, tokenizer.pad_token_id or 0):
                     root(input_ids=ids.to(device), attention_mask=mask.to(device))
@@ -200,10 +202,10 @@ def causal_lm(model_dir: str | None) -> bool:
     """Whether the model's config names a causal LM class (gradients need a next-token loss)."""
     if model_dir is None:
         return False
-    from cntinit import models
+    from cntinit.models import loading
 
     architectures = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or [""]
-    return models.task_type(architectures[0]) == "CAUSAL_LM"
+    return loading.task_type(architectures[0]) == "CAUSAL_LM"
 
 
 def comparisons(results: dict) -> list[dict]:

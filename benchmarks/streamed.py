@@ -48,7 +48,7 @@ def build(directory: Path, args) -> int:
 
 def child(stage: str, way: str, source: Path, out: Path, targets: str) -> None:
     """One solve, export or check in this process; prints its seconds and peak memory as JSON."""
-    from cntinit import pretrained
+    from cntinit.models import pretrained
     from cntinit.export import export, verify
     from cntinit.solve import solve
 

@@ -14,12 +14,12 @@ __version__ = "0.1.0"
 
 API = {  # name -> (module, attribute)
     "capture": ("capture", "capture"),
-    "merge": ("store", "merge"),
+    "merge": ("storage.store", "merge"),
     "solve": ("solve", "solve"),
     "export": ("export", "export"),
     "check_peft": ("export", "check_peft"),
-    "Store": ("store", "Store"),
-    "Solution": ("solution", "Solution"),
+    "Store": ("storage.store", "Store"),
+    "Solution": ("solve.solution", "Solution"),
     "SolveOptions": ("solve", "Options"),
     "CntinitError": ("errors", "CntinitError"),
 }

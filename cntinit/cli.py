@@ -26,7 +26,7 @@ except ImportError:  # older typer runs on click itself
     from click import exceptions as click_errors
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .storage.store import Store
 
 # The stages (torch, transformers, peft) are imported inside the commands that run them, so that
 # `cntinit --help` and `cntinit solve --help` answer at once (benchmarks/startup.py measures it).
@@ -92,7 +92,7 @@ def _torchrun_needs_out(out: Optional[Path]) -> None:
 def _finish(path: Path, as_json: bool) -> None:
     """stdout carries only the path (so `$(cntinit capture ...)` composes), or a JSON summary;
     under torchrun only rank 0 prints it."""
-    from .store import Store
+    from .storage.store import Store
     if _follower():
         return
     if as_json:
@@ -213,7 +213,7 @@ def merge(
     Example:  for i in 0 1 2; do cntinit capture ./model --data calib.jsonl --shard $i/3 --out stats-$i; done
               cntinit merge stats-0 stats-1 stats-2 --out stats     # equals one capture over calib.jsonl
     """
-    from .store import merge as run_merge
+    from .storage.store import merge as run_merge
     console.quiet = quiet
     _finish(run_merge(stores, out, overwrite), as_json)
 
@@ -228,9 +228,9 @@ def inspect(
 
     Examples:  cntinit inspect stats/    cntinit inspect init-s16/ --json | jq .params
     """
-    from . import solution
-    from .solution import Solution
-    from .store import Store, read_manifest
+    from .solve import solution
+    from .solve.solution import Solution
+    from .storage.store import Store, read_manifest
     if read_manifest(directory, solution.FORMAT) is not None:
         sol = Solution(directory)
         if as_json:
@@ -340,9 +340,9 @@ def solve(
       cntinit solve --model ./Llama-3.2-1B --mode inilora --targets q_proj,v_proj --rank 8 --out init-ini/
     """
     from . import plots, runner
-    from .solution import Solution
     from .solve import Options
     from .solve import solve as run_solve
+    from .solve.solution import Solution
     console.quiet = quiet
     options = Options(
         mode=mode, rank=rank, rcond=rcond, centered=centered, self_form=self_form, shift_c=shift_c,
@@ -379,7 +379,7 @@ def print_report(report: dict, out: Console) -> None:
     """Per module — or, past TABLE_ROWS modules, per module kind (rank range, medians over layers,
     floored max) — rank, ‖ΔW‖, ‖BA‖/‖W‖, kept share, output change, floored values (IniLoRA:
     the fit's error over the Eckart–Young optimum instead)."""
-    from .models import module_kind
+    from .models.linears import module_kind
     rows = report["modules"]
     grouped = len(rows) > TABLE_ROWS
     fitted = "fit_error" in next(iter(rows.values()))
@@ -545,7 +545,7 @@ def cache_ls(as_json: bool = _flag("--json", help="Print the entries as JSON."))
 
     Example:  cntinit cache ls --json | jq -r '.[] | select(.kind == "capture") | .path'
     """
-    from . import cache
+    from .storage import cache
     found = cache.entries()
     if as_json:
         typer.echo(json.dumps([{"kind": e.kind, "key": e.key, "label": e.meta.get("label"), "bytes": e.bytes, "used": e.used,
@@ -604,7 +604,7 @@ def cache_rm(keys: list[str] = typer.Argument(..., metavar="KEYS", help="Keys or
 
     Example:  cntinit cache rm 3f9a1c 77be02
     """
-    from . import cache
+    from .storage import cache
     for entry in cache.match(keys):
         if not cache.remove(entry):
             raise CntinitError(f"{entry.key[:12]} is in use by a running cntinit: try again when it has finished")
@@ -621,7 +621,7 @@ def cache_prune(
 
     Example:  cntinit cache prune --older-than 30d --max-size 50G
     """
-    from . import cache
+    from .storage import cache
     if not (older_than or max_size or everything):
         raise CntinitError("say what to prune: --older-than 30d, --max-size 20G, or --all")
     removed, busy = cache.prune(0.0 if everything else cache.parse_age(older_than) if older_than else None,
@@ -643,14 +643,15 @@ def demo(
 
     Captures statistics, solves CNTLoRA, exports a PEFT adapter, loads it back with PEFT to check it.
     """
-    from . import embedded, store
+    from . import embedded
     from .capture import capture as run_capture
     from .export import export as run_export
     from .export import verify
-    from .solution import Solution
     from .solve import Options
     from .solve import solve as run_solve
-    from .store import Store, read_manifest
+    from .solve.solution import Solution
+    from .storage import store
+    from .storage.store import Store, read_manifest
     stats_dir, solve_dir, adapter_dir = out / "stats", out / f"solve-{mode}-r{rank}", out / "adapter"
     for path, format in ((stats_dir, "cntinit.stats"), (solve_dir, "cntinit.solve"), (adapter_dir, "cntinit.export")):
         store.refuse_foreign(path.absolute())  # before any work

@@ -21,7 +21,6 @@ from typing import Any, Iterator
 import torch
 
 from .errors import CntinitError, first_line
-from .stats import InputStats
 
 
 @dataclass
@@ -63,9 +62,9 @@ def joined() -> Iterator[World]:
             dist.destroy_process_group()
 
 
-def add_across_ranks(world: World, stats: dict[str, InputStats], counters: list[int], grads=None, last: bool = True) -> list[int]:
-    """Sum every statistic and gradient sum (`grads`, a GradientSums; in place) and the `counters` over all
-    ranks; returns the summed counters.
+def add_across_ranks(world: World, stats: dict, counters: list[int], grads=None, last: bool = True) -> list[int]:
+    """Sum every statistic (`stats`: capture's InputStats by key) and gradient sum (`grads`, a GradientSums; in
+    place) and the `counters` over all ranks; returns the summed counters.
     A meeting of the ranks: the capture's only one, or with `last=False` one of a layerwise
     capture's (one per block), after which failures still stop every rank."""
     import torch.distributed as dist

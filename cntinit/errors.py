@@ -9,6 +9,12 @@ class CntinitError(Exception):
     label, exit_code = "error", 2
 
 
+class Interrupted(CntinitError):
+    """SIGINT/SIGTERM during a checkpointed capture (or a recipe's run): what finished is kept; exit 130."""
+
+    label, exit_code = "interrupted", 130
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none): enough for a one-line error."""
     text = str(exc).strip()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from . import models
-from .atomic import atomic_file
+from .models.linears import module_kind
+from .storage.atomic import atomic_file
 
 INSTALL = "pip install 'cntinit[plot]'"
 
@@ -30,7 +30,7 @@ def write_report_plot(report: dict, path: str | Path) -> Path:
 
     rows = report["modules"]
     names = list(rows)
-    kinds = [models.module_kind(name) for name in names]
+    kinds = [module_kind(name) for name in names]
     palette = {kind: plt.get_cmap("tab10")(i % 10) for i, kind in enumerate(dict.fromkeys(kinds))}
     spectra = {name: row["spectrum"] for name, row in rows.items() if row.get("spectrum")}
     fig, axes = plt.subplots(2 if spectra else 1, 1, figsize=(11, 8 if spectra else 4.5), squeeze=False)

@@ -1,7 +1,7 @@
 """`cntinit run`: a recipe's capture, solves and exports, each stage taken from the cache when
 its inputs were seen before.
 
-Captures and solves live in the cache (cache.py), keyed by what they were computed from;
+Captures and solves live in the cache (storage/cache.py), keyed by what they were computed from;
 exports are written under the recipe's `out` (`OUT/<solve>/<export>/`, next to the solve's
 report.json and report.png) and are skipped when the directory already holds the same
 export of the same solve.
@@ -18,14 +18,20 @@ import shutil
 import time
 from pathlib import Path
 
-from . import cache, console, embedded, models, modes, plots, recipe, store
-from . import data as calibration_data
-from .atomic import atomic_file, check_writable
-from .capture import Interrupted, capture
-from .errors import CntinitError, not_one_of
-from .export import FORMATS, export
-from .solution import REPORT, Solution
-from .solve import NEWER_OPTIONS, Options, solve
+from . import console, embedded, plots, recipe
+from .capture import capture
+from .capture.feeds import samples
+from .errors import CntinitError, Interrupted, not_one_of
+from .export import export
+from .export.formats import FORMATS
+from .models import loading
+from .models.linears import ALL_LINEAR, select_names
+from .models.placement import resolve_device
+from .solve import Options, modes, solve
+from .solve.options import NEWER_OPTIONS
+from .solve.solution import REPORT, Solution
+from .storage import cache, store
+from .storage.atomic import atomic_file, check_writable
 
 def _defaults(function, keys) -> dict:
     return {name: p.default for name, p in inspect.signature(function).parameters.items()
@@ -49,18 +55,18 @@ def _targets(targets: str | list[str]) -> str:
     return targets if isinstance(targets, str) else ",".join(targets)
 
 
-def cached_capture(model: str | Path, data: str | Path, *, targets: str | list[str] = models.ALL_LINEAR, device: str = "auto",
+def cached_capture(model: str | Path, data: str | Path, *, targets: str | list[str] = ALL_LINEAR, device: str = "auto",
                    trust_remote_code: bool = False, cache_dir: Path | None = None, **options) -> tuple[Path, bool]:
     """(the cached store of this capture, whether it was there already); `options` are capture()'s."""
     if str(data) == "-":
         raise CntinitError("data from stdin cannot be cached (the cache keys on the data's contents): give --out, or a file")
-    models.must_exist(model)
-    calibration_data.must_exist(data)
+    loading.must_exist(model)
+    samples.must_exist(data)
     cache_dir = cache.ready(cache_dir)
     settings = CAPTURE_DEFAULTS | options
     result_options = {k: v for k, v in settings.items() if k not in PLACEMENT and not (k in ONLY_WHEN_ON and not v)}
     inputs = {"model": cache.tree_digest(model, cache_dir), "data": cache.tree_digest(data, cache_dir), "targets": _targets(targets),
-              "device": str(models.resolve_device(device)), "options": _plain(result_options)}
+              "device": str(resolve_device(device)), "options": _plain(result_options)}
     label = f"capture of {Path(model).name} over {Path(data).name}"
     return cache.obtain("capture", inputs, label, lambda out: capture(
         model, data, out, targets=targets, device=device, trust_remote_code=trust_remote_code, overwrite=True, **settings), cache_dir)
@@ -78,11 +84,11 @@ def cached_solve(capture_dir: str | Path | None, options: Options, *, model: str
         if targets is not None:  # a subset of the captured modules
             source["targets"] = _targets(targets)
     elif model is not None:
-        source = {"model": cache.tree_digest(models.must_exist(model), cache_dir), "targets": _targets(targets or models.ALL_LINEAR)}
+        source = {"model": cache.tree_digest(loading.must_exist(model), cache_dir), "targets": _targets(targets or ALL_LINEAR)}
     else:
         source = {}  # solve() itself explains what is missing
     chosen = {k: v for k, v in dataclasses.asdict(resolved).items() if not (k in NEWER_OPTIONS and v is None)}  # older keys stay
-    inputs = source | {"options": _plain(chosen), "device": str(models.resolve_device(device))}
+    inputs = source | {"options": _plain(chosen), "device": str(resolve_device(device))}
     label = f"{resolved.mode} rank {resolved.rank}" + (" (VAS)" if resolved.vas else "")
     return cache.obtain("solve", inputs, label, lambda out: solve(
         capture_dir, out, options, model=model, targets=targets, device=device, overwrite=True, trust_remote_code=trust_remote_code,
@@ -153,7 +159,7 @@ def _checked_solves(plan: recipe.Recipe) -> dict[str, tuple[Options, str | None]
             options.resolved()
         except CntinitError as exc:
             raise CntinitError(f"recipe solves.{i} ({entry['name']}): {exc}") from None
-        if plan.capture is None and options.mode in modes.NEED_STATISTICS:
+        if plan.capture is None and modes.get(options.mode).reads != modes.WEIGHTS:
             raise CntinitError(f"recipe solves.{i} ({entry['name']}): --mode {options.mode} needs activation statistics; add a capture section with data")
         solves[entry["name"]] = (options, _targets(entry["targets"]) if "targets" in entry else None)
     for i, entry in enumerate(plan.exports):
@@ -167,7 +173,7 @@ def _check_subsets(solves: dict[str, tuple[Options, str | None]], captured: list
     for i, (name, (_, targets)) in enumerate(solves.items()):
         if targets is not None:
             try:
-                models.select_names(captured, targets, "captured module")
+                select_names(captured, targets, "captured module")
             except CntinitError as exc:
                 raise CntinitError(f"recipe solves.{i} ({name}): {exc}") from None
 

@@ -148,7 +148,7 @@ def test_samples_longer_than_the_model_context_are_truncated_to_it(tiny, tmp_pat
 
 
 def test_context_length_knows_the_roberta_padding_offset():
-    from cntinit.models import context_length
+    from cntinit.models.loading import context_length
 
     roberta = transformers.RobertaModel(transformers.RobertaConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=130))
@@ -158,16 +158,16 @@ def test_context_length_knows_the_roberta_padding_offset():
 def test_regex_targets_pick_whole_paths(tiny):
     import transformers
 
-    from cntinit import models
+    from cntinit.models import linears
 
     net = transformers.AutoModelForCausalLM.from_pretrained(tiny["llama"])
-    chosen = models.select_targets(net, r"re:model\.layers\.1\.self_attn\.(q|v)_proj,down_proj")
+    chosen = linears.select_targets(net, r"re:model\.layers\.1\.self_attn\.(q|v)_proj,down_proj")
     assert sorted(chosen) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
                               "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
     with pytest.raises(CntinitError, match="is not a regular expression"):
-        models.select_targets(net, "re:model.(")
+        linears.select_targets(net, "re:model.(")
     with pytest.raises(CntinitError, match="matched no linear module"):
-        models.select_targets(net, r"re:vision_tower\..*")
+        linears.select_targets(net, r"re:vision_tower\..*")
 
 
 def test_half_precision_capture_keeps_float32_buffers_as_from_pretrained_does(tiny, tmp_path):

@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cntinit import checkpoint
-from cntinit.store import Store
+from cntinit.storage import checkpoint
+from cntinit.storage.store import Store
 
 from conftest import run
 from imaging import build_sd, write_images
 
-capture_module = importlib.import_module("cntinit.capture")
+capture_module = importlib.import_module("cntinit.capture.recorder")
 
 SLOW = """
 import importlib, sys, time
-capture = importlib.import_module("cntinit.capture")
+capture = importlib.import_module("cntinit.capture.recorder")
 original = capture.Recorder.run
 def slow(self, *args, **kwargs):
     time.sleep(0.15)
@@ -177,7 +177,7 @@ def test_the_rate_after_a_resume_counts_only_this_runs_tokens(tmp_path, capture_
     monkeypatch.undo()
     summed = json.loads((checkpoint.location(out) / checkpoint.STATE).read_text())["done"]
     ticks = iter(range(10**6))
-    monkeypatch.setattr(capture_module, "clock", lambda: 0.0 if next(ticks) == 0 else 1.0)  # this run takes 1 s
+    monkeypatch.setattr(importlib.import_module("cntinit.capture.stream"), "clock", lambda: 0.0 if next(ticks) == 0 else 1.0)  # this run takes 1 s
     code, _, err = run(capsys, *capture_args, "-o", out)
     total = Store(out).manifest["data"]["tokens"]
     assert code == 0 and 0 < summed < total

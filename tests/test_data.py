@@ -4,7 +4,8 @@ import json
 import pytest
 import transformers
 
-from cntinit import data, embedded
+from cntinit import embedded
+from cntinit.capture.feeds import samples as data
 from cntinit.errors import CntinitError
 
 

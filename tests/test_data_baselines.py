@@ -127,7 +127,7 @@ def test_sample_max_norm_divides_each_sample_by_its_peak(tiny, tmp_path):
     for x in seen:
         x = x / x.max().abs()
         want += x.T @ x
-    from cntinit.store import Store
+    from cntinit.storage.store import Store
     got = Store(batched).tensors("model.layers.0.self_attn.o_proj")["xxt"].double()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     plain = capture(tiny["llama"], tmp_path / "d.jsonl", tmp_path / "p", targets="o_proj")

@@ -13,7 +13,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cntinit import capture, export, solve, store
+from cntinit import capture, export, solve
+from cntinit.storage import store
 from conftest import assert_refused, run
 from imaging import build_sd, build_sdxl, write_images
 from test_export import factors

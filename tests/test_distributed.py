@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from cntinit import capture, distributed, merge, solve
-from cntinit.solution import Solution
-from cntinit.store import Store
+from cntinit.solve.solution import Solution
+from cntinit.storage.store import Store
 
 
 def test_torchrun_capture_equals_one_process(tiny, calibration, tmp_path):
@@ -144,9 +144,9 @@ cli.main(sys.argv[3:])
 
 
 @pytest.mark.parametrize("stage, where", [
-    ("capture", "cntinit.capture Recorder.run"),  # mid-stream, before the sums are added
-    ("eva", "cntinit.modes eigen"),  # before the first meeting (the explained variances)
-    ("vas", "cntinit.solve _factor"),  # between the VAS meeting and the gather
+    ("capture", "cntinit.capture.recorder Recorder.run"),  # mid-stream, before the sums are added
+    ("eva", "cntinit.solve.modes.data_baselines eigen"),  # before the first meeting (the explained variances)
+    ("vas", "cntinit.solve.report diagnostics"),  # between the VAS meeting and the gather
 ])
 def test_a_failure_on_one_rank_stops_every_rank_with_its_message(tiny, calibration, captured, tmp_path, stage, where):
     """Rank 0 says which process failed and why, in one line, instead of a broken-connection traceback."""

@@ -286,14 +286,14 @@ def test_a_failed_check_leaves_the_previous_export(captured, tmp_path, capsys, m
     """The check used to run after the swap: a failing one had already replaced the good export."""
     import hashlib
 
-    export_module = importlib.import_module("cntinit.export")
+    export_module = importlib.import_module("cntinit.export.check")
 
     run(capsys, "solve", captured["llama"], "-m", "cnt-s", "-r", "2", "-o", tmp_path / "s", "-q")
     assert run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e", "--check", "-q")[0] == 0
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert manifest["check"]["max_relative_error"] < 1e-5  # the check's result is recorded
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "e").iterdir() if p.is_file()}
-    monkeypatch.setattr(export_module, "_worst_error", lambda *a, **k: 0.5)
+    monkeypatch.setattr(export_module, "worst_error", lambda *a, **k: 0.5)
     code, _, err = run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e", "--alpha", "4", "--check", "-q")
     assert code == 2 and "differs from the initial layers by 5.00e-01" in err and f"loaded from {tmp_path / 'e'}" in err
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "e").iterdir() if p.is_file()} == before
@@ -302,12 +302,12 @@ def test_a_failed_check_leaves_the_previous_export(captured, tmp_path, capsys, m
 
 def test_the_check_honours_trust_remote_code(captured, tmp_path, monkeypatch):
     """The check loaded the model with trust_remote_code=False whatever the export was given."""
-    from cntinit import models
+    from cntinit.models import loading
 
     solve(captured["llama"], tmp_path / "s", Options(mode="pissa", rank=2))
     seen = []
-    real = models.load
-    monkeypatch.setattr(models, "load", lambda path, trust, *a, **k: seen.append(trust) or real(path, trust, *a, **k))
+    real = loading.load
+    monkeypatch.setattr(loading, "load", lambda path, trust, *a, **k: seen.append(trust) or real(path, trust, *a, **k))
     export(tmp_path / "s", tmp_path / "e", trust_remote_code=True, check=True)
     assert len(seen) == 2 and all(seen)  # the model export reads the base from (the check takes it too), then the check's chunk
 

@@ -8,7 +8,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from cntinit import solution, store
+from cntinit.solve import solution
+from cntinit.storage import store
 from conftest import leftovers, run
 
 
@@ -40,7 +41,7 @@ def test_a_full_disk_mid_write_leaves_the_previous_output_untouched(stage, tiny,
     code, _, _ = run(capsys, *commands[stage], "-o", out, "-q")
     assert code == 0
     before = contents(out)
-    module = {"capture": store, "solve": solution, "export": importlib.import_module("cntinit.export")}[stage]
+    module = {"capture": store, "solve": solution, "export": importlib.import_module("cntinit.export.formats.peft")}[stage]
     monkeypatch.setattr(module, "save_file", full_disk(safetensors.torch.save_file))
     code, stdout, err = run(capsys, *commands[stage], "-o", out, "-q", "--overwrite")
     assert code == 2 and stdout == "" and err.count("\n") == 1
@@ -59,7 +60,7 @@ def test_a_device_out_of_memory_is_one_line_with_the_fix(stage, tiny, calibratio
 
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB\nmore")
-    module, function = {"capture": ("cntinit.capture", "_stream"), "solve": ("cntinit.solve", "_factor_unquantized")}[stage]
+    module, function = {"capture": ("cntinit.capture.stream", "stream"), "solve": ("cntinit.solve.report", "diagnostics")}[stage]
     monkeypatch.setattr(importlib.import_module(module), function, exhausted)
     code, stdout, err = run(capsys, *commands[stage], "-o", out, "--overwrite")
     fix = {"capture": "lower --batch-size or --seq-len, keep the sums in CPU memory (--stats-device cpu), or read the model block by "
@@ -70,7 +71,7 @@ def test_a_device_out_of_memory_is_one_line_with_the_fix(stage, tiny, calibratio
                     f"of 79.10 GiB): {fix}"), err
     assert contents(out) == before and leftovers(tmp_path) == []
     if stage == "capture":  # block by block, the fix is what that capture holds on the device
-        monkeypatch.setattr(importlib.import_module("cntinit.layerwise"), "capture", exhausted)
+        monkeypatch.setattr(importlib.import_module("cntinit.capture.layerwise"), "capture", exhausted)
         err = run(capsys, *commands[stage], "--layerwise", "-o", tmp_path / "layerwise")[2]
         assert err.rstrip("\n").split("\n")[-1].endswith("(--stats-device cpu --activations-device cpu)"), err
 
@@ -156,7 +157,7 @@ def test_a_real_full_filesystem(stage, small_disk, tiny, calibration, captured, 
 
 SWAP_KILLED = """
 import os, sys
-import cntinit.atomic as atomic
+import cntinit.storage.atomic as atomic
 if sys.argv[1] == "between-renames":  # a filesystem without RENAME_EXCHANGE, killed after moving the old output aside
     atomic._exchange = lambda a, b: False
     real = os.replace

@@ -11,8 +11,9 @@ import pytest
 import torch
 import transformers
 
-from cntinit import CntinitError, capture, fingerprints, merge, solve
-from cntinit.store import Store
+from cntinit import CntinitError, capture, merge, solve
+from cntinit.models import fingerprints
+from cntinit.storage.store import Store
 
 from conftest import run
 

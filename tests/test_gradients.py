@@ -13,10 +13,10 @@ import transformers
 from safetensors.torch import load_file
 
 from cntinit import capture, export, merge, runner, solve
-from cntinit import data as data_mod
-from cntinit import gradients
-from cntinit.solution import Solution
-from cntinit.store import Store
+from cntinit.capture import gradients
+from cntinit.capture.feeds import samples as data_mod
+from cntinit.solve.solution import Solution
+from cntinit.storage.store import Store
 
 from conftest import TEXTS, assert_refused, run
 from test_checkpoint import interrupt_at

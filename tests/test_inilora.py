@@ -6,7 +6,7 @@ import math
 import peft
 import torch
 
-from cntinit import inilora
+from cntinit.solve.modes import inilora
 from cntinit.export import check_peft, export
 from cntinit.solve import Options, solve
 from conftest import assert_refused, run

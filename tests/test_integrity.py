@@ -125,7 +125,7 @@ def rewrite_payload(directory, change):
     """Change the first payload's tensors and update its checksum: damage the checksums cannot see."""
     from safetensors.torch import load_file, save_file
 
-    from cntinit.store import file_entry
+    from cntinit.storage.store import file_entry
 
     manifest = json.loads((directory / "manifest.json").read_text())
     name = next(n for n in manifest["files"] if n.endswith(".safetensors"))

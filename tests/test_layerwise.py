@@ -19,9 +19,12 @@ import transformers
 from safetensors.torch import save_file
 from torch import nn
 
-from cntinit import block_checkpoint, capture, checkpoint, embedded, layerwise, merge, runner
+from cntinit import capture, embedded, merge, runner
+from cntinit.capture import blocks, layerwise
 from cntinit.errors import CntinitError
-from cntinit.store import Store
+from cntinit.models import named_weights
+from cntinit.storage import block_checkpoint, checkpoint
+from cntinit.storage.store import Store
 
 from conftest import assert_refused, run
 from imaging import build_sd, build_vit, write_images
@@ -106,8 +109,8 @@ def test_capture_options(tiny, calibration, tmp_path, options):
 def test_only_the_blocks_up_to_the_last_target_run(deep_llama, calibration, tmp_path, monkeypatch):
     """Targets in blocks 1 and 2 of 6: blocks 3–5 are never read; block 0 runs for its outputs."""
     loaded = []
-    original = layerwise.materialize
-    monkeypatch.setattr(layerwise, "materialize", lambda *a, **k: loaded.append(a[-1]) or original(*a, **k))
+    original = named_weights.materialize
+    monkeypatch.setattr(named_weights, "materialize", lambda *a, **k: loaded.append(a[-1]) or original(*a, **k))
     targets = r"re:model\.layers\.[12]\.self_attn\.(q|v)_proj"
     blockwise = capture(deep_llama, calibration, tmp_path / "layerwise", targets=targets, seq_len=24, layerwise=True)
     assert loaded == ["outside the blocks", "block 0 of layers", "block 1 of layers", "block 2 of layers"]
@@ -131,12 +134,12 @@ def test_the_cache_serves_both(tiny, calibration, tmp_path):
 
 SLOW_BLOCKS = """
 import importlib, sys, time
-layerwise = importlib.import_module("cntinit.layerwise")
-original = layerwise.materialize
+named_weights = importlib.import_module("cntinit.models.named_weights")
+original = named_weights.materialize
 def slow(*args, **kwargs):
     time.sleep(0.4)
     return original(*args, **kwargs)
-layerwise.materialize = slow
+named_weights.materialize = slow
 from cntinit import cli
 cli.main(sys.argv[1:])
 """
@@ -188,7 +191,7 @@ def test_sigint_stops_after_the_block_with_a_checkpoint(deep_llama, calibration,
     args = ["capture", deep_llama, "--data", calibration, "--seq-len", "24", "--targets", "q_proj,o_proj", "--layerwise",
             "--checkpoint-every", "4"]
     out = tmp_path / "stats"
-    original, loads = layerwise.materialize, []
+    original, loads = named_weights.materialize, []
 
     def interrupt_in_block_2(*a, **k):
         loads.append(1)
@@ -196,7 +199,7 @@ def test_sigint_stops_after_the_block_with_a_checkpoint(deep_llama, calibration,
             os.kill(os.getpid(), signal.SIGINT)
         return original(*a, **k)
 
-    monkeypatch.setattr(layerwise, "materialize", interrupt_in_block_2)
+    monkeypatch.setattr(named_weights, "materialize", interrupt_in_block_2)
     code, _, err = run(capsys, *args, "-o", out)
     assert code == 130 and "stopped by SIGINT after block 3 of 6" in err, err
     assert json.loads((checkpoint.location(out) / checkpoint.STATE).read_text())["block"] == 3  # saved there, not at 4
@@ -213,7 +216,7 @@ def test_a_damaged_checkpoint_starts_again_or_is_refused(deep_llama, calibration
     args = ["capture", deep_llama, "--data", calibration, "--seq-len", "24", "--targets", "q_proj,o_proj", "--layerwise",
             "--checkpoint-every", "1"]
     out, saved, kept = tmp_path / "stats", checkpoint.location(tmp_path / "stats"), tmp_path / "kept"
-    original, loads = layerwise.materialize, []
+    original, loads = named_weights.materialize, []
 
     def interrupt_in_block_3(*a, **k):
         loads.append(1)
@@ -221,7 +224,7 @@ def test_a_damaged_checkpoint_starts_again_or_is_refused(deep_llama, calibration
             os.kill(os.getpid(), signal.SIGINT)
         return original(*a, **k)
 
-    monkeypatch.setattr(layerwise, "materialize", interrupt_in_block_3)
+    monkeypatch.setattr(named_weights, "materialize", interrupt_in_block_3)
     assert run(capsys, *args, "-o", out)[0] == 130
     monkeypatch.undo()
     hidden, before, payload = (saved / block_checkpoint.HIDDEN.format(4), saved / block_checkpoint.HIDDEN.format(3),
@@ -261,7 +264,8 @@ def test_a_checkpoint_keeps_its_last_two_saves(tmp_path, capsys):
     none of another capture's checkpoint or of one whose state cannot be read."""
     from types import SimpleNamespace
 
-    from cntinit import distributed, store
+    from cntinit import distributed
+    from cntinit.storage import store
 
     saved, world = tmp_path / "saved", distributed.World()
     payloads, written = store.Payloads(tmp_path), SimpleNamespace(stats={}, modules={})
@@ -288,7 +292,7 @@ def test_gradients_checkpoint_on_the_way_down_and_resume_there(deep_llama, calib
     args = ["capture", deep_llama, "--data", calibration, "--seq-len", "24", "--targets", "q_proj,o_proj", "--gradients",
             "--layerwise", "--checkpoint-every", "2"]
     out, saved = tmp_path / "stats", checkpoint.location(tmp_path / "stats")
-    materialize, save, saves = layerwise.materialize, block_checkpoint.save, []
+    materialize, save, saves = named_weights.materialize, block_checkpoint.save, []
 
     def interrupt_at(load: int) -> None:  # loads: outside the blocks, blocks 0 to 5 up, then 5 to 0 down
         loads = []
@@ -298,7 +302,7 @@ def test_gradients_checkpoint_on_the_way_down_and_resume_there(deep_llama, calib
             if len(loads) == load:
                 os.kill(os.getpid(), signal.SIGINT)
             return materialize(*a, **k)
-        monkeypatch.setattr(layerwise, "materialize", counting)
+        monkeypatch.setattr(named_weights, "materialize", counting)
 
     monkeypatch.setattr(block_checkpoint, "save", lambda *a, **k: saves.append(a[2:4]) or save(*a, **k))
     interrupt_at(3)
@@ -364,14 +368,14 @@ def test_torchrun_layerwise_gradients_equal_one_process(tiny, calibration, tmp_p
 
 ONE_PROCESS_STOPPED = """
 import importlib, os, signal, sys
-layerwise = importlib.import_module("cntinit.layerwise")
-original, loads = layerwise.materialize, []
+named_weights = importlib.import_module("cntinit.models.named_weights")
+original, loads = named_weights.materialize, []
 def stop_rank_0_at(*args, **kwargs):  # loads: outside the blocks, blocks 0 to 5 up, then 5 to 0 down
     loads.append(1)
     if os.environ["RANK"] == "0" and len(loads) == 10:  # block 3 on the way down
         os.kill(os.getpid(), signal.SIGTERM)
     return original(*args, **kwargs)
-layerwise.materialize = stop_rank_0_at
+named_weights.materialize = stop_rank_0_at
 from cntinit import cli
 cli.main(sys.argv[1:])
 """
@@ -450,6 +454,6 @@ def test_blocks_are_the_outermost_chain_holding_the_targets():
             self.layers = nn.ModuleList([Block() for _ in range(4)])
 
     net = Net()
-    assert layerwise.find_blocks(net, ["layers.0.experts.1", "layers.3.experts.0"]) == "layers"  # not the experts inside
+    assert blocks.find_blocks(net, ["layers.0.experts.1", "layers.3.experts.0"]) == "layers"  # not the experts inside
     with pytest.raises(CntinitError, match=r"the targets lie in 2 chains of blocks \(vision, layers\)"):
-        layerwise.find_blocks(net, ["vision.0", "layers.1.experts.0"])
+        blocks.find_blocks(net, ["vision.0", "layers.1.experts.0"])

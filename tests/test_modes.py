@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from cntinit import modes, vas
+from cntinit.solve import linalg, vas
+from cntinit.solve.modes import cnt
 
 RNG = np.random.default_rng(0)
 
@@ -32,14 +33,14 @@ def np_eigen(sigma):
 def test_cross_is_w_times_the_floored_pseudo_inverse(rcond):
     w, sigma = RNG.standard_normal((5, 8)), spd(8, decay=2.0)
     want = w @ np.linalg.pinv(sigma, rcond=rcond, hermitian=True)
-    got = modes.cross(t(w)[None], modes.eigen(t(sigma)[None]), rcond)[0]
+    got = cnt.cross(t(w)[None], linalg.eigen(t(sigma)[None]), rcond)[0]
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-8, atol=1e-8 * np.abs(want).max())
 
 
 def test_whitened_inputs_leave_cross_unchanged():
     w = RNG.standard_normal((6, 6))
-    target = modes.cross(t(w)[None], modes.eigen(torch.eye(6, dtype=torch.float64)[None]), 1e-4)
-    delta = modes.robust_estimate(t(w)[None], [target], [1.0]) - t(w)
+    target = cnt.cross(t(w)[None], linalg.eigen(torch.eye(6, dtype=torch.float64)[None]), 1e-4)
+    delta = cnt.robust_estimate(t(w)[None], [target], [1.0]) - t(w)
     assert delta.abs().max() < 1e-12
 
 
@@ -49,24 +50,24 @@ def test_self_mode_formula_and_its_quadratic_constraint(form):
     values, vectors = np_eigen(sigma)
     root = np.diag(values**-0.5)
     want = w @ root @ vectors.T if form == "paper" else w @ vectors @ root @ vectors.T
-    got = modes.self_(t(w)[None], modes.eigen(t(sigma)[None]), 0.0, form)[0].numpy()
+    got = cnt.self_(t(w)[None], linalg.eigen(t(sigma)[None]), 0.0, form)[0].numpy()
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(got @ sigma @ got.T, w @ w.T, rtol=1e-9, atol=1e-9)  # W_tar Σ W_tarᵀ = W Wᵀ
 
 
 def test_self_mode_clamps_small_eigenvalues_to_the_floor():
     sigma = np.diag([4.0, 1.0, 1e-9])
-    got = modes.self_(torch.eye(3, dtype=torch.float64)[None], modes.eigen(t(sigma)[None]), 1e-2, "zca")[0]
+    got = cnt.self_(torch.eye(3, dtype=torch.float64)[None], linalg.eigen(t(sigma)[None]), 1e-2, "zca")[0]
     np.testing.assert_allclose(np.diag(got.numpy()), [0.5, 1.0, (4e-2) ** -0.5], rtol=1e-12)
 
 
 def test_eigenvectors_are_ordered_and_signed_deterministically():
     sigma = spd(6)
-    eig = modes.eigen(t(sigma)[None])
+    eig = linalg.eigen(t(sigma)[None])
     assert torch.all(eig.values[0, :-1] >= eig.values[0, 1:])
     biggest = eig.vectors[0].gather(0, eig.vectors[0].abs().argmax(0, keepdim=True))
     assert torch.all(biggest > 0)
-    flipped = modes.eigen(t(sigma)[None].flip(-1).flip(-2))  # same matrix, coordinates reversed
+    flipped = linalg.eigen(t(sigma)[None].flip(-1).flip(-2))  # same matrix, coordinates reversed
     np.testing.assert_allclose(flipped.vectors[0].flip(0).numpy(), eig.vectors[0].numpy(), atol=1e-9)
 
 
@@ -75,7 +76,7 @@ def test_shift_formula_and_its_linear_constraint(c):
     w, sigma = RNG.standard_normal((3, 6)), spd(6)
     m = (np.eye(6) - sigma) @ w.T
     want = c * np.linalg.pinv(m)
-    got, floored = modes.shift(t(w)[None], t(sigma)[None], 0.0, c)
+    got, floored = cnt.shift(t(w)[None], t(sigma)[None], 0.0, c)
     np.testing.assert_allclose(got[0].numpy(), want, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(got[0].numpy() @ w.T - got[0].numpy() @ sigma @ w.T, c * np.eye(3), atol=1e-9)  # eq. 16
     assert floored.tolist() == [0]
@@ -83,7 +84,7 @@ def test_shift_formula_and_its_linear_constraint(c):
 
 def test_shift_floor_drops_small_singular_values():
     w = np.diag([1.0, 1e-8])
-    got, floored = modes.shift(t(w)[None], torch.zeros(1, 2, 2, dtype=torch.float64), 1e-4, 1.0)
+    got, floored = cnt.shift(t(w)[None], torch.zeros(1, 2, 2, dtype=torch.float64), 1e-4, 1.0)
     np.testing.assert_allclose(got[0].numpy(), np.diag([1.0, 0.0]), atol=1e-12)
     assert floored.tolist() == [1]
 
@@ -92,22 +93,22 @@ def test_robust_estimate_is_eq_18():
     w = RNG.standard_normal((2, 3, 4))
     targets = [RNG.standard_normal((2, 3, 4)) for _ in range(3)]
     weights = [1.0, 0.5, 2.0]
-    got = modes.robust_estimate(t(w), [t(x) for x in targets], weights)
+    got = cnt.robust_estimate(t(w), [t(x) for x in targets], weights)
     np.testing.assert_allclose(got.numpy(), (w + sum(a * x for a, x in zip(weights, targets))) / 4)
 
 
 def test_centered_second_moment():
     x = RNG.standard_normal((5, 50)) + 3.0
     s, m, n = x @ x.T, x.sum(1), torch.tensor(50)
-    np.testing.assert_allclose(modes.second_moment(t(s), t(m), n, False).numpy(), s / 50)
-    np.testing.assert_allclose(modes.second_moment(t(s), t(m), n, True).numpy(), np.cov(x, bias=True), atol=1e-12)
+    np.testing.assert_allclose(linalg.second_moment(t(s), t(m), n, False).numpy(), s / 50)
+    np.testing.assert_allclose(linalg.second_moment(t(s), t(m), n, True).numpy(), np.cov(x, bias=True), atol=1e-12)
 
 
 @pytest.mark.parametrize("p", [0.5, 0.0, 1.0])
 def test_svd_split_is_the_truncated_svd_with_p_sharing(p):
     delta = RNG.standard_normal((7, 5))
     u, s, vh = np.linalg.svd(delta, full_matrices=False)
-    b, a, _ = modes.split(t(delta)[None], 3, "svd", p)
+    b, a, _ = linalg.split(t(delta)[None], 3, "svd", p)
     np.testing.assert_allclose((b[0] @ a[0]).numpy(), u[:, :3] * s[:3] @ vh[:3], atol=1e-12)
     np.testing.assert_allclose(b[0].norm(dim=0).numpy(), s[:3] ** (1 - p), rtol=1e-12)
     np.testing.assert_allclose(a[0].norm(dim=1).numpy(), s[:3] ** p, rtol=1e-12)
@@ -120,21 +121,21 @@ def test_leading_svd_holds_on_rank_deficient_and_zero_matrices(shape):
     spectrum is NumPy's to √ε·s_max; a zero matrix splits into zeros, not NaN."""
     k, d = shape
     m = RNG.standard_normal((k, 3)) @ RNG.standard_normal((3, d))
-    u, s, vh = modes.leading_svd(t(m)[None], 5)
+    u, s, vh = linalg.leading_svd(t(m)[None], 5)
     want = np.linalg.svd(m, compute_uv=False)
     np.testing.assert_allclose(s[0].numpy(), want, rtol=0, atol=np.sqrt(np.finfo(float).eps) * want[0])
     np.testing.assert_allclose(s[0, :3].numpy(), want[:3], rtol=1e-12)  # the leading ones to rounding
     np.testing.assert_allclose((u[0, :, :3].T @ u[0, :, :3]).numpy(), np.eye(3), atol=1e-12)
-    b, a, _ = modes.split(t(m)[None], 5, "svd", 0.5)
+    b, a, _ = linalg.split(t(m)[None], 5, "svd", 0.5)
     np.testing.assert_allclose((b[0] @ a[0]).numpy(), m, atol=1e-12 * np.abs(m).max())
-    b, a, values = modes.split(torch.zeros(1, k, d, dtype=torch.float64), 4, "svd", 0.5)
+    b, a, values = linalg.split(torch.zeros(1, k, d, dtype=torch.float64), 4, "svd", 0.5)
     assert torch.all(b == 0) and torch.all(a == 0) and torch.all(values == 0)
 
 
 def test_qr_split_is_the_truncated_qr():
     delta = RNG.standard_normal((4, 6))
     q, r = np.linalg.qr(delta)
-    b, a, _ = modes.split(t(delta)[None], 2, "qr", 0.5)
+    b, a, _ = linalg.split(t(delta)[None], 2, "qr", 0.5)
     np.testing.assert_allclose((b[0] @ a[0]).numpy(), q[:, :2] @ r[:2], atol=1e-12)  # signs cancel in the product
     np.testing.assert_allclose((b[0].T @ b[0]).numpy(), np.eye(2), atol=1e-12)
     assert torch.all(torch.diagonal(a[0][:, :2]) > 0)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from cntinit import CntinitError, Store, export, solve
 from cntinit.export import verify
 from cntinit.finite import all_finite
-from cntinit.store import MANIFEST, file_entry
+from cntinit.storage.store import MANIFEST, file_entry
 
 from conftest import assert_refused
 

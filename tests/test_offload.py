@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cntinit import capture, models, solve
-from cntinit.solution import Solution
-from cntinit.store import Store
+from cntinit import capture, solve
+from cntinit.models import linears, loading, placement
+from cntinit.solve.solution import Solution
+from cntinit.storage.store import Store
 
 from conftest import assert_refused, run
 
@@ -31,12 +32,12 @@ def test_a_capture_with_every_weight_on_disk_equals_a_normal_one(tiny, calibrati
 
 
 def test_weights_are_read_from_disk_one_module_at_a_time(tiny, tmp_path):
-    placement = models.Placement(torch.device("cpu"), torch.float32, tmp_path, models.parse_max_memory(ALL_ON_DISK))
-    net, _ = models.load(tiny["llama"], placement=placement)
+    on_disk = placement.Placement(torch.device("cpu"), torch.float32, tmp_path, placement.parse_max_memory(ALL_ON_DISK))
+    net, _ = loading.load(tiny["llama"], placement=on_disk)
     q = net.get_submodule("model.layers.1.self_attn.q_proj")
     assert q.weight.device.type == "meta"
-    reference, _ = models.load(tiny["llama"])
-    assert torch.equal(models.weight_values(q), reference.get_submodule("model.layers.1.self_attn.q_proj").weight)
+    reference, _ = loading.load(tiny["llama"])
+    assert torch.equal(linears.weight_values(q), reference.get_submodule("model.layers.1.self_attn.q_proj").weight)
     assert q.weight.device.type == "meta"  # back on disk after the read
 
 

@@ -17,7 +17,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from cntinit import capture, fingerprints, models, pretrained
+from cntinit import capture
+from cntinit.models import fingerprints, loading, pretrained
 from cntinit.errors import CntinitError
 from cntinit.export import export
 from cntinit.solve import solve
@@ -39,8 +40,8 @@ def _state(directory) -> dict[str, torch.Tensor]:
 def _both(model_dir, tmp_path, monkeypatch, targets="all-linear"):
     """(streamed base, loaded base) of one residual solve; the streamed export built the model empty only."""
     solve(None, tmp_path / "s", model=model_dir, targets=targets, mode="pissa", rank=4)
-    empty, real = [], models.load
-    monkeypatch.setattr(models, "load", lambda *a, **k: empty.append(k.get("empty", False)) or real(*a, **k))
+    empty, real = [], loading.load
+    monkeypatch.setattr(loading, "load", lambda *a, **k: empty.append(k.get("empty", False)) or real(*a, **k))
     export(tmp_path / "s", tmp_path / "streamed")
     assert empty == [True]  # built without weights; each adapted one read by name
     monkeypatch.setattr(pretrained.Streamed, "open", classmethod(lambda cls, *a: None))
@@ -94,15 +95,15 @@ def test_the_check_reads_a_chunk_of_modules_at_a_time(kind, tiny, captured, tmp_
     time (here one each), PEFT loading the adapter onto it: the same figure, bit for bit, as the check
     on the loaded models, for a residual base and an offset init; a damaged module in the last chunk
     is found."""
-    export_module = importlib.import_module("cntinit.export")
+    export_module = importlib.import_module("cntinit.export.check")
     from cntinit.export import check_peft
 
     solve(None, tmp_path / "residual", model=tiny[kind], targets="all-linear", mode="pissa", rank=4)
     solve(captured[kind], tmp_path / "offset", mode="cnt-s", rank=4)
     for init in ("residual", "offset"):
         export(tmp_path / init, tmp_path / f"e-{init}")
-    loads, real = [], models.load
-    monkeypatch.setattr(models, "load", lambda *a, **k: loads.append(k.get("empty", False)) or real(*a, **k))
+    loads, real = [], loading.load
+    monkeypatch.setattr(loading, "load", lambda *a, **k: loads.append(k.get("empty", False)) or real(*a, **k))
     monkeypatch.setattr(export_module, "CHECK_CHUNK_BYTES", 1)
     by_name = {init: check_peft(tmp_path / f"e-{init}", tmp_path / init) for init in ("residual", "offset")}
     modules = {init: list(json.loads((tmp_path / init / "manifest.json").read_text())["modules"]) for init in by_name}
@@ -249,8 +250,8 @@ def test_a_shard_index_naming_files_elsewhere_is_refused(tmp_path, capsys):
 def test_solve_reads_each_weight_by_name(tiny, captured, tmp_path, monkeypatch):
     """solve builds the model without weights and reads each target's W when its batch comes: the
     same factors, bit for bit, and the same model record as solving on the loaded model."""
-    empty, real = [], models.load
-    monkeypatch.setattr(models, "load", lambda *a, **k: empty.append(k.get("empty", False)) or real(*a, **k))
+    empty, real = [], loading.load
+    monkeypatch.setattr(loading, "load", lambda *a, **k: empty.append(k.get("empty", False)) or real(*a, **k))
     runs = {"cnt-s": lambda out: solve(captured["llama"], out, mode="cnt-s", rank=4),
             "inilora": lambda out: solve(None, out, model=tiny["gpt2"], mode="inilora", rank=4, steps=20)}
     for name, solving in runs.items():
@@ -272,7 +273,7 @@ def test_a_class_that_keeps_modules_in_float32_is_loaded(tmp_path, monkeypatch):
     t5 = tmp_path / "t5"
     transformers.T5Model(transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
                                                architectures=["T5Model"])).save_pretrained(t5)
-    empty, real = [], models.load
-    monkeypatch.setattr(models, "load", lambda *a, **k: empty.append(k.get("empty", False)) or real(*a, **k))
+    empty, real = [], loading.load
+    monkeypatch.setattr(loading, "load", lambda *a, **k: empty.append(k.get("empty", False)) or real(*a, **k))
     solve(None, tmp_path / "s", model=t5, targets="wo", mode="pissa", rank=2)
     assert empty == [True, False]

@@ -8,7 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cntinit import baselines, inilora, modes, vas
+from cntinit.solve import linalg, vas
+from cntinit.solve.modes import cnt, data_baselines, inilora
 
 EPS = torch.finfo(torch.float64).eps
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -42,7 +43,7 @@ def finite(x):
 @given(problems(), st.sampled_from([0.0, 1e-8, 1e-4, 1e-2]))
 def test_eigen_is_ordered_orthonormal_and_signed(problem, rcond):
     _, sigma, _ = problem
-    values, vectors = modes.eigen(sigma)
+    values, vectors = linalg.eigen(sigma)
     assert finite(values) and finite(vectors)
     assert bool((values[0, :-1] >= values[0, 1:]).all())
     eye = torch.eye(sigma.shape[-1], dtype=torch.float64)
@@ -56,10 +57,10 @@ def test_eigen_is_ordered_orthonormal_and_signed(problem, rcond):
 def test_cross_is_finite_and_inverts_sigma_on_the_kept_space(problem, rcond):
     """W_tar Σ = W P_kept, P_kept the projector onto eigenvectors above the floor."""
     w, sigma, _ = problem
-    eig = modes.eigen(sigma)
-    target = modes.cross(w, eig, rcond)
+    eig = linalg.eigen(sigma)
+    target = cnt.cross(w, eig, rcond)
     assert target.shape == w.shape and finite(target)
-    keep = modes.kept(eig.values, rcond)[0]
+    keep = linalg.kept(eig.values, rcond)[0]
     kept_vectors = eig.vectors[0][:, keep]
     condition = float(eig.values[0, 0] / eig.values[0, keep][-1]) if bool(keep.any()) else 1.0
     tolerance = float(w.abs().max()) * (1e-9 + 100 * condition * EPS)  # rounding grows with the kept condition number
@@ -67,15 +68,15 @@ def test_cross_is_finite_and_inverts_sigma_on_the_kept_space(problem, rcond):
 
 
 @SETTINGS
-@given(problems(), st.sampled_from([0.0, 1e-4, 1e-2]), st.sampled_from(modes.SELF_FORMS))
+@given(problems(), st.sampled_from([0.0, 1e-4, 1e-2]), st.sampled_from(cnt.SELF_FORMS))
 def test_self_is_finite_and_whitens_when_nothing_is_floored(problem, rcond, form):
     """W_tar Σ W_tarᵀ = W Wᵀ when every eigenvalue is positive and above the floor (METHODS eq. 12)."""
     w, sigma, _ = problem
-    eig = modes.eigen(sigma)
-    target = modes.self_(w, eig, rcond, form)
+    eig = linalg.eigen(sigma)
+    target = cnt.self_(w, eig, rcond, form)
     assert target.shape == w.shape and finite(target)
     values = eig.values[0]
-    if bool(modes.kept(eig.values, rcond).all()) and float(values[-1] / values[0]) > 1e-6:
+    if bool(linalg.kept(eig.values, rcond).all()) and float(values[-1] / values[0]) > 1e-6:
         got = target[0] @ sigma[0] @ target[0].T
         want = w[0] @ w[0].T
         torch.testing.assert_close(got, want, atol=1e-6 * float(want.abs().max()), rtol=0)
@@ -86,7 +87,7 @@ def test_self_is_finite_and_whitens_when_nothing_is_floored(problem, rcond, form
 def test_shift_is_finite_and_solves_its_equation_when_nothing_is_floored(problem, rcond, c):
     """W_tar (I − Σ) Wᵀ = c I_k when (I − Σ)Wᵀ has k well-separated nonzero singular values (eq. 17)."""
     w, sigma, _ = problem
-    target, floored = modes.shift(w, sigma, rcond, c)
+    target, floored = cnt.shift(w, sigma, rcond, c)
     assert target.shape == w.shape and finite(target)
     k, d = w.shape[-2:]
     m = (torch.eye(d, dtype=torch.float64) - sigma[0]) @ w[0].T
@@ -102,7 +103,7 @@ def test_splits_never_exceed_the_rank(problem, rank, how, p):
     k, d = w.shape[-2:]
     rank = min(rank, k, d)
     generator = torch.Generator().manual_seed(0)
-    b, a, values = modes.split(w, rank, "qr" if how == "qr" else "svd", p, minor=how == "minor",
+    b, a, values = linalg.split(w, rank, "qr" if how == "qr" else "svd", p, minor=how == "minor",
                        niter=2 if how == "randomized" else None, generators=[generator])
     assert b.shape == (1, k, rank) and a.shape == (1, rank, d) and finite(b) and finite(a)
     update = b[0] @ a[0]
@@ -120,10 +121,10 @@ def test_splits_never_exceed_the_rank(problem, rank, how, p):
 @given(problems())
 def test_corda_metric_is_invertible_even_for_zero_or_singular_sigma(problem):
     _, sigma, _ = problem
-    metric, inverse = baselines.corda_metric(sigma)
+    metric, inverse = data_baselines.corda_metric(sigma)
     assert finite(metric) and finite(inverse)
     eye = torch.eye(sigma.shape[-1], dtype=torch.float64)
-    assert float(torch.linalg.matrix_norm(metric[0] @ inverse[0] - eye)) < baselines.CORDA_INVERSE_ERROR
+    assert float(torch.linalg.matrix_norm(metric[0] @ inverse[0] - eye)) < data_baselines.CORDA_INVERSE_ERROR
 
 
 @SETTINGS
@@ -136,11 +137,11 @@ def test_vas_ranks_stay_in_their_clamps_and_within_the_budget(spectra, budget, m
     assert all(min_rank <= ranks[name] <= limits[name] for name in singular)
     counts = vas.top_counts({n: vas.relative_variances(s) for n, s in singular.items()}, budget)
     assert sum(counts.values()) == min(budget, sum(len(s) for s in spectra))
-    assert all(0 <= float(baselines.explained_variance(s).sum()) <= 1 + 1e-12 for s in singular.values())
+    assert all(0 <= float(data_baselines.explained_variance(s).sum()) <= 1 + 1e-12 for s in singular.values())
 
 
 @SETTINGS
-@given(problems(), st.integers(1, 4), st.sampled_from(modes.INILORA_MODES))
+@given(problems(), st.integers(1, 4), st.sampled_from(list(inilora.DEFAULT_STEPS)))
 def test_inilora_stays_finite(problem, rank, mode):
     w, _, _ = problem
     k, d = w.shape[-2:]

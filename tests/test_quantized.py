@@ -14,8 +14,9 @@ import torch
 import transformers
 from peft.utils.loftq_utils import _low_rank_decomposition
 
-from cntinit import quant, solve
-from cntinit.solution import Solution
+from cntinit import solve
+from cntinit.solve import quant
+from cntinit.solve.solution import Solution
 
 from conftest import assert_refused, run
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 import yaml
 
-from cntinit import cache, plots, recipe, runner
-from cntinit.solution import Solution
+from cntinit import plots, recipe, runner
+from cntinit.solve.solution import Solution
+from cntinit.storage import cache
 
 from conftest import run
 
@@ -294,14 +295,14 @@ def test_report_spectrum_is_the_split_matrix_spectrum(tmp_path, tiny, captured):
     """pissa splits W itself: the report's spectrum is W's singular values (at most SPECTRUM_LENGTH)."""
     import transformers
 
-    from cntinit import models
+    from cntinit.models import linears
     from cntinit.solve import solve
 
     sol = Solution(solve(captured["llama"], tmp_path / "s", mode="pissa", rank=4))
     net = transformers.AutoModelForCausalLM.from_pretrained(tiny["llama"])
     modules = dict(net.named_modules())
     for name, row in sol.report["modules"].items():
-        want = torch.linalg.svdvals(models.weight_matrix(modules[name]).double())[:128]
+        want = torch.linalg.svdvals(linears.weight_matrix(modules[name]).double())[:128]
         torch.testing.assert_close(torch.tensor(row["spectrum"], dtype=torch.float64), want, rtol=1e-5, atol=1e-9)
 
 
@@ -311,7 +312,7 @@ def test_a_damaged_entry_is_computed_again(tmp_path, tiny, calibration, cache_di
     payload.write_bytes(payload.read_bytes()[:100])  # truncated
     again, hit = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
     assert again == path and not hit and "is damaged (a file is missing or changed); computing it again" in capsys.readouterr().err
-    from cntinit.store import Store
+    from cntinit.storage.store import Store
     Store(again)  # checksums verify
 
 
@@ -347,7 +348,7 @@ def test_a_corrupted_entry_of_the_right_size_is_computed_again(tiny, calibration
     payload.write_bytes(bytes(data))
     again, hit = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
     assert again == path and not hit and "is damaged" in capsys.readouterr().err
-    from cntinit.store import Store
+    from cntinit.storage.store import Store
 
     Store(again)  # checksums verify
     assert runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)[1]  # a hit again

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cntinit import capture, merge
-from cntinit.store import Store
+from cntinit.storage.store import Store
 
 from conftest import run
 from imaging import build_vit, write_images

@@ -12,8 +12,10 @@ import transformers
 from safetensors import safe_open
 
 import cntinit
-from cntinit import Store, modes
-from cntinit.solution import Solution
+from cntinit import Store
+from cntinit.solve import linalg
+from cntinit.solve.modes import cnt
+from cntinit.solve.solution import Solution
 from cntinit.solve import Options, solve
 from conftest import leftovers, run
 
@@ -122,17 +124,17 @@ def test_constraints_hold_on_the_captured_statistics(tiny, captured):
     for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"):
         key = store.manifest["modules"][name]["key"]
         t = store.tensors(key)
-        sigma = modes.second_moment(t["xxt"].double(), t["sum"].double(), t["count"], False)[None]
+        sigma = linalg.second_moment(t["xxt"].double(), t["sum"].double(), t["count"], False)[None]
         w = torch.from_numpy(ws[name])[None]
         for form in ("paper", "zca"):
-            target = modes.self_(w, modes.eigen(sigma), 0.0, form)
+            target = cnt.self_(w, linalg.eigen(sigma), 0.0, form)
             torch.testing.assert_close(target @ sigma @ target.mT, w @ w.mT, rtol=1e-8, atol=1e-8 * float(w.norm() ** 2))
         if w.shape[1] <= w.shape[2]:
-            target, _ = modes.shift(w, sigma, 0.0, 0.7)
+            target, _ = cnt.shift(w, sigma, 0.0, 0.7)
             eye = torch.eye(w.shape[2], dtype=torch.float64)
             torch.testing.assert_close(target @ (eye - sigma) @ w.mT, 0.7 * torch.eye(w.shape[1], dtype=torch.float64)[None], atol=1e-8, rtol=0)
-        identity = modes.eigen(torch.eye(w.shape[2], dtype=torch.float64)[None])
-        assert (modes.robust_estimate(w, [modes.cross(w, identity, 1e-4)], [1.0]) - w).abs().max() < 1e-12
+        identity = linalg.eigen(torch.eye(w.shape[2], dtype=torch.float64)[None])
+        assert (cnt.robust_estimate(w, [cnt.cross(w, identity, 1e-4)], [1.0]) - w).abs().max() < 1e-12
 
 
 def test_vas_ranks_follow_pooled_variances_and_spend_the_budget(tiny, captured, tmp_path):
@@ -338,7 +340,7 @@ def test_report_shows_rcond_and_floored_only_where_the_mode_floors(tiny, capture
 def test_an_offset_init_that_moves_the_outputs_far_warns_with_the_fix(captured, tmp_path, capsys):
     """The warning fires from the report's own out Δ (median over modules) above FAR_OUT_DELTA, for an
     offset init only, in one line that names the fix the benchmarks support."""
-    from cntinit.solve import FAR_OUT_DELTA
+    from cntinit.solve.report import FAR_OUT_DELTA
 
     far, fired = "offset init changes the adapted layers' outputs", []
     for mode, init in (("cnt-x", "offset"), ("cnt-x", "residual"), ("lora", "offset")):

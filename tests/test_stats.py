@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cntinit.stats import InputStats, accumulate_upper, symmetrize
+from cntinit.capture.stats import InputStats, accumulate_upper, symmetrize
 
 
 @settings(max_examples=25, deadline=None)

@@ -10,7 +10,8 @@ import torch
 import transformers
 from PIL import Image
 
-from cntinit import capture, export, solve, store
+from cntinit import capture, export, solve
+from cntinit.storage import store
 from conftest import assert_refused, run
 from imaging import build_vit, write_images
 from test_export import assert_modules_add_exactly_ba, factors

@@ -1,0 +1,61 @@
+"""The feed of a text model: tokenized samples in padded batches (padding is dropped from the
+statistics; with prompt/completion records, prompts are not next-token targets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ...console import warn
+from ...errors import CntinitError
+from ...models.loading import context_length
+from . import samples
+from .feed import Batch, Feed, Shard, share, shard_total
+
+OPTIONS = ("pack", "sample_max_norm")  # the capture options only this kind of model (or few) reads
+
+
+def build(net, tokenizer, args, run_dtype: torch.dtype, shard: Shard = (0, 1)) -> Feed:
+    """The calibration text `args.data` (see samples) as batches of `args.batch_size` sequences."""
+    if tokenizer is None:
+        raise CntinitError("this model has no tokenizer, so it cannot read text: give --data a folder of images "
+                           "(a vision model) or add the tokenizer files to its directory")
+    read = samples.read_samples(args.data, args.text_field, args.max_samples)
+    seq_len = args.seq_len
+    context = context_length(net, tokenizer)
+    if context is not None and seq_len > context:
+        warn(f"--seq-len {seq_len} is longer than the model's context ({context} tokens): using {context}")
+        seq_len = context
+    sequences = samples.tokenize(read, tokenizer, seq_len, args.pack)
+    if not sequences:
+        raise CntinitError(f"no sample of {args.data} has any token: give non-empty text")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    _refuse_foreign_ids(net, max(pad_id, *(max(sequence) for sequence in sequences)))
+    every = samples.split_buckets(sequences, args.buckets)
+    total = shard_total([len(part) for part in every], shard)
+    parts = [[part[i] for i in share(range(len(part)), shard)] for part in every]
+
+    def batches() -> Iterator[Batch]:
+        for bucket, part in enumerate(parts):
+            for ids, mask, targets in samples.batches(part, args.batch_size, pad_id):
+                yield bucket, {"input_ids": ids, "attention_mask": mask}, mask, targets
+
+    probe = torch.tensor([sequences[0][:8]])
+    source = str(args.data) if str(args.data) == "-" else str(Path(args.data).absolute())
+    return Feed({"input_ids": probe, "attention_mask": torch.ones_like(probe)}, total, "tok", batches,
+                {"fingerprint": samples.fingerprint(read), "sources": [source], "samples": len(read),
+                 "sequences": total}, {"seq_len": seq_len, "pack": args.pack})
+
+
+def _refuse_foreign_ids(net, largest: int) -> None:
+    """A tokenizer of another model (its files copied beside these weights) gives ids the embeddings
+    lack: refused before any work, where the forward stopped with torch's IndexError."""
+    try:
+        rows = net.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return
+    if largest >= rows:
+        raise CntinitError(f"the tokenizer gives token id {largest}, but the model's embeddings have {rows} rows: its tokenizer "
+                           "files are another model's; put the model's own tokenizer beside its weights")

@@ -1,0 +1,153 @@
+"""Loading a model from a local path: a transformers model (the class its config.json names) with its
+tokenizer, or a diffusers pipeline; and what the manifests record of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import transformers
+from torch import nn
+
+from ..errors import CntinitError, first_line
+from . import pipelines, weight_files
+
+if TYPE_CHECKING:
+    from .placement import Placement
+
+# bitsandbytes' CPU backend warns at import, through transformers, that an optional kernels package is missing
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+TASK_TYPES = {  # the model class's ending -> PEFT's task type, which picks the PeftModel subclass a trainer gets
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",  # GPT-2's GPT2LMHeadModel
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+}
+
+
+def task_type(class_name: str) -> str | None:
+    """PEFT's task type for a model class, by its name's ending; None when the name does not say."""
+    return next((task for ending, task in TASK_TYPES.items() if class_name.endswith(ending)), None)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether the model predicts the next token (what a gradient capture's loss needs)."""
+    return task_type(type(model).__name__) == "CAUSAL_LM"
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # what `org/name` on the Hugging Face Hub looks like
+
+
+def must_exist(path: str | Path) -> Path:
+    """`path`, or the error every stage gives for a model that is not there."""
+    path = Path(path)
+    if not path.exists() and HUB_ID.match(str(path)):
+        raise CntinitError(f"model path {path} does not exist; it looks like a Hugging Face Hub id, but the Hub is never contacted: "
+                           f"download it first (`huggingface-cli download {path} --local-dir {path.name}`) and give that local directory")
+    if not path.exists():
+        raise CntinitError(f"model path {path} does not exist: give a local model directory (the Hub is not used)")
+    return path
+
+
+def load(path: str | Path, trust_remote_code: bool = False, placement: "Placement | None" = None, empty: bool = False):
+    """(model, tokenizer or None) from a local directory, in the checkpoint's own dtype, eval mode.
+
+    The class is the one config.json names (so module paths match what trainers load),
+    falling back to AutoModel. A diffusers pipeline directory loads as `pipelines.DiffusionParts`.
+    A model without tokenizer files (a vision encoder) gets None. With a `placement`, accelerate
+    spreads the weights over the device, then CPU memory, then disk, within its limits. `empty`
+    builds the model without reading its weights: parameters on the meta device, buffers real
+    (a layerwise capture reads the weights itself, block by block).
+    """
+    path = must_exist(path)
+    if pipelines.is_pipeline(path):
+        if placement is not None:
+            raise CntinitError(f"--offload places transformers models; {path} is a diffusers pipeline: leave out --offload")
+        for part in (*pipelines.COMPONENTS, "vae"):
+            if (path / part).is_dir():
+                weight_files.refuse_pickles(path / part)
+        return pipelines.load(path)
+    if not (path / "config.json").is_file():
+        raise CntinitError(f"{path} is not a transformers model directory (no config.json): give the folder save_pretrained wrote")
+    weight_files.refuse_pickles(path)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        weight_files.refuse_quantized(path, config)
+        names = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, names[0], None) if names else None
+        model_class = model_class or transformers.AutoModel
+        if empty:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                model = (transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code) if model_class is transformers.AutoModel
+                         else model_class._from_config(config))
+            model.tie_weights()  # as from_pretrained does: a tied output layer shares the embeddings' parameter
+        else:
+            spread = placement.arguments() if placement is not None else {}
+            model, info = model_class.from_pretrained(path, dtype=spread.pop("dtype", "auto"), trust_remote_code=trust_remote_code,
+                                                         output_loading_info=True, ignore_mismatched_sizes=True, **spread)
+            weight_files.refuse_incomplete(path, info["missing_keys"], info["mismatched_keys"])
+            weight_files.refuse_codes(path, model)
+    except CntinitError:
+        raise
+    except Exception as exc:
+        if placement is not None and "_no_split_modules" in str(exc):
+            raise CntinitError(f"{path}: this architecture does not say how to split it across devices, so --offload "
+                               "cannot place it: run without --offload") from None
+        raise CntinitError(f"could not load the model at {path}: {first_line(exc)} — give a complete save_pretrained directory "
+                           "of an architecture this transformers knows (custom code needs --trust-remote-code)") from None
+    model.eval().requires_grad_(False)
+    return model, _tokenizer(path, trust_remote_code)
+
+
+def _tokenizer(path: Path, trust_remote_code: bool):
+    """The model's tokenizer, or None where its directory has no tokenizer files (a vision encoder)."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise CntinitError(f"could not load the tokenizer at {path}: {first_line(exc)} — its tokenizer files are damaged or of "
+                           "another version: put the model's own tokenizer files (save_pretrained's) beside its weights") from None
+
+
+def record(net: nn.Module, path: str | Path, fingerprint: str) -> dict:
+    """The model as the manifests record it; a pipeline with two text encoders has the SDXL layout,
+    which export's kohya names follow."""
+    entry = {"path": str(Path(path).absolute()), "class": type(net).__name__, "fingerprint": fingerprint, "kind": modality(net)}
+    if isinstance(net, pipelines.DiffusionParts) and net.text_encoder_2 is not None:
+        entry["layout"] = pipelines.SDXL
+    return entry
+
+
+def modality(model: nn.Module) -> str:
+    """What the model reads: "diffusion" (a pipeline), "vision" (pixel_values) or "text"."""
+    if isinstance(model, pipelines.DiffusionParts):
+        return "diffusion"
+    return "vision" if getattr(model, "main_input_name", "input_ids") == "pixel_values" else "text"
+
+
+def context_length(model: nn.Module, tokenizer) -> int | None:
+    """The longest sequence the model takes: its position table (RoBERTa-style models lose two
+    slots to their padding offset) or the tokenizer's limit, whichever is smaller; None if neither says."""
+    config = model.config
+    model_type = getattr(config, "model_type", "") or ""
+    offset = 2 if "roberta" in model_type or model_type == "camembert" else 0
+    limits = [getattr(config, name) - offset for name in ("max_position_embeddings", "n_positions")
+              if isinstance(getattr(config, name, None), int)]
+    if isinstance(getattr(tokenizer, "model_max_length", None), int) and tokenizer.model_max_length < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    return min(limits) if limits else None

@@ -1,0 +1,87 @@
+"""What a solve reads, in batches of equal-shape modules on its device: the weights W, each module's
+pooled Σ for the report, the mean loss gradient G (gradient modes) and each statistic's Σ per bucket
+(CNT modes, modes/cnt.py). Memory stays bounded by CHUNK_BYTES plus the model itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+
+from ..errors import CntinitError
+from ..models.linears import in_out_features, weight_values
+from ..storage.store import Store
+from .linalg import second_moment
+
+CHUNK_BYTES = 1 << 30
+
+
+class Batch(NamedTuple):
+    names: list[str]
+    weight: torch.Tensor  # (n, k, d)
+    delta: torch.Tensor  # (n, k, d): W_est − W for the CNT modes; W itself for the residual modes; 0 for lora; G for the gradient modes
+    sigma: torch.Tensor | None  # (n, d, d): pooled uncentered second moment, for the report; None without a capture
+    floored: list[int]  # eigen/singular values under the floor, worst bucket
+    metric: tuple[torch.Tensor, torch.Tensor] | None = None  # corda: (C, C⁻¹), split ΔW C then A ← A C⁻¹
+
+
+def weights(stats: Store | None, modules: dict, options, dev: torch.device, dtype: torch.dtype,
+            metric: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> Iterator[Batch]:
+    """W itself (as the delta too), in batches of equal shape. With a capture, the pooled Σ of each
+    module rides along for the report; `metric` (corda's) makes each batch's metric from the
+    modules' own second moments (centered with --centered)."""
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name, module in modules.items():
+        by_shape.setdefault(in_out_features(module), []).append(name)
+    for (d, k), names in by_shape.items():
+        per_batch = max(1, CHUNK_BYTES // (6 * k * d * 8))
+        for s in range(0, len(names), per_batch):
+            group = names[s : s + per_batch]
+            w = torch.stack([weight_values(modules[n]) for n in group]).to(dev, dtype)
+            sigma, made = None, None
+            if stats is not None:
+                keys = [stats.manifest["modules"][n]["key"] for n in group]
+                tensors = {key: {t: v.to(dev, torch.float64) for t, v in stats.tensors(key).items()} for key in dict.fromkeys(keys)}
+                sigma = torch.stack([pooled_sigma(tensors[key]) for key in keys]).to(dev, dtype)
+                if metric is not None:
+                    own = {key: second_moment(t["xxt"], t["sum"], t["count"], options.centered) for key, t in tensors.items()}
+                    made = metric(torch.stack([own[key] for key in keys]).to(dev, dtype))
+            yield Batch(group, w, w, sigma, [0] * len(group), made)
+
+
+def gradients(stats: Store, modules: dict, options, dev: torch.device, dtype: torch.dtype) -> Iterator[Batch]:
+    """The mean loss gradient G (the stored sum over the K batches / K) as each batch's delta, with W
+    and the pooled Σ (for the report), in batches of equal shape."""
+    count = stats.manifest["gradients"]["batches"]
+    for batch in weights(stats, modules, options, dev, dtype):
+        grad = torch.stack([stats.gradient(name) for name in batch.names]).to(dev, dtype) / count
+        yield batch._replace(delta=grad)
+
+
+def pooled_sigma(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The pooled uncentered second moment (d, d), float64: what the report measures output energy with."""
+    return second_moment(tensors["xxt"].double(), tensors["sum"].double(), tensors["count"], centered=False)
+
+
+def sigmas(tensors: dict[str, torch.Tensor], key: str, options, buckets: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ per bucket used by the mode (B, d, d), pooled uncentered Σ (d, d)), float64 on `dev`
+    (on a GPU this arithmetic over d² entries costs a fraction of what it costs on the CPU)."""
+    t = {name: value.to(dev, torch.float64) for name, value in tensors.items()}
+    pooled = pooled_sigma(t)
+    if options.pooled or buckets == 1:
+        return second_moment(t["xxt"], t["sum"], t["count"], options.centered)[None], pooled
+    empty = (t["bucket_count"] == 0).nonzero().flatten().tolist()
+    if empty:
+        raise CntinitError(f"bucket {empty[0]} of {key} holds no tokens: capture with fewer --buckets, or solve with --pooled")
+    return second_moment(t["bucket_xxt"], t["bucket_sum"], t["bucket_count"], options.centered), pooled
+
+
+def bucket_weights(options, buckets: int) -> list[float]:
+    """w_j of eq. 18: one per bucket (all 1 by default), or [1] for the pooled statistics."""
+    count = 1 if options.pooled else buckets
+    weights_given = options.bucket_weights or [1.0] * count
+    if len(weights_given) != count:
+        what = "the pooled statistics take one weight" if options.pooled else f"the capture has {buckets} bucket(s)"
+        raise CntinitError(f"--bucket-weights has {len(weights_given)} value(s) but {what}: give {count} comma-separated numbers")
+    return [float(w) for w in weights_given]

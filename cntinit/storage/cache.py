@@ -1,0 +1,286 @@
+"""A content-addressed cache of capture stores and solve directories.
+
+    $CNTINIT_CACHE (default ~/.cache/cntinit)/
+        captures/<key>/        a statistics store, exactly as `cntinit capture --out` writes it
+        captures/<key>.json    what the key was made of, when it was made and last used
+        solves/<key>/ ...      the same for solve directories
+        digests/               file content hashes, remembered by (path, size, mtime, inode)
+        locks/<key>.lock       held while an entry is looked up and computed
+
+The key is the SHA-256 of the model directory's contents, the data's contents and every
+option that changes the result (plus cntinit's version), so a repeated run finds its entry
+without loading anything, and changing only the solve reuses the capture. Entries appear by
+atomic rename; a run computing a key holds its lock, so a second run with the same key waits
+and then hits instead of computing it twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .. import __version__
+from .atomic import atomic_file, remove_leftovers
+from ..console import log
+from ..errors import CntinitError
+from .store import read_manifest
+
+KINDS = {"capture": ("captures", "cntinit.stats"), "solve": ("solves", "cntinit.solve")}
+HASH_CHUNK = 1 << 24
+
+
+def root() -> Path:
+    """$CNTINIT_CACHE, else $XDG_CACHE_HOME/cntinit, else ~/.cache/cntinit."""
+    explicit = os.environ.get("CNTINIT_CACHE")
+    if explicit:
+        return Path(explicit).expanduser().absolute()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser().absolute() / "cntinit"
+
+
+def ready(cache: Path | None = None) -> Path:
+    """The cache directory, created if needed; a one-line error when it cannot be written."""
+    cache = cache or root()
+    try:
+        (cache / "locks").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache / "locks"):  # a name of its own: runs probe at once
+            pass
+    except OSError as exc:
+        raise CntinitError(f"cannot write in the cache {cache} ({exc.strerror or exc}): set CNTINIT_CACHE to a writable directory") from None
+    return cache
+
+
+def file_digest(path: Path, cache: Path) -> str:
+    """SHA-256 of a file's bytes, remembered under its (path, size, mtime, inode) so a 14 GB
+    checkpoint is read once, not on every run."""
+    stat = path.stat()
+    identity = f"{path.absolute()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}"
+    memo = cache / "digests" / hashlib.sha256(identity.encode()).hexdigest()
+    with contextlib.suppress(OSError):
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    _write_atomic(memo, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def tree_digest(path: str | Path, cache: Path) -> str:
+    """SHA-256 over a file, or over a directory's files (relative path and content; hidden
+    files and folders left out), independent of where the tree lives."""
+    path = Path(path)
+    if not path.exists():
+        raise CntinitError(f"{path} does not exist: check the path")
+    if path.is_file():
+        return file_digest(path, cache)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file, cache)}\n".encode())
+    return digest.hexdigest()
+
+
+def key(kind: str, inputs: dict) -> str:
+    """The content key of an entry: SHA-256 of its inputs as canonical JSON."""
+    text = json.dumps({"kind": kind, "cntinit": __version__, **inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Entry:
+    kind: str
+    key: str
+    path: Path
+    meta: dict
+    bytes: int  # measured when listed, so a removal can still say how much it freed
+    manifest: dict  # the capture's or solve's, read when listed
+
+    @property
+    def used(self) -> float:
+        return self.meta.get("used", self.path.stat().st_mtime)
+
+
+def entry_dir(cache: Path, kind: str, key: str) -> Path:
+    return cache / KINDS[kind][0] / key
+
+
+def obtain(kind: str, inputs: dict, label: str, compute: Callable[[Path], object], cache: Path | None = None) -> tuple[Path, bool]:
+    """(the entry's directory, whether it was already there and intact). A hit is checked under a
+    shared lock (runs using one entry do not wait for each other); a miss, or an entry whose files
+    no longer match their checksums, is computed by `compute(directory)` (atomically, as capture
+    and solve write) under the key's exclusive lock, so two runs never compute it twice."""
+    cache = cache or root()
+    digest = key(kind, inputs)
+    path = entry_dir(cache, kind, digest)
+    with _locked(cache, digest, label, shared=True):
+        if _intact(path, KINDS[kind][1], cache):
+            _touch(path, kind, digest, label, inputs)
+            return path, True
+    with _locked(cache, digest, label):
+        hit = _intact(path, KINDS[kind][1], cache)  # another run may have computed it meanwhile
+        if not hit:
+            if path.exists():
+                log(f"cache entry {digest[:12]} ({label}) is damaged (a file is missing or changed); computing it again")
+                shutil.rmtree(path)
+            compute(path)
+        _touch(path, kind, digest, label, inputs)
+    return path, hit
+
+
+@contextlib.contextmanager
+def in_use(path: Path, cache: Path | None = None) -> Iterator[None]:
+    """Hold the entry at `path` while a run reads it: `cache rm` and `prune` leave it alone."""
+    with _locked(cache or root(), path.name, path.name, shared=True):
+        yield
+
+
+def _touch(path: Path, kind: str, digest: str, label: str, inputs: dict) -> None:
+    meta_file = path.with_suffix(".json")
+    meta = _read_json(meta_file) or {"kind": kind, "key": digest, "label": label, "created": time.time(), "inputs": inputs}
+    _write_atomic(meta_file, json.dumps(meta | {"used": time.time()}, indent=2, default=str))
+
+
+def _intact(path: Path, format: str, cache: Path) -> bool:
+    """A readable manifest whose payloads all exist with their recorded sizes and checksums (each
+    file's hash is remembered by its size, mtime and inode, so a repeated hit reads nothing)."""
+    manifest = read_manifest(path, format)
+    if manifest is None:
+        return False
+    for name, entry in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != entry.get("bytes") or "sha256:" + file_digest(file, cache) != entry.get("sha256"):
+            return False
+    return True
+
+
+def entries(cache: Path | None = None) -> list[Entry]:
+    """Every complete entry, most recently used first."""
+    cache = cache or root()
+    found = []
+    for kind, (folder, format) in KINDS.items():
+        directory = cache / folder
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            manifest = read_manifest(path, format) if path.is_dir() and not path.name.startswith(".") else None
+            if manifest is not None:
+                size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                found.append(Entry(kind, path.name, path, _read_json(path.with_suffix(".json")) or {}, size, manifest))
+    return sorted(found, key=lambda e: e.used, reverse=True)
+
+
+def remove(entry: Entry, cache: Path | None = None) -> bool:
+    """Delete one entry unless a run holds its lock; whether it was removed."""
+    cache = cache or root()
+    try:
+        with _locked(cache, entry.key, entry.meta.get("label", entry.key), wait=False):
+            shutil.rmtree(entry.path)
+            entry.path.with_suffix(".json").unlink(missing_ok=True)
+            return True
+    except BlockingIOError:
+        return False
+
+
+def match(prefixes: list[str], cache: Path | None = None) -> list[Entry]:
+    """Entries whose key starts with each prefix; a prefix that matches none or several is an error."""
+    all_entries = entries(cache)
+    chosen = []
+    for prefix in prefixes:
+        hits = [e for e in all_entries if e.key.startswith(prefix.lower())]
+        if not hits:
+            raise CntinitError(f"no cache entry has a key starting with {prefix}: see `cntinit cache ls`")
+        if len(hits) > 1:
+            raise CntinitError(f"{len(hits)} cache entries have keys starting with {prefix}: give more of the key")
+        chosen.append(hits[0])
+    return chosen
+
+
+AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)i?B?$", re.IGNORECASE)
+
+
+def parse_age(text: str) -> float:
+    """'30d' → seconds."""
+    found = AGE.match(text.strip())
+    if not found:
+        raise CntinitError(f"--older-than {text} is not an age: write e.g. 12h, 30d or 2w")
+    return float(found[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[found[2]]
+
+
+def parse_size(text: str) -> int:
+    """'20G' → bytes (powers of 1024)."""
+    found = SIZE.match(text.strip())
+    if not found:
+        raise CntinitError(f"--max-size {text} is not a size: write e.g. 500M or 20G")
+    return int(float(found[1]) * 1024 ** " KMGT".index(found[2].upper() or " "))
+
+
+def prune(older_than: float | None, max_bytes: int | None, cache: Path | None = None) -> tuple[list[Entry], list[Entry]]:
+    """(removed, kept because in use): entries unused for `older_than` seconds, then the least
+    recently used until the rest fits in `max_bytes`. Temporary directories that interrupted
+    runs left behind go too (`atomic.remove_leftovers`)."""
+    cache = cache or root()
+    for folder, _ in KINDS.values():
+        if (cache / folder).is_dir():
+            remove_leftovers(cache / folder)
+    now = time.time()
+    remaining = entries(cache)
+    doomed = [e for e in remaining if older_than is not None and now - e.used > older_than]
+    remaining = [e for e in remaining if e not in doomed]
+    if max_bytes is not None:
+        total = sum(e.bytes for e in remaining)
+        while remaining and total > max_bytes:
+            oldest = remaining.pop()
+            total -= oldest.bytes
+            doomed.append(oldest)
+    removed, busy = [], []
+    for entry in doomed:
+        (removed if remove(entry, cache) else busy).append(entry)
+    return removed, busy
+
+
+def leftovers(cache: Path | None = None) -> list[Path]:
+    """Temporary directories interrupted writes left among the entries."""
+    cache = cache or root()
+    return [p for folder, _ in KINDS.values() for pattern in (".*.tmp-*", ".*.old-*") for p in (cache / folder).glob(pattern)]
+
+
+@contextlib.contextmanager
+def _locked(cache: Path, digest: str, label: str, wait: bool = True, shared: bool = False) -> Iterator[None]:
+    """The key's lock: exclusive to compute or remove an entry, shared to read one."""
+    handle = open(ready(cache) / "locks" / f"{digest}.lock", "a+")
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    with handle:
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise
+            log(f"waiting for another run that is {'computing' if shared else 'computing or using'} {label} ({digest[:12]})")
+            fcntl.flock(handle, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
