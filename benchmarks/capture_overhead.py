@@ -24,9 +24,9 @@ from rich.table import Table
 
 from cntinit import embedded
 from cntinit.capture.feeds import samples as data
-from cntinit.models import linears, loading, placement
 from cntinit.capture.recorder import Recorder, exact_float32, shared_input_groups
 from cntinit.capture.stage import ACCUMULATE
+from cntinit.models import linears, loading, placement
 
 COLUMNS = ("targets", "modules", "statistics", "forward s", "capture s", "ratio", "target")
 ATTENTION = {"q_proj": "q_proj,k_proj,v_proj,o_proj", "query": "query,key,value,attention.output.dense"}

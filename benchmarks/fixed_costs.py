@@ -24,9 +24,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cntinit.models import fingerprints
-from cntinit.finite import all_finite
 from cntinit.capture.stats import symmetrize
+from cntinit.finite import all_finite
+from cntinit.models import fingerprints
 
 
 def rss() -> int:

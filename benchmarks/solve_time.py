@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cntinit import capture, console, embedded
-from cntinit.solve.solution import Solution
 from cntinit.solve import Options, solve
+from cntinit.solve.solution import Solution
 
 
 NO_VAS = ("lora", "eva", "inilora", "inilora-alpha", "inilora-beta")  # modes that refuse --vas

@@ -48,8 +48,8 @@ def run_step(step: str, args, scratch: Path) -> dict:
 
     from cntinit import capture, console, embedded, solve
     from cntinit.capture.feeds import samples as data
-    from cntinit.models import linears, loading, placement
     from cntinit.capture.recorder import exact_float32
+    from cntinit.models import linears, loading, placement
 
     console.quiet = True
     device = placement.resolve_device(args.device)

@@ -48,8 +48,8 @@ def build(directory: Path, args) -> int:
 
 def child(stage: str, way: str, source: Path, out: Path, targets: str) -> None:
     """One solve, export or check in this process; prints its seconds and peak memory as JSON."""
-    from cntinit.models import pretrained
     from cntinit.export import export, verify
+    from cntinit.models import pretrained
     from cntinit.solve import solve
 
     if way == "loaded":

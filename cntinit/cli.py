@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import typer
 import typer.core
-from rich import box
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__, console
+from . import __version__, console, tables
 from .errors import CntinitError, first_line
 
 try:  # typer 0.2x carries its own copy of click
     from typer._click import exceptions as click_errors
 except ImportError:  # older typer runs on click itself
     from click import exceptions as click_errors
-
-if TYPE_CHECKING:
-    from .storage.store import Store
 
 # The stages (torch, transformers, peft) are imported inside the commands that run them, so that
 # `cntinit --help` and `cntinit solve --help` answer at once (benchmarks/startup.py measures it).
@@ -96,24 +90,9 @@ def _finish(path: Path, as_json: bool) -> None:
     if _follower():
         return
     if as_json:
-        typer.echo(json.dumps(summary(Store(path, verify=False)), indent=2))
+        typer.echo(json.dumps(tables.summary(Store(path, verify=False)), indent=2))
     else:
         typer.echo(str(path))
-
-
-def summary(store: Store) -> dict:
-    m = store.manifest
-    return {
-        "path": str(store.path),
-        "format": m["format"],
-        "format_version": m["format_version"],
-        "model": m["model"],
-        "data": m["data"],
-        "capture": m["capture"],
-        "modules": len(m["modules"]),
-        "statistics": len(m["stats"]),
-        "bytes": sum(f["bytes"] for f in m["files"].values()),
-    } | ({"gradients": m["gradients"]} if "gradients" in m else {})
 
 
 @app.command(cls=_Command)
@@ -236,33 +215,13 @@ def inspect(
         if as_json:
             typer.echo(json.dumps(sol.manifest, indent=2))
         else:
-            print_report(sol.report, console.stdout())
+            tables.print_report(sol.report, console.stdout())
         return
     store = Store(directory, verify=verify)
     if as_json:
         typer.echo(json.dumps(store.manifest, indent=2))
         return
-    print_store(store, console.stdout())
-
-
-def print_store(store: Store, out: Console) -> None:
-    s = summary(store)
-    out.print(f"[bold]{s['path']}[/]  {s['format']} v{s['format_version']}")
-    out.print(f"model  {s['model']['class']} at {s['model']['path']}  ({s['model']['fingerprint'][:19]}…)")
-    d = s["data"]
-    out.print(f"data   {d['samples']:,} samples, {d['sequences']:,} sequences, {d['tokens']:,} tokens  ({d['fingerprint'][:19]}…)")
-    c = s["capture"]
-    out.print(f"capture  targets={c['targets']} seq_len={c['seq_len']} buckets={c['buckets']} dtype={c['dtype']} accumulate={c['accumulate']}")
-    if "gradients" in s:
-        g = s["gradients"]
-        out.print(f"gradients  of every module, over {g['batches']:,} batches and {g['tokens']:,} predicted tokens "
-                  f"(mean loss {g['mean_loss']:.4g}): for --mode lora-ga, lora-one")
-    table = Table("statistics key", "dim", "count", "modules reading it")
-    for key, entry in store.manifest["stats"].items():
-        short = [name.rsplit(".", 1)[-1] for name in entry["modules"]]
-        table.add_row(key, str(entry["dim"]), f"{entry['count']:,}", ", ".join(short))
-    out.print(table)
-    out.print(f"{s['modules']} modules, {s['statistics']} statistics, {s['bytes'] / 2**20:.1f} MiB")
+    tables.print_store(store, console.stdout())
 
 
 def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
@@ -364,80 +323,12 @@ def solve(
         return
     report = Solution(path).report
     if not quiet:
-        print_report(report, console.err)
+        tables.print_report(report, console.err)
     if plot is not None:
         if not plots.available():
             raise CntinitError(f"--plot needs matplotlib: {plots.INSTALL}")
         console.log(f"plot: {plots.write_report_plot(report, plot)}")
     typer.echo(json.dumps({"path": str(path)} | report, indent=2) if as_json else str(path))
-
-
-TABLE_ROWS = 48
-
-
-def print_report(report: dict, out: Console) -> None:
-    """Per module — or, past TABLE_ROWS modules, per module kind (rank range, medians over layers,
-    floored max) — rank, ‖ΔW‖, ‖BA‖/‖W‖, kept share, output change, floored values (IniLoRA:
-    the fit's error over the Eckart–Young optimum instead)."""
-    from .models.linears import module_kind
-    rows = report["modules"]
-    grouped = len(rows) > TABLE_ROWS
-    fitted = "fit_error" in next(iter(rows.values()))
-    shared = os.path.commonprefix(list(rows))
-    shared = "" if grouped else shared[: shared.rfind(".") + 1]  # e.g. "model.layers.", left out of every row
-    groups: dict[str, list[dict]] = {}
-    for name, row in rows.items():
-        groups.setdefault(module_kind(name) if grouped else name[len(shared):], []).append(row)
-    floors = report["mode"].startswith("cnt-")  # only the CNT modes floor eigenvalues at rcond
-    last = "fit ÷ opt" if fitted else "floored" if floors else None
-    gradient = ["‖ΔW‖ here = ‖G‖, the mean loss gradient", "kept = share of ‖G‖² in its rank-r subspace",
-                "out Δ = tr(BA Σ (BA)ᵀ)/tr(W Σ Wᵀ)"]
-    notes = {"eva": ["kept = explained variance of the kept eigenvectors (B = 0, so BA = 0)"],
-             "lora": ["B = 0: the adapter starts as zero"], "lora-ga": gradient, "lora-one": gradient}.get(
-        report["mode"], ["kept = ‖BA‖²/‖ΔW‖²", "out Δ = tr(BA Σ (BA)ᵀ)/tr(W Σ Wᵀ)"])
-    if floors:
-        notes.append("floored = eigenvalues under rcond·λmax")
-    if fitted:
-        notes.append("fit ÷ opt = ‖W − BA‖ / ‖W − W_r‖ (Eckart–Young optimum)")
-    quantized = "quant_error" in next(iter(rows.values()))
-    if quantized:
-        notes.append("W−Q−BA = ‖W − Q − BA‖/‖W‖ with Q the NF4 base; W−Q(W) = plain QLoRA's ‖W − NF4(W)‖/‖W‖")
-    if grouped:
-        notes.append(f"per module kind: rank range, medians over layers{', floored max' if floors else ''}; per module in report.json")
-    title = f"{report['mode']} · {report['init']} init" + (f" · rcond {report['rcond']:g}" if floors else "")
-    table = Table(title=title, box=box.SIMPLE_HEAD)
-    table.add_column("module kind" if grouped else f"module ({shared}…)" if shared else "module", overflow="fold", min_width=22)
-    for header in ("rank", "‖ΔW‖", "‖BA‖/‖W‖", "kept", "out Δ", *([last] if last else []), *(("W−Q−BA", "W−Q(W)") if quantized else ())):
-        table.add_column(header, justify="right", no_wrap=True)
-    typical = statistics.median if grouped else max  # max of one value is the value
-    for label, members in groups.items():
-        ranks = [m["rank"] for m in members]
-        cells = [
-            label,
-            f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}–{max(ranks)}",
-            f"{typical(m['delta_norm'] for m in members):.3g}",
-            f"{typical(m['update_norm'] / m['weight_norm'] if m['weight_norm'] else 0.0 for m in members):.3g}",
-            "–" if members[0]["kept"] is None else f"{100 * typical(m['kept'] for m in members):.1f}%",
-            "–" if members[0]["output_change"] is None else f"{typical(m['output_change'] for m in members):.3g}",
-        ]
-        if last:
-            cells.append(f"{typical(_fit_ratio(m) for m in members):.4f}" if fitted else f"{max(m['floored'] for m in members)}")
-        if quantized:
-            cells += [f"{typical(m['quant_error'] for m in members):.4f}", f"{typical(m['qlora_error'] for m in members):.4f}"]
-        table.add_row(*cells)
-    out.print(table)
-    out.print(" · ".join(notes), style="dim", highlight=False)  # not a caption: that would wrap at the table's width
-    budget = f" of budget {report['budget']}" if report["budget"] else ""
-    wanted = "‖G‖² in rank r" if report["mode"] in ("lora-ga", "lora-one") else "‖ΔW‖² kept"
-    kept = "" if report["kept"] is None else f"{wanted} overall {100 * report['kept']:.1f}%; "
-    floored = f"{report['floored_modules']} modules had values under the floor; " if floors else ""
-    steps = f"; Adam ran {max(m['steps'] for m in rows.values())} steps at most" if fitted else ""
-    out.print(f"{report['modules_with_adapter']}/{len(rows)} modules get an adapter, total rank {report['total_rank']}{budget}; "
-              f"{kept}{floored}solved in {report['solve_seconds']:.1f}s{steps}", highlight=False)
-
-
-def _fit_ratio(row: dict) -> float:
-    return row["fit_error"] / row["optimal_error"] if row["optimal_error"] > 0 else 1.0
 
 
 @app.command(cls=_Command)
@@ -506,32 +397,12 @@ def run_recipe(
     plan = recipe.load(recipe_file, overrides or [])
     summary = runner.run(plan, trust_remote_code=trust_remote_code)
     if not quiet:
-        print_run(summary, console.err)
+        tables.print_run(summary, console.err)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
         for path in summary["exports"] or [row["path"] for row in summary["stages"] if row["stage"] == "solve"]:
             typer.echo(path)
-
-
-def print_run(summary: dict, out: Console) -> None:
-    """One row per stage: what it did (computed, cache hit, up to date), how long, where (cache key or path)."""
-    table = Table("stage", "name", "result", "seconds", "check", "where", title=f"cntinit run {summary['recipe']}",
-                  box=box.SIMPLE_HEAD, caption=f"cache: {summary['cache']} · check: PEFT/diffusers output vs (W + BA)x, relative")
-    table.columns[-1].overflow = "fold"
-    for row in summary["stages"]:
-        path = Path(row["path"])
-        where = f"cache {path.name[:12]}" if row["stage"] != "export" else _relative(path)
-        table.add_row(row["stage"], row["name"], row["status"], f"{row['seconds']:.1f}", f"{row['check']:.1e}" if "check" in row else "",
-                      where, style=None if row["status"] == "computed" else "dim")
-    out.print(table)
-
-
-def _relative(path: Path) -> str:
-    try:
-        return str(path.absolute().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 cache_app = typer.Typer(cls=_Group, help="List and clean the cache of captures and solves ($CNTINIT_CACHE, default ~/.cache/cntinit).",
@@ -551,51 +422,7 @@ def cache_ls(as_json: bool = _flag("--json", help="Print the entries as JSON."))
         typer.echo(json.dumps([{"kind": e.kind, "key": e.key, "label": e.meta.get("label"), "bytes": e.bytes, "used": e.used,
                                 "path": str(e.path)} for e in found], indent=2))
         return
-    table = Table("key", "kind", "what", "details", "size", "last used", title=str(cache.root()), box=box.SIMPLE_HEAD)
-    details = _details(found)
-    for e in found:
-        table.add_row(e.key[:12], e.kind, e.meta.get("label", "?"), details[e.key], _size(e.bytes),
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used)))
-    console.stdout().print(table)
-    console.stdout().print(f"{len(found)} entries, {_size(sum(e.bytes for e in found))}", highlight=False)
-    stale = cache.leftovers()
-    if stale:
-        console.stdout().print(f"and {len(stale)} temporary director{'y' if len(stale) == 1 else 'ies'} left by an interrupted run "
-                        "(`cntinit cache prune` removes those of runs no longer alive)", highlight=False)
-
-
-def _details(found: list) -> dict[str, str]:
-    """key -> what tells an entry apart: the main facts of every entry (a capture's targets and
-    samples; a solve's init, module count and capture), plus any other option in which entries
-    of one label differ."""
-    facts = {e.key: _facts(e) for e in found}
-    shown = {}
-    for e in found:
-        peers = [facts[p.key] for p in found if p.meta.get("label") == e.meta.get("label")]
-        varying = {name for name in facts[e.key] if len({str(f.get(name)) for f in peers}) > 1}
-        main = ("targets", "samples") if e.kind == "capture" else ("init", "modules", "capture")
-        shown[e.key] = " · ".join(f"{name} {value}" for name, value in facts[e.key].items() if name in main or name in varying)
-    return shown
-
-
-def _facts(entry) -> dict[str, object]:
-    manifest = entry.manifest
-    if entry.kind == "capture":
-        settings = {k: v for k, v in manifest.get("capture", {}).items() if k not in ("targets", "max_samples")}
-        return {"targets": manifest.get("capture", {}).get("targets"), "samples": manifest.get("data", {}).get("samples"),
-                "tokens": manifest.get("data", {}).get("tokens")} | settings
-    source = (manifest.get("capture") or {}).get("path")
-    params = {k: v for k, v in manifest.get("params", {}).items() if k != "rank"}
-    return {"init": manifest.get("init"), "modules": len(manifest.get("modules", {})),
-            "capture": Path(source).name[:12] if source else "none (data-free)"} | params
-
-
-def _size(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return ""
+    tables.print_cache(found, cache.root(), cache.leftovers(), console.stdout())
 
 
 @cache_app.command("rm", cls=_Command)
@@ -608,7 +435,7 @@ def cache_rm(keys: list[str] = typer.Argument(..., metavar="KEYS", help="Keys or
     for entry in cache.match(keys):
         if not cache.remove(entry):
             raise CntinitError(f"{entry.key[:12]} is in use by a running cntinit: try again when it has finished")
-        console.log(f"removed {entry.kind} {entry.key[:12]} ({entry.meta.get('label', '?')}, {_size(entry.bytes)})")
+        console.log(f"removed {entry.kind} {entry.key[:12]} ({entry.meta.get('label', '?')}, {tables.size(entry.bytes)})")
 
 
 @cache_app.command("prune", cls=_Command)
@@ -626,7 +453,7 @@ def cache_prune(
         raise CntinitError("say what to prune: --older-than 30d, --max-size 20G, or --all")
     removed, busy = cache.prune(0.0 if everything else cache.parse_age(older_than) if older_than else None,
                                 cache.parse_size(max_size) if max_size else None)
-    console.log(f"removed {len(removed)} entries ({_size(sum(e.bytes for e in removed))})" +
+    console.log(f"removed {len(removed)} entries ({tables.size(sum(e.bytes for e in removed))})" +
                 (f"; {len(busy)} in use by a running cntinit were kept" if busy else ""))
 
 
@@ -663,11 +490,11 @@ def demo(
     run_capture(embedded.model_dir(), embedded.data_file(), stats_dir, max_samples=samples, seq_len=128,
                 batch_size=32, device=device, overwrite=overwrite)
     times["capture"] = time.perf_counter() - started
-    print_store(Store(stats_dir), console.err)
+    tables.print_store(Store(stats_dir), console.err)
     started = time.perf_counter()
     run_solve(stats_dir, solve_dir, Options(mode=mode, rank=rank), device=device, overwrite=overwrite)
     times["solve"] = time.perf_counter() - started
-    print_report(Solution(solve_dir).report, console.err)
+    tables.print_report(Solution(solve_dir).report, console.err)
     started = time.perf_counter()
     run_export(solve_dir, adapter_dir, overwrite=overwrite)
     times["export"] = time.perf_counter() - started

@@ -33,6 +33,7 @@ from .solve.solution import REPORT, Solution
 from .storage import cache, store
 from .storage.atomic import atomic_file, check_writable
 
+
 def _defaults(function, keys) -> dict:
     return {name: p.default for name, p in inspect.signature(function).parameters.items()
             if name in keys and p.default is not inspect.Parameter.empty}

@@ -402,6 +402,20 @@ def test_kohya_keys_are_the_names_sd_scripts_generates(sd, tmp_path):
     assert not modules & text_encoder_5  # what sd-scripts under transformers 5 would look for
 
 
+
+def test_kohya_refuses_a_layout_it_has_no_names_for(sd, tmp_path, capsys):
+    """A pipeline whose layout kohya.LAYOUTS does not map (here a solve manifest naming one) is refused with
+    the way out, not named as SD 1.x's modules are."""
+    solved = solve(sd["stats"], tmp_path / "solve", mode="cnt-s", rank=2)
+    manifest = json.loads((solved / "manifest.json").read_text())
+    manifest["model"]["layout"] = "flux"
+    (solved / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert_refused(capsys, ["export", solved, "--format", "kohya"], "this solve is of a flux pipeline, whose module names sd-scripts' "
+                   "format has no map for here: export --format diffusers", tmp_path / "k")
+    assert export(solved, tmp_path / "d", format="diffusers").exists()
+
+
 # ---------------------------------------------------------------- SDXL
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import math
 import peft
 import torch
 
-from cntinit.solve.modes import inilora
 from cntinit.export import check_peft, export
 from cntinit.solve import Options, solve
+from cntinit.solve.modes import inilora
 from conftest import assert_refused, run
 from test_baselines import spectral_model
 from test_export import assert_modules_add_exactly_ba, factors, linear_weight, load

@@ -165,6 +165,7 @@ MALFORMED = {  # (kind, damage, message)
     "params of another version": ("solve", lambda d: edit_manifest(d, lambda m: m["params"].update(learning_rate=1)),
                                   "params do not fit this version's options"),
     "rank above the module": ("solve", lambda d: edit_manifest(d, lambda m: first_module(m).update(rank=10_000)), "is outside 0..min(in, out)"),
+    "mode of another version": ("solve", lambda d: edit_manifest(d, lambda m: m.update(mode="cnt-z")), "mode 'cnt-z' is not a mode of this cntinit"),
     "factor of the wrong shape": ("solve", lambda d: rewrite_payload(d, shrink_first(".A")), "adapter.safetensors is corrupt"),
 }
 

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cntinit import capture, embedded, merge, runner
-from cntinit.capture import blocks, layerwise
+from cntinit.capture import blocks
 from cntinit.errors import CntinitError
 from cntinit.models import named_weights
 from cntinit.storage import block_checkpoint, checkpoint

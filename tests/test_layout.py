@@ -23,7 +23,7 @@ LAYERS = [  # each part may import from itself and from the layers before it
     {"models"},
     {"capture", "solve"},  # side by side: neither imports the other
     {"export"},
-    {"plots", "recipe"},
+    {"plots", "recipe", "tables"},
     {"runner"},
     {"cli"},
     {"__main__", "__init__"},

@@ -18,9 +18,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from cntinit import capture
-from cntinit.models import fingerprints, loading, pretrained
 from cntinit.errors import CntinitError
 from cntinit.export import export
+from cntinit.models import fingerprints, loading, pretrained
 from cntinit.solve import solve
 
 from conftest import TEXTS, assert_refused, build_tiny, run

@@ -14,9 +14,9 @@ from safetensors import safe_open
 import cntinit
 from cntinit import Store
 from cntinit.solve import linalg
+from cntinit.solve import Options, solve
 from cntinit.solve.modes import cnt
 from cntinit.solve.solution import Solution
-from cntinit.solve import Options, solve
 from conftest import leftovers, run
 
 
@@ -271,9 +271,9 @@ def test_cuda_solve_equals_cpu_solve(options, captured, tmp_path):
 
 
 def test_big_models_get_one_report_row_per_module_kind(captured, tmp_path, capsys, monkeypatch):
-    from cntinit import cli
+    from cntinit import tables
 
-    monkeypatch.setattr(cli, "TABLE_ROWS", 4)
+    monkeypatch.setattr(tables, "TABLE_ROWS", 4)
     run(capsys, "solve", captured["llama"], "-m", "cnt-s", "-r", "3", "-o", tmp_path / "s", "-q")
     code, out, _ = run(capsys, "inspect", tmp_path / "s")
     report = json.loads((tmp_path / "s" / "report.json").read_text())

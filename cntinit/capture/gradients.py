@@ -5,7 +5,7 @@ G = (1/K) Σ over the K batches of ∇W of the batch's mean loss over its predic
 (padding and prompt tokens carry no label) — METHODS.md's definition, what PEFT's
 `preprocess_loraga` averages with one backward per batch. For a pipeline the predicted values
 are the latents' (the "tokens" counted), and the batch's mean loss is the training scripts'
-mean squared error of the UNet's prediction (`pipelines.DiffusionParts`). The store keeps the
+mean squared error of the UNet's prediction (`models/pipelines.py`'s `DiffusionParts`). The store keeps the
 sum and K, so shards and processes add up. Only the target weights take gradients, each added into a
 float32 (or float64) sum as soon as backward produces it, then freed. The model stays in eval
 mode (no dropout): the gradient is of the pretrained model as it is.

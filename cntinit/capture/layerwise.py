@@ -10,7 +10,7 @@ one pass that computes no block (blocks.py); each block's outputs become the nex
 Targets outside the blocks are summed in that pass (before the blocks: a projector) or in a
 last pass that replays the final hidden states (after them: BERT's pooler).
 
-A checkpoint (block_checkpoint) holds the finished blocks' payloads and the hidden states entering
+A checkpoint (storage/block_checkpoint.py) holds the finished blocks' payloads and the hidden states entering
 the next block, so a stopped run resumes at that block.
 
 With gradients, the way up keeps each block's inputs and records nothing; the model's head

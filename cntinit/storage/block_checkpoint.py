@@ -20,9 +20,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import distributed
+from ..console import warn
 from . import checkpoint, store
 from .atomic import atomic_file
-from ..console import warn
 
 HIDDEN = "hidden-{}.safetensors"  # a checkpoint's hidden states entering block {}, on the way up
 OUTPUT_GRADIENTS = "output-gradients-{}.safetensors"  # ∂loss/∂(block {}'s output), on the way down (--gradients)

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .. import __version__
-from .atomic import atomic_file, remove_leftovers
 from ..console import log
 from ..errors import CntinitError
+from .atomic import atomic_file, remove_leftovers
 from .store import read_manifest
 
 KINDS = {"capture": ("captures", "cntinit.stats"), "solve": ("solves", "cntinit.solve")}

@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_directory
 from ..console import warn
+from .atomic import atomic_directory
 
 STATE, SUMS = "state.json", "sums.safetensors"
 

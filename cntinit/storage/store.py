@@ -24,12 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .. import __version__
-from . import manifests
-from .atomic import atomic_directory, check_writable
 from ..console import warn
 from ..errors import CntinitError
-from .manifests import scheme_of
 from ..finite import all_finite
+from . import manifests
+from .atomic import atomic_directory, check_writable
+from .manifests import scheme_of
 
 FORMAT = "cntinit.stats"
 FORMAT_VERSION = 1

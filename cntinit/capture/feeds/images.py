@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from ...errors import CntinitError
-from .feed import Batch, Feed, Shard, share, shard_total, slices
+from .feed import Batch, Feed, Shard, shard_total, share, slices
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_FILES = ("metadata.jsonl", "captions.jsonl")

@@ -12,7 +12,7 @@ from ...console import warn
 from ...errors import CntinitError
 from ...models.loading import context_length
 from . import samples
-from .feed import Batch, Feed, Shard, share, shard_total
+from .feed import Batch, Feed, Shard, shard_total, share
 
 OPTIONS = ("pack", "sample_max_norm")  # the capture options only this kind of model (or few) reads
 
