@@ -17,7 +17,7 @@ from cntinit.solve.modes import registry
 
 PACKAGE = Path(__file__).parent.parent / "cntinit"
 LAYERS = [  # each part may import from itself and from the layers before it
-    {"errors", "console", "finite"},
+    {"errors", "console", "finite", "registry"},
     {"distributed", "embedded"},
     {"storage"},
     {"models"},

@@ -38,6 +38,12 @@ def chain(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module]) -> tup
     return prefix, find_blocks(root, [name.removeprefix(prefix) for name in modules])
 
 
+def chain_of_blocks(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module]) -> nn.ModuleList:
+    """The model's chain of repeated blocks itself (what --gradient-checkpointing recomputes one at a time)."""
+    prefix, path = chain(net, root, modules)
+    return net.get_submodule(prefix + path)
+
+
 def outside_blocks(modules: dict[str, nn.Module], prefix: str, path: str) -> dict[str, nn.Module]:
     """The targets that lie in no block of the chain at `prefix` + `path`."""
     return {name: m for name, m in modules.items() if not name.removeprefix(prefix).startswith(path + ".")}

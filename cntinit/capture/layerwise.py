@@ -112,6 +112,19 @@ class _Capture:
         self.accepts_cache = "use_cache" in inspect.signature(root.forward).parameters
         self.batches: list[Batch] = []
         self.groups_by_layout: dict[frozenset, list[list[str]]] = {}
+        # what the resume says (run): the save taken, whether on the way down, the first block the way up runs
+        self.resumed, self.down, self.first_block, self.top = None, False, 0, len(self.blocks) - 1
+        self.payloads: store.Payloads | None = None
+        self.written = Written()
+        # what the first batch shows (open): the blocks' output form, targets before and after them, blocks with targets
+        self.form: Format | None = None
+        self.first_inputs: dict = {}
+        self.outside_groups: list[list[str]] = []
+        self.before: dict[str, nn.Module] = {}
+        self.after: dict[str, nn.Module] = {}
+        self.targeted: list[int] = []
+        self.end = len(self.blocks)  # the way up stops below this block
+        self.bar, self.task = None, None  # the progress bar, while the blocks run
 
     def run(self) -> tuple[store.Payloads, Written, int]:
         s, world = self.s, self.world

@@ -27,7 +27,7 @@ from ..models.placement import offload_placement, place, resolve_device, resolve
 from ..storage import checkpoint, store
 from ..storage.atomic import atomic_directory
 from . import feeds, gradients, layerwise, stream
-from .blocks import chain, check_gradient_targets
+from .blocks import chain, chain_of_blocks, check_gradient_targets
 from .gradients import GradientSums
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
@@ -146,7 +146,7 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, a: SimpleN
         stats = {key: written.stats[key] for key in dict.fromkeys(entry["key"] for entry in module_map.values())}
         sums = {}
     else:
-        blocks = stream.chain_of_blocks(net, root, modules) if a.gradient_checkpointing else None
+        blocks = chain_of_blocks(net, root, modules) if a.gradient_checkpointing else None
         sums, module_map, done = stream.stream(root, modules, feed, net, a.buckets, ACCUMULATE[a.accumulate], dev, a.sample_max_norm,
                                                sums_on, saved, ident, a.checkpoint_every, grads, blocks)
         payloads = stats = None

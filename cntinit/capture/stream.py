@@ -16,19 +16,12 @@ from torch import nn
 from ..console import log, progress, warn
 from ..errors import Interrupted
 from ..storage import checkpoint
-from .blocks import chain
-from .feeds import Feed
+from .feeds.feed import Feed
 from .gradients import GradientSums, checkpointed_blocks
 from .recorder import Recorder, exact_float32, shared_input_groups
 from .signals import stop_requests
 
 clock = time.perf_counter  # of the progress bar's rate
-
-
-def chain_of_blocks(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module]) -> nn.ModuleList:
-    """The model's chain of repeated blocks, which --gradient-checkpointing recomputes one at a time."""
-    prefix, path = chain(net, root, modules)
-    return net.get_submodule(prefix + path)
 
 
 def stream(root: nn.Module, modules: dict[str, nn.Module], feed: Feed, net: nn.Module, buckets: int, accumulate: torch.dtype,

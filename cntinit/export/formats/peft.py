@@ -14,14 +14,11 @@ from safetensors.torch import save_file
 from ...console import warn
 from ...errors import not_one_of
 from ...models import loading
-from ...models.loading import TASK_TYPES
 from ...solve import modes
 from .registry import BASE_DIR, Adapter, Format, register
 
 FILE = "adapter_model.safetensors"
-
-
-TASK_TYPE_NAMES = tuple(dict.fromkeys([*TASK_TYPES.values(), "FEATURE_EXTRACTION"]))
+TASK_TYPE_NAMES = tuple(dict.fromkeys([*loading.TASK_TYPES.values(), "FEATURE_EXTRACTION"]))
 
 
 def task_type(requested: str, model: dict, prefix: str) -> str | None:

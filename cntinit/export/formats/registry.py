@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ...errors import not_one_of
+from ...registry import Registry
 
 BASE_DIR = "base"  # where a residual base is written, beside the adapter
 
@@ -51,15 +51,5 @@ class Format:
     prepare: Callable | None = None  # (task type asked for, model record, module prefix) -> Adapter.settings, checked before any work
 
 
-FORMATS: dict[str, Format] = {}  # in registration order: the order --format lists them in
-
-
-def register(format: Format) -> Format:
-    FORMATS[format.name] = format
-    return format
-
-
-def get(name: str) -> Format:
-    if name not in FORMATS:
-        raise not_one_of("--format", name, FORMATS)
-    return FORMATS[name]
+FORMATS: Registry[Format] = Registry("--format")  # in registration order: the order --format lists them in
+register, get = FORMATS.add, FORMATS.named

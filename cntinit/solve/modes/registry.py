@@ -11,7 +11,7 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 from rich.progress import Progress
 
-from ...errors import not_one_of
+from ...registry import Registry
 from .. import inputs
 
 WEIGHTS, STATISTICS, GRADIENTS = "weights", "statistics", "gradients"  # what a mode reads: W alone, W and Σ, W and G
@@ -82,19 +82,8 @@ class Mode:
         return "alpha" in self.options
 
 
-MODES: dict[str, Mode] = {}  # in registration order: the order --mode lists them in
-
-
-def register(mode: Mode) -> Mode:
-    MODES[mode.name] = mode
-    return mode
-
-
-def get(name: str) -> Mode:
-    """The mode `name`, or the error `--mode NAME is not one of …`."""
-    if name not in MODES:
-        raise not_one_of("--mode", name, MODES)
-    return MODES[name]
+MODES: Registry[Mode] = Registry("--mode")  # in registration order: the order --mode lists them in
+register, get = MODES.add, MODES.named
 
 
 def owners(option: str) -> list[str]:
