@@ -29,12 +29,6 @@ class Picture:
     caption: str | None
 
 
-def is_image_folder(source: str | Path) -> bool:
-    """A directory holding at least one image file (and so not a text data directory)."""
-    path = Path(source)
-    return path.is_dir() and any(p.suffix.lower() in SUFFIXES for p in path.rglob("*") if p.is_file())
-
-
 def read_pictures(folder: str | Path, max_samples: int | None = None, prompt: str | None = None,
                   need_captions: bool = False) -> list[Picture]:
     """Every image under `folder`, sorted by relative path, with its caption (or `prompt` for all)."""

@@ -7,8 +7,7 @@
 The imports below register them, in the order --format lists them.
 """
 
-from . import peft, kohya, diffusers  # isort: skip
+from . import peft, kohya, diffusers  # isort: skip (the order --format lists them in)
 from .registry import BASE_DIR, FORMATS, Adapter, Format, get
 
-MODULES = (peft, kohya, diffusers)  # imported in this order: --format lists them so
-__all__ = ["BASE_DIR", "FORMATS", "Adapter", "Format", "get"]
+__all__ = ["peft", "kohya", "diffusers", "BASE_DIR", "FORMATS", "Adapter", "Format", "get"]

@@ -11,8 +11,8 @@ registry.MODES with what it reads, its base, its options and its factor function
 The imports below register the modes, in the order --mode lists them.
 """
 
-from . import cnt, weight_baselines, inilora, data_baselines, gradient, quantized  # isort: skip
+from . import cnt, weight_baselines, inilora, data_baselines, gradient, quantized  # isort: skip (the order --mode lists them in)
 from .registry import GRADIENTS, MODES, OFFSET, RESIDUAL, STATISTICS, WEIGHTS, Factors, Job, Mode, get, owners
 
-FAMILIES = (cnt, weight_baselines, inilora, data_baselines, gradient, quantized)  # imported in this order: --mode lists their modes so
-__all__ = ["GRADIENTS", "MODES", "OFFSET", "RESIDUAL", "STATISTICS", "WEIGHTS", "Factors", "Job", "Mode", "get", "owners"]
+__all__ = ["cnt", "weight_baselines", "inilora", "data_baselines", "gradient", "quantized",
+           "GRADIENTS", "MODES", "OFFSET", "RESIDUAL", "STATISTICS", "WEIGHTS", "Factors", "Job", "Mode", "get", "owners"]
