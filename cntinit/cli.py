@@ -435,7 +435,8 @@ def cache_rm(keys: list[str] = typer.Argument(..., metavar="KEYS", help="Keys or
     for entry in cache.match(keys):
         if not cache.remove(entry):
             raise CntinitError(f"{entry.key[:12]} is in use by a running cntinit: try again when it has finished")
-        console.log(f"removed {entry.kind} {entry.key[:12]} ({entry.meta.get('label', '?')}, {tables.size(entry.bytes)})")
+        console.log(f"removed {entry.kind} {entry.key[:12]} ({entry.meta.get('label', '?')}, {tables.size(entry.bytes)})"
+                    + (f": it was a link to {entry.link}, which is left as it is" if entry.link else ""))
 
 
 @cache_app.command("prune", cls=_Command)
@@ -453,7 +454,9 @@ def cache_prune(
         raise CntinitError("say what to prune: --older-than 30d, --max-size 20G, or --all")
     removed, busy = cache.prune(0.0 if everything else cache.parse_age(older_than) if older_than else None,
                                 cache.parse_size(max_size) if max_size else None)
+    links = [e for e in removed if e.link]
     console.log(f"removed {len(removed)} entries ({tables.size(sum(e.bytes for e in removed))})" +
+                (f"; {len(links)} of them links, whose targets are left as they are (e.g. a link to {links[0].link})" if links else "") +
                 (f"; {len(busy)} in use by a running cntinit were kept" if busy else ""))
 
 

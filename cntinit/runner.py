@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import filecmp
 import inspect
-import json
 import shutil
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from .solve.options import NEWER_OPTIONS
 from .solve.solution import REPORT, Solution
 from .storage import cache, store
 from .storage.atomic import atomic_file, check_writable
+from .storage.manifests import read_json
 
 
 def _defaults(function, keys) -> dict:
@@ -41,6 +41,8 @@ def _defaults(function, keys) -> dict:
 
 CAPTURE_DEFAULTS = _defaults(capture, recipe.CAPTURE)
 PLACEMENT = ("offload", "max_memory", "stats_device", "layerwise", "activations_device", "gradient_checkpointing")  # how the work runs, not what it computes: not in cache keys
+PLOT = "report.png"  # beside each solve's report.json under the recipe's out
+MAX_REPORT_BYTES = 1 << 30  # a report.json larger than this is not one a solve wrote (a 70B model's is tens of MB)
 ONLY_WHEN_ON = ("gradients", "unet_only")  # options newer than cache entries and exports: recorded only when set, so older ones still match
 EXPORT_DEFAULTS = _defaults(export, set(recipe.EXPORT) - {"check"})  # what an export manifest's "options" records
 
@@ -98,12 +100,13 @@ def cached_solve(capture_dir: str | Path | None, options: Options, *, model: str
 
 def run(plan: recipe.Recipe, trust_remote_code: bool = False, cache_dir: Path | None = None) -> dict:
     """Run a checked recipe; returns its summary (what each stage did, how long, where)."""
-    cache_dir = cache.ready(cache_dir)
     model = embedded.model_dir() if plan.model == recipe.EMBEDDED else Path(plan.model)
     solves = _checked_solves(plan)
     if not model.exists():
         raise CntinitError(f"recipe key model: {model} does not exist; give a local model directory (override: model=PATH)")
     check_writable(plan.out, "recipe key out: name a writable directory (override: out=PATH)")
+    _check_outputs(plan, list(solves))
+    cache_dir = cache.ready(cache_dir)
     rows: list[dict] = []
     try:
         with contextlib.ExitStack() as held:  # entries this run reads are kept from `cache rm` and `prune` until it is done
@@ -169,6 +172,40 @@ def _checked_solves(plan: recipe.Recipe) -> dict[str, tuple[Options, str | None]
     return solves
 
 
+def _check_outputs(plan: recipe.Recipe, names: list[str]) -> None:
+    """Before any work: every place the run writes under `out` — each solve's report.json and report.png,
+    each export — is free, or what a run wrote there before: a run never writes over the user's files."""
+    for name in names:
+        directory = plan.out / name
+        if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+            raise CntinitError(f"recipe key out: {directory} is not a directory, where the run writes the {name} solve's report and "
+                               "exports: move it, or choose another out")
+        report, plot = directory / REPORT, directory / PLOT
+        ours = _is_report(report)
+        if (report.exists() or report.is_symlink()) and not ours:
+            raise CntinitError(f"recipe key out: {report} is not a report cntinit wrote, and the run writes its own there: move it, "
+                               "or choose another out")
+        if (plot.exists() or plot.is_symlink()) and not ours:
+            raise CntinitError(f"recipe key out: {plot} is not a plot cntinit wrote (no report of a run beside it), and the run writes "
+                               "its own there: move it, or choose another out")
+        for entry in plan.exports:
+            store.refuse_foreign((directory / entry["name"]).absolute())
+
+
+REPORT_KEYS = ("mode", "init", "rank", "total_rank", "modules")  # what every report.json holds (solve/report.py)
+
+
+def _is_report(path: Path) -> bool:
+    """A regular file holding a solve's report, as a run publishes it."""
+    if path.is_symlink():
+        return False
+    try:
+        report = read_json(path, MAX_REPORT_BYTES)
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and all(key in report for key in REPORT_KEYS)
+
+
 def _check_subsets(solves: dict[str, tuple[Options, str | None]], captured: list[str]) -> None:
     """Before any solve: each solve's own targets pick some of the captured modules."""
     for i, (name, (_, targets)) in enumerate(solves.items()):
@@ -194,7 +231,7 @@ def _publish_report(solve_dir: Path, directory: Path, plot: bool) -> None:
             shutil.copyfile(report, tmp)
     if not plot:
         return
-    png = directory / "report.png"
+    png = directory / PLOT
     if fresh or not png.is_file():
         plots.write_report_plot(Solution(solve_dir).report, png)
 
@@ -212,5 +249,5 @@ def _export(solve_dir: Path, out: Path, entry: dict, solve_name: str, trust_remo
     export(solve_dir, out, trust_remote_code=trust_remote_code, check=bool(entry.get("check")), **settings)
     row = _row("export", f"{solve_name}/{entry['name']}", False, started, out)
     if entry.get("check"):
-        row["check"] = json.loads((out / store.MANIFEST).read_text())["check"]["max_relative_error"]
+        row["check"] = read_json(out / store.MANIFEST)["check"]["max_relative_error"]
     return row

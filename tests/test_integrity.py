@@ -1,6 +1,7 @@
 """Corrupt, edited, foreign and mismatched directories are refused with one-line errors (issue 9's matrix)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -190,3 +191,20 @@ def test_a_payload_linked_out_of_the_directory_is_refused(dirs, tmp_path, capsys
     target.symlink_to(outside)
     code, _, err = run(capsys, "inspect", dirs["store"])
     assert code == 2 and "names a payload outside the statistics store" in err and err.count("\n") == 1, err
+
+
+def test_a_huge_or_endless_manifest_is_refused_without_reading_it(captured, tmp_path, capsys, monkeypatch):
+    """A manifest.json that is a 6 GB sparse file, or a link to /dev/zero, made readers run out of memory
+    (`cache ls`, `solve`): manifests are read no further than a bound, and such a directory is not one cntinit wrote."""
+    store = shutil.copytree(captured["llama"], tmp_path / "store")
+    (store / "manifest.json").unlink()
+    (store / "manifest.json").symlink_to("/dev/zero")
+    code, out, err = run(capsys, "solve", store, "-m", "cnt-s", "-o", tmp_path / "s")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "not a cntinit statistics store" in err, err
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("CNTINIT_CACHE", str(cache_dir))
+    entry = shutil.copytree(captured["llama"], cache_dir / "captures" / ("0" * 64))
+    with open(entry / "manifest.json", "r+b") as handle:
+        handle.truncate(6 << 30)
+    code, out, err = run(capsys, "cache", "ls", "--json")
+    assert code == 0 and json.loads(out) == [], err

@@ -6,6 +6,7 @@ import json
 import re
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -461,3 +462,43 @@ def test_cache_ls_tells_entries_apart_on_one_unwrapped_line(tmp_path, tiny, cali
     assert any("targets q_proj ·" in r for r in rows) and any("targets q_proj,v_proj ·" in r for r in rows)
     assert any("init offset · modules 4 · capture " + store.name[:12] in r for r in rows)
     assert any("init residual · modules 4 · capture " + store.name[:12] in r for r in rows)
+
+
+def test_a_run_writes_nothing_into_what_the_user_keeps_under_out(tiny, calibration, tmp_path, cache_dir, capsys):
+    """A recipe whose `out` holds the user's own files where the run would write (a report.json, a folder
+    named like an export) is refused before any work, and those files stay as they were (a run that
+    stopped at the export had already replaced the report)."""
+    out = tmp_path / "out"
+    (out / "cnt-s-r4" / "peft").mkdir(parents=True)
+    (out / "cnt-s-r4" / "peft" / "notes.txt").write_text("mine")
+    (out / "cnt-s-r4" / "report.json").write_text('{"my": "own report"}')
+    recipe_file = tiny_recipe(tmp_path, tiny, calibration, solves=[{"mode": "cnt-s", "rank": 4}])
+    code, stdout, err = run(capsys, "run", recipe_file)
+    assert code == 2 and stdout == "" and err.count("\n") == 1, err
+    assert f"{out / 'cnt-s-r4' / 'report.json'} is not a report cntinit wrote" in err
+    assert (out / "cnt-s-r4" / "report.json").read_text() == '{"my": "own report"}' and not cache_dir.exists()
+    (out / "cnt-s-r4" / "report.json").unlink()  # the folder named like the export is the user's too
+    code, _, err = run(capsys, "run", recipe_file)
+    assert code == 2 and f"{out / 'cnt-s-r4' / 'peft'} is a directory without manifest.json" in err and err.count("\n") == 1, err
+    assert not (out / "cnt-s-r4" / "report.json").exists() and (out / "cnt-s-r4" / "peft" / "notes.txt").read_text() == "mine"
+    (out / "cnt-s-r4" / "report.png").write_bytes(b"my picture")  # a plot without the report beside it is not the run's
+    (out / "cnt-s-r4" / "peft" / "notes.txt").unlink()
+    code, _, err = run(capsys, "run", recipe_file)
+    assert code == 2 and "report.png is not a plot cntinit wrote" in err, err
+    (out / "cnt-s-r4" / "report.png").unlink()
+    code, _, err = run(capsys, "run", recipe_file)  # an empty folder is taken, as everywhere
+    assert code == 0, err
+
+
+def test_cache_rm_and_prune_remove_a_linked_entry_not_its_target(tiny, calibration, tmp_path, cache_dir, capsys):
+    """An entry that is a symbolic link (a user's own arrangement) stopped `cache rm` with rmtree's traceback:
+    the link goes, the directory it names stays, and the message says so."""
+    elsewhere = tmp_path / "kept"
+    for command in (["rm"], ["prune", "--all"]):
+        path, _ = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
+        shutil.rmtree(elsewhere, ignore_errors=True)
+        path.rename(elsewhere)
+        path.symlink_to(elsewhere, target_is_directory=True)
+        code, _, err = run(capsys, "cache", *command, *([path.name[:12]] if command == ["rm"] else []))
+        assert code == 0 and "a link to" in err and ("left as it is" in err or "left as they are" in err), err
+        assert not path.is_symlink() and not path.exists() and (elsewhere / "manifest.json").is_file()

@@ -6,7 +6,6 @@ independently from the solve directory.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import warnings
 from pathlib import Path
@@ -23,7 +22,7 @@ from ..solve import modes, quant
 from ..solve.solution import Solution
 from ..storage import store
 from . import formats
-from .formats import BASE_DIR
+from .formats import BASE_DIR, FORMAT
 
 CHECK_TOLERANCE = 1e-4  # largest relative output difference `verify` accepts
 CHECK_CHUNK_BYTES = 4 << 30  # adapted weights a check of a model read by name holds at a time (a PEFT load each)
@@ -35,7 +34,7 @@ def verify(out: str | Path, solve_dir: str | Path, model: str | Path | None = No
     log how closely every adapted module computes the initial layer, and fail above CHECK_TOLERANCE
     (`shown`: the name to say, when `out` is the temporary directory an export is written in;
     `source`: the pretrained model the export read by name, for `check_peft`)."""
-    exported = json.loads((Path(out) / store.MANIFEST).read_text())
+    exported = _exported(out)
     client = formats.get(exported["adapter_format"]).client
     error = check_peft(out, solve_dir, model, trust_remote_code, source) if client == "PEFT" else \
         check_pipeline(out, solve_dir, model, trust_remote_code)
@@ -64,7 +63,7 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
     so that its weights are not all read and fingerprinted again.
     """
     sol = Solution(solve_dir)
-    exported = json.loads((Path(out) / store.MANIFEST).read_text())
+    exported = _exported(out)
     if exported["module_prefix"]:
         raise CntinitError("the check loads the captured model class, which has no module prefix: export without --module-prefix to check")
     source = source or pretrained.open_recorded(sol.manifest, model, trust_remote_code)
@@ -175,7 +174,7 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
     import diffusers
 
     sol = Solution(solve_dir)
-    exported = json.loads((Path(out) / store.MANIFEST).read_text())
+    exported = _exported(out)
     ranks = {e["rank"] for e in sol.modules.values()}
     if exported["adapter_format"] == "kohya" and len(ranks) > 1 and not exported["fixed_alpha"]:
         raise CntinitError("diffusers (0.42) ignores the per-module alphas of a kohya file, so it cannot check one with variable "
@@ -190,3 +189,11 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
                for n, m in getattr(pipe, part).named_modules()}
     factors = {name: pair for name, pair in sol.factors().items() if name not in exported.get("left_out", [])}
     return worst_error(adapted, reference.layer, factors, bool(exported["residual_base"]))
+
+
+def _exported(out: str | Path) -> dict:
+    """The manifest of the export at `out`, or the error saying it is not one."""
+    manifest = store.read_manifest(out, FORMAT)
+    if manifest is None:
+        raise CntinitError(f"{out} is {store.what_it_is(Path(out))}, not an export cntinit wrote: give the directory `cntinit export` wrote")
+    return manifest

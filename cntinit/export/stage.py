@@ -29,10 +29,7 @@ from ..storage import store
 from ..storage.atomic import atomic_directory
 from . import formats
 from .check import verify
-from .formats import BASE_DIR, Adapter, Format
-
-FORMAT = "cntinit.export"
-FORMAT_VERSION = 1
+from .formats import BASE_DIR, FORMAT, FORMAT_VERSION, Adapter, Format
 
 
 def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alpha: float | None = None,

@@ -23,6 +23,7 @@ from .. import distributed
 from ..console import warn
 from . import checkpoint, store
 from .atomic import atomic_file
+from .manifests import read_json
 
 HIDDEN = "hidden-{}.safetensors"  # a checkpoint's hidden states entering block {}, on the way up
 OUTPUT_GRADIENTS = "output-gradients-{}.safetensors"  # ∂loss/∂(block {}'s output), on the way down (--gradients)
@@ -104,7 +105,7 @@ def _entries(saved: Path, ident: str) -> list[dict] | None:
     """The saves the state at `saved` names for this capture, the last first: none when it is
     another capture's; None when there is none or it cannot be read."""
     try:
-        state = json.loads((saved / checkpoint.STATE).read_text())
+        state = read_json(saved / checkpoint.STATE)
         if state.get("identity") != ident:
             return []
         entries = [state] + ([state["previous"]] if state.get("previous") else [])

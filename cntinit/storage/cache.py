@@ -33,6 +33,7 @@ from .. import __version__
 from ..console import log
 from ..errors import CntinitError
 from .atomic import atomic_file, remove_leftovers
+from .manifests import read_json
 from .store import read_manifest
 
 KINDS = {"capture": ("captures", "cntinit.stats"), "solve": ("solves", "cntinit.solve")}
@@ -104,6 +105,7 @@ class Entry:
     meta: dict
     bytes: int  # measured when listed, so a removal can still say how much it freed
     manifest: dict  # the capture's or solve's, read when listed
+    link: str | None = None  # where the entry points when it is a symbolic link (a user's own arrangement): removing it keeps that
 
     @property
     def used(self) -> float:
@@ -175,16 +177,21 @@ def entries(cache: Path | None = None) -> list[Entry]:
             manifest = read_manifest(path, format) if path.is_dir() and not path.name.startswith(".") else None
             if manifest is not None:
                 size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-                found.append(Entry(kind, path.name, path, _read_json(path.with_suffix(".json")) or {}, size, manifest))
+                link = os.readlink(path) if path.is_symlink() else None
+                found.append(Entry(kind, path.name, path, _read_json(path.with_suffix(".json")) or {}, size, manifest, link))
     return sorted(found, key=lambda e: e.used, reverse=True)
 
 
 def remove(entry: Entry, cache: Path | None = None) -> bool:
-    """Delete one entry unless a run holds its lock; whether it was removed."""
+    """Delete one entry unless a run holds its lock; whether it was removed. An entry that is a symbolic
+    link loses the link only: what it names is not the cache's to delete."""
     cache = cache or root()
     try:
         with _locked(cache, entry.key, entry.meta.get("label", entry.key), wait=False):
-            shutil.rmtree(entry.path)
+            if entry.link is not None:
+                entry.path.unlink()
+            else:
+                shutil.rmtree(entry.path)
             entry.path.with_suffix(".json").unlink(missing_ok=True)
             return True
     except BlockingIOError:
@@ -276,7 +283,7 @@ def _locked(cache: Path, digest: str, label: str, wait: bool = True, shared: boo
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except (OSError, ValueError):
         return None
 

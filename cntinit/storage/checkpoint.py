@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..console import warn
 from .atomic import atomic_directory
+from .manifests import read_json
 
 STATE, SUMS = "state.json", "sums.safetensors"
 
@@ -46,7 +47,7 @@ def load(directory: Path, ident: str) -> tuple[dict, dict[str, torch.Tensor]] | 
     with a warning: a checkpoint of another capture, or a damaged one, is overwritten later.
     The identity is read first, so another capture's checkpoint is never loaded."""
     try:
-        state = json.loads((directory / STATE).read_text())
+        state = read_json(directory / STATE)
     except FileNotFoundError:
         return None
     except (OSError, ValueError):

@@ -10,7 +10,28 @@ allows null; a list holds items of its one shape.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+MAX_BYTES = 64 << 20  # no manifest or state file cntinit writes comes near this (a 70B model's store manifest: about 1 MB)
+
+
+def read_json(path: Path, limit: int = MAX_BYTES):
+    """The JSON in the regular file `path`, read no further than `limit` bytes: a larger file, a device
+    or a pipe in its place, or JSON nested past Python's recursion limit is a ValueError, as broken
+    JSON is (FileNotFoundError where there is nothing)."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a regular file")
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit} bytes")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError(f"{path} nests deeper than JSON can be read") from None
 
 
 @dataclass(frozen=True)

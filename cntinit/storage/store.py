@@ -155,12 +155,9 @@ def new_manifest(model: dict, data: dict, capture: dict, modules: dict, stats: d
 
 def read_manifest(path: str | Path, format: str = FORMAT) -> dict | None:
     """The manifest of a `format` directory (a store by default) at `path`, or None when it is not one."""
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        return None
     try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = manifests.read_json(Path(path) / MANIFEST)
+    except (OSError, ValueError):
         return None
     return manifest if isinstance(manifest, dict) and manifest.get("format") == format else None
 
@@ -175,7 +172,7 @@ KNOWN = {  # format -> what a directory of it is, and which command takes it
 def _format_of(path: Path) -> str | None:
     """The `format` its manifest.json names, if it has a readable one."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = manifests.read_json(path / MANIFEST)
     except (OSError, ValueError):
         return None
     return manifest.get("format") if isinstance(manifest, dict) else None

@@ -8,6 +8,6 @@ The imports below register them, in the order --format lists them.
 """
 
 from . import peft, kohya, diffusers  # isort: skip (the order --format lists them in)
-from .registry import BASE_DIR, FORMATS, Adapter, Format, get
+from .registry import BASE_DIR, FORMAT, FORMAT_VERSION, FORMATS, Adapter, Format, get
 
-__all__ = ["peft", "kohya", "diffusers", "BASE_DIR", "FORMATS", "Adapter", "Format", "get"]
+__all__ = ["peft", "kohya", "diffusers", "BASE_DIR", "FORMAT", "FORMAT_VERSION", "FORMATS", "Adapter", "Format", "get"]

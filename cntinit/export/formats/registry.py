@@ -13,6 +13,7 @@ import torch
 
 from ...registry import Registry
 
+FORMAT, FORMAT_VERSION = "cntinit.export", 1  # an export directory's manifest: what export wrote, for --check and a later run
 BASE_DIR = "base"  # where a residual base is written, beside the adapter
 
 
