@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from cntinit import plots, recipe, runner
+from cntinit.errors import CntinitError
 from cntinit.solve.solution import Solution
 from cntinit.storage import cache
 
@@ -502,3 +503,31 @@ def test_cache_rm_and_prune_remove_a_linked_entry_not_its_target(tiny, calibrati
         code, _, err = run(capsys, "cache", *command, *([path.name[:12]] if command == ["rm"] else []))
         assert code == 0 and "a link to" in err and ("left as it is" in err or "left as they are" in err), err
         assert not path.is_symlink() and not path.exists() and (elsewhere / "manifest.json").is_file()
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="gives files to another user: needs root")
+def test_a_cache_takes_entries_only_from_users_it_trusts(tiny, calibration, cache_dir, capsys, monkeypatch):
+    """CNTINIT_CACHE shared with others: an entry another user planted was a hit (its checksums are its own,
+    so they prove nothing). Entries, and the cache itself, count only when this user or CNTINIT_CACHE_TRUST owns them."""
+    def plant(path):
+        for item in [path, *path.iterdir()]:
+            os.chown(item, 4242, 4242)  # a user this system has no name for
+
+    args = dict(targets="q_proj", seq_len=32, cache_dir=cache_dir)
+    path, _ = runner.cached_capture(tiny["llama"], calibration, **args)
+    plant(path)
+    capsys.readouterr()
+    again, hit = runner.cached_capture(tiny["llama"], calibration, **args)
+    assert again == path and not hit and path.stat().st_uid == os.getuid()
+    assert "was written by 4242, whom CNTINIT_CACHE_TRUST does not name; computing it again" in capsys.readouterr().err
+    plant(path)
+    monkeypatch.setenv("CNTINIT_CACHE_TRUST", "someone, 4242")
+    assert runner.cached_capture(tiny["llama"], calibration, **args) == (path, True)
+    os.chown(cache_dir, 4242, 4242)
+    monkeypatch.delenv("CNTINIT_CACHE_TRUST")
+    with pytest.raises(CntinitError, match=f"the cache {cache_dir} belongs to 4242, not you, so entries anyone who can write there left "
+                                           "would be taken as results: set CNTINIT_CACHE to a cache of your own, or trust its owner with "
+                                           "CNTINIT_CACHE_TRUST=4242"):
+        runner.cached_capture(tiny["llama"], calibration, **args)
+    monkeypatch.setenv("CNTINIT_CACHE_TRUST", "group:nosuchgroup,4242")
+    assert runner.cached_capture(tiny["llama"], calibration, **args) == (path, True)

@@ -11,16 +11,19 @@ The key is the SHA-256 of the model directory's contents, the data's contents an
 option that changes the result (plus cntinit's version), so a repeated run finds its entry
 without loading anything, and changing only the solve reuses the capture. Entries appear by
 atomic rename; a run computing a key holds its lock, so a second run with the same key waits
-and then hits instead of computing it twice.
+and then hits instead of computing it twice. Only entries (and a cache) owned by this user, or by
+those $CNTINIT_CACHE_TRUST names, are taken as results: another's may have been planted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import tempfile
@@ -37,6 +40,7 @@ from .manifests import read_json
 from .store import read_manifest
 
 KINDS = {"capture": ("captures", "cntinit.stats"), "solve": ("solves", "cntinit.solve")}
+TRUST = "CNTINIT_CACHE_TRUST"  # users and groups whose cache entries (and cache) this user takes as results
 HASH_CHUNK = 1 << 24
 
 
@@ -50,15 +54,51 @@ def root() -> Path:
 
 
 def ready(cache: Path | None = None) -> Path:
-    """The cache directory, created if needed; a one-line error when it cannot be written."""
+    """The cache directory, created if needed; a one-line error when it cannot be written, or when it
+    belongs to someone this user does not trust (see `trusted`)."""
     cache = cache or root()
     try:
         (cache / "locks").mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=cache / "locks"):  # a name of its own: runs probe at once
             pass
+        owner = cache.stat().st_uid
     except OSError as exc:
         raise CntinitError(f"cannot write in the cache {cache} ({exc.strerror or exc}): set CNTINIT_CACHE to a writable directory") from None
+    if not trusted(owner):
+        raise CntinitError(f"the cache {cache} belongs to {_name(owner)}, not you, so entries anyone who can write there left would be "
+                           f"taken as results: set CNTINIT_CACHE to a cache of your own, or trust its owner with {TRUST}={_name(owner)} "
+                           "(a team: group:NAME; docs/recipes.md)")
     return cache
+
+
+def trusted(uid: int) -> bool:
+    """Whether entries owned by `uid` are taken as results: this user's own, and those of the users and
+    groups $CNTINIT_CACHE_TRUST names (comma-separated user names or ids, and group:NAME for a group's
+    members), as git's safe.directory trusts repositories of other owners."""
+    if uid == os.getuid():
+        return True
+    name = _name(uid)
+    for item in filter(None, (part.strip() for part in os.environ.get(TRUST, "").split(","))):
+        if item in (name, str(uid)) or (item.startswith("group:") and _in_group(uid, item.removeprefix("group:"))):
+            return True
+    return False
+
+
+def _name(uid: int) -> str:
+    """The user name of `uid`, or the number where the system has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _in_group(uid: int, group: str) -> bool:
+    try:
+        found = grp.getgrnam(group)
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return user.pw_gid == found.gr_gid or user.pw_name in found.gr_mem
 
 
 def file_digest(path: Path, cache: Path) -> str:
@@ -125,15 +165,19 @@ def obtain(kind: str, inputs: dict, label: str, compute: Callable[[Path], object
     digest = key(kind, inputs)
     path = entry_dir(cache, kind, digest)
     with _locked(cache, digest, label, shared=True):
-        if _intact(path, KINDS[kind][1], cache):
+        if _intact(path, KINDS[kind][1], cache) and _owned(path) is None:
             _touch(path, kind, digest, label, inputs)
             return path, True
     with _locked(cache, digest, label):
-        hit = _intact(path, KINDS[kind][1], cache)  # another run may have computed it meanwhile
+        stranger = _owned(path)
+        hit = stranger is None and _intact(path, KINDS[kind][1], cache)  # another run may have computed it meanwhile
         if not hit:
-            if path.exists():
+            if stranger is not None:
+                log(f"cache entry {digest[:12]} ({label}) was written by {_name(stranger)}, whom {TRUST} does not name; computing it again")
+                _discard(path)
+            elif path.exists() or path.is_symlink():
                 log(f"cache entry {digest[:12]} ({label}) is damaged (a file is missing or changed); computing it again")
-                shutil.rmtree(path)
+                _discard(path)
             compute(path)
         _touch(path, kind, digest, label, inputs)
     return path, hit
@@ -150,6 +194,26 @@ def _touch(path: Path, kind: str, digest: str, label: str, inputs: dict) -> None
     meta_file = path.with_suffix(".json")
     meta = _read_json(meta_file) or {"kind": kind, "key": digest, "label": label, "created": time.time(), "inputs": inputs}
     _write_atomic(meta_file, json.dumps(meta | {"used": time.time()}, indent=2, default=str))
+
+
+def _owned(path: Path) -> int | None:
+    """The owner of the entry at `path` (its directory or its manifest) when not a trusted one, else None."""
+    for part in (path, path / "manifest.json"):
+        try:
+            owner = part.stat().st_uid
+        except OSError:
+            continue
+        if not trusted(owner):
+            return owner
+    return None
+
+
+def _discard(path: Path) -> None:
+    """Remove an entry about to be computed again (a link to one: the link only)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
 
 
 def _intact(path: Path, format: str, cache: Path) -> bool:
