@@ -194,3 +194,15 @@ def test_long_chat_and_bpe_samples_are_exact(smollm2):
     rendered = bpe.apply_chat_template(messages, tokenize=False)
     assert got == [bpe(text, truncation=True, max_length=100)["input_ids"],
                    bpe(rendered, add_special_tokens=False, truncation=True, max_length=100)["input_ids"]]
+
+
+def test_an_endless_word_is_tokenized_no_further_than_a_bound(tokenizer, capsys):
+    """A 200 MB line holding one word, taken whole by the tokenizer, aborted the process (signal 6): a
+    sample is never tokenized past the bound, and a warning says which samples were cut there."""
+    text = "ab" * 3_000_000
+    counting = Counting(tokenizer)
+    got = data.tokenize([data.Sample(text, "x.jsonl:1"), data.Sample("Let there be light.", "x.jsonl:2")], counting, seq_len=16)
+    assert max(counting.seen) <= data.CUT_FLOOR
+    assert got[0] == tokenizer(text[:data.CUT_FLOOR], truncation=True, max_length=16)["input_ids"]
+    assert got[1] == tokenizer("Let there be light.")["input_ids"]
+    assert "1 samples (e.g. x.jsonl:1) run past 1,048,576 characters without giving --seq-len tokens" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from ...console import warn
 from ...errors import CntinitError
 
 DATA_SUFFIXES = (".jsonl", ".txt")
+CUT_GROWTH, CUT_FLOOR = 64, 1 << 20  # a sample is never tokenized past max(64 × its first tokens' character bound, 1M characters)
 
 
 @dataclass(frozen=True)
@@ -161,16 +162,20 @@ def tokenize(samples: list[Sample], tokenizer, seq_len: int, pack: bool = False)
         stream = [token for text, add in zip(texts, special) for token in _ids(tokenizer, text, add)]
         return [Tokens(stream[i : i + seq_len]) for i in range(0, len(stream), seq_len)]
     bound = _char_bound(tokenizer, seq_len)
-    ids, long = [], 0
+    ids, long, capped = [], 0, []
     for sample, text, add in zip(samples, texts, special):
-        seq, cut = _leading_ids(tokenizer, text, add, seq_len, bound)
+        seq, cut, short = _leading_ids(tokenizer, text, add, seq_len, bound)
         seq = Tokens(seq)
         if sample.prompt is not None:
             seq.prompt = _prompt_length(seq, _ids(tokenizer, _text(sample, tokenizer, prompt=True), add))
         ids.append(seq)
         long += cut
+        capped += [sample.origin] if short else []
     if long:
         warn(f"{long} of {len(ids)} samples are longer than --seq-len {seq_len} tokens and were truncated")
+    if capped:
+        warn(f"{len(capped)} samples (e.g. {capped[0]}) run past {_cap(bound):,} characters without giving --seq-len tokens (an "
+             f"unbroken word?): each was tokenized from its first {_cap(bound):,} characters")
     empty = sum(not seq for seq in ids)
     if empty:
         warn(f"{empty} samples tokenize to zero tokens and were skipped")
@@ -210,22 +215,33 @@ def _char_bound(tokenizer, seq_len: int) -> int | None:
     return (seq_len + 16) * max(longest, 1)
 
 
-def _leading_ids(tokenizer, text: str, special: bool, seq_len: int, bound: int | None) -> tuple[list[int], bool]:
-    """(the first `seq_len` tokens of `text`, exactly as truncating the whole text gives them;
-    whether it was longer). A long text is tokenized only up to a whitespace past `bound`
-    characters — a 20 MB line costs what its first tokens do — and the cut grows while it yields
-    too few tokens to be sure (a normalizer that drops characters, one endless word)."""
-    while bound is not None and len(text) > bound and getattr(tokenizer, "truncation_side", "right") == "right":
+def _cap(bound: int | None) -> int | None:
+    """How many characters of a sample are ever tokenized, given its first tokens' bound."""
+    return None if bound is None else max(bound * CUT_GROWTH, CUT_FLOOR)
+
+
+def _leading_ids(tokenizer, text: str, special: bool, seq_len: int, bound: int | None) -> tuple[list[int], bool, bool]:
+    """(the first `seq_len` tokens of `text`, exactly as truncating the whole text gives them; whether it
+    was longer; whether it was cut short of that). A long text is tokenized only up to a whitespace past
+    `bound` characters — a 20 MB line costs what its first tokens do — and the cut grows while it
+    yields too few tokens to be sure (a normalizer that drops characters, one endless word), up to
+    `_cap(bound)`: past that the first tokens are those of that many characters (a word of 200 MB,
+    taken whole, made the tokenizer abort the process)."""
+    cap = _cap(bound)
+    while bound is not None and bound < cap and len(text) > bound and getattr(tokenizer, "truncation_side", "right") == "right":
         end = next((i for i in range(bound, min(len(text), 2 * bound)) if text[i].isspace()), None)
         if end is None:  # no word boundary near: a longer cut, or the whole text
             bound *= 2
             continue
         ids = _ids(tokenizer, text[:end], special)
         if len(ids) > seq_len + 1:  # the cut lies beyond the tokens kept, so they are the whole text's
-            return _ids(tokenizer, text[:end], special, seq_len), True
+            return _ids(tokenizer, text[:end], special, seq_len), True, False
         bound *= 2
+    capped = cap is not None and len(text) > cap and getattr(tokenizer, "truncation_side", "right") == "right"
+    if capped:
+        text = text[:cap]
     ids = _ids(tokenizer, text, special)
-    return (ids if len(ids) <= seq_len else _ids(tokenizer, text, special, seq_len)), len(ids) > seq_len
+    return (ids if len(ids) <= seq_len else _ids(tokenizer, text, special, seq_len)), len(ids) > seq_len, capped
 
 
 def split_buckets(sequences: list[list[int]], buckets: int) -> list[list[list[int]]]:
