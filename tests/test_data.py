@@ -87,6 +87,14 @@ def test_a_pipe_is_refused_not_waited_on(tiny, tmp_path):
         ("empty.jsonl", "\n\n", r"no samples in"),
         ("data.csv", "a,b\n", r"neither .jsonl nor .txt"),
         ("plain.jsonl", "In the beginning\n", r"plain.jsonl:1: plain text, not JSON: a .txt file takes one sample per line"),
+        ("deep.jsonl", "[" * 200_000 + "]" * 200_000 + "\n", r"deep.jsonl:1: not valid JSON \(nested deeper than JSON can be read\)"),
+        ("digits.jsonl", '{"text": "a", "n": ' + "7" * 100_000 + "}\n", r"digits.jsonl:1: not valid JSON \(Exceeds the limit"),
+        ("roleless.jsonl", '{"messages": [{"content": "hi"}]}\n', r"roleless.jsonl:1: message 0 has no string 'role'"),
+        ("nested.jsonl", '{"messages": [{"role": "user", "content": {"text": "hi"}}]}\n',
+         r"nested.jsonl:1: message 0's content is neither text nor a list of typed parts"),
+        ("notdict.jsonl", '{"messages": ["hi"]}\n', r"notdict.jsonl:1: message 0 is not a JSON object"),
+        ("prompted.jsonl", '{"prompt": [{"role": "user"}], "completion": [{"role": "assistant", "content": "x"}]}\n',
+         r"prompted.jsonl:1: message 0 has no content"),
     ],
 )
 def test_bad_data_names_the_problem(tmp_path, name, content, message):
@@ -206,3 +214,11 @@ def test_an_endless_word_is_tokenized_no_further_than_a_bound(tokenizer, capsys)
     assert got[0] == tokenizer(text[:data.CUT_FLOOR], truncation=True, max_length=16)["input_ids"]
     assert got[1] == tokenizer("Let there be light.")["input_ids"]
     assert "1 samples (e.g. x.jsonl:1) run past 1,048,576 characters without giving --seq-len tokens" in capsys.readouterr().err
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    """Windows tools start UTF-8 files with a byte-order mark; a .jsonl so written was refused as plain text."""
+    jsonl = write(tmp_path / "bom.jsonl", b"\xef\xbb\xbf" + '{"text": "first"}\n{"text": "second"}\n'.encode(), mode="b")
+    txt = write(tmp_path / "bom.txt", b"\xef\xbb\xbfone\ntwo\n", mode="b")
+    assert [s.content for s in data.read_samples(jsonl)] == ["first", "second"]
+    assert [s.content for s in data.read_samples(txt)] == ["one", "two"]

@@ -301,6 +301,13 @@ def test_pipeline_errors(sd, captured, tmp_path, capsys):
     assert not list(tmp_path.glob(".i.offload-*"))  # its disk folder went with the error
     code, _, err = run(capsys, "capture", sd["model"], "--data", uncaptioned, "--prompt", "a photo of sks dog", "-o", tmp_path / "h")
     assert code == 0, err
+    assert_refused(capsys, ["capture", sd["model"], "--data", sd["images"], "--gradients", "--seed", str(2**70)],  # was a traceback
+                   f"--seed must be an integer from {-2**63} to {2**64 - 1}, got {2**70}", tmp_path / "j")
+    timeless = shutil.copytree(sd["model"], tmp_path / "timeless")
+    config = json.loads((timeless / "scheduler" / "scheduler_config.json").read_text())
+    (timeless / "scheduler" / "scheduler_config.json").write_text(json.dumps(config | {"num_train_timesteps": 0}))
+    assert_refused(capsys, ["capture", timeless, "--data", sd["images"], "--gradients"],  # was a traceback
+                   f"{timeless}/scheduler says num_train_timesteps 0: a scheduler trains over at least one timestep", tmp_path / "k")
 
 
 def test_a_pipeline_part_that_does_not_hold_its_weights_is_refused(sd, tmp_path, capsys):

@@ -131,3 +131,31 @@ def test_image_folder_errors(vit, tmp_path, capsys):
     (damaged / "preprocessor_config.json").write_text("{not json")
     assert_refused(capsys, ["capture", damaged, "--data", vit["images"]], f"could not load the image processor at {damaged}: ",
                    tmp_path / "e")  # was a traceback
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares `width` × `height` pixels and holds none: what a decompression bomb shows PIL first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_and_what_is_not_a_file_are_named(vit, tmp_path, capsys):
+    """A PNG declaring 50000 × 50000 pixels stopped with PIL's DecompressionBombError traceback; a pipe or a
+    link to a device named like an image was passed over without a word."""
+    import os
+
+    bomb = write_images(tmp_path / "bomb", count=2)
+    (bomb / "huge.png").write_bytes(png_header(50_000, 50_000))
+    assert_refused(capsys, ["capture", vit["model"], "--data", bomb], f"could not read image {bomb / 'huge.png'} (it declares more pixels "
+                   "than PIL decodes safely:", tmp_path / "a")
+    odd = write_images(tmp_path / "odd", count=2)
+    os.mkfifo(odd / "pipe.png")
+    (odd / "zero.png").symlink_to("/dev/zero")
+    code, _, err = run(capsys, "capture", vit["model"], "--data", odd, "-o", tmp_path / "b")
+    assert code == 0 and "skipped 2 entries named like images that are not regular files (a pipe, a device, a broken link)" in err, err
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["data"]["samples"] == 2

@@ -31,6 +31,7 @@ from .blocks import chain, chain_of_blocks, check_gradient_targets
 from .gradients import GradientSums
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 def _offload_dtype(dtype: str, dev: torch.device) -> torch.dtype | str:
@@ -189,6 +190,8 @@ def _check_arguments(a: SimpleNamespace, world: distributed.World) -> None:
         raise CntinitError(f"--image-size must be at least 1, got {a.image_size}")
     if a.accumulate not in ACCUMULATE:
         raise not_one_of("--accumulate", a.accumulate, ACCUMULATE)
+    if not SEEDS[0] <= a.seed <= SEEDS[1]:
+        raise CntinitError(f"--seed must be an integer from {SEEDS[0]} to {SEEDS[1]}, got {a.seed}")
     if not all(math.isfinite(v) for v in (*a.image_mean, *a.image_std)) or min(a.image_std) <= 0:
         raise CntinitError(f"--image-mean and --image-std must be finite, --image-std above 0; got {a.image_mean} and {a.image_std}")
     if world.size > 1 and a.shard is not None:

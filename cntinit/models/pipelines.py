@@ -152,7 +152,12 @@ def load(path: str | Path) -> tuple[DiffusionParts, object]:
             library, class_name = index[name]
             module = diffusers if library == "diffusers" else transformers
             if name == "scheduler":
-                return getattr(module, class_name).from_pretrained(path / name)
+                scheduler = getattr(module, class_name).from_pretrained(path / name)
+                steps = scheduler.config.num_train_timesteps
+                if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                    raise CntinitError(f"{path / name} says num_train_timesteps {steps}: a scheduler trains over at least one timestep; "
+                                       "put the pipeline's own scheduler_config.json there")
+                return scheduler
             weight_files.refuse_quantized(path / name, json.loads((path / name / "config.json").read_text()))
             model, loading = getattr(module, class_name).from_pretrained(path / name, output_loading_info=True)
             weight_files.refuse_incomplete(path / name, loading["missing_keys"])  # diffusers refuses other shapes itself

@@ -15,7 +15,8 @@ from typing import Iterator
 
 import torch
 
-from ...errors import CntinitError
+from ...console import warn
+from ...errors import CntinitError, first_line
 from .feed import Batch, Feed, Shard, shard_total, share, slices
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -35,8 +36,12 @@ def read_pictures(folder: str | Path, max_samples: int | None = None, prompt: st
     root = Path(folder)
     if not root.is_dir():
         raise CntinitError(f"--data {root} is not a folder: give a folder of .jpg/.png/.webp images")
-    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES),
-                   key=lambda p: p.relative_to(root).as_posix())
+    named = [p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES and not p.is_dir()]
+    files = sorted((p for p in named if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+    odd = sorted(set(named) - set(files))
+    if odd:
+        warn(f"skipped {len(odd)} entries named like images that are not regular files (a pipe, a device, a broken link): "
+             f"{', '.join(str(p) for p in odd[:3])}")
     if not files:
         raise CntinitError(f"no images in {root}: give a folder of {', '.join(SUFFIXES)} files")
     files = files[:max_samples] if max_samples else files
@@ -57,13 +62,16 @@ def _captions(root: Path) -> dict[str, str]:
     if not found:
         return {}
     captions = {}
-    for lineno, line in enumerate(found[0].read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(found[0].read_text(encoding="utf-8-sig").splitlines(), start=1):  # a byte-order mark is not data
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise CntinitError(f"{found[0]}:{lineno} is not valid JSON ({exc.msg}): one object per line") from None
+        except (RecursionError, ValueError) as exc:  # nested past the recursion limit; an integer of too many digits
+            reason = "nested deeper than JSON can be read" if isinstance(exc, RecursionError) else first_line(exc)
+            raise CntinitError(f"{found[0]}:{lineno} is not valid JSON ({reason}): one object per line") from None
         text = next((record[f] for f in CAPTION_FIELDS if isinstance(record, dict) and isinstance(record.get(f), str)), None)
         if not isinstance(record, dict) or not isinstance(record.get("file_name"), str) or text is None:
             raise CntinitError(f'{found[0]}:{lineno} needs "file_name" and "text" strings')
@@ -79,6 +87,9 @@ def open_rgb(path: Path, header_only: bool = False):
             return None if header_only else image.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise CntinitError(f"could not read image {path} ({type(exc).__name__}): replace or remove it") from None
+    except Image.DecompressionBombError as exc:  # PIL's own limit, kept: a few bytes can declare gigapixels
+        raise CntinitError(f"could not read image {path} (it declares more pixels than PIL decodes safely: {first_line(exc)}): "
+                           "resize or remove it") from None
 
 
 def fingerprint(pictures: list[Picture], root: str | Path) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from ...console import warn
-from ...errors import CntinitError
+from ...errors import CntinitError, first_line
 
 DATA_SUFFIXES = (".jsonl", ".txt")
 CUT_GROWTH, CUT_FLOOR = 64, 1 << 20  # a sample is never tokenized past max(64 × its first tokens' character bound, 1M characters)
@@ -95,7 +95,7 @@ def _text_lines(file: Path) -> list[str]:
     if b"\x00" in raw:
         raise CntinitError(f"data file {file} looks binary (it holds NUL bytes): give UTF-8 text")
     try:
-        return [line.removesuffix("\r") for line in raw.decode("utf-8").split("\n")]
+        return [line.removesuffix("\r") for line in raw.decode("utf-8-sig").split("\n")]  # a byte-order mark is not data
     except UnicodeDecodeError as exc:
         raise CntinitError(f"data file {file} is not UTF-8 (byte {exc.start}): re-encode it as UTF-8") from None
 
@@ -106,6 +106,8 @@ def _stdin_lines() -> Iterator[str]:
     if stream is None or sys.stdin.closed:
         raise CntinitError("--data - reads JSONL from stdin, but stdin is closed: pipe the data in (cat calib.jsonl | cntinit ...)")
     for lineno, raw in enumerate(stream, start=1):
+        if lineno == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not data
         if b"\x00" in raw:
             raise CntinitError(f"stdin line {lineno} looks binary (it holds NUL bytes): give UTF-8 JSONL")
         try:
@@ -123,19 +125,44 @@ def _parse_jsonl(line: str, where: str, text_field: str) -> Sample:
                 "a .txt file takes one sample per line: rename it to .txt, or write JSONL ({\"text\": \"...\"} per line)"
             raise CntinitError(f"{where}: plain text, not JSON: {fix}") from None
         raise CntinitError(f"{where}: not valid JSON ({exc.msg}): fix or remove that line") from None
+    except RecursionError:
+        raise CntinitError(f"{where}: not valid JSON (nested deeper than JSON can be read): fix or remove that line") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise CntinitError(f"{where}: not valid JSON ({first_line(exc)}): fix or remove that line") from None
     if not isinstance(record, dict):
         raise CntinitError(f"{where}: expected a JSON object with '{text_field}' or 'messages'")
     if isinstance(record.get(text_field), str):
         return Sample(record[text_field], where)
     if isinstance(record.get("messages"), list):
-        return Sample(record["messages"], where)
+        return Sample(_messages(record["messages"], where), where)
     prompt, completion = record.get("prompt"), record.get("completion")
-    if isinstance(prompt, str) and isinstance(completion, str) or isinstance(prompt, list) and isinstance(completion, list):
+    if isinstance(prompt, list) and isinstance(completion, list):
+        prompt = _messages(prompt, where)
+        return Sample(prompt + _messages(completion, where, len(prompt)), where, prompt)
+    if isinstance(prompt, str) and isinstance(completion, str):
         return Sample(prompt + completion, where, prompt)
     if prompt is not None and completion is not None:
         raise CntinitError(f"{where}: 'prompt' and 'completion' must both be strings or both lists of chat messages")
     raise CntinitError(f"{where}: no string field '{text_field}', no 'messages' list and no 'prompt' + 'completion' pair: "
                        "pass --text-field NAME")
+
+
+def _messages(messages: list, where: str, first: int = 0) -> list:
+    """Chat messages as chat templates read them: objects with a string role and a content that is
+    text, or a list of typed parts ({"type": "text", "text": ...}); numbered from `first` in errors."""
+    for number, message in enumerate(messages, start=first):
+        if not isinstance(message, dict):
+            raise CntinitError(f"{where}: message {number} is not a JSON object: write {{\"role\": ..., \"content\": ...}}")
+        if not isinstance(message.get("role"), str):
+            raise CntinitError(f"{where}: message {number} has no string 'role' (user, assistant, system): fix or remove that line")
+        if "content" not in message:
+            raise CntinitError(f"{where}: message {number} has no content: fix or remove that line")
+        content = message["content"]
+        if not (isinstance(content, str) or isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("type"), str)
+                                                                              for part in content)):
+            raise CntinitError(f"{where}: message {number}'s content is neither text nor a list of typed parts "
+                               "({\"type\": \"text\", \"text\": ...}): fix or remove that line")
+    return messages
 
 
 def fingerprint(samples: list[Sample]) -> str:
