@@ -365,3 +365,23 @@ def test_lora_ga_random_direction_takes_one_random_half_of_2r_for_both_factors(t
         expected = u[:, picked] * s[picked]
         assert torch.allclose((b.double().abs() - expected.abs()).abs().max(), torch.zeros((), dtype=torch.float64), atol=1e-6)
         assert torch.equal(b, again.factors()[name][0])  # the same draw from the same seed
+
+
+def test_samples_with_nothing_to_predict_are_counted_and_never_predict_an_end_token(tiny, tmp_path, capsys):
+    """--gradients where samples have no token to predict took them without a word: a prompt that fills
+    --seq-len even had the end token truncation appends predicted as if it were the completion's, and a
+    --seq-len too short for the tokenizer's special tokens was not applied at all."""
+    long_prompt = {"prompt": "Let there be light and there was light over the face of the deep", "completion": " and it was good"}
+    data = _jsonl(tmp_path / "mixed.jsonl", [long_prompt, long_prompt, {"text": "And God saw the light, that it was good."}])
+    store = Store(capture(tiny["llama"], data, tmp_path / "g", targets="v_proj", seq_len=6, gradients=True))
+    expected = len(transformers.AutoTokenizer.from_pretrained(tiny["llama"])("And God saw the light, that it was good.",
+                                                                              truncation=True, max_length=6)["input_ids"]) - 1
+    assert store.manifest["gradients"]["tokens"] == expected  # the text's next tokens alone
+    assert "2 of 3 samples have no token to predict (a single token, or a prompt that fills --seq-len 6): they add statistics " \
+           "but no gradient" in capsys.readouterr().err
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [long_prompt] * 3)
+    assert_refused(capsys, ["capture", tiny["llama"], "--data", prompts, "--seq-len", "6", "--gradients", "-q"],
+                   "has a token to predict (each is a single token, or its prompt fills --seq-len 6): give longer text or a larger --seq-len",
+                   tmp_path / "h")
+    assert_refused(capsys, ["capture", tiny["llama"], "--data", data, "--seq-len", "2"],
+                   "--seq-len 2 leaves no room beside the 2 special tokens this tokenizer adds: give at least 3", tmp_path / "i")

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from .. import console, distributed
-from ..console import log
+from ..console import log, warn
 from ..errors import CntinitError, not_one_of
 from ..models import fingerprints, linears, loading, named_weights
 from ..models.linears import ALL_LINEAR
@@ -132,6 +132,8 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, a: SimpleN
     store.check_out(a.out, model_fingerprint, a.overwrite)
     run_dtype = net.dtype if placement is not None else resolve_dtype(a.dtype, checkpoint_dtype, dev)
     feed = feeds.build(kind, net, tokenizer, a, run_dtype, share)
+    if a.gradients and feed.unpredicted == feed.total:
+        raise _nothing_to_predict(a.data, feed.settings["seq_len"])
     where = _placed(net, a.layerwise, placement, dev, run_dtype)
     log(f"loaded {type(net).__name__} from {a.model} ({len(modules)} targets, {run_dtype}, {where}) in {time.perf_counter() - started:.1f}s")
     recorded = _settings(a, run_dtype, dev, feed)
@@ -158,7 +160,10 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, a: SimpleN
                 checkpoint.remove(saved)
             return Path(a.out)
     if grads is not None and grads.tokens == 0:
-        raise CntinitError(f"no sample of {a.data} has a second token, so no next token was predicted and no gradient taken: give longer text")
+        raise _nothing_to_predict(a.data, recorded["seq_len"])
+    if grads is not None and feed.unpredicted:
+        warn(f"{feed.unpredicted} of {feed.total} samples have no token to predict (a single token, or a prompt that fills --seq-len "
+             f"{recorded['seq_len']}): they add statistics but no gradient")
     stats = stats if stats is not None else _summed(sums, module_map)
     tokens = done if kind == "text" else max(entry["count"] for entry in stats.values())
     manifest = store.new_manifest(model=loading.record(net, a.model, model_fingerprint), data=feed.data | {"tokens": tokens},
@@ -207,6 +212,11 @@ def _check_arguments(a: SimpleNamespace, world: distributed.World) -> None:
                            "use --layerwise, which runs backward block by block")
     if a.gradients and a.layerwise and a.gradient_checkpointing:
         raise CntinitError("--gradients --layerwise recomputes each block in backward already: leave out --gradient-checkpointing")
+
+
+def _nothing_to_predict(data, seq_len: int) -> CntinitError:
+    return CntinitError(f"no sample of {data} has a token to predict (each is a single token, or its prompt fills --seq-len {seq_len}): "
+                        "give longer text or a larger --seq-len")
 
 
 def _check_model(net, kind: str, a: SimpleNamespace) -> None:

@@ -23,6 +23,7 @@ class Feed:
     batches: Callable[[], Iterator[Batch]]
     data: dict  # the store manifest's data section
     settings: dict = field(default_factory=dict)  # extra capture settings to record
+    unpredicted: int = 0  # samples with no next token to predict (a single token, or a prompt that fills them): no gradient
 
 
 Shard = tuple[int, int]  # (index, count): this process's share of the data, as `--shard index/count`

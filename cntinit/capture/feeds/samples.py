@@ -193,8 +193,9 @@ def tokenize(samples: list[Sample], tokenizer, seq_len: int, pack: bool = False)
     for sample, text, add in zip(samples, texts, special):
         seq, cut, short = _leading_ids(tokenizer, text, add, seq_len, bound)
         seq = Tokens(seq)
-        if sample.prompt is not None:
-            seq.prompt = _prompt_length(seq, _ids(tokenizer, _text(sample, tokenizer, prompt=True), add))
+        if sample.prompt is not None:  # the prompt's own first tokens, cut as the sample was: all of them kept means no completion is
+            prompt = _leading_ids(tokenizer, _text(sample, tokenizer, prompt=True), add, seq_len, bound)[0]
+            seq.prompt = len(seq) if prompt == list(seq) else _prompt_length(seq, prompt)
         ids.append(seq)
         long += cut
         capped += [sample.origin] if short else []

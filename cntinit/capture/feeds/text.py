@@ -28,6 +28,10 @@ def build(net, tokenizer, args, run_dtype: torch.dtype, shard: Shard = (0, 1)) -
     if context is not None and seq_len > context:
         warn(f"--seq-len {seq_len} is longer than the model's context ({context} tokens): using {context}")
         seq_len = context
+    special = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 0
+    if seq_len <= special:  # the tokenizer would not truncate at all
+        raise CntinitError(f"--seq-len {seq_len} leaves no room beside the {special} special tokens this tokenizer adds: give at least "
+                           f"{special + 1}")
     sequences = samples.tokenize(read, tokenizer, seq_len, args.pack)
     if not sequences:
         raise CntinitError(f"no sample of {args.data} has any token: give non-empty text")
@@ -44,9 +48,10 @@ def build(net, tokenizer, args, run_dtype: torch.dtype, shard: Shard = (0, 1)) -
 
     probe = torch.tensor([sequences[0][:8]])
     source = str(args.data) if str(args.data) == "-" else str(Path(args.data).absolute())
+    unpredicted = sum(1 for part in parts for seq in part if len(seq) <= max(seq.prompt, 1))  # position j predicts token j + 1
     return Feed({"input_ids": probe, "attention_mask": torch.ones_like(probe)}, total, "tok", batches,
                 {"fingerprint": samples.fingerprint(read), "sources": [source], "samples": len(read),
-                 "sequences": total}, {"seq_len": seq_len, "pack": args.pack})
+                 "sequences": total}, {"seq_len": seq_len, "pack": args.pack}, unpredicted)
 
 
 def _refuse_foreign_ids(net, largest: int) -> None:
