@@ -184,6 +184,7 @@ def merge(
     stores: list[Path] = typer.Argument(..., metavar="STORES", help="Two or more stores of the same model and targets."),
     out: Path = typer.Option(..., "--out", "-o", help="Merged store directory to write."),
     overwrite: bool = _flag("--overwrite", help="Replace --out even if it is a store of another model or another cntinit output (never a folder or file of yours)."),
+    allow_duplicates: bool = _flag("--allow-duplicates", help="Sum whole captures of the same data (a store given twice), which counts every sample twice; refused without it."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -194,7 +195,7 @@ def merge(
     """
     from .storage.store import merge as run_merge
     console.quiet = quiet
-    _finish(run_merge(stores, out, overwrite), as_json)
+    _finish(run_merge(stores, out, overwrite, allow_duplicates), as_json)
 
 
 @app.command(cls=_Command)

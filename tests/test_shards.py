@@ -61,3 +61,19 @@ def test_shard_errors(tiny, calibration, tmp_path, capsys):
         assert code == 2 and message in err and not (tmp_path / "m").exists(), err
     code, _, err = run(capsys, "merge", tmp_path / "t0", tmp_path / "t1", "-o", tmp_path / "part")
     assert code == 0 and "merging 2 of 3 shards" in err and Store(tmp_path / "part").manifest["capture"]["shard"] == "0/3,1/3"
+
+
+def test_merging_a_store_with_itself_is_refused_unless_asked_for(tiny, calibration, tmp_path, capsys):
+    """merge of a store with itself (or with another capture of the same data) counted every sample twice
+    without a word; --allow-duplicates says it is meant."""
+    base = ["capture", tiny["llama"], "--data", calibration, "--targets", "q_proj", "--seq-len", "32"]
+    assert run(capsys, *base, "-o", tmp_path / "a")[0] == 0
+    assert run(capsys, *base, "--buckets", "1", "-o", tmp_path / "b")[0] == 0
+    for stores in ([tmp_path / "a", tmp_path / "a"], [tmp_path / "a", tmp_path / "b"]):
+        code, _, err = run(capsys, "merge", *stores, "-o", tmp_path / "m")
+        assert code == 2 and err.count("\n") == 1 and not (tmp_path / "m").exists(), err
+        assert f"{stores[0]} and {stores[1]} hold statistics of the same data" in err and "pass --allow-duplicates" in err, err
+    code, _, err = run(capsys, "merge", tmp_path / "a", tmp_path / "a", "--allow-duplicates", "-o", tmp_path / "m")
+    once, twice = Store(tmp_path / "a"), Store(tmp_path / "m")
+    assert code == 0 and twice.manifest["data"]["tokens"] == 2 * once.manifest["data"]["tokens"], err
+    assert torch.equal(twice.tensors(twice.keys[0])["xxt"], 2 * once.tensors(once.keys[0])["xxt"])

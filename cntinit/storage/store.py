@@ -345,10 +345,22 @@ def _shard_set(stores: list[Store]) -> str | None:
     return "complete"
 
 
-def merge(directories: list[str | Path], out: str | Path, overwrite: bool = False) -> Path:
+def _refuse_duplicates(stores: list[Store]) -> None:
+    """Whole captures of the same data, summed, count every sample twice."""
+    seen: dict[str, Store] = {}
+    for store in stores:
+        data = store.manifest["data"]["fingerprint"]
+        if data in seen:
+            raise CntinitError(f"{seen[data].path} and {store.path} hold statistics of the same data ({data[:19]}…): merging them counts "
+                               "every sample twice; merge captures of different data, or pass --allow-duplicates to count them twice")
+        seen[data] = store
+
+
+def merge(directories: list[str | Path], out: str | Path, overwrite: bool = False, allow_duplicates: bool = False) -> Path:
     """Sum stores of one model (shards of one calibration set) into a new store at `out`.
 
-    Bucket j of the result is the sum of bucket j of every input.
+    Bucket j of the result is the sum of bucket j of every input. Two whole captures of the same
+    data (a store given twice) are refused, as counting every sample twice, unless `allow_duplicates`.
     """
     if len(directories) < 2:
         raise CntinitError("merge needs at least two stores")
@@ -374,6 +386,8 @@ def merge(directories: list[str | Path], out: str | Path, overwrite: bool = Fals
             if other["capture"].get(option) != first["capture"].get(option):
                 warn(f"merging stores captured with different {option}: {first['capture'].get(option)} and {other['capture'].get(option)}")
     shards = _shard_set(stores)
+    if not shards and not allow_duplicates:
+        _refuse_duplicates(stores)
     check_out(out, first["model"]["fingerprint"], overwrite)
     tensors_by_key: dict[str, dict[str, torch.Tensor]] = {}
     stats: dict[str, dict] = {}
