@@ -236,3 +236,13 @@ def test_outputs_get_the_permissions_the_umask_gives(umask, tiny, calibration, t
         for path in [tmp_path / output, *(tmp_path / output).rglob("*")]:
             mode = stat.S_IMODE(path.stat().st_mode)
             assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, (path, oct(mode))
+
+
+def test_a_name_longer_than_the_filesystem_takes_is_refused_before_any_work(captured, tiny, calibration, tmp_path, capsys):
+    """--out with a 300-character name stopped with OSError's traceback (after the model had loaded)."""
+    for out, message in ((tmp_path / ("a" * 300), "its name is 300 bytes, and the temporary names cntinit writes beside it must fit"),
+                         (tmp_path / ("b" * 300) / "stats", "the folder name bbbbbbbbbbbbbbbbbbbbbbbb… is 300 bytes, longer than its filesystem")):
+        for args in (["capture", tiny["llama"], "--data", calibration], ["solve", captured["llama"], "-m", "cnt-s", "-r", "2"]):
+            code, stdout, err = run(capsys, *args, "-o", out)
+            assert code == 2 and stdout == "" and err.count("\n") == 1 and message in err, err
+    assert [p.name for p in tmp_path.iterdir()] == []

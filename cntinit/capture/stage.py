@@ -25,7 +25,7 @@ from ..models import fingerprints, linears, loading, named_weights
 from ..models.linears import ALL_LINEAR
 from ..models.placement import offload_placement, place, resolve_device, resolve_dtype
 from ..storage import checkpoint, store
-from ..storage.atomic import atomic_directory
+from ..storage.atomic import atomic_directory, check_name
 from . import feeds, gradients, layerwise, stream
 from .blocks import chain, chain_of_blocks, check_gradient_targets
 from .gradients import GradientSums
@@ -184,6 +184,7 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, a: SimpleN
 
 def _check_arguments(a: SimpleNamespace, world: distributed.World) -> None:
     """Options that are out of range or do not go together, refused before anything loads."""
+    check_name(Path(a.out))
     for option, value in (("--seq-len", a.seq_len), ("--batch-size", a.batch_size), ("--buckets", a.buckets)):
         if value < 1:
             raise CntinitError(f"{option} must be at least 1, got {value}")

@@ -37,6 +37,30 @@ def check_writable(directory: Path, advice: str = "choose an --out in a writable
         raise CntinitError(f"cannot write in {ancestor} ({'not a directory' if not ancestor.is_dir() else 'permission denied'}): {advice}")
 
 
+def check_name(out: Path) -> None:
+    """Refuse, before any work, an `out` with a name (or a folder above it) longer than its filesystem
+    takes — counting the temporary names written beside it, which add to its own."""
+    out = Path(out).absolute()
+    place, limit = Path(out.anchor), 255
+    for part in out.parts[1:-1]:  # the deepest existing folder says what its filesystem takes
+        try:
+            if len(part.encode()) > limit or not (place / part).is_dir():
+                break
+        except OSError:
+            break
+        place = place / part
+    with contextlib.suppress(OSError, ValueError):
+        limit = os.pathconf(place, "PC_NAME_MAX")
+    folder = next((part for part in out.parts[1:-1] if len(part.encode()) > limit), None)
+    if folder is not None:
+        raise CntinitError(f"{out}: the folder name {folder[:24]}… is {len(folder.encode())} bytes, longer than its filesystem takes "
+                           f"({limit}): choose a shorter path")
+    room = limit - 1 - max(len(f".tmp-{_tag()}") + 8, len(".checkpoint-rank") + 6, len(".layerwise-") + 8)
+    if len(out.name.encode()) > room:
+        raise CntinitError(f"--out {out}: its name is {len(out.name.encode())} bytes, and the temporary names cntinit writes beside it "
+                           f"must fit this filesystem's {limit}: give a name of at most {room} bytes")
+
+
 def _failed(out: Path, exc: BaseException) -> CntinitError:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
     return CntinitError(f"writing {out} failed ({reason}): nothing was written and what was there is untouched; "

@@ -28,7 +28,7 @@ from ..console import warn
 from ..errors import CntinitError
 from ..finite import all_finite
 from . import manifests
-from .atomic import atomic_directory, check_writable
+from .atomic import atomic_directory, check_name, check_writable
 from .manifests import scheme_of
 
 FORMAT = "cntinit.stats"
@@ -287,6 +287,7 @@ def check_out(out: str | Path, model_fingerprint: str, overwrite: bool, format: 
     (even with --overwrite: a user's file or folder is never replaced), and — unless --overwrite —
     an output of another kind or of another model. An empty directory is taken as it is."""
     out = Path(out).absolute()
+    check_name(out)
     check_writable(out.parent)
     if not out.exists() and not out.is_symlink():
         return
