@@ -168,6 +168,12 @@ def test_regex_targets_pick_whole_paths(tiny):
         linears.select_targets(net, "re:model.(")
     with pytest.raises(CntinitError, match="matched no linear module"):
         linears.select_targets(net, r"re:vision_tower\..*")
+    for empty in ("", ",,,", " , "):  # were taken (as what?)
+        with pytest.raises(CntinitError, match="--targets names no module: give module-name suffixes"):
+            linears.select_targets(net, empty)
+    for evil in ("re:(.|.)*!", "re:(a+)+b", r"re:(\w*)*\.x"):  # ran for minutes: exponential backtracking over a module name
+        with pytest.raises(CntinitError, match="repeats a group that itself repeats or alternates"):
+            linears.select_targets(net, evil)
 
 
 def test_half_precision_capture_keeps_float32_buffers_as_from_pretrained_does(tiny, tmp_path):

@@ -6,9 +6,16 @@ An attachment point is a linear map y = W x (+ b): `nn.Linear`, or transformers'
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
+
+try:  # the pattern parser of the standard library's re (Python 3.11's name, then 3.10's)
+    from re import _constants, _parser
+except ImportError:
+    import sre_constants as _constants
+    import sre_parse as _parser
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -52,16 +59,52 @@ def select_names(names: list[str], targets: str | list[str], what: str) -> list[
 
 
 def _wanted(targets: str | list[str]) -> list[str]:
-    wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
-    return [t for t in wanted if t]
+    wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t).strip() for t in targets]
+    wanted = [t for t in wanted if t]
+    if not wanted:
+        raise CntinitError("--targets names no module: give module-name suffixes (q_proj,v_proj), re:PATTERN or all-linear")
+    for target in wanted:
+        if target.startswith("re:"):
+            _pattern(target)
+    return wanted
+
+
+@functools.lru_cache(maxsize=64)  # matched against every module's name
+def _pattern(target: str) -> re.Pattern:
+    """The `re:` target's pattern, refused where it would not compile or could backtrack exponentially."""
+    try:
+        pattern = re.compile(target[3:])
+    except re.error as exc:
+        raise CntinitError(f"--targets {target} is not a regular expression ({exc}): fix it, e.g. re:.*language_model.*\\.q_proj") from None
+    if _nested_repeat(_parser.parse(target[3:])):
+        raise CntinitError(f"--targets {target} repeats a group that itself repeats or alternates, which can take exponential time to "
+                           "match: write it without the nesting, e.g. re:.*\\.layers\\.(0|1)\\..*_proj")
+    return pattern
+
+
+def _nested_repeat(items, inside: bool = False) -> bool:
+    """Whether a parsed pattern repeats (*, +, {m,n}) something that itself repeats or alternates."""
+    for op, argument in items:
+        if op in (_constants.MAX_REPEAT, _constants.MIN_REPEAT, getattr(_constants, "POSSESSIVE_REPEAT", None)):
+            low, high, sub = argument
+            repeats = high is _constants.MAXREPEAT or high > 1
+            if (inside and repeats) or _nested_repeat(sub, inside or repeats):
+                return True
+        elif op is _constants.BRANCH:
+            if inside or any(_nested_repeat(alternative, inside) for alternative in argument[1]):
+                return True
+        elif op is _constants.SUBPATTERN:
+            if _nested_repeat(argument[-1], inside):
+                return True
+        elif op in (_constants.ASSERT, _constants.ASSERT_NOT):
+            if _nested_repeat(argument[1], inside):
+                return True
+    return False
 
 
 def _matches(name: str, target: str) -> bool:
     if target.startswith("re:"):
-        try:
-            return re.fullmatch(target[3:], name) is not None
-        except re.error as exc:
-            raise CntinitError(f"--targets {target} is not a regular expression ({exc}): fix it, e.g. re:.*language_model.*\\.q_proj") from None
+        return _pattern(target).fullmatch(name) is not None
     return name == target or name.endswith("." + target)
 
 
