@@ -288,6 +288,10 @@ def test_gradient_refusals(tiny, captured, calibration, tmp_path, capsys):
     assert_refused(capsys, ["solve", store, "--mode", "lora-one", "--scale", "weight_svd"], "--scale", tmp_path / "i")
     assert_refused(capsys, ["solve", store, "--mode", "lora-ga", "--vas"], "sized for one rank", tmp_path / "j")
     assert_refused(capsys, ["solve", store, "--mode", "lora-ga", "--stable-gamma", "nan"], "--stable-gamma", tmp_path / "k")
+    assert_refused(capsys, ["solve", store, "--mode", "lora-one", "--stable-gamma", "1e-320"],  # was taken
+                   "--stable-gamma must be from 1e-06 to 1e+12 (B and A shrink by √γ), got 1e-320", tmp_path / "k")
+    assert_refused(capsys, ["solve", store, "--mode", "lora-ga", "--alpha", "1e-300", "--rank", "4"],  # was taken
+                   "--alpha 1e-300 gives the scale α/r = 2.5e-301 at rank 4, outside [0.0001, 10000]", tmp_path / "k")
     code, out, _ = run(capsys, "inspect", store)
     assert code == 0 and "gradients  of every module, over 1 batches and" in out
     solved = solve(store, tmp_path / "ga", mode="lora-ga", rank=4, alpha=8.0)

@@ -198,8 +198,9 @@ def _check_arguments(a: SimpleNamespace, world: distributed.World) -> None:
         raise not_one_of("--accumulate", a.accumulate, ACCUMULATE)
     if not SEEDS[0] <= a.seed <= SEEDS[1]:
         raise CntinitError(f"--seed must be an integer from {SEEDS[0]} to {SEEDS[1]}, got {a.seed}")
-    if not all(math.isfinite(v) for v in (*a.image_mean, *a.image_std)) or min(a.image_std) <= 0:
-        raise CntinitError(f"--image-mean and --image-std must be finite, --image-std above 0; got {a.image_mean} and {a.image_std}")
+    if not all(math.isfinite(v) and abs(v) <= 1e6 for v in a.image_mean) or not all(1e-6 <= v <= 1e6 for v in a.image_std):
+        raise CntinitError(f"--image-mean must be finite, within ±1e6, and --image-std from 1e-6 to 1e6 (pixels in [0, 1] are divided by "
+                           f"it); got {a.image_mean} and {a.image_std}")
     if world.size > 1 and a.shard is not None:
         raise CntinitError("under torchrun every process already captures its own share: leave out --shard")
     if a.layerwise and a.offload:

@@ -24,6 +24,7 @@ from ..models.linears import weight_values
 from ..models.pipelines import DiffusionParts
 from ..models.placement import DTYPES
 from ..solve import modes
+from ..solve.options import SCALES_OF_ALPHA
 from ..solve.solution import Solution
 from ..storage import store
 from ..storage.atomic import atomic_directory
@@ -192,7 +193,7 @@ def _sized_for(manifest: dict, alpha: float | None, rslora: bool, fixed_alpha: b
     return sized, sized_rslora
 
 
-SCALE_RANGE = (1e-4, 1e4)  # α/r: the folded factors stay well inside half precision's range
+SCALE_RANGE = SCALES_OF_ALPHA  # α/r: the folded factors stay well inside half precision's range
 
 
 def _check_alpha(alpha: float | None, rank: int) -> None:

@@ -26,6 +26,8 @@ PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 INITS = (modes.OFFSET, modes.RESIDUAL)
 NEWER_OPTIONS = ("direction", "scale", "stable_gamma", "alpha", "rslora", "quantize", "bits", "loftq_iter")  # None unless used; older manifests lack them
 QUANTIZE = ("nf4",)
+GAMMAS = (1e-6, 1e12)  # --stable-gamma: B and A shrink by √γ (16 and 128 by default)
+SCALES_OF_ALPHA = (1e-4, 1e4)  # α/r of --alpha: the scale export folds into the factors (export/stage.py takes the same)
 
 
 @dataclass
@@ -146,14 +148,19 @@ class Options:
                                    f"at least one above 0 (got {','.join(f'{w:g}' for w in self.bucket_weights)})")
         if self.steps is not None and self.steps < 0:
             raise CntinitError(f"--steps must be at least 0, got {self.steps}")
-        if self.stable_gamma is not None and not (math.isfinite(self.stable_gamma) and 0 < self.stable_gamma <= 1e12):
-            raise CntinitError(f"--stable-gamma must be a positive finite number (B and A shrink by √γ), got {self.stable_gamma}")
+        if self.stable_gamma is not None and not (math.isfinite(self.stable_gamma) and GAMMAS[0] <= self.stable_gamma <= GAMMAS[1]):
+            raise CntinitError(f"--stable-gamma must be from {GAMMAS[0]:g} to {GAMMAS[1]:g} (B and A shrink by √γ), got {self.stable_gamma}")
         if self.bits is not None and self.bits != 4:
             raise CntinitError(f"--bits {self.bits}: LoftQ here quantizes to 4-bit NF4 (bitsandbytes' QLoRA format); use --bits 4")
         if self.loftq_iter is not None and not 1 <= self.loftq_iter <= 1000:
             raise CntinitError(f"--loftq-iter must be from 1 to 1000 (PEFT's default 1), got {self.loftq_iter}")
         if self.alpha is not None and not (math.isfinite(self.alpha) and 0 < self.alpha <= 1e12):
             raise CntinitError(f"--alpha must be a positive finite number (the trainer's lora_alpha), got {self.alpha}")
+        if self.alpha is not None and not SCALES_OF_ALPHA[0] <= self.alpha / self.rank <= SCALES_OF_ALPHA[1]:
+            low, high = SCALES_OF_ALPHA
+            raise CntinitError(f"--alpha {self.alpha:g} gives the scale α/r = {self.alpha / self.rank:.3g} at rank {self.rank}, outside "
+                               f"[{low:g}, {high:g}], where export folds it into factors that stay inside half precision: choose --alpha "
+                               f"between {low * self.rank:g} and {high * self.rank:g}")
 
 
 OWN_OPTIONS = [f.name for f in dataclasses.fields(Options) if modes.owners(f.name)]  # the options only some modes take, in field order
