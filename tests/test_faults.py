@@ -246,3 +246,19 @@ def test_a_name_longer_than_the_filesystem_takes_is_refused_before_any_work(capt
             code, stdout, err = run(capsys, *args, "-o", out)
             assert code == 2 and stdout == "" and err.count("\n") == 1 and message in err, err
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_full_disk_in_a_layerwise_checkpoint_is_one_line(tiny, calibration, tmp_path, capsys, monkeypatch):
+    """capture --layerwise --checkpoint-every 1 on a full filesystem stopped with safetensors' own I/O error as a
+    traceback: the block's payload file is written outside the atomic writes that catch it."""
+    from safetensors import SafetensorError
+
+    def full(tensors, path, metadata=None):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(store, "save_file", full)
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "capture", tiny["llama"], "--data", calibration, "--layerwise", "--checkpoint-every", "1",
+                            "--targets", "q_proj", "-q", "-o", out)
+    assert code == 2 and stdout == "" and err.count("\n") == 1 and "No space left on device" in err and "failed" in err, err
+    assert not out.exists()

@@ -61,7 +61,8 @@ def check_name(out: Path) -> None:
                            f"must fit this filesystem's {limit}: give a name of at most {room} bytes")
 
 
-def _failed(out: Path, exc: BaseException) -> CntinitError:
+def write_failed(out: Path, exc: BaseException) -> CntinitError:
+    """The one-line error of a write that failed (a full disk, permissions): nothing was put in place."""
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
     return CntinitError(f"writing {out} failed ({reason}): nothing was written and what was there is untouched; "
                         "free some space or choose another --out")
@@ -94,7 +95,7 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (OSError, SafetensorError)):
-            raise _failed(out, exc) from exc
+            raise write_failed(out, exc) from exc
         raise
 
 
@@ -215,6 +216,6 @@ def atomic_file(out: str | Path) -> Iterator[Path]:
         tmp.chmod(0o666 & ~_umask())  # mkstemp makes it 0600
         os.replace(tmp, out)
     except (OSError, SafetensorError) as exc:
-        raise _failed(out, exc) from exc
+        raise write_failed(out, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .. import __version__
@@ -28,7 +28,7 @@ from ..console import warn
 from ..errors import CntinitError
 from ..finite import all_finite
 from . import manifests
-from .atomic import atomic_directory, check_name, check_writable
+from .atomic import atomic_directory, check_name, check_writable, write_failed
 from .manifests import scheme_of
 
 FORMAT = "cntinit.stats"
@@ -79,7 +79,10 @@ class Payloads:
             return
         self.written += 1
         name = f"stats-{self.written:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in self.pending.items()}, self.directory / name, metadata={"format": "pt"})
+        try:
+            save_file({k: v.contiguous() for k, v in self.pending.items()}, self.directory / name, metadata={"format": "pt"})
+        except (OSError, SafetensorError) as exc:  # a layerwise capture writes here outside an atomic write (the checkpoint's or a temporary folder)
+            raise write_failed(self.directory / name, exc) from exc
         self.entries[name] = self.hasher.submit(file_entry, self.directory / name)
         self.where.update(dict.fromkeys(self.pending_keys, name))
         self.pending, self.pending_keys, self.size = {}, [], 0
