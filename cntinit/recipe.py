@@ -29,6 +29,7 @@ TOP = {"name": str, "model": str, "targets": str | list[str], "out": str, "devic
        "capture": dict, "solves": list, "exports": list}
 NOT_IN_CAPTURE = {"model", "out", "targets", "device", "overwrite", "trust_remote_code"}  # set at the top or on the command line
 NOT_IN_EXPORT = {"solve_dir", "out", "model", "overwrite", "trust_remote_code", "check"}
+SYSTEM_DIRECTORIES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/opt", "/proc", "/run", "/sbin", "/srv", "/sys", "/usr", "/var")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # solve and export names become directory names under `out`
 
 
@@ -110,8 +111,10 @@ def check(raw: dict, default_name: str = "recipe") -> Recipe:
     if not NAME.match(name):
         raise CntinitError(f"recipe key name {name!r} must be a plain name (letters, digits, . _ -)")
     out = Path(values.get("out", Path("cntinit-out") / name)).expanduser()
-    if out.absolute() in (Path(out.absolute().anchor), Path.home()):
-        raise CntinitError(f"recipe key out: {out} would put the recipe's solves and exports straight into {out.absolute()}: "
+    place = out.resolve()
+    home = Path.home().resolve()
+    if place == Path(place.anchor) or home.is_relative_to(place) or str(place) in SYSTEM_DIRECTORIES:
+        raise CntinitError(f"recipe key out: {out} would put the recipe's solves and exports straight into {place}: "
                            "name a directory of their own, e.g. cntinit-out/NAME")
     return Recipe(name=name, model=values["model"], out=out,
                   targets=values.get("targets", "all-linear"), device=values.get("device", "auto"), plot=values.get("plot", True),

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from conftest import run
 
@@ -148,6 +149,16 @@ def shrink_first(suffix):
     return change
 
 
+def negate_count(tensors):
+    key = next(k for k in tensors if k.endswith(".count"))
+    tensors[key] = -tensors[key]
+
+
+def integer_sums(tensors):
+    key = next(k for k in tensors if k.endswith(".xxt"))
+    tensors[key] = tensors[key].round().to(torch.int64)
+
+
 MALFORMED = {  # (kind, damage, message)
     "files missing": ("store", lambda d: edit_manifest(d, lambda m: m.pop("files")), "is corrupt: files is missing"),
     "checksum not text": ("store", lambda d: edit_manifest(d, lambda m: next(iter(m["files"].values())).update(sha256=5)),
@@ -161,6 +172,8 @@ MALFORMED = {  # (kind, damage, message)
     "version as text": ("store", lambda d: edit_manifest(d, lambda m: m.update(format_version="1")), "format_version is '1', not a number"),
     "payload of the wrong shape": ("store", lambda d: rewrite_payload(d, shrink_first(".xxt")), "is corrupt: "),
     "tensor missing": ("store", lambda d: rewrite_payload(d, lambda t: t.pop(next(k for k in t if k.endswith(".sum")))), ".sum is missing"),
+    "payload with a negative count": ("store", lambda d: rewrite_payload(d, negate_count), ", not a positive number of tokens"),
+    "payload of integer sums": ("store", lambda d: rewrite_payload(d, integer_sums), "is int64, not float32 or float64"),
     "params missing": ("solve", lambda d: edit_manifest(d, lambda m: m.pop("params")), "is corrupt: params is missing"),
     "rank as text": ("solve", lambda d: edit_manifest(d, lambda m: first_module(m).update(rank="2")), "rank is str '2', not an integer"),
     "params of another version": ("solve", lambda d: edit_manifest(d, lambda m: m["params"].update(learning_rate=1)),

@@ -277,12 +277,33 @@ class Store:
             shapes |= {"bucket_xxt": (buckets, dim, dim), "bucket_sum": (buckets, dim), "bucket_count": (buckets,)}
         wrong = next((f"{key}.{name} {'is missing' if name not in tensors else f'has shape {tuple(tensors[name].shape)}, not {shape}'}"
                       for name, shape in shapes.items() if name not in tensors or tuple(tensors[name].shape) != shape), None)
+        wrong = wrong or _misfit(key, tensors)
         if wrong:
             raise CntinitError(f"{self.path / entry['file']} is corrupt: {wrong}: capture again")
         if not all(all_finite(t) for t in tensors.values()):
             raise CntinitError(f"{self.path / entry['file']} holds NaN or Inf in the statistics of {key}: the statistics store "
                                "is damaged, capture again")
         return tensors
+
+
+SUM_DTYPES = (torch.float32, torch.float64)  # what --accumulate writes
+
+
+def _misfit(key: str, tensors: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with a key's sums beyond their shapes (a hand-edited payload): floating sums, whole
+    positive token counts that add up across the buckets."""
+    for name in ("xxt", "sum", "bucket_xxt", "bucket_sum"):
+        if name in tensors and tensors[name].dtype not in SUM_DTYPES:
+            return f"{key}.{name} is {str(tensors[name].dtype).removeprefix('torch.')}, not float32 or float64"
+    for name in ("count", "bucket_count"):
+        if name in tensors and (tensors[name].is_floating_point() or tensors[name].dtype == torch.bool):
+            return f"{key}.{name} is {str(tensors[name].dtype).removeprefix('torch.')}, not a whole number of tokens"
+    count = int(tensors["count"])
+    if count < 1:
+        return f"{key}.count is {count}, not a positive number of tokens"
+    if "bucket_count" in tensors and (bool((tensors["bucket_count"] < 0).any()) or int(tensors["bucket_count"].sum()) != count):
+        return f"{key}.bucket_count is {tensors['bucket_count'].tolist()}: no bucket counts fewer than 0, and they add up to count {count}"
+    return None
 
 
 def check_out(out: str | Path, model_fingerprint: str, overwrite: bool, format: str = FORMAT, what: str = "a statistics store") -> None:
