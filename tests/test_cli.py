@@ -33,7 +33,8 @@ def test_json_summary_and_quiet(tiny, text_jsonl, tmp_path, capsys):
 def test_merge_command(tiny, text_jsonl, tmp_path, capsys):
     for name in ("a", "b"):
         run(capsys, "capture", tiny["bert"], "-d", text_jsonl, "-o", tmp_path / name, "-t", "query", "-q")
-    code, out, _ = run(capsys, "merge", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "m", "--json")
+    # two captures of the same data: summing them counts every sample twice, which --allow-duplicates says is meant
+    code, out, _ = run(capsys, "merge", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "m", "--json", "--allow-duplicates")
     assert code == 0 and json.loads(out)["data"]["tokens"] == 2 * json.loads(
         run(capsys, "inspect", tmp_path / "a", "--json")[1])["data"]["tokens"]
 
