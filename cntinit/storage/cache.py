@@ -209,7 +209,7 @@ def _owned(path: Path) -> int | None:
 
 
 def _discard(path: Path) -> None:
-    """Remove an entry about to be computed again (a link to one: the link only)."""
+    """Remove an entry (a link to one: the link only; what it names is not the cache's to delete)."""
     if path.is_symlink():
         path.unlink()
     else:
@@ -252,10 +252,7 @@ def remove(entry: Entry, cache: Path | None = None) -> bool:
     cache = cache or root()
     try:
         with _locked(cache, entry.key, entry.meta.get("label", entry.key), wait=False):
-            if entry.link is not None:
-                entry.path.unlink()
-            else:
-                shutil.rmtree(entry.path)
+            _discard(entry.path)
             entry.path.with_suffix(".json").unlink(missing_ok=True)
             return True
     except BlockingIOError:
