@@ -8,7 +8,6 @@ folder with one `{"file_name": "sub/a.jpg", "text": "..."}` per image, paths rel
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +17,7 @@ import torch
 from ...console import warn
 from ...errors import CntinitError, first_line
 from .feed import Batch, Feed, Shard, shard_total, share, slices
+from .samples import json_line
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_FILES = ("metadata.jsonl", "captions.jsonl")
@@ -66,12 +66,9 @@ def _captions(root: Path) -> dict[str, str]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CntinitError(f"{found[0]}:{lineno} is not valid JSON ({exc.msg}): one object per line") from None
-        except (RecursionError, ValueError) as exc:  # nested past the recursion limit; an integer of too many digits
-            reason = "nested deeper than JSON can be read" if isinstance(exc, RecursionError) else first_line(exc)
-            raise CntinitError(f"{found[0]}:{lineno} is not valid JSON ({reason}): one object per line") from None
+            record = json_line(line)
+        except ValueError as exc:
+            raise CntinitError(f"{found[0]}:{lineno} is not valid JSON ({exc}): one object per line") from None
         text = next((record[f] for f in CAPTION_FIELDS if isinstance(record, dict) and isinstance(record.get(f), str)), None)
         if not isinstance(record, dict) or not isinstance(record.get("file_name"), str) or text is None:
             raise CntinitError(f'{found[0]}:{lineno} needs "file_name" and "text" strings')

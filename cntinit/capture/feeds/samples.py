@@ -116,19 +116,28 @@ def _stdin_lines() -> Iterator[str]:
             raise CntinitError(f"stdin line {lineno} is not UTF-8 (byte {exc.start}): re-encode the data as UTF-8") from None
 
 
+def json_line(line: str):
+    """The value of one JSONL line, or a ValueError saying in a few words why it is not JSON: broken,
+    nested past Python's recursion limit, or holding an integer of more digits than Python converts."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(exc.msg) from None
+    except RecursionError:
+        raise ValueError("nested deeper than JSON can be read") from None
+    except ValueError as exc:
+        raise ValueError(first_line(exc)) from None
+
+
 def _parse_jsonl(line: str, where: str, text_field: str) -> Sample:
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
+        record = json_line(line)
+    except ValueError as exc:
         if not line.lstrip().startswith(("{", "[", '"')):
             fix = "send JSONL ({\"text\": \"...\"} per line)" if where.startswith(STDIN) else \
                 "a .txt file takes one sample per line: rename it to .txt, or write JSONL ({\"text\": \"...\"} per line)"
             raise CntinitError(f"{where}: plain text, not JSON: {fix}") from None
-        raise CntinitError(f"{where}: not valid JSON ({exc.msg}): fix or remove that line") from None
-    except RecursionError:
-        raise CntinitError(f"{where}: not valid JSON (nested deeper than JSON can be read): fix or remove that line") from None
-    except ValueError as exc:  # an integer of more digits than Python converts
-        raise CntinitError(f"{where}: not valid JSON ({first_line(exc)}): fix or remove that line") from None
+        raise CntinitError(f"{where}: not valid JSON ({exc}): fix or remove that line") from None
     if not isinstance(record, dict):
         raise CntinitError(f"{where}: expected a JSON object with '{text_field}' or 'messages'")
     if isinstance(record.get(text_field), str):
