@@ -22,7 +22,7 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from cntinit import embedded
+from cntinit import embedded, records
 from cntinit.capture.feeds import samples as data
 from cntinit.capture.recorder import Recorder, exact_float32, shared_input_groups
 from cntinit.capture.stage import ACCUMULATE
@@ -69,7 +69,7 @@ def load(args, device):
         return net.requires_grad_(False), sequences, 0
     net, tokenizer = loading.load(args.model or embedded.model_dir())
     net.to(device, placement.resolve_dtype(args.dtype, net.dtype, device))
-    samples = data.read_samples(args.data or embedded.data_file(), max_samples=args.samples)
+    samples = records.read(args.data or embedded.data_file(), max_samples=args.samples).samples
     sequences = data.tokenize(samples, tokenizer, args.seq_len)
     return net, sequences, tokenizer.pad_token_id or 0
 

@@ -23,7 +23,7 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from cntinit import console, embedded, export, solve
+from cntinit import console, embedded, export, records, solve
 from cntinit.capture.feeds import samples as data
 from cntinit.models import linears, loading
 from cntinit.solve.solution import Solution
@@ -53,7 +53,7 @@ def main() -> None:
     console.quiet = True
     pretrained = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-    samples = data.read_samples(embedded.data_file())[-args.held_out:]
+    samples = records.read(embedded.data_file()).samples[-args.held_out:]
     ids, mask, _ = next(data.batches(data.tokenize(samples, tokenizer, 64), args.held_out, tokenizer.pad_token_id or 0))
     names = list(linears.select_targets(pretrained, args.targets))
     with torch.no_grad():

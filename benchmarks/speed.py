@@ -47,6 +47,7 @@ def run_step(step: str, args, scratch: Path) -> dict:
     from peft.tuners.lora.eva import get_eva_state_dict
 
     from cntinit import capture, console, embedded, solve
+    from cntinit import records
     from cntinit.capture.feeds import samples as data
     from cntinit.capture.recorder import exact_float32
     from cntinit.models import linears, loading, placement
@@ -61,7 +62,7 @@ def run_step(step: str, args, scratch: Path) -> dict:
         return net.to(device, placement.resolve_dtype(args.dtype, net.dtype, device)), tokenizer
 
     def tokenized(tokenizer):
-        samples = data.read_samples(args.data or embedded.data_file(), max_samples=args.samples)
+        samples = records.read(args.data or embedded.data_file(), max_samples=args.samples).samples
         return data.tokenize(samples, tokenizer, args.seq_len)
 
     def lora_config(net, **kwargs):

@@ -97,19 +97,22 @@ def _finish(path: Path, as_json: bool) -> None:
 
 @app.command(cls=_Command)
 def capture(
-    model: Path = typer.Argument(..., metavar="MODEL", help="Local model directory: transformers (text or vision: config.json, weights) or a diffusers Stable-Diffusion-style pipeline (model_index.json, unet, text_encoder, vae, tokenizer, scheduler; SDXL also text_encoder_2, tokenizer_2)."),
-    data: str = typer.Option(..., "--data", "-d", help="Text models: a .jsonl (field `text` or chat `messages`), a .txt (one sample per line), a directory of them, or - for JSONL on stdin. Vision models and pipelines: a folder of .jpg/.png/.webp images (recursive); a pipeline's captions come from metadata.jsonl/captions.jsonl there ({\"file_name\", \"text\"} per line) or --prompt."),
+    model: str = typer.Argument(..., metavar="MODEL", help="A model directory — transformers (text or vision: config.json, weights) or a diffusers Stable-Diffusion-style pipeline (model_index.json, unet, text_encoder, vae, tokenizer, scheduler; SDXL also text_encoder_2, tokenizer_2) — or a Hugging Face Hub id (org/name) from the Hugging Face cache, downloaded there (only the files read) when missing unless HF_HUB_OFFLINE=1."),
+    data: str = typer.Option(..., "--data", "-d", help="Text models: a .jsonl (field `text`, chat `messages`, or prompt + completion), a .txt (one sample per line), a directory of them, - for JSONL on stdin; with `pip install 'cntinit[datasets]'` also .parquet, .arrow, .csv, .json (a list of records), a save_to_disk folder, or a Hub dataset id (org/name, with --split). Vision models and pipelines: a folder of .jpg/.png/.webp images (recursive); a pipeline's captions come from metadata.jsonl/captions.jsonl there ({\"file_name\", \"text\"} per line) or --prompt."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="A Hub id MODEL's branch, tag or commit (default: main)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Datasets: the split to read (default: train, or the only one), e.g. train_sft."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store directory to write (default: the cache — $CNTINIT_CACHE — where a repeated capture is a hit that computes nothing)."),
     targets: str = typer.Option("all-linear", "--targets", "-t", help="Comma-separated module-name suffixes (q_proj,v_proj) or all-linear (every linear layer but the output head)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence; longer samples are truncated."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="Sequences per forward pass."),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", "-n", help="Use only the first N samples."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", "--samples", "-n", help="Use only N samples: the first N, or N drawn with --shuffle-seed."),
+    shuffle_seed: Optional[int] = typer.Option(None, "--shuffle-seed", help="Text models: draw the samples in an order set by this seed (reproducible; with --max-samples, N records drawn from the whole data)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (checkpoint's on GPU, float32 on CPU), float32, bfloat16, float16."),
     buckets: int = typer.Option(1, "--buckets", help="Keep K partial sums over consecutive slices of the data (for the robust estimate)."),
     pack: bool = _flag("--pack", help="Concatenate samples and cut them into --seq-len pieces instead of one sample per sequence."),
     accumulate: str = typer.Option("float32", "--accumulate", help="Precision of the sums: float32 or float64."),
-    text_field: str = typer.Option("text", "--text-field", help="JSONL field holding the text."),
+    text_field: str = typer.Option("text", "--field", "--text-field", help="The record field or column holding the text (default text; without it, chat `messages`, then `prompt` + `completion`)."),
     sample_max_norm: bool = _flag("--sample-max-norm", help="Divide each sample's inputs by |its largest entry| before summing, as PEFT's CorDA preprocessing does (to reproduce PEFT's corda exactly)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Images: resize the shorter side to N and center-crop N×N (vision default: the model's preprocessor_config.json; pipeline default: the UNet's resolution)."),
     image_mean: str = typer.Option("0.5,0.5,0.5", "--image-mean", help="Vision models with --image-size or without a preprocessor config: per-channel mean."),
@@ -143,16 +146,20 @@ def capture(
 
       cntinit capture ./SmolLM2-135M --data calib.jsonl --gradients --out stats-grad/   # for --mode lora-ga, lora-one
 
+      cntinit capture HuggingFaceTB/SmolLM2-135M --data HuggingFaceH4/ultrachat_200k --split train_sft --samples 512 --shuffle-seed 0 --out stats/
+
       cntinit capture ./sd15 --data dog/ --prompt "a photo of sks dog" --targets to_q,to_k,to_v,to_out.0,q_proj,k_proj,v_proj,out_proj --out stats/
 
       cntinit export $(cntinit solve $(cntinit capture ./model --data calib.jsonl) --mode cnt-s) --out adapter/   # stores in the cache
     """
+    console.quiet = quiet
+    model_dir = _located(model, revision, trust_remote_code)  # refusals of a model or data that is not there come before torch loads
+    _check_data(data, split, text_field)
     from . import runner
     from .capture import capture as run_capture
-    console.quiet = quiet
     options = dict(
         seq_len=seq_len, batch_size=batch_size, max_samples=max_samples, dtype=dtype, buckets=buckets, pack=pack,
-        accumulate=accumulate, text_field=text_field, sample_max_norm=sample_max_norm, image_size=image_size,
+        accumulate=accumulate, text_field=text_field, split=split, shuffle_seed=shuffle_seed, sample_max_norm=sample_max_norm, image_size=image_size,
         image_mean=_rgb(image_mean, "--image-mean"), image_std=_rgb(image_std, "--image-std"), prompt=prompt,
         noise_timestep=noise_timestep, seed=seed, shard=shard, checkpoint_every=checkpoint_every, offload=offload,
         max_memory=max_memory, stats_device=stats_device, layerwise=layerwise, activations_device=activations_device,
@@ -160,11 +167,28 @@ def capture(
     )
     _torchrun_needs_out(out)
     if out is None:
-        path, hit = runner.cached_capture(model, data, targets=targets, device=device, trust_remote_code=trust_remote_code, **options)
+        path, hit = runner.cached_capture(model_dir, data, targets=targets, device=device, trust_remote_code=trust_remote_code, **options)
         _say_cached(path, hit)
     else:
-        path = run_capture(model, data, out, targets=targets, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code, **options)
+        path = run_capture(model_dir, data, out, targets=targets, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                           **options)
     _finish(path, as_json)
+
+
+def _located(model: str | None, revision: str | None, trust_remote_code: bool) -> Path | None:
+    """The model's local directory (a Hub id's cached snapshot), found without loading torch."""
+    from .models.source import locate
+    if model is None:
+        if revision is not None:
+            raise CntinitError("--revision picks a commit of a Hub id --model: add --model org/name, or leave out --revision")
+        return None
+    return locate(model, revision, trust_remote_code)
+
+
+def _check_data(data: str, split: str | None, field: str) -> None:
+    """Calibration data that is not there, or a split or column a dataset lacks, refused without loading torch."""
+    from . import records
+    records.check(data, split, field)
 
 
 def _say_cached(path: Path, hit: bool) -> None:
@@ -267,7 +291,8 @@ def solve(
     bits: Optional[int] = typer.Option(None, "--bits", help="loftq: bits of the quantized base (4: NF4, PEFT's LoftQConfig default and the only one offered)."),
     loftq_iter: Optional[int] = typer.Option(None, "--loftq-iter", help="loftq: alternations of quantizing W − BA and refitting BA to W − Q (default 1, as PEFT)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random draws (lora, pissa --niter, inilora*, lora-ga --direction random)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Read the weights from here instead of the path the capture recorded (they must be the same weights); without a capture, the model to solve."),
+    model: Optional[str] = typer.Option(None, "--model", help="Read the weights from here (a directory or a Hub id) instead of the path the capture recorded (they must be the same weights); without a capture, the model to solve."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="A Hub id --model's branch, tag or commit (default: main)."),
     targets: Optional[str] = typer.Option(None, "--targets", "-t", help="Which modules to solve: module-name suffixes (q_proj,v_proj) or re:PATTERN; from a capture, a subset of the captured modules (default: all of them); without one, all-linear by default."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, or cuda."),
     offload: bool = _flag("--offload", help="Load the model within --max-memory (accelerate: CPU memory, then disk). A transformers model in safetensors needs none: its weights are read by name, a batch at a time; this is for pipelines and checkpoints transformers converts on load."),
@@ -298,12 +323,15 @@ def solve(
       cntinit solve --model ./Llama-3.2-1B --mode loftq --targets all-linear --rank 16 --out init-loftq/   # for a 4-bit QLoRA trainer
 
       cntinit solve --model ./Llama-3.2-1B --mode inilora --targets q_proj,v_proj --rank 8 --out init-ini/
+
+      cntinit solve --model meta-llama/Llama-3.2-1B --mode pissa --rank 16 --out init-pissa/   # a Hub id, from the Hugging Face cache
     """
+    console.quiet = quiet
+    model = _located(model, revision, trust_remote_code)
     from . import plots, runner
     from .solve import Options
     from .solve import solve as run_solve
     from .solve.solution import Solution
-    console.quiet = quiet
     options = Options(
         mode=mode, rank=rank, rcond=rcond, centered=centered, self_form=self_form, shift_c=shift_c,
         bucket_weights=_floats(bucket_weights, "--bucket-weights"), pooled=pooled, decompose=decompose,
@@ -345,7 +373,8 @@ def export(
     task_type: str = typer.Option("auto", "--task-type", help="PEFT's task_type in adapter_config.json (it picks the PeftModel class a trainer gets; axolotl's LoRA kernels need CAUSAL_LM): auto reads it from the model class (LlamaForCausalLM → CAUSAL_LM, BertModel → FEATURE_EXTRACTION; none for vision encoders and with --module-prefix), or CAUSAL_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM, FEATURE_EXTRACTION, none."),
     train_dtype: str = typer.Option("auto", "--train-dtype", help="Residual inits: the dtype training will run the base in (auto: the model's own; bfloat16, float16, float32), for the warning when W − BA loses W in it."),
     unet_only: bool = _flag("--unet-only", help="Pipelines: leave the text-encoder modules out, for training the UNet alone (sd-scripts' --network_train_unet_only); refused for a residual solve that adapts the text encoder."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Read the weights (for --dora or a residual base) from here instead of the recorded path."),
+    model: Optional[str] = typer.Option(None, "--model", help="Read the weights (for --dora or a residual base) from here (a directory or a Hub id) instead of the recorded path."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="A Hub id --model's branch, tag or commit (default: main)."),
     overwrite: bool = _flag("--overwrite", help="Replace --out even if it is an export of another model or another cntinit output (never a folder or file of yours)."),
     check: bool = _flag("--check", help="Load the written adapter with PEFT (peft) or diffusers' load_lora_weights (kohya, diffusers) and compare every module's output with (W + BA)x."),
     trust_remote_code: bool = _flag("--trust-remote-code", help="Allow the model directory's own Python code to run."),
@@ -363,8 +392,9 @@ def export(
 
     Load it:  PeftModel.from_pretrained(base, "adapter/", is_trainable=True), pipe.load_lora_weights("diffusers-out/"), or sd-scripts' --network_weights kohya/lora.safetensors
     """
-    from .export import export as run_export
     console.quiet = quiet
+    model = _located(model, revision, trust_remote_code)
+    from .export import export as run_export
     path = run_export(solve_dir, out, format=format, alpha=alpha, rslora=rslora, dora=dora, fixed_alpha=fixed_alpha,
                       module_prefix=module_prefix, task_type=task_type, train_dtype=train_dtype, unet_only=unet_only, model=model, overwrite=overwrite,
                       trust_remote_code=trust_remote_code, check=check)

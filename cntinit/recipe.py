@@ -25,10 +25,10 @@ from .export import export as export_function
 from .solve import Options
 
 EMBEDDED = "embedded"  # `model: embedded`, `data: embedded`: the model and verses that ship with the install
-TOP = {"name": str, "model": str, "targets": str | list[str], "out": str, "device": str, "plot": bool,
+TOP = {"name": str, "model": str, "revision": str, "targets": str | list[str], "out": str, "device": str, "plot": bool,
        "capture": dict, "solves": list, "exports": list}
-NOT_IN_CAPTURE = {"model", "out", "targets", "device", "overwrite", "trust_remote_code"}  # set at the top or on the command line
-NOT_IN_EXPORT = {"solve_dir", "out", "model", "overwrite", "trust_remote_code", "check"}
+NOT_IN_CAPTURE = {"model", "revision", "out", "targets", "device", "overwrite", "trust_remote_code"}  # set at the top or on the command line
+NOT_IN_EXPORT = {"solve_dir", "out", "model", "revision", "overwrite", "trust_remote_code", "check"}
 SYSTEM_DIRECTORIES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/opt", "/proc", "/run", "/sbin", "/srv", "/sys", "/usr", "/var")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # solve and export names become directory names under `out`
 
@@ -48,6 +48,7 @@ class Recipe:
     name: str
     model: str
     out: Path
+    revision: str | None = None  # of a Hub id `model`
     targets: str | list[str] = "all-linear"
     device: str = "auto"
     plot: bool = True
@@ -116,7 +117,7 @@ def check(raw: dict, default_name: str = "recipe") -> Recipe:
     if place == Path(place.anchor) or home.is_relative_to(place) or str(place) in SYSTEM_DIRECTORIES:
         raise CntinitError(f"recipe key out: {out} would put the recipe's solves and exports straight into {place}: "
                            "name a directory of their own, e.g. cntinit-out/NAME")
-    return Recipe(name=name, model=values["model"], out=out,
+    return Recipe(name=name, model=values["model"], out=out, revision=values.get("revision"),
                   targets=values.get("targets", "all-linear"), device=values.get("device", "auto"), plot=values.get("plot", True),
                   capture=capture, solves=solves, exports=exports)
 

@@ -17,15 +17,14 @@ import shutil
 import time
 from pathlib import Path
 
-from . import console, embedded, plots, recipe
+from . import console, embedded, hub, plots, recipe, records
 from .capture import capture
-from .capture.feeds import samples
 from .errors import CntinitError, Interrupted, not_one_of
 from .export import export
 from .export.formats import FORMATS
-from .models import loading
 from .models.linears import ALL_LINEAR, select_names
 from .models.placement import resolve_device
+from .models.source import locate
 from .solve import Options, modes, solve
 from .solve.options import NEWER_OPTIONS
 from .solve.solution import REPORT, Solution
@@ -43,7 +42,7 @@ CAPTURE_DEFAULTS = _defaults(capture, recipe.CAPTURE)
 PLACEMENT = ("offload", "max_memory", "stats_device", "layerwise", "activations_device", "gradient_checkpointing")  # how the work runs, not what it computes: not in cache keys
 PLOT = "report.png"  # beside each solve's report.json under the recipe's out
 MAX_REPORT_BYTES = 1 << 30  # a report.json larger than this is not one a solve wrote (a 70B model's is tens of MB)
-ONLY_WHEN_ON = ("gradients", "unet_only")  # options newer than cache entries and exports: recorded only when set, so older ones still match
+ONLY_WHEN_SET = ("gradients", "unet_only", "split", "shuffle_seed")  # options newer than cache entries and exports: recorded only when set, so older ones still match
 EXPORT_DEFAULTS = _defaults(export, set(recipe.EXPORT) - {"check"})  # what an export manifest's "options" records
 
 
@@ -59,35 +58,38 @@ def _targets(targets: str | list[str]) -> str:
 
 
 def cached_capture(model: str | Path, data: str | Path, *, targets: str | list[str] = ALL_LINEAR, device: str = "auto",
-                   trust_remote_code: bool = False, cache_dir: Path | None = None, **options) -> tuple[Path, bool]:
-    """(the cached store of this capture, whether it was there already); `options` are capture()'s."""
+                   trust_remote_code: bool = False, cache_dir: Path | None = None, revision: str | None = None,
+                   **options) -> tuple[Path, bool]:
+    """(the cached store of this capture, whether it was there already); `options` are capture()'s.
+    The key holds the contents of the model's and the data's files, not their names: a Hub id and its
+    snapshot's directory are one entry."""
     if str(data) == "-":
         raise CntinitError("data from stdin cannot be cached (the cache keys on the data's contents): give --out, or a file")
-    loading.must_exist(model)
-    samples.must_exist(data)
+    model, data = locate(model, revision, trust_remote_code), records.locate(data)
     cache_dir = cache.ready(cache_dir)
     settings = CAPTURE_DEFAULTS | options
-    result_options = {k: v for k, v in settings.items() if k not in PLACEMENT and not (k in ONLY_WHEN_ON and not v)}
+    result_options = {k: v for k, v in settings.items() if k not in PLACEMENT and not (k in ONLY_WHEN_SET and (v is None or v is False))}
     inputs = {"model": cache.tree_digest(model, cache_dir), "data": cache.tree_digest(data, cache_dir), "targets": _targets(targets),
               "device": str(resolve_device(device)), "options": _plain(result_options)}
-    label = f"capture of {Path(model).name} over {Path(data).name}"
+    label = f"capture of {hub.origin(model).get('repo', model.name)} over {hub.origin(data).get('repo', data.name)}"
     return cache.obtain("capture", inputs, label, lambda out: capture(
         model, data, out, targets=targets, device=device, trust_remote_code=trust_remote_code, overwrite=True, **settings), cache_dir)
 
 
 def cached_solve(capture_dir: str | Path | None, options: Options, *, model: str | Path | None = None, targets: str | None = None,
                  device: str = "auto", trust_remote_code: bool = False, cache_dir: Path | None = None, offload: bool = False,
-                 max_memory: str | None = None) -> tuple[Path, bool]:
+                 max_memory: str | None = None, revision: str | None = None) -> tuple[Path, bool]:
     """(the cached solve directory, whether it was there already). With a capture the key holds the
     store's manifest (which holds every payload's checksum); without one, the model's contents and targets."""
     cache_dir = cache.ready(cache_dir)
     resolved = options.resolved()
+    model = locate(model, revision, trust_remote_code) if model is not None else None
     if capture_dir is not None:
         source = {"capture": store.sha256_file(Path(capture_dir) / store.MANIFEST) if (Path(capture_dir) / store.MANIFEST).is_file() else str(capture_dir)}
         if targets is not None:  # a subset of the captured modules
             source["targets"] = _targets(targets)
     elif model is not None:
-        source = {"model": cache.tree_digest(loading.must_exist(model), cache_dir), "targets": _targets(targets or ALL_LINEAR)}
+        source = {"model": cache.tree_digest(model, cache_dir), "targets": _targets(targets or ALL_LINEAR)}
     else:
         source = {}  # solve() itself explains what is missing
     chosen = {k: v for k, v in dataclasses.asdict(resolved).items() if not (k in NEWER_OPTIONS and v is None)}  # older keys stay
@@ -100,10 +102,9 @@ def cached_solve(capture_dir: str | Path | None, options: Options, *, model: str
 
 def run(plan: recipe.Recipe, trust_remote_code: bool = False, cache_dir: Path | None = None) -> dict:
     """Run a checked recipe; returns its summary (what each stage did, how long, where)."""
-    model = embedded.model_dir() if plan.model == recipe.EMBEDDED else Path(plan.model)
     solves = _checked_solves(plan)
-    if not model.exists():
-        raise CntinitError(f"recipe key model: {model} does not exist; give a local model directory (override: model=PATH)")
+    model = embedded.model_dir() if plan.model == recipe.EMBEDDED else _recipe_path(
+        lambda: locate(plan.model, plan.revision, trust_remote_code), "model", "model=PATH")
     check_writable(plan.out, "recipe key out: name a writable directory (override: out=PATH)")
     _check_outputs(plan, list(solves))
     cache_dir = cache.ready(cache_dir)
@@ -117,15 +118,22 @@ def run(plan: recipe.Recipe, trust_remote_code: bool = False, cache_dir: Path | 
                           "(captures and solves in the cache, exports under out): run it again to go on from there") from None
 
 
+def _recipe_path(find, key: str, override: str) -> Path:
+    """A recipe's model or data, found (`find`), or the error that says which key names it."""
+    try:
+        return find()
+    except CntinitError as exc:
+        raise CntinitError(f"recipe key {key}: {exc} (override: {override})") from None
+
+
 def _run(plan: recipe.Recipe, model: Path, solves: dict[str, tuple[Options, str | None]], trust_remote_code: bool, cache_dir: Path,
          held: contextlib.ExitStack, rows: list[dict]) -> dict:
     capture_dir = None
     if plan.capture is not None:
         settings = dict(plan.capture)
         data = settings.pop("data")
-        data = embedded.data_file() if data == recipe.EMBEDDED else Path(data)
-        if not data.exists():
-            raise CntinitError(f"recipe key capture.data: {data} does not exist; give a file or folder (override: capture.data=PATH)")
+        data = embedded.data_file() if data == recipe.EMBEDDED else _recipe_path(lambda: records.locate(data), "capture.data",
+                                                                                   "capture.data=PATH")
         started = time.perf_counter()
         capture_dir, hit = cached_capture(model, data, targets=plan.targets, device=plan.device, trust_remote_code=trust_remote_code,
                                           cache_dir=cache_dir, **settings)
@@ -240,7 +248,7 @@ def _export(solve_dir: Path, out: Path, entry: dict, solve_name: str, trust_remo
     """One export of one solve, unless `out` already holds exactly it."""
     started = time.perf_counter()
     settings = {k: v for k, v in entry.items() if k not in ("name", "check")}
-    options = {k: v for k, v in (EXPORT_DEFAULTS | settings).items() if not (k in ONLY_WHEN_ON and not v)}
+    options = {k: v for k, v in (EXPORT_DEFAULTS | settings).items() if not (k in ONLY_WHEN_SET and not v)}
     existing = store.read_manifest(out, "cntinit.export")
     current = store.sha256_file(solve_dir / store.MANIFEST)
     if existing and existing.get("options") == options and existing.get("solve", {}).get("manifest_sha256") == current:

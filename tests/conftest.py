@@ -33,10 +33,13 @@ TEXTS = [
 @pytest.fixture(scope="session", autouse=True)
 def scratch_under_tmp_path(tmp_path_factory):
     """Everything a test or the processes it starts write goes under pytest's tmp_path (removed when
-    the test passes): the default cache and the temporary directory, never ~/.cache or /tmp itself."""
+    the test passes): the default cache, the Hugging Face caches and the temporary directory, never
+    ~/.cache or /tmp itself; and the Hub is never contacted (HF_HUB_OFFLINE)."""
     root = tmp_path_factory.mktemp("scratch")
-    saved = {name: os.environ.get(name) for name in ("CNTINIT_CACHE", "TMPDIR")}
-    os.environ["CNTINIT_CACHE"], os.environ["TMPDIR"] = str(root / "cache"), str(root)
+    placed = {"CNTINIT_CACHE": root / "cache", "TMPDIR": root, "HF_HUB_CACHE": root / "hf-hub", "HF_DATASETS_CACHE": root / "hf-datasets",
+              "HF_HUB_OFFLINE": 1}
+    saved = {name: os.environ.get(name) for name in placed}
+    os.environ.update({name: str(value) for name, value in placed.items()})
     tempfile.tempdir = None  # read TMPDIR again
     yield root
     for name, value in saved.items():

@@ -226,5 +226,7 @@ def test_startup_benchmark_help_never_imports_torch(tmp_path):
     rows = json.loads(run_script("startup.py", "--repeat", "1", "--json", cwd=tmp_path))
     helps = [row for row in rows if row["what"].endswith("--help")]
     assert len(helps) == 5 and not any(row["torch_imported"] for row in helps)
+    refusals = [row for row in rows if row["what"].startswith("capture of")]
+    assert len(refusals) == 3 and not any(row["torch_imported"] for row in refusals)  # refused before the stages load
     assert rows[-1]["what"].startswith("import the stages") and rows[-1]["torch_imported"]
     assert all(0 < row["median_s"] <= row["max_s"] for row in rows)

@@ -165,25 +165,26 @@ def test_stdin_pipeline_as_a_subprocess(tiny, tmp_path):
 
 
 def test_a_missing_model_is_named_in_readmes_words(tiny, text_jsonl, tmp_path, capsys, monkeypatch):
-    """Through the cache it said "does not exist: check the path"; a Hub id gets told the Hub is never contacted."""
+    """Through the cache it said "does not exist: check the path"; a Hub id not in the (offline) cache
+    is told how to get it."""
     monkeypatch.chdir(tmp_path)
     for out in ([], ["-o", tmp_path / "s"]):
         code, _, err = run(capsys, "capture", "./llama-here", "-d", text_jsonl, *out)
-        assert code == 2 and "model path llama-here does not exist: give a local model directory (the Hub is not used)" in err
+        assert code == 2 and "model path llama-here does not exist: give a local model directory, or a Hugging Face Hub id" in err
         code, _, err = run(capsys, "capture", "meta-llama/Llama-3.2-1B", "-d", text_jsonl, *out)
-        assert code == 2 and "looks like a Hugging Face Hub id, but the Hub is never contacted" in err, err
-        assert "huggingface-cli download meta-llama/Llama-3.2-1B --local-dir Llama-3.2-1B" in err
+        assert code == 2 and "meta-llama/Llama-3.2-1B is neither a local path nor a model in the Hugging Face cache" in err, err
+        assert "`hf download meta-llama/Llama-3.2-1B`" in err and "HF_HUB_OFFLINE is set" in err
     code, _, err = run(capsys, "solve", "--model", "org/model", "-m", "lora")
-    assert code == 2 and "looks like a Hugging Face Hub id" in err
+    assert code == 2 and "org/model is neither a local path nor a model in the Hugging Face cache" in err
     code, _, err = run(capsys, "capture", tiny["bert"], "-d", "missing.jsonl")
-    assert code == 2 and "data path missing.jsonl does not exist: give a .jsonl or .txt file" in err
+    assert code == 2 and "data path missing.jsonl does not exist: give a .jsonl, .txt, .parquet" in err
 
 
 def test_help_shows_flags_as_flags_and_misspellings_get_a_suggestion(capsys):
     for command in ([], ["capture"], ["solve"], ["export"], ["run"], ["cache"], ["cache", "ls"]):
         code, out, _ = run(capsys, *command, "--help")
         assert code == 0 and "<bool>" not in out and "--help" in out, command
-    code, _, err = run(capsys, "solve", "--model", "x", "-m", "cnt_s")
+    code, _, err = run(capsys, "solve", "--model", ".", "-m", "cnt_s")
     assert code == 2 and "--mode cnt_s is not one of" in err and "did you mean cnt-s?" in err
 
 

@@ -4,9 +4,13 @@ import json
 import pytest
 import transformers
 
-from cntinit import embedded
+from cntinit import embedded, records
 from cntinit.capture.feeds import samples as data
 from cntinit.errors import CntinitError
+
+
+def read_samples(source, **options):
+    return records.read(source, **options).samples
 
 
 def write(path, text, mode="w"):
@@ -16,7 +20,7 @@ def write(path, text, mode="w"):
 
 def test_jsonl_text_and_messages(tmp_path):
     f = write(tmp_path / "a.jsonl", '{"text": "one"}\n\n{"messages": [{"role": "user", "content": "hi"}]}\n')
-    samples = data.read_samples(f)
+    samples = read_samples(f)
     assert [s.content for s in samples] == ["one", [{"role": "user", "content": "hi"}]]
     assert samples[1].is_chat and samples[1].origin.endswith("a.jsonl:3")
 
@@ -26,8 +30,8 @@ def test_txt_lines_directory_order_and_max_samples(tmp_path):
     (tmp_path / "sub").mkdir()
     write(tmp_path / "sub" / "c.jsonl", '{"body": "third"}\n')
     write(tmp_path / "ignored.csv", "x,y\n")
-    assert [s.content for s in data.read_samples(tmp_path, text_field="body")] == ["first", "second", "third"]
-    assert [s.content for s in data.read_samples(tmp_path, text_field="body", max_samples=2)] == ["first", "second"]
+    assert [s.content for s in read_samples(tmp_path, field="body")] == ["first", "second", "third"]
+    assert [s.content for s in read_samples(tmp_path, field="body", max_samples=2)] == ["first", "second"]
 
 
 def stdin(raw: bytes):
@@ -36,33 +40,33 @@ def stdin(raw: bytes):
 
 def test_stdin_reads_jsonl(monkeypatch):
     monkeypatch.setattr("sys.stdin", stdin(b'{"text": "a"}\n{"text": "b"}\n'))
-    assert [s.content for s in data.read_samples("-")] == ["a", "b"]
+    assert [s.content for s in read_samples("-")] == ["a", "b"]
 
 
 def test_stdin_lines_are_named_as_such(monkeypatch):
     monkeypatch.setattr("sys.stdin", stdin(b'{"text": "a"}\n{"body": "b"}\n'))
     with pytest.raises(CntinitError, match=r"^stdin line 2: no string field 'text'"):  # it said `<stdin>.jsonl:2`
-        data.read_samples("-")
+        read_samples("-")
     monkeypatch.setattr("sys.stdin", stdin(b"plain words\n"))
     with pytest.raises(CntinitError, match=r"^stdin line 1: plain text, not JSON: send JSONL"):
-        data.read_samples("-")
+        read_samples("-")
 
 
 def test_closed_or_non_utf8_stdin_is_named(monkeypatch):
     monkeypatch.setattr("sys.stdin", None)  # `cntinit capture --data - 0<&-`
     with pytest.raises(CntinitError, match="stdin is closed: pipe the data in"):
-        data.read_samples("-")
+        read_samples("-")
     monkeypatch.setattr("sys.stdin", stdin('{"text": "ok"}\n{"text": "café"}\n'.encode("latin-1")))
     with pytest.raises(CntinitError, match="stdin line 2 is not UTF-8"):
-        data.read_samples("-")
+        read_samples("-")
 
 
 def test_only_newlines_end_lines(tmp_path):
     """str.splitlines() also splits at U+2028, U+0085 and friends, which JSON strings may hold raw."""
     jsonl = write(tmp_path / "a.jsonl", '{"text": "one\u2028two"}\r\n{"text": "three\x85four"}\n', mode="w")
-    assert [s.content for s in data.read_samples(jsonl)] == ["one\u2028two", "three\x85four"]
+    assert [s.content for s in read_samples(jsonl)] == ["one\u2028two", "three\x85four"]
     txt = write(tmp_path / "b.txt", "six\u2029seven\neight\n")
-    assert [s.content for s in data.read_samples(txt)] == ["six\u2029seven", "eight"]
+    assert [s.content for s in read_samples(txt)] == ["six\u2029seven", "eight"]
 
 
 def test_a_pipe_is_refused_not_waited_on(tiny, tmp_path):
@@ -82,10 +86,10 @@ def test_a_pipe_is_refused_not_waited_on(tiny, tmp_path):
     "name, content, message",
     [
         ("bad.jsonl", '{"text": "ok"}\n{"text": \n', r"bad.jsonl:2: not valid JSON"),
-        ("field.jsonl", '{"text": "ok"}\n{"body": "x"}\n', r"field.jsonl:2: no string field 'text'.*--text-field"),
+        ("field.jsonl", '{"text": "ok"}\n{"body": "x"}\n', r"field.jsonl:2: no string field 'text'.*--field"),
         ("list.jsonl", '[1, 2]\n', r"list.jsonl:1: expected a JSON object"),
         ("empty.jsonl", "\n\n", r"no samples in"),
-        ("data.csv", "a,b\n", r"neither .jsonl nor .txt"),
+        ("data.tsv", "a\tb\n", r"neither .jsonl or .txt nor a table"),
         ("plain.jsonl", "In the beginning\n", r"plain.jsonl:1: plain text, not JSON: a .txt file takes one sample per line"),
         ("deep.jsonl", "[" * 200_000 + "]" * 200_000 + "\n", r"deep.jsonl:1: not valid JSON \(nested deeper than JSON can be read\)"),
         ("digits.jsonl", '{"text": "a", "n": ' + "7" * 100_000 + "}\n", r"digits.jsonl:1: not valid JSON \(Exceeds the limit"),
@@ -99,19 +103,19 @@ def test_a_pipe_is_refused_not_waited_on(tiny, tmp_path):
 )
 def test_bad_data_names_the_problem(tmp_path, name, content, message):
     with pytest.raises(CntinitError, match=message):
-        data.read_samples(write(tmp_path / name, content))
+        read_samples(write(tmp_path / name, content))
 
 
 def test_binary_and_non_utf8_files(tmp_path):
     with pytest.raises(CntinitError, match="looks binary"):
-        data.read_samples(write(tmp_path / "x.txt", b"ab\x00cd", mode="b"))
+        read_samples(write(tmp_path / "x.txt", b"ab\x00cd", mode="b"))
     with pytest.raises(CntinitError, match="not UTF-8"):
-        data.read_samples(write(tmp_path / "y.txt", "café\n".encode("latin-1"), mode="b"))
+        read_samples(write(tmp_path / "y.txt", "café\n".encode("latin-1"), mode="b"))
     with pytest.raises(CntinitError, match="does not exist"):
-        data.read_samples(tmp_path / "missing.jsonl")
+        read_samples(tmp_path / "missing.jsonl")
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(CntinitError, match="holds no .jsonl or .txt"):
-        data.read_samples(tmp_path / "emptydir")
+        read_samples(tmp_path / "emptydir")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +124,7 @@ def tokenizer():
 
 
 def test_tokenize_truncates_each_sample_and_packs_only_on_request(tokenizer):
-    samples = [data.Sample("word " * 50, "x:1"), data.Sample("short one", "x:2")]
+    samples = [records.Sample("word " * 50, "x:1"), records.Sample("short one", "x:2")]
     each = data.tokenize(samples, tokenizer, seq_len=16)
     assert [len(s) for s in each] == [16, len(tokenizer("short one")["input_ids"])]
     assert each[0][0] == tokenizer.cls_token_id and each[0][-1] == tokenizer.sep_token_id  # truncated the tokenizer's way
@@ -130,7 +134,7 @@ def test_tokenize_truncates_each_sample_and_packs_only_on_request(tokenizer):
 
 
 def test_chat_messages_need_a_template(tokenizer):
-    sample = data.Sample([{"role": "user", "content": "hello"}], "c.jsonl:4")
+    sample = records.Sample([{"role": "user", "content": "hello"}], "c.jsonl:4")
     with pytest.raises(CntinitError, match="c.jsonl:4: 'messages' needs a chat template"):
         data.tokenize([sample], tokenizer, seq_len=32)
 
@@ -146,9 +150,9 @@ def test_buckets_are_consecutive_and_batches_right_padded():
 
 
 def test_fingerprint_depends_on_content_only(tmp_path):
-    a = data.read_samples(write(tmp_path / "a.txt", "x\ny\n"))
-    b = data.read_samples(write(tmp_path / "b.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in "xy")))
-    assert data.fingerprint(a) == data.fingerprint(b) != data.fingerprint(a[:1])
+    a = read_samples(write(tmp_path / "a.txt", "x\ny\n"))
+    b = read_samples(write(tmp_path / "b.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in "xy")))
+    assert records.fingerprint(a) == records.fingerprint(b) != records.fingerprint(a[:1])
 
 
 def test_zero_token_samples_are_skipped_with_a_warning(tokenizer, capsys):
@@ -157,7 +161,7 @@ def test_zero_token_samples_are_skipped_with_a_warning(tokenizer, capsys):
         def __call__(self, text, add_special_tokens=True, **kwargs):
             return tokenizer(text, add_special_tokens=False, **kwargs)
 
-    samples = [data.Sample(content, f"x:{i}") for i, content in enumerate(["Let there be light.", "\u200b", "Waters."])]
+    samples = [records.Sample(content, f"x:{i}") for i, content in enumerate(["Let there be light.", "\u200b", "Waters."])]
     sequences = data.tokenize(samples, NoSpecials(), seq_len=64)
     assert len(sequences) == 2 and all(sequences)
     assert "1 samples tokenize to zero tokens and were skipped" in capsys.readouterr().err
@@ -188,7 +192,7 @@ def test_long_samples_are_cut_before_tokenizing_exactly_as_truncation_would(toke
             "dropped characters": "\x01" * 200_000 + words,  # BERT's normalizer removes control characters
             "long word at the cut": words[:3000] + "y" * 5000 + words}[shape]
     counting = Counting(tokenizer)
-    got = data.tokenize([data.Sample(text, "x:1")], counting, seq_len=64)
+    got = data.tokenize([records.Sample(text, "x:1")], counting, seq_len=64)
     assert got == [tokenizer(text, truncation=True, max_length=64)["input_ids"]]
     if shape == "words":
         assert max(counting.seen) < 20_000  # not the 360,000 characters
@@ -198,7 +202,7 @@ def test_long_chat_and_bpe_samples_are_exact(smollm2):
     bpe = transformers.AutoTokenizer.from_pretrained(smollm2)
     text = " ".join(["the quick brown fox", "jumps", "über", "lazy dogs"] * 20_000)
     messages = [{"role": "user", "content": text}]
-    got = data.tokenize([data.Sample(text, "x:1"), data.Sample(messages, "x:2")], bpe, seq_len=100)
+    got = data.tokenize([records.Sample(text, "x:1"), records.Sample(messages, "x:2")], bpe, seq_len=100)
     rendered = bpe.apply_chat_template(messages, tokenize=False)
     assert got == [bpe(text, truncation=True, max_length=100)["input_ids"],
                    bpe(rendered, add_special_tokens=False, truncation=True, max_length=100)["input_ids"]]
@@ -209,7 +213,7 @@ def test_an_endless_word_is_tokenized_no_further_than_a_bound(tokenizer, capsys)
     sample is never tokenized past the bound, and a warning says which samples were cut there."""
     text = "ab" * 3_000_000
     counting = Counting(tokenizer)
-    got = data.tokenize([data.Sample(text, "x.jsonl:1"), data.Sample("Let there be light.", "x.jsonl:2")], counting, seq_len=16)
+    got = data.tokenize([records.Sample(text, "x.jsonl:1"), records.Sample("Let there be light.", "x.jsonl:2")], counting, seq_len=16)
     assert max(counting.seen) <= data.CUT_FLOOR
     assert got[0] == tokenizer(text[:data.CUT_FLOOR], truncation=True, max_length=16)["input_ids"]
     assert got[1] == tokenizer("Let there be light.")["input_ids"]
@@ -220,5 +224,5 @@ def test_a_byte_order_mark_is_not_data(tmp_path):
     """Windows tools start UTF-8 files with a byte-order mark; a .jsonl so written was refused as plain text."""
     jsonl = write(tmp_path / "bom.jsonl", b"\xef\xbb\xbf" + '{"text": "first"}\n{"text": "second"}\n'.encode(), mode="b")
     txt = write(tmp_path / "bom.txt", b"\xef\xbb\xbfone\ntwo\n", mode="b")
-    assert [s.content for s in data.read_samples(jsonl)] == ["first", "second"]
-    assert [s.content for s in data.read_samples(txt)] == ["one", "two"]
+    assert [s.content for s in read_samples(jsonl)] == ["first", "second"]
+    assert [s.content for s in read_samples(txt)] == ["one", "two"]

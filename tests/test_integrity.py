@@ -221,3 +221,12 @@ def test_a_huge_or_endless_manifest_is_refused_without_reading_it(captured, tmp_
         handle.truncate(6 << 30)
     code, out, err = run(capsys, "cache", "ls", "--json")
     assert code == 0 and json.loads(out) == [], err
+
+
+def test_a_manifest_whose_format_is_not_text_is_named_as_not_cntinits(tmp_path):
+    """A `format` that is a list (hypothesis found it) raised TypeError where the directory is described."""
+    from cntinit.errors import CntinitError
+    from cntinit.solve.solution import Solution
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": ["cntinit.solve"]}))
+    with pytest.raises(CntinitError, match=r"is a directory whose manifest.json is not a cntinit manifest, not a cntinit solve directory"):
+        Solution(tmp_path)

@@ -18,9 +18,9 @@ from cntinit.solve.modes import registry
 PACKAGE = Path(__file__).parent.parent / "cntinit"
 LAYERS = [  # each part may import from itself and from the layers before it
     {"errors", "console", "finite"},
-    {"distributed", "embedded", "registry"},
+    {"distributed", "embedded", "registry", "hub"},
     {"storage"},
-    {"models"},
+    {"models", "records"},  # side by side: the user's model, and their calibration records
     {"capture", "solve"},  # side by side: neither imports the other
     {"export"},
     {"plots", "recipe", "tables"},

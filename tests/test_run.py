@@ -185,8 +185,8 @@ BAD_RECIPES = [
     ({"solves.0.mode": "cnt_x"}, "recipe solves.0 (cnt_x-r4): --mode cnt_x is not one of cnt-x, cnt-s, cnt-sh, lora, pissa, milora, olora, mica, inilora, inilora-alpha, inilora-beta, eva, corda, lora-ga, lora-one, loftq: did you mean cnt-x?"),
     ({"solves.0.rank": 4, "solves.0.budget": 10}, "recipe solves.0 (cnt-s-r4): --budget, --min-rank and --max-rank shape variable ranks"),
     ({"capture": None}, "recipe key capture must be a mapping"),
-    ({"model": "/nonexistent/model"}, "recipe key model: /nonexistent/model does not exist"),
-    ({"capture.data": "/nonexistent.jsonl"}, "recipe key capture.data: /nonexistent.jsonl does not exist"),
+    ({"model": "/nonexistent/model"}, "recipe key model: model path /nonexistent/model does not exist"),
+    ({"capture.data": "/nonexistent.jsonl"}, "recipe key capture.data: data path /nonexistent.jsonl does not exist"),
 ]
 
 

@@ -24,6 +24,7 @@ from ..errors import CntinitError, not_one_of
 from ..models import fingerprints, linears, loading, named_weights
 from ..models.linears import ALL_LINEAR
 from ..models.placement import offload_placement, place, resolve_device, resolve_dtype
+from ..models.source import locate
 from ..storage import checkpoint, store
 from ..storage.atomic import atomic_directory, check_name
 from . import feeds, gradients, layerwise, stream
@@ -66,6 +67,8 @@ def capture(
     pack: bool = False,
     accumulate: str = "float32",
     text_field: str = "text",
+    split: str | None = None,
+    shuffle_seed: int | None = None,
     sample_max_norm: bool = False,
     image_size: int | None = None,
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5),
@@ -84,11 +87,15 @@ def capture(
     gradient_checkpointing: bool = False,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> Path:
     """Capture input statistics of `targets` in `model` over `data`; write a store at `out`.
 
     `model` is a transformers directory (text or vision) or a diffusers Stable-Diffusion-style
-    pipeline directory; `data` is text for a text model, a folder of images otherwise. `shard`
+    pipeline directory, or a Hugging Face Hub id (at `revision`) whose snapshot is in the cache or
+    can be downloaded; `data` is text for a text model (records/: a file, a folder, a dataset, a Hub
+    dataset id; its `split`, the `text_field`, the first `max_samples` or as many drawn with
+    `shuffle_seed`), a folder of images otherwise. `shard`
     ('i/N') captures only share i of N of every bucket; `merge` of all N equals one run. With
     `checkpoint_every`, the sums are saved every N batches (N blocks with `layerwise`, on the way down
     with `gradients` too) and on
@@ -109,6 +116,7 @@ def capture(
 
 def _capture(world: distributed.World, scratch: contextlib.ExitStack, a: SimpleNamespace) -> Path:
     _check_arguments(a, world)
+    a.model = locate(a.model, a.revision, a.trust_remote_code)
     share = (world.rank, world.size) if world.size > 1 else parse_shard(a.shard)
     if not world.leader:
         console.quiet = True  # one progress bar and log, rank 0's
@@ -196,8 +204,9 @@ def _check_arguments(a: SimpleNamespace, world: distributed.World) -> None:
         raise CntinitError(f"--image-size must be at least 1, got {a.image_size}")
     if a.accumulate not in ACCUMULATE:
         raise not_one_of("--accumulate", a.accumulate, ACCUMULATE)
-    if not SEEDS[0] <= a.seed <= SEEDS[1]:
-        raise CntinitError(f"--seed must be an integer from {SEEDS[0]} to {SEEDS[1]}, got {a.seed}")
+    for option, value in (("--seed", a.seed), ("--shuffle-seed", a.shuffle_seed)):
+        if value is not None and not SEEDS[0] <= value <= SEEDS[1]:
+            raise CntinitError(f"{option} must be an integer from {SEEDS[0]} to {SEEDS[1]}, got {value}")
     if not all(math.isfinite(v) and abs(v) <= 1e6 for v in a.image_mean) or not all(1e-6 <= v <= 1e6 for v in a.image_std):
         raise CntinitError(f"--image-mean must be finite, within ±1e6, and --image-std from 1e-6 to 1e6 (pixels in [0, 1] are divided by "
                            f"it); got {a.image_mean} and {a.image_std}")

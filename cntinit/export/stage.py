@@ -23,6 +23,7 @@ from ..models import pretrained
 from ..models.linears import weight_values
 from ..models.pipelines import DiffusionParts
 from ..models.placement import DTYPES
+from ..models.source import locate
 from ..solve import modes
 from ..solve.options import SCALES_OF_ALPHA
 from ..solve.solution import Solution
@@ -36,13 +37,15 @@ from .formats import BASE_DIR, FORMAT, FORMAT_VERSION, Adapter, Format
 def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alpha: float | None = None,
            rslora: bool = False, dora: bool = False, fixed_alpha: bool = False, module_prefix: str = "",
            task_type: str = "auto", train_dtype: str = "auto", unet_only: bool = False, model: str | Path | None = None,
-           overwrite: bool = False, trust_remote_code: bool = False, check: bool = False) -> Path:
+           overwrite: bool = False, trust_remote_code: bool = False, check: bool = False, revision: str | None = None) -> Path:
     """Write the adapter of the solve at `solve_dir` to `out` (and the residual base when the init needs one).
+    `model` (a directory, or a Hub id at `revision`) stands in for the recorded model, the same weights elsewhere.
     With `check`, the export is loaded in its real client and verified (`verify`) before it replaces
     what `out` held, and the manifest records the largest error."""
     options = {"format": format, "alpha": alpha, "rslora": rslora, "dora": dora, "fixed_alpha": fixed_alpha, "module_prefix": module_prefix,
                "task_type": task_type, "train_dtype": train_dtype} | ({"unet_only": True} if unet_only else {})
     plan = _plan(solve_dir, options)
+    model = locate(model, revision, trust_remote_code) if model is not None else None
     sol, manifest, fmt = plan.sol, plan.sol.manifest, plan.format
     store.check_out(out, manifest["model"]["fingerprint"], overwrite, FORMAT, "an export")
     residual = manifest["init"] == "residual"

@@ -1,19 +1,20 @@
-"""Loading a model from a local path: a transformers model (the class its config.json names) with its
-tokenizer, or a diffusers pipeline; and what the manifests record of it.
+"""Loading a model from a local path or a Hub id's cached snapshot: a transformers model (the class
+its config.json names) with its tokenizer, or a diffusers pipeline; and what the manifests record of it.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import transformers
 from torch import nn
 
+from .. import hub
 from ..errors import CntinitError, first_line
 from . import pipelines, weight_files
+from .source import locate
 
 if TYPE_CHECKING:
     from .placement import Placement
@@ -45,22 +46,8 @@ def is_causal_lm(model: nn.Module) -> bool:
     return task_type(type(model).__name__) == "CAUSAL_LM"
 
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # what `org/name` on the Hugging Face Hub looks like
-
-
-def must_exist(path: str | Path) -> Path:
-    """`path`, or the error every stage gives for a model that is not there."""
-    path = Path(path)
-    if not path.exists() and HUB_ID.match(str(path)):
-        raise CntinitError(f"model path {path} does not exist; it looks like a Hugging Face Hub id, but the Hub is never contacted: "
-                           f"download it first (`huggingface-cli download {path} --local-dir {path.name}`) and give that local directory")
-    if not path.exists():
-        raise CntinitError(f"model path {path} does not exist: give a local model directory (the Hub is not used)")
-    return path
-
-
 def load(path: str | Path, trust_remote_code: bool = False, placement: "Placement | None" = None, empty: bool = False):
-    """(model, tokenizer or None) from a local directory, in the checkpoint's own dtype, eval mode.
+    """(model, tokenizer or None) from a local directory or a Hub id (source.locate), in the checkpoint's own dtype, eval mode.
 
     The class is the one config.json names (so module paths match what trainers load),
     falling back to AutoModel. A diffusers pipeline directory loads as `pipelines.DiffusionParts`.
@@ -69,7 +56,7 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
     builds the model without reading its weights: parameters on the meta device, buffers real
     (a layerwise capture reads the weights itself, block by block).
     """
-    path = must_exist(path)
+    path = locate(path, trust_remote_code=trust_remote_code)
     if pipelines.is_pipeline(path):
         if placement is not None:
             raise CntinitError(f"--offload places transformers models; {path} is a diffusers pipeline: leave out --offload")
@@ -125,9 +112,11 @@ def _tokenizer(path: Path, trust_remote_code: bool):
 
 
 def record(net: nn.Module, path: str | Path, fingerprint: str) -> dict:
-    """The model as the manifests record it; a pipeline with two text encoders has the SDXL layout,
-    which export's kohya names follow."""
+    """The model as the manifests record it: where it is (and, for a snapshot in the Hugging Face cache,
+    its Hub id and commit, which export names as the base model); a pipeline with two text encoders
+    has the SDXL layout, which export's kohya names follow."""
     entry = {"path": str(Path(path).absolute()), "class": type(net).__name__, "fingerprint": fingerprint, "kind": modality(net)}
+    entry |= hub.origin(path)
     if isinstance(net, pipelines.DiffusionParts) and net.text_encoder_2 is not None:
         entry["layout"] = pipelines.SDXL
     return entry

@@ -21,12 +21,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import console
+from .. import console, hub
 from ..console import warn
 from ..errors import CntinitError
 from ..storage.manifests import scheme_of
 from . import fingerprints, linears, loading, named_weights, pipelines, weight_files
 from .placement import Placement
+from .source import locate
 
 RESIDUAL_PRECISION = 1e-2  # warn when rounding W − BA moves base + BA this much further (relative) from W than rounding W does
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index.json")
@@ -175,16 +176,23 @@ class Loaded:
 def open_model(path: str | Path, trust_remote_code: bool, pick, placement: Placement | None = None) -> Streamed | Loaded:
     """The model at `path` with the target modules `pick(net)` returns: read by name where it can
     be, else loaded (always with a `placement`)."""
-    path = loading.must_exist(path)
+    path = locate(path, trust_remote_code=trust_remote_code)
     streamed = None if placement is not None or pipelines.is_pipeline(path) else Streamed.open(path, trust_remote_code, pick)
     return streamed or Loaded(path, trust_remote_code, pick, placement)
+
+
+def recorded_path(record: dict) -> Path:
+    """Where a manifest's model is: its recorded path, or — moved to another machine — the same Hub
+    snapshot in this machine's Hugging Face cache."""
+    path = Path(record["path"])
+    return hub.resolve(record["repo"], record["revision"]) if not path.exists() and "repo" in record else path
 
 
 def open_recorded(manifest: dict, model: str | Path | None, trust_remote_code: bool,
                   placement: Placement | None = None) -> Streamed | Loaded:
     """The model a capture or solve `manifest` records (or `model`, the same weights elsewhere),
     with its modules, refusing weights other than the ones it recorded."""
-    path = Path(model) if model is not None else Path(manifest["model"]["path"])
+    path = Path(model) if model is not None else recorded_path(manifest["model"])
     names = list(manifest["modules"])
 
     def recorded(net: nn.Module) -> dict[str, nn.Module]:

@@ -19,13 +19,14 @@ import torch
 from rich.progress import Progress
 from transformers.pytorch_utils import Conv1D
 
-from .. import console, distributed
+from .. import console, distributed, hub
 from ..console import log, progress
 from ..errors import CntinitError
 from ..finite import all_finite
 from ..models import fingerprints, loading, pretrained
 from ..models.linears import ALL_LINEAR, in_out_features, select_names, select_targets
 from ..models.placement import Placement, offload_placement, resolve_device
+from ..models.source import locate
 from ..storage import store
 from ..storage.atomic import atomic_directory
 from . import inputs, modes, report, solution
@@ -36,9 +37,9 @@ from .options import PRECISIONS, Options
 
 def solve(capture_dir: str | Path | None, out: str | Path, options: Options | None = None, *, model: str | Path | None = None,
           targets: str | None = None, device: str = "auto", overwrite: bool = False, trust_remote_code: bool = False,
-          offload: bool = False, max_memory: str | None = None, **params) -> Path:
+          offload: bool = False, max_memory: str | None = None, revision: str | None = None, **params) -> Path:
     """Solve every module of the store at `capture_dir` (or, for a data-free mode, the `targets`
-    of `model`); write a solve directory at `out`.
+    of `model`: a directory, or a Hub id at `revision`); write a solve directory at `out`.
 
     Parameters come as `Options` or as its fields: `solve("stats", "init", mode="cnt-s", rank=8)`.
     Under `torchrun`, every process solves its share of the modules and rank 0 writes the result.
@@ -46,6 +47,7 @@ def solve(capture_dir: str | Path | None, out: str | Path, options: Options | No
     rest on disk, and are read one module at a time.
     """
     options = (options or Options(**params)).resolved()
+    model = locate(model, revision, trust_remote_code) if model is not None else None
     with distributed.joined() as world, contextlib.ExitStack() as scratch:
         # weights in CPU memory, then on disk: the solve moves each batch of them to its device itself
         placement = offload_placement(scratch, out, offload, max_memory, torch.device("cpu"), "auto")
@@ -110,7 +112,7 @@ def _open(capture_dir, model, targets, mode: Mode, options: Options, trust_remot
         names = list(captured["modules"]) if targets is None else select_names(list(captured["modules"]), targets, "captured module")
         source = pretrained.open_recorded(captured, model, trust_remote_code, placement)
         modules, model_path = source.modules, source.path
-        record = dict(captured["model"], path=str(model_path.absolute()))
+        record = dict(captured["model"], path=str(model_path.absolute())) | hub.origin(model_path)
         if len(names) < len(modules):  # a subset: exports check the weights of the modules solved
             modules = {name: modules[name] for name in names}
             record["fingerprint"] = fingerprints.fingerprint(modules)
@@ -127,7 +129,7 @@ def _open(capture_dir, model, targets, mode: Mode, options: Options, trust_remot
     source = pretrained.open_model(model, trust_remote_code, lambda net: select_targets(net, targets or ALL_LINEAR), placement)
     if options.init == "residual":
         pretrained.refuse_tied(list(source.modules), source)
-    return None, source.modules, loading.record(source.net, model, fingerprints.fingerprint(source.modules)), str(model)
+    return None, source.modules, loading.record(source.net, source.path, fingerprints.fingerprint(source.modules)), str(model)
 
 
 def _max_ranks(modules: dict, mode: Mode, options: Options) -> dict[str, int]:

@@ -46,14 +46,15 @@ class Maybe:
 
 HEADER = {"format": str, "format_version": int, "cntinit_version": str, "created": str}
 FILES = Each({"sha256": str, "bytes": int})
-MODEL = {"path": str, "class": str, "fingerprint": str, "kind?": str, "layout?": str}
+MODEL = {"path": str, "class": str, "fingerprint": str, "kind?": str, "layout?": str, "repo?": str, "revision?": str}
 STORE = HEADER | {
     "model": MODEL,
-    "data": {"fingerprint": str, "sources": [str], "samples": int, "sequences": int, "tokens": int, "merged_from?": [str]},
+    "data": {"fingerprint": str, "sources": [str], "samples": int, "sequences": int, "tokens": int, "merged_from?": [str],
+             "split?": str, "repo?": str, "revision?": str},
     "capture": {"targets": str, "seq_len": int, "batch_size": int, "max_samples": Maybe(int), "pack": bool, "buckets": int,
                 "dtype": str, "accumulate": str, "sample_max_norm": bool, "device": str, "shard": Maybe(str),
                 "image_size?": Maybe(int), "image_processor?": bool, "prompt?": Maybe(str), "noise_timestep?": Maybe(int), "seed?": int,
-                "gradients?": bool},
+                "gradients?": bool, "shuffle_seed?": int},
     "modules": Each({"key": str, "in_features": int, "out_features": int, "layer": str}),
     "stats": Each({"dim": int, "count": int, "modules": [str], "file": str}),
     "gradients?": {"tokens": int, "batches": int, "mean_loss": float},

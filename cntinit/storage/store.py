@@ -178,7 +178,8 @@ def _format_of(path: Path) -> str | None:
         manifest = manifests.read_json(path / MANIFEST)
     except (OSError, ValueError):
         return None
-    return manifest.get("format") if isinstance(manifest, dict) else None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    return found if isinstance(found, str) else None  # a list there made the lookup below raise TypeError
 
 
 def what_it_is(path: Path) -> str:
@@ -432,7 +433,8 @@ def merge(directories: list[str | Path], out: str | Path, overwrite: bool = Fals
         "sequences": sum(s.manifest["data"]["sequences"] for s in stores),
         "tokens": sum(s.manifest["data"]["tokens"] for s in stores),
         "merged_from": [str(s.path.absolute()) for s in stores],
-    }
+    } | {key: first["data"][key] for key in ("split", "repo", "revision")  # a dataset's, where every store read the same one
+         if key in first["data"] and all(s.manifest["data"].get(key) == first["data"][key] for s in stores)}
     capture = first["capture"]
     if shards:  # shards of one data set: the result is that data set, as one run would record it
         data |= {"fingerprint": first["data"]["fingerprint"], "sources": first["data"]["sources"], "samples": first["data"]["samples"]}

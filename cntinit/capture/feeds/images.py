@@ -16,8 +16,8 @@ import torch
 
 from ...console import warn
 from ...errors import CntinitError, first_line
+from ...records import json_line
 from .feed import Batch, Feed, Shard, shard_total, share, slices
-from .samples import json_line
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_FILES = ("metadata.jsonl", "captions.jsonl")

@@ -1,188 +1,25 @@
-"""Calibration text: reading samples from files or stdin, tokenizing, and padded batches.
-
-A sample is one sequence: a JSONL record (`text`, chat `messages` rendered with the
-tokenizer's chat template, or `prompt` + `completion` — strings, or message lists — whose prompt
-tokens a gradient capture does not predict) or one non-blank line of a .txt file.
+"""Calibration text as token sequences: samples (records/) tokenized — chat messages rendered by
+the tokenizer's chat template, prompts marked so a gradient capture does not predict them — split
+into buckets, and cut into padded batches.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
 from ...console import warn
-from ...errors import CntinitError, first_line
+from ...errors import CntinitError
+from ...records import Sample
 
-DATA_SUFFIXES = (".jsonl", ".txt")
 CUT_GROWTH, CUT_FLOOR = 64, 1 << 20  # a sample is never tokenized past max(64 × its first tokens' character bound, 1M characters)
-
-
-@dataclass(frozen=True)
-class Sample:
-    content: str | list  # text, or a list of chat messages
-    origin: str  # "file:line", for error messages
-    prompt: str | list | None = None  # the leading part that is context, not a target (prompt/completion records)
-
-    @property
-    def is_chat(self) -> bool:
-        return isinstance(self.content, list)
 
 
 class Tokens(list):
     """One sequence's token ids; the first `prompt` of them are context, not next-token targets."""
 
     prompt = 0
-
-
-STDIN = "stdin"  # the source name of `--data -`, which is JSONL
-
-
-def read_samples(source: str | Path, text_field: str = "text", max_samples: int | None = None) -> list[Sample]:
-    """All samples of a .jsonl/.txt file, a directory of them (sorted, recursive), or `-` (JSONL on stdin)."""
-    samples: list[Sample] = []
-    for name, lines in _sources(source):
-        for lineno, line in enumerate(lines, start=1):
-            if max_samples is not None and len(samples) >= max_samples:
-                return samples
-            if not line.strip():
-                continue
-            where = f"stdin line {lineno}" if name == STDIN else f"{name}:{lineno}"
-            if name.endswith(".txt"):
-                samples.append(Sample(line.rstrip("\r\n"), where))
-            else:
-                samples.append(_parse_jsonl(line, where, text_field))
-    if not samples:
-        raise CntinitError(f"no samples in {source}: give a .jsonl (one object per line) or .txt (one sample per line) with content")
-    return samples
-
-
-def must_exist(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise CntinitError(f"data path {path} does not exist: give a .jsonl or .txt file, a folder of them "
-                           "(of images for vision models and pipelines), or - for stdin")
-    return path
-
-
-def _sources(source: str | Path) -> Iterator[tuple[str, Any]]:
-    if str(source) == "-":
-        yield STDIN, _stdin_lines()
-        return
-    path = must_exist(source)
-    if not path.is_dir() and not path.is_file():
-        raise CntinitError(f"data path {path} is not a regular file (a pipe or a device): give a file, or - to read JSONL from stdin")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
-        if not files:
-            raise CntinitError(f"data directory {path} holds no .jsonl or .txt files")
-    elif path.suffix in DATA_SUFFIXES:
-        files = [path]
-    else:
-        raise CntinitError(f"data file {path} is neither .jsonl nor .txt: rename it or convert it")
-    for file in files:
-        yield str(file), _text_lines(file)
-
-
-def _text_lines(file: Path) -> list[str]:
-    """The file's lines, split at \\n only: U+2028 or U+0085 inside a JSON string is text, not a line end."""
-    raw = file.read_bytes()
-    if b"\x00" in raw:
-        raise CntinitError(f"data file {file} looks binary (it holds NUL bytes): give UTF-8 text")
-    try:
-        return [line.removesuffix("\r") for line in raw.decode("utf-8-sig").split("\n")]  # a byte-order mark is not data
-    except UnicodeDecodeError as exc:
-        raise CntinitError(f"data file {file} is not UTF-8 (byte {exc.start}): re-encode it as UTF-8") from None
-
-
-def _stdin_lines() -> Iterator[str]:
-    """Standard input's lines, as the files' are read (UTF-8, split at \\n only)."""
-    stream = getattr(sys.stdin, "buffer", None)
-    if stream is None or sys.stdin.closed:
-        raise CntinitError("--data - reads JSONL from stdin, but stdin is closed: pipe the data in (cat calib.jsonl | cntinit ...)")
-    for lineno, raw in enumerate(stream, start=1):
-        if lineno == 1:
-            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not data
-        if b"\x00" in raw:
-            raise CntinitError(f"stdin line {lineno} looks binary (it holds NUL bytes): give UTF-8 JSONL")
-        try:
-            yield raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
-        except UnicodeDecodeError as exc:
-            raise CntinitError(f"stdin line {lineno} is not UTF-8 (byte {exc.start}): re-encode the data as UTF-8") from None
-
-
-def json_line(line: str):
-    """The value of one JSONL line, or a ValueError saying in a few words why it is not JSON: broken,
-    nested past Python's recursion limit, or holding an integer of more digits than Python converts."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(exc.msg) from None
-    except RecursionError:
-        raise ValueError("nested deeper than JSON can be read") from None
-    except ValueError as exc:
-        raise ValueError(first_line(exc)) from None
-
-
-def _parse_jsonl(line: str, where: str, text_field: str) -> Sample:
-    try:
-        record = json_line(line)
-    except ValueError as exc:
-        if not line.lstrip().startswith(("{", "[", '"')):
-            fix = "send JSONL ({\"text\": \"...\"} per line)" if where.startswith(STDIN) else \
-                "a .txt file takes one sample per line: rename it to .txt, or write JSONL ({\"text\": \"...\"} per line)"
-            raise CntinitError(f"{where}: plain text, not JSON: {fix}") from None
-        raise CntinitError(f"{where}: not valid JSON ({exc}): fix or remove that line") from None
-    if not isinstance(record, dict):
-        raise CntinitError(f"{where}: expected a JSON object with '{text_field}' or 'messages'")
-    if isinstance(record.get(text_field), str):
-        return Sample(record[text_field], where)
-    if isinstance(record.get("messages"), list):
-        return Sample(_messages(record["messages"], where), where)
-    prompt, completion = record.get("prompt"), record.get("completion")
-    if isinstance(prompt, list) and isinstance(completion, list):
-        prompt = _messages(prompt, where)
-        return Sample(prompt + _messages(completion, where, len(prompt)), where, prompt)
-    if isinstance(prompt, str) and isinstance(completion, str):
-        return Sample(prompt + completion, where, prompt)
-    if prompt is not None and completion is not None:
-        raise CntinitError(f"{where}: 'prompt' and 'completion' must both be strings or both lists of chat messages")
-    raise CntinitError(f"{where}: no string field '{text_field}', no 'messages' list and no 'prompt' + 'completion' pair: "
-                       "pass --text-field NAME")
-
-
-def _messages(messages: list, where: str, first: int = 0) -> list:
-    """Chat messages as chat templates read them: objects with a string role and a content that is
-    text, or a list of typed parts ({"type": "text", "text": ...}); numbered from `first` in errors."""
-    for number, message in enumerate(messages, start=first):
-        if not isinstance(message, dict):
-            raise CntinitError(f"{where}: message {number} is not a JSON object: write {{\"role\": ..., \"content\": ...}}")
-        if not isinstance(message.get("role"), str):
-            raise CntinitError(f"{where}: message {number} has no string 'role' (user, assistant, system): fix or remove that line")
-        if "content" not in message:
-            raise CntinitError(f"{where}: message {number} has no content: fix or remove that line")
-        content = message["content"]
-        if not (isinstance(content, str) or isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("type"), str)
-                                                                              for part in content)):
-            raise CntinitError(f"{where}: message {number}'s content is neither text nor a list of typed parts "
-                               "({\"type\": \"text\", \"text\": ...}): fix or remove that line")
-    return messages
-
-
-def fingerprint(samples: list[Sample]) -> str:
-    """sha256 of the samples' content in order (not their file names)."""
-    digest = hashlib.sha256()
-    for sample in samples:
-        digest.update(json.dumps(sample.content, ensure_ascii=False, sort_keys=True).encode())
-        if sample.prompt is not None:  # where the prompt ends changes what a gradient capture predicts
-            digest.update(json.dumps({"prompt": sample.prompt}, ensure_ascii=False, sort_keys=True).encode())
-        digest.update(b"\n")
-    return "sha256:" + digest.hexdigest()
 
 
 def tokenize(samples: list[Sample], tokenizer, seq_len: int, pack: bool = False) -> list[Tokens]:

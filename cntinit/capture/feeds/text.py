@@ -3,7 +3,6 @@ statistics; with prompt/completion records, prompts are not next-token targets).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -11,18 +10,20 @@ import torch
 from ...console import warn
 from ...errors import CntinitError
 from ...models.loading import context_length
+from ...records import fingerprint, read
 from . import samples
 from .feed import Batch, Feed, Shard, shard_total, share
 
-OPTIONS = ("pack", "sample_max_norm")  # the capture options only this kind of model (or few) reads
+OPTIONS = ("pack", "sample_max_norm", "split", "shuffle_seed")  # the capture options only this kind of model (or few) reads
 
 
 def build(net, tokenizer, args, run_dtype: torch.dtype, shard: Shard = (0, 1)) -> Feed:
-    """The calibration text `args.data` (see samples) as batches of `args.batch_size` sequences."""
+    """The calibration text `args.data` (records/) as batches of `args.batch_size` sequences."""
     if tokenizer is None:
         raise CntinitError("this model has no tokenizer, so it cannot read text: give --data a folder of images "
                            "(a vision model) or add the tokenizer files to its directory")
-    read = samples.read_samples(args.data, args.text_field, args.max_samples)
+    calibration = read(args.data, args.text_field, args.split, args.max_samples, args.shuffle_seed)
+    chosen = calibration.samples
     seq_len = args.seq_len
     context = context_length(net, tokenizer)
     if context is not None and seq_len > context:
@@ -32,7 +33,7 @@ def build(net, tokenizer, args, run_dtype: torch.dtype, shard: Shard = (0, 1)) -
     if seq_len <= special:  # the tokenizer would not truncate at all
         raise CntinitError(f"--seq-len {seq_len} leaves no room beside the {special} special tokens this tokenizer adds: give at least "
                            f"{special + 1}")
-    sequences = samples.tokenize(read, tokenizer, seq_len, args.pack)
+    sequences = samples.tokenize(chosen, tokenizer, seq_len, args.pack)
     if not sequences:
         raise CntinitError(f"no sample of {args.data} has any token: give non-empty text")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -47,11 +48,11 @@ def build(net, tokenizer, args, run_dtype: torch.dtype, shard: Shard = (0, 1)) -
                 yield bucket, {"input_ids": ids, "attention_mask": mask}, mask, targets
 
     probe = torch.tensor([sequences[0][:8]])
-    source = str(args.data) if str(args.data) == "-" else str(Path(args.data).absolute())
     unpredicted = sum(1 for part in parts for seq in part if len(seq) <= max(seq.prompt, 1))  # position j predicts token j + 1
     return Feed({"input_ids": probe, "attention_mask": torch.ones_like(probe)}, total, "tok", batches,
-                {"fingerprint": samples.fingerprint(read), "sources": [source], "samples": len(read),
-                 "sequences": total}, {"seq_len": seq_len, "pack": args.pack}, unpredicted)
+                {"fingerprint": fingerprint(chosen), **calibration.described, "samples": len(chosen), "sequences": total},
+                {"seq_len": seq_len, "pack": args.pack} | ({"shuffle_seed": args.shuffle_seed} if args.shuffle_seed is not None else {}),
+                unpredicted)
 
 
 def _refuse_foreign_ids(net, largest: int) -> None:

@@ -39,7 +39,7 @@ def task_type(requested: str, model: dict, prefix: str) -> str | None:
     return found or ("FEATURE_EXTRACTION" if name.endswith("Model") else None)
 
 
-def _config(adapter: Adapter, base_path: str) -> peft.LoraConfig:
+def _config(adapter: Adapter, base_path: str, revision: str | None = None) -> peft.LoraConfig:
     sol, base_rank, alpha = adapter.sol, adapter.sol.manifest["params"]["rank"], adapter.alpha
     return peft.LoraConfig(
         task_type=adapter.settings,
@@ -55,14 +55,18 @@ def _config(adapter: Adapter, base_path: str) -> peft.LoraConfig:
         lora_dropout=0.0,
         bias="none",
         base_model_name_or_path=base_path,
+        revision=revision,
     )
 
 
 
 
 def write(directory: Path, adapter: Adapter) -> None:
-    manifest = adapter.sol.manifest
-    config = _config(adapter, str((adapter.out / BASE_DIR).absolute()) if adapter.residual else manifest["model"]["path"])
+    model = adapter.sol.manifest["model"]
+    if adapter.residual:
+        config = _config(adapter, str((adapter.out / BASE_DIR).absolute()))
+    else:  # a Hub id and its commit, where the capture named one, load on any machine; a path only on this one
+        config = _config(adapter, model.get("repo", model["path"]), model.get("revision"))
     if adapter.residual and (adapter.dora or (adapter.rslora and config.rank_pattern)):
         warn("after training, PEFT's path_initial_model_for_weight_conversion " + (
             "ignores DoRA magnitudes, so converting this adapter to a plain LoRA gives wrong weights" if adapter.dora
