@@ -423,9 +423,10 @@ def run_recipe(
 
       cntinit run recipes/llama2-7b-inilora.yaml --json | jq -r '.exports[]'
     """
-    from . import recipe, runner
+    from . import recipe
     console.quiet = quiet
-    plan = recipe.load(recipe_file, overrides or [])
+    plan = recipe.load(recipe_file, overrides or [])  # a missing model or data is refused here, before the stages load
+    from . import runner
     summary = runner.run(plan, trust_remote_code=trust_remote_code)
     if not quiet:
         tables.print_run(summary, console.err)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import re
 import types
@@ -19,10 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from .capture import capture as capture_function
+from . import records
 from .errors import CntinitError
-from .export import export as export_function
-from .solve import Options
+from .models.source import locate
 
 EMBEDDED = "embedded"  # `model: embedded`, `data: embedded`: the model and verses that ship with the install
 TOP = {"name": str, "model": str, "revision": str, "targets": str | list[str], "out": str, "device": str, "plot": bool,
@@ -38,9 +38,18 @@ def _schema(function, leave_out: set[str]) -> dict[str, object]:
     return {name: hints[name] for name in inspect.signature(function).parameters if name not in leave_out}
 
 
-CAPTURE = _schema(capture_function, NOT_IN_CAPTURE)
-SOLVE = {"name": str, "targets": str | list[str]} | {f.name: typing.get_type_hints(Options)[f.name] for f in dataclasses.fields(Options)}
-EXPORT = {"name": str, "check": bool} | _schema(export_function, NOT_IN_EXPORT)
+@functools.cache
+def schemas() -> dict[str, dict[str, object]]:
+    """The keys of the capture, each solve and each export: the parameters of `capture`, `Options` and
+    `export`, imported here rather than with this module, so that a recipe's missing model or data is
+    refused before the stages (torch) load."""
+    from .capture import capture
+    from .export import export
+    from .solve import Options
+    return {"capture": _schema(capture, NOT_IN_CAPTURE),
+            "solves": {"name": str, "targets": str | list[str]} | {f.name: typing.get_type_hints(Options)[f.name]
+                                                                    for f in dataclasses.fields(Options)},
+            "exports": {"name": str, "check": bool} | _schema(export, NOT_IN_EXPORT)}
 
 
 @dataclass
@@ -76,7 +85,28 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise CntinitError(f"{path} must be a YAML mapping of keys (model, capture, solves, exports), not {type(raw).__name__}")
     for override in overrides:
         _override(raw, override)
+    _refuse_missing(raw)
     return check(raw, default_name=path.stem)
+
+
+def _refuse_missing(raw: dict) -> None:
+    """A model or calibration data that is not there (a path, a Hub id not in the cache), refused before
+    the stages load; the keys' other checks follow in `check`."""
+    model, capture = raw.get("model"), raw.get("capture")
+    data = capture.get("data") if isinstance(capture, dict) else None
+    revision = raw.get("revision") if isinstance(raw.get("revision"), str) else None
+    if isinstance(model, str) and model != EMBEDDED:
+        located("model", lambda: locate(model, revision))
+    if isinstance(data, str) and data not in (EMBEDDED, "-"):
+        located("capture.data", lambda: records.locate(data))
+
+
+def located(key: str, find):
+    """`find()` — a recipe's model or data found — or its error, said as the recipe key that names it."""
+    try:
+        return find()
+    except CntinitError as exc:
+        raise CntinitError(f"recipe key {key}: {exc} (override: {key}=PATH)") from None
 
 
 def check(raw: dict, default_name: str = "recipe") -> Recipe:
@@ -85,15 +115,15 @@ def check(raw: dict, default_name: str = "recipe") -> Recipe:
     for required in ("model", "solves"):
         if required not in values:
             raise CntinitError(f"recipe key {required} is missing: a recipe names a model and at least one solve")
-    capture = _section(values["capture"], CAPTURE, "capture.") if "capture" in values else None
+    capture = _section(values["capture"], schemas()["capture"], "capture.") if "capture" in values else None
     if capture is not None and "data" not in capture:
         raise CntinitError("recipe key capture.data is missing: name the calibration data (a file, a folder, or embedded)")
     if capture is not None and str(capture["data"]) == "-":
         raise CntinitError("recipe key capture.data: a recipe cannot read stdin (the cache keys on the data's contents); name a file or folder")
-    solves = [_section(entry, SOLVE, f"solves.{i}.") for i, entry in enumerate(_list(values["solves"], "solves"))]
+    solves = [_section(entry, schemas()["solves"], f"solves.{i}.") for i, entry in enumerate(_list(values["solves"], "solves"))]
     if not solves:
         raise CntinitError("recipe key solves is empty: give at least one solve (e.g. - {mode: cnt-s, rank: 16})")
-    exports = [_section(entry, EXPORT, f"exports.{i}.") for i, entry in enumerate(_list(values.get("exports", []), "exports"))]
+    exports = [_section(entry, schemas()["exports"], f"exports.{i}.") for i, entry in enumerate(_list(values.get("exports", []), "exports"))]
     for i, solve in enumerate(solves):
         if "mode" not in solve:
             raise CntinitError(f"recipe key solves.{i}.mode is missing: cnt-x, cnt-s, cnt-sh, eva, corda, lora, pissa, ...")
@@ -124,6 +154,7 @@ def check(raw: dict, default_name: str = "recipe") -> Recipe:
 
 def _solve_name(solve: dict) -> str:
     """cnt-x-r16, cnt-x-r16-vas: readable and unique for the usual recipes."""
+    from .solve import Options
     return f"{solve['mode']}-r{solve.get('rank', Options.rank)}" + ("-vas" if solve.get("vas") else "")
 
 

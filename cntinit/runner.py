@@ -38,12 +38,12 @@ def _defaults(function, keys) -> dict:
             if name in keys and p.default is not inspect.Parameter.empty}
 
 
-CAPTURE_DEFAULTS = _defaults(capture, recipe.CAPTURE)
+CAPTURE_DEFAULTS = _defaults(capture, recipe.schemas()["capture"])
 PLACEMENT = ("offload", "max_memory", "stats_device", "layerwise", "activations_device", "gradient_checkpointing")  # how the work runs, not what it computes: not in cache keys
 PLOT = "report.png"  # beside each solve's report.json under the recipe's out
 MAX_REPORT_BYTES = 1 << 30  # a report.json larger than this is not one a solve wrote (a 70B model's is tens of MB)
 ONLY_WHEN_SET = ("gradients", "unet_only", "split", "shuffle_seed")  # options newer than cache entries and exports: recorded only when set, so older ones still match
-EXPORT_DEFAULTS = _defaults(export, set(recipe.EXPORT) - {"check"})  # what an export manifest's "options" records
+EXPORT_DEFAULTS = _defaults(export, set(recipe.schemas()["exports"]) - {"check"})  # what an export manifest's "options" records
 
 
 def _plain(value):
@@ -103,8 +103,8 @@ def cached_solve(capture_dir: str | Path | None, options: Options, *, model: str
 def run(plan: recipe.Recipe, trust_remote_code: bool = False, cache_dir: Path | None = None) -> dict:
     """Run a checked recipe; returns its summary (what each stage did, how long, where)."""
     solves = _checked_solves(plan)
-    model = embedded.model_dir() if plan.model == recipe.EMBEDDED else _recipe_path(
-        lambda: locate(plan.model, plan.revision, trust_remote_code), "model", "model=PATH")
+    model = embedded.model_dir() if plan.model == recipe.EMBEDDED else recipe.located(
+        "model", lambda: locate(plan.model, plan.revision, trust_remote_code))
     check_writable(plan.out, "recipe key out: name a writable directory (override: out=PATH)")
     _check_outputs(plan, list(solves))
     cache_dir = cache.ready(cache_dir)
@@ -118,22 +118,13 @@ def run(plan: recipe.Recipe, trust_remote_code: bool = False, cache_dir: Path | 
                           "(captures and solves in the cache, exports under out): run it again to go on from there") from None
 
 
-def _recipe_path(find, key: str, override: str) -> Path:
-    """A recipe's model or data, found (`find`), or the error that says which key names it."""
-    try:
-        return find()
-    except CntinitError as exc:
-        raise CntinitError(f"recipe key {key}: {exc} (override: {override})") from None
-
-
 def _run(plan: recipe.Recipe, model: Path, solves: dict[str, tuple[Options, str | None]], trust_remote_code: bool, cache_dir: Path,
          held: contextlib.ExitStack, rows: list[dict]) -> dict:
     capture_dir = None
     if plan.capture is not None:
         settings = dict(plan.capture)
         data = settings.pop("data")
-        data = embedded.data_file() if data == recipe.EMBEDDED else _recipe_path(lambda: records.locate(data), "capture.data",
-                                                                                   "capture.data=PATH")
+        data = embedded.data_file() if data == recipe.EMBEDDED else recipe.located("capture.data", lambda: records.locate(data))
         started = time.perf_counter()
         capture_dir, hit = cached_capture(model, data, targets=plan.targets, device=plan.device, trust_remote_code=trust_remote_code,
                                           cache_dir=cache_dir, **settings)

@@ -207,9 +207,18 @@ PROBE = ("import sys, runpy; sys.argv = ['cntinit'] + sys.argv[1:]\n"
          "print('torch' in sys.modules, 'transformers' in sys.modules, code, file=sys.stderr)")
 
 
-@pytest.mark.parametrize("case", ["model path", "model id", "data path", "column"])
+@pytest.mark.parametrize("case", ["model path", "model id", "data path", "column", "recipe model", "recipe data"])
 def test_mistyped_inputs_are_refused_before_torch_loads(tiny, tmp_path, case):
     data, model, extra = texts_as("parquet", tmp_path), tiny["llama"], []
+    if case.startswith("recipe"):
+        recipe = {"model": "org/no-model" if case == "recipe model" else str(model), "capture": {"data": str(tmp_path / "none.jsonl")},
+                  "solves": [{"mode": "cnt-s"}], "out": str(tmp_path / "out")}
+        (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+        done = subprocess.run([sys.executable, "-c", PROBE, "run", str(tmp_path / "r.yaml")], capture_output=True, text=True)
+        lines = done.stderr.strip().splitlines()
+        assert lines[-1] == "False False 2" and lines[0].startswith("error: recipe key " + case.split()[1].replace("data", "capture.data")), \
+            done.stderr
+        return
     if case == "model path":
         model = str(tmp_path / "no-model")
     elif case == "model id":
