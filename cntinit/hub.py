@@ -60,7 +60,13 @@ def resolve(name: str | Path, revision: str | None = None, kind: str = "model", 
         return cached
     if offline():
         raise CntinitError(_not_cached(repo, revision, kind, cached))
-    return _download(repo, revision, kind, code)
+    snapshot = _download(repo, revision, kind, code)
+    lacking = _missing(snapshot, kind)
+    if lacking:
+        raise CntinitError(f"{repo} at {revision} has no {lacking} on the Hub" + (
+            ": cntinit reads safetensors only, never pickled *.bin weights; pick a --revision that has them (the Hub's "
+            "safetensors conversions are refs/pr/N) or convert them" if lacking.endswith(".safetensors") else ""))
+    return snapshot
 
 
 def origin(path: str | Path) -> dict:

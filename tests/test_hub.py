@@ -145,6 +145,17 @@ def test_online_it_downloads_only_what_a_stage_reads(tiny, tmp_path, monkeypatch
     assert not (path / "consolidated.safetensors").exists()
 
 
+def test_a_repository_of_pickled_weights_only_is_refused_after_its_small_files(tiny, tmp_path, monkeypatch):
+    import huggingface_hub
+    source = tmp_path / "repo"
+    shutil.copytree(tiny["llama"], source)
+    (source / "model.safetensors").rename(source / "pytorch_model.bin")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(source))
+    with pytest.raises(CntinitError, match=r"^org/pickled at main has no model.safetensors on the Hub: cntinit reads safetensors only"):
+        locate("org/pickled")
+
+
 def test_a_pipeline_download_takes_each_components_weights_and_no_variants(tmp_path):
     snapshot = tmp_path / "pipe"
     (snapshot / "unet").mkdir(parents=True)
