@@ -98,7 +98,7 @@ def _finish(path: Path, as_json: bool) -> None:
 @app.command(cls=_Command)
 def capture(
     model: str = typer.Argument(..., metavar="MODEL", help="A model directory — transformers (text or vision: config.json, weights) or a diffusers Stable-Diffusion-style pipeline (model_index.json, unet, text_encoder, vae, tokenizer, scheduler; SDXL also text_encoder_2, tokenizer_2) — or a Hugging Face Hub id (org/name) from the Hugging Face cache, downloaded there (only the files read) when missing unless HF_HUB_OFFLINE=1."),
-    data: str = typer.Option(..., "--data", "-d", help="Text models: a .jsonl (field `text`, chat `messages`, or prompt + completion), a .txt (one sample per line), a directory of them, - for JSONL on stdin; with `pip install 'cntinit[datasets]'` also .parquet, .arrow, .csv, .json (a list of records), a save_to_disk folder, or a Hub dataset id (org/name, with --split). Vision models and pipelines: a folder of .jpg/.png/.webp images (recursive); a pipeline's captions come from metadata.jsonl/captions.jsonl there ({\"file_name\", \"text\"} per line) or --prompt."),
+    data: str = typer.Option(..., "--data", "-d", help="Text models: a .jsonl (field `text`, chat `messages`, or prompt + completion; for vision-language models each with `image`/`images` paths), a .txt (one sample per line), a directory of them, - for JSONL on stdin; with `pip install 'cntinit[datasets]'` also .parquet, .arrow, .csv, .json (a list of records), a save_to_disk folder, or a Hub dataset id (org/name, with --split). Vision models and pipelines: a folder of .jpg/.png/.webp images (recursive); a pipeline's captions come from metadata.jsonl/captions.jsonl there ({\"file_name\", \"text\"} per line) or --prompt."),
     revision: Optional[str] = typer.Option(None, "--revision", help="A Hub id MODEL's branch, tag or commit (default: main)."),
     split: Optional[str] = typer.Option(None, "--split", help="Datasets: the split to read (default: train, or the only one), e.g. train_sft."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store directory to write (default: the cache — $CNTINIT_CACHE — where a repeated capture is a hit that computes nothing)."),
@@ -147,6 +147,8 @@ def capture(
       cntinit capture ./SmolLM2-135M --data calib.jsonl --gradients --out stats-grad/   # for --mode lora-ga, lora-one
 
       cntinit capture HuggingFaceTB/SmolLM2-135M --data HuggingFaceH4/ultrachat_200k --split train_sft --samples 512 --shuffle-seed 0 --out stats/
+
+      cntinit capture llava-hf/llava-1.5-7b-hf --data captions.jsonl --targets 're:.*self_attn\.(q_proj|v_proj)' --seq-len 1024 --out stats/   # images + text
 
       cntinit capture ./sd15 --data dog/ --prompt "a photo of sks dog" --targets to_q,to_k,to_v,to_out.0,q_proj,k_proj,v_proj,out_proj --out stats/
 

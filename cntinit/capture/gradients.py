@@ -32,8 +32,9 @@ def check_model(net: nn.Module, kind: str, path) -> None:
     """Gradients need a training loss: a causal language model's, or a diffusion pipeline's."""
     if kind == "diffusion":
         net.noise_as_training()
-    elif kind != "text" or not is_causal_lm(net):
-        raise CntinitError(f"--gradients takes the next-token loss of a causal language model (…ForCausalLM) or a diffusion "
+    elif not (kind == "text" and is_causal_lm(net) or kind == "vlm" and type(net).__name__.endswith("ForConditionalGeneration")):
+        raise CntinitError(f"--gradients takes the next-token loss of a causal language model (…ForCausalLM, or a vision-language "
+                           f"…ForConditionalGeneration) or a diffusion "
                            f"pipeline's denoising loss; {path} is {type(net).__name__}, for which no loss is defined yet: "
                            "capture it without --gradients")
 

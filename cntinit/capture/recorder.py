@@ -111,10 +111,12 @@ class Recorder:
 
     def __init__(self, modules: dict[str, nn.Module], groups: list[list[str]], buckets: int, accumulate_dtype: torch.dtype,
                  device: torch.device, sample_max_norm: bool = False, stats_device: torch.device | None = None,
-                 root: nn.Module | None = None):
+                 root: nn.Module | None = None, unpadded=None):
         self.root, self.modules, self.device = root, modules, device
         self.sample_max_norm, self.accumulate_dtype = sample_max_norm, accumulate_dtype
         self.batch = _Batch()
+        self.whole = _Batch()  # for targets whose every input row is real (`unpadded(name)`: a VLM's image patches)
+        self.unpadded = {group[0] for group in groups if unpadded is not None and unpadded(group[0])}
         self.stats: dict[str, InputStats] = {}
         self.module_map: dict[str, dict] = {}
         for group in groups:
@@ -129,11 +131,11 @@ class Recorder:
 
     def __enter__(self) -> "Recorder":
         for key, stats in self.stats.items():
-            def hook(mod, args, kwargs, stats=stats):
+            def hook(mod, args, kwargs, stats=stats, key=key):
                 if self.paused:
                     return
                 x = (args[0] if args else next(iter(kwargs.values()))).detach()
-                rows, samples = _real_rows(x, self.batch, samples=self.sample_max_norm)
+                rows, samples = _real_rows(x, self.whole if key in self.unpadded else self.batch, samples=self.sample_max_norm)
                 if self.sample_max_norm:
                     rows = _per_sample_max_norm(rows, samples, self.batch.size, self.accumulate_dtype)
                 stats.add(rows.to(stats.sum.device), self.batch.bucket)

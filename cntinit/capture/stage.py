@@ -33,6 +33,7 @@ from .gradients import GradientSums
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+TOKENS = ("text", "vlm")  # the kinds whose data counts tokens (the others count rows: patches, latent pixels)
 
 
 def _offload_dtype(dtype: str, dev: torch.device) -> torch.dtype | str:
@@ -173,7 +174,7 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, a: SimpleN
         warn(f"{feed.unpredicted} of {feed.total} samples have no token to predict (a single token, or a prompt that fills --seq-len "
              f"{recorded['seq_len']}): they add statistics but no gradient")
     stats = stats if stats is not None else _summed(sums, module_map)
-    tokens = done if kind == "text" else max(entry["count"] for entry in stats.values())
+    tokens = done if kind in TOKENS else max(entry["count"] for entry in stats.values())
     manifest = store.new_manifest(model=loading.record(net, a.model, model_fingerprint), data=feed.data | {"tokens": tokens},
                                   capture=recorded, modules=module_map, stats=stats, gradients=grads.record() if a.gradients else None)
     with atomic_directory(a.out) as tmp:
@@ -185,7 +186,7 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, a: SimpleN
         payloads.finish(manifest, into=tmp)
     if saved is not None:
         checkpoint.remove(saved)
-    log(f"captured {tokens:,} {'tokens' if kind == 'text' else 'rows'} from {feed.total:,} samples into {len(stats)} statistics "
+    log(f"captured {tokens:,} {'tokens' if kind in TOKENS else 'rows'} from {feed.total:,} samples into {len(stats)} statistics "
         f"({time.perf_counter() - started:.1f}s)")
     return Path(a.out)
 
@@ -233,6 +234,9 @@ def _nothing_to_predict(data, seq_len: int) -> CntinitError:
 def _check_model(net, kind: str, a: SimpleNamespace) -> None:
     """Options the loaded model cannot take: another kind's, or a way of running it its structure does not allow."""
     feeds.refuse_foreign_options(kind, a, a.model)
+    if a.layerwise and kind == "vlm":
+        raise CntinitError(f"--layerwise runs one chain of repeated blocks, and {a.model} is a vision-language model with two (the "
+                           "vision tower's, the language model's): use --offload for a model larger than the device")
     if a.layerwise and (kind == "diffusion" or getattr(net.config, "is_encoder_decoder", False)):
         what = "a diffusers pipeline, whose UNet" if kind == "diffusion" else "an encoder-decoder model, whose decoder"
         raise CntinitError(f"--layerwise runs one chain of repeated blocks; {a.model} is {what} is not one: capture without --layerwise")

@@ -31,7 +31,7 @@ def stream(root: nn.Module, modules: dict[str, nn.Module], feed: Feed, net: nn.M
     With `grads`, each batch also runs backward from the next-token loss into those sums (`blocks` checkpointed)."""
     probe = {name: value.to(dev) for name, value in feed.probe.items()}
     groups = shared_input_groups(modules, lambda: root(**probe))
-    recorder = Recorder(modules, groups, buckets, accumulate, dev, sample_max_norm, sums_on, root)
+    recorder = Recorder(modules, groups, buckets, accumulate, dev, sample_max_norm, sums_on, root, feed.unpadded)
     resumed = checkpoint.load(saved, ident) if saved is not None and saved.exists() else None
     if resumed and not (all(stats.fits(resumed[1], key) for key, stats in recorder.stats.items())
                         and (grads is None or grads.fits(resumed[1]))):

@@ -97,7 +97,7 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
         raise CntinitError(f"could not load the model at {path}: {first_line(exc)} — give a complete save_pretrained directory "
                            "of an architecture this transformers knows (custom code needs --trust-remote-code)") from None
     model.eval().requires_grad_(False)
-    return model, _tokenizer(path, trust_remote_code)
+    return model, (_processor(path, trust_remote_code) if modality(model) == "vlm" else _tokenizer(path, trust_remote_code))
 
 
 def _tokenizer(path: Path, trust_remote_code: bool):
@@ -109,6 +109,17 @@ def _tokenizer(path: Path, trust_remote_code: bool):
     except Exception as exc:
         raise CntinitError(f"could not load the tokenizer at {path}: {first_line(exc)} — its tokenizer files are damaged or of "
                            "another version: put the model's own tokenizer files (save_pretrained's) beside its weights") from None
+
+
+def _processor(path: Path, trust_remote_code: bool):
+    """A vision-language model's processor (its tokenizer, image processor and chat template), which
+    expands image placeholders exactly as its trainer's collator does."""
+    try:
+        return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise CntinitError(f"could not load the processor of the vision-language model at {path}: {first_line(exc)} — put its own "
+                           "processor files (processor_config.json or preprocessor_config.json, the tokenizer files, the chat "
+                           "template) beside its weights, as its save_pretrained wrote them") from None
 
 
 def record(net: nn.Module, path: str | Path, fingerprint: str) -> dict:
@@ -123,10 +134,13 @@ def record(net: nn.Module, path: str | Path, fingerprint: str) -> dict:
 
 
 def modality(model: nn.Module) -> str:
-    """What the model reads: "diffusion" (a pipeline), "vision" (pixel_values) or "text"."""
+    """What the model reads: "diffusion" (a pipeline), "vision" (pixel_values), "vlm" (text with images:
+    a language model with a vision tower, whose config nests a vision_config) or "text"."""
     if isinstance(model, pipelines.DiffusionParts):
         return "diffusion"
-    return "vision" if getattr(model, "main_input_name", "input_ids") == "pixel_values" else "text"
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        return "vision"
+    return "vlm" if getattr(getattr(model, "config", None), "vision_config", None) is not None else "text"
 
 
 def context_length(model: nn.Module, tokenizer) -> int | None:

@@ -90,19 +90,21 @@ def _no_splits(source) -> CntinitError:
 
 
 def read(source: str | Path, field: str = "text", split: str | None = None, max_samples: int | None = None,
-         shuffle_seed: int | None = None) -> Records:
-    """The samples of `source` that a capture uses (see `draw`), and what the manifest records of it."""
+         shuffle_seed: int | None = None, images: bool = False) -> Records:
+    """The samples of `source` that a capture uses (see `draw`), and what the manifest records of it;
+    with `images`, each record's image paths (for a vision-language model)."""
     path = locate(source)
     shown = _shown(source, path)
     described = {"sources": ["-" if path == "-" else str(Path(path).absolute())]}
     if _is_table(path):
         dataset, chosen = tables.open_table(Path(path), split, shown)
-        samples = tables.samples(dataset, shown, field, draw(dataset.num_rows, max_samples, shuffle_seed))
+        base = (Path(path) if Path(path).is_dir() else Path(path).parent) if images else None
+        samples = tables.samples(dataset, shown, field, draw(dataset.num_rows, max_samples, shuffle_seed), base)
         described |= ({"split": chosen} if chosen else {}) | hub.origin(path)
     else:
         if split is not None:
             raise _no_splits(source)
-        samples = lines.read(path, field, max_samples if shuffle_seed is None else None)
+        samples = lines.read(path, field, max_samples if shuffle_seed is None else None, images)
         indices = draw(len(samples), max_samples, shuffle_seed)
         samples = samples if indices is None else [samples[i] for i in indices]
     if not samples:

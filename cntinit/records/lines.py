@@ -16,8 +16,9 @@ SUFFIXES = (".jsonl", ".txt")
 STDIN = "stdin"  # the source name of `--data -`, which is JSONL
 
 
-def read(source: str | Path, field: str = "text", limit: int | None = None) -> list[Sample]:
-    """The samples of `source` in order, the first `limit` of them when given."""
+def read(source: str | Path, field: str = "text", limit: int | None = None, images: bool = False) -> list[Sample]:
+    """The samples of `source` in order, the first `limit` of them when given; with `images`, each
+    record's image paths (relative to its file)."""
     samples: list[Sample] = []
     for name, lines in _sources(source):
         for lineno, line in enumerate(lines, start=1):
@@ -29,7 +30,8 @@ def read(source: str | Path, field: str = "text", limit: int | None = None) -> l
             if name.endswith(".txt"):
                 samples.append(Sample(line.rstrip("\r\n"), where))
             else:
-                samples.append(_parse(line, where, field))
+                base = (Path.cwd() if name == STDIN else Path(name).parent) if images else None
+                samples.append(_parse(line, where, field, base))
     return samples
 
 
@@ -93,7 +95,7 @@ def json_line(line: str):
         raise ValueError(first_line(exc)) from None
 
 
-def _parse(line: str, where: str, field: str) -> Sample:
+def _parse(line: str, where: str, field: str, base: Path | None) -> Sample:
     try:
         record = json_line(line)
     except ValueError as exc:
@@ -102,4 +104,4 @@ def _parse(line: str, where: str, field: str) -> Sample:
                 "a .txt file takes one sample per line: rename it to .txt, or write JSONL ({\"text\": \"...\"} per line)"
             raise CntinitError(f"{where}: plain text, not JSON: {fix}") from None
         raise CntinitError(f"{where}: not valid JSON ({exc}): fix or remove that line") from None
-    return from_record(record, where, field)
+    return from_record(record, where, field, base)

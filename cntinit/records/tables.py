@@ -18,6 +18,7 @@ INSTALL = "pip install 'cntinit[datasets]'"
 DEFAULT_SPLIT = "train"
 TEXT_TYPES = ("string", "large_string")
 CARDS = ("README.md", "LICENSE")  # beside a dataset's files, not data
+IMAGE_COLUMNS = ("image", "images")  # paths, for a vision-language model
 
 
 def is_table(path: Path) -> bool:
@@ -134,11 +135,13 @@ def columns(dataset, field: str, shown: str) -> list[str]:
                        f": pass --field NAME ({there})")
 
 
-def samples(dataset, shown: str, field: str, indices: list[int] | None) -> list[Sample]:
-    """The rows `indices` (all, in order, when None) of `dataset` as samples."""
+def samples(dataset, shown: str, field: str, indices: list[int] | None, base: Path | None = None) -> list[Sample]:
+    """The rows `indices` (all, in order, when None) of `dataset` as samples; with a `base`, their image
+    paths too, relative to it."""
     if dataset.num_rows == 0:
         raise CntinitError(f"{shown} is empty (0 rows): give a split or file with records")
-    part = dataset.select_columns(columns(dataset, field, shown))
+    pictures = [name for name in IMAGE_COLUMNS if name in dataset.column_names] if base is not None else []
+    part = dataset.select_columns(columns(dataset, field, shown) + pictures)
     numbers = range(part.num_rows) if indices is None else indices
     rows = part if indices is None else part.select(indices)
-    return [from_record(row, f"{shown} row {number}", field) for number, row in zip(numbers, rows)]
+    return [from_record(row, f"{shown} row {number}", field, base) for number, row in zip(numbers, rows)]

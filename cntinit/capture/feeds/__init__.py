@@ -1,6 +1,7 @@
 """What the capture loop forwards, one module per kind of model input (`loading.modality`): text
-(text.py, reading samples.py), images for a vision encoder (vision.py) and images with prompts for a
-diffusion pipeline (diffusion.py, both reading images.py). A feed module has `build(net, tokenizer,
+(text.py, reading samples.py), images for a vision encoder (vision.py), images with prompts for a
+diffusion pipeline (diffusion.py, both reading images.py), and records with images for a
+vision-language model (vlm.py, through the model's processor). A feed module has `build(net, tokenizer,
 args, run_dtype, shard) -> Feed` and `OPTIONS`, the capture options only some kinds read; a new kind
 is its module and its line in FEEDS.
 """
@@ -8,10 +9,10 @@ is its module and its line in FEEDS.
 from __future__ import annotations
 
 from ...errors import CntinitError
-from . import diffusion, text, vision
+from . import diffusion, text, vision, vlm
 from .feed import Feed
 
-FEEDS = {"text": text, "vision": vision, "diffusion": diffusion}  # model kind -> its feed module
+FEEDS = {"text": text, "vision": vision, "diffusion": diffusion, "vlm": vlm}  # model kind -> its feed module
 # the options some kinds take, as the command line names them, in the order a refusal names the first
 KIND_OPTIONS = {"prompt": "--prompt", "noise_timestep": "--noise-timestep", "image_size": "--image-size", "pack": "--pack",
                 "sample_max_norm": "--sample-max-norm", "split": "--split", "shuffle_seed": "--shuffle-seed"}

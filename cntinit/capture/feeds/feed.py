@@ -24,6 +24,7 @@ class Feed:
     data: dict  # the store manifest's data section
     settings: dict = field(default_factory=dict)  # extra capture settings to record
     unpredicted: int = 0  # samples with no next token to predict (a single token, or a prompt that fills them): no gradient
+    unpadded: Callable[[str], bool] | None = None  # the targets whose inputs are never padding (a VLM's vision tower), by name
 
 
 Shard = tuple[int, int]  # (index, count): this process's share of the data, as `--shard index/count`
