@@ -57,6 +57,7 @@ STEPS = {  # name: (seconds allowed on the GPU, what it measures)
     "offload": (180, "offloaded capture's peak memory, Llama-3.2-1B shape"),
     "layerwise": (120, "layerwise capture per block, Llama-3-70B shape"),
     "gradients": (160, "layerwise --gradients per block, Llama-3-70B shape"),
+    "vlm": (90, "VLM capture against the plain forward, LLaVA-1.5-7B widths (vision tower + 2 language blocks)"),
 }
 MIN_START = 20  # seconds: a step is not started with less left
 STARTED = time.time()  # the budget counts from here: the first imports on a fresh machine take 20 s or more
@@ -403,6 +404,15 @@ def step_layerwise(args, gradients: bool = False) -> None:
 def step_gradients(args) -> None:
     """Layerwise --gradients at Llama-3-70B widths: what LoRA-GA's gradients cost per block."""
     step_layerwise(args, gradients=True)
+
+
+def step_vlm(args) -> None:
+    """A vision-language model's capture (both towers, all-linear) against its plain forward."""
+    extra = ["--shape", "tiny", "--samples", "4"] if args.dry_run else ["--shape", "llava-7b", "--blocks", "2", "--samples", "32"]
+    result = script("vlm.py", "--device", args.device, *extra, timeout=args.deadline - time.time())
+    for row in result["rows"]:
+        emit(args.out, "vlm", result["title"], row)
+    stopped(result)
 
 
 # ---------------------------------------------------------------- the driver
