@@ -101,6 +101,7 @@ def capture(
     data: str = typer.Option(..., "--data", "-d", help="Text models: a .jsonl (field `text`, chat `messages`, or prompt + completion; for vision-language models each with `image`/`images` paths), a .txt (one sample per line), a directory of them, - for JSONL on stdin; with `pip install 'cntinit[datasets]'` also .parquet, .arrow, .csv, .json (a list of records), a save_to_disk folder, or a Hub dataset id (org/name, with --split). Vision models and pipelines: a folder of .jpg/.png/.webp images (recursive); a pipeline's captions come from metadata.jsonl/captions.jsonl there ({\"file_name\", \"text\"} per line) or --prompt."),
     revision: Optional[str] = typer.Option(None, "--revision", help="A Hub id MODEL's branch, tag or commit (default: main)."),
     split: Optional[str] = typer.Option(None, "--split", help="Datasets: the split to read (default: train, or the only one), e.g. train_sft."),
+    data_config: Optional[str] = typer.Option(None, "--data-config", help="Datasets with several configs (subsets): the one to read, e.g. sst2 of nyu-mll/glue."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store directory to write (default: the cache — $CNTINIT_CACHE — where a repeated capture is a hit that computes nothing)."),
     targets: str = typer.Option("all-linear", "--targets", "-t", help="Comma-separated module-name suffixes (q_proj,v_proj) or all-linear (every linear layer but the output head)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence; longer samples are truncated."),
@@ -156,12 +157,12 @@ def capture(
     """
     console.quiet = quiet
     model_dir = _located(model, revision, trust_remote_code)  # refusals of a model or data that is not there come before torch loads
-    _check_data(data, split, text_field)
+    _check_data(data, split, text_field, data_config)
     from . import runner
     from .capture import capture as run_capture
     options = dict(
         seq_len=seq_len, batch_size=batch_size, max_samples=max_samples, dtype=dtype, buckets=buckets, pack=pack,
-        accumulate=accumulate, text_field=text_field, split=split, shuffle_seed=shuffle_seed, sample_max_norm=sample_max_norm, image_size=image_size,
+        accumulate=accumulate, text_field=text_field, split=split, data_config=data_config, shuffle_seed=shuffle_seed, sample_max_norm=sample_max_norm, image_size=image_size,
         image_mean=_rgb(image_mean, "--image-mean"), image_std=_rgb(image_std, "--image-std"), prompt=prompt,
         noise_timestep=noise_timestep, seed=seed, shard=shard, checkpoint_every=checkpoint_every, offload=offload,
         max_memory=max_memory, stats_device=stats_device, layerwise=layerwise, activations_device=activations_device,
@@ -187,10 +188,10 @@ def _located(model: str | None, revision: str | None, trust_remote_code: bool) -
     return locate(model, revision, trust_remote_code)
 
 
-def _check_data(data: str, split: str | None, field: str) -> None:
-    """Calibration data that is not there, or a split or column a dataset lacks, refused without loading torch."""
+def _check_data(data: str, split: str | None, field: str, config: str | None) -> None:
+    """Calibration data that is not there, or a config, split or column a dataset lacks, refused without loading torch."""
     from . import records
-    records.check(data, split, field)
+    records.check(data, split, field, config)
 
 
 def _say_cached(path: Path, hit: bool) -> None:

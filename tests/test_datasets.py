@@ -100,6 +100,36 @@ def test_a_split_is_chosen_by_name(tmp_path):
             records.read(source, split="validation")
 
 
+def configs_repo(folder: Path) -> str:
+    """A Hub dataset with two configs (its README's `configs:`), the GLUE way: `a` (train) and `b` (train, validation)."""
+    for config, split, texts in (("a", "train", TEXTS[:3]), ("b", "train", TEXTS[3:6]), ("b", "validation", TEXTS[6:8])):
+        (folder / "repo" / config).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"text": texts}), folder / "repo" / config / f"{split}-00000-of-00001.parquet")
+    (folder / "repo" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: a\n  data_files:\n  - split: train\n    path: a/train-*.parquet\n"
+        "- config_name: b\n  data_files:\n  - split: train\n    path: b/train-*.parquet\n  - split: validation\n"
+        "    path: b/validation-*.parquet\n---\n# two configs\n")
+    cache_repo(folder / "repo", "org/glue-like", COMMIT_A, kind="datasets")
+    return "org/glue-like"
+
+
+def test_a_config_is_chosen_by_name(tiny, tmp_path):
+    source = configs_repo(tmp_path)
+    assert [s.content for s in records.read(source, config="b", split="validation").samples] == TEXTS[6:8]
+    assert [s.content for s in records.read(source, config="a").samples] == TEXTS[:3]
+    with pytest.raises(CntinitError, match=r"^org/glue-like has several configs: pick one with --data-config \(a, b\)"):
+        records.read(source)
+    with pytest.raises(CntinitError, match=r"^org/glue-like has no config c: give one of a, b with --data-config"):
+        records.check(source, config="c")
+    with pytest.raises(CntinitError, match=r"^--data-config b picks a config of a dataset repository, and .*t.parquet is a single table"):
+        records.read(texts_as("parquet", tmp_path / "p"), config="b")
+    with pytest.raises(CntinitError, match=r"^--data-config picks a config of a dataset, and .*t.jsonl is read line by line"):
+        records.read(texts_as("jsonl", tmp_path / "j"), config="b")
+    store = Store(capture(tiny["llama"], source, tmp_path / "s", targets="v_proj", data_config="b", split="validation"))
+    assert store.manifest["data"]["config"] == "b" and store.manifest["data"]["split"] == "validation"
+    assert store.manifest["data"]["samples"] == 2
+
+
 def test_a_drawn_sample_is_the_same_records_from_every_source(tmp_path):
     drawn = {kind: [s.content for s in records.read(texts_as(kind, tmp_path / kind), max_samples=5, shuffle_seed=3).samples]
              for kind in ("jsonl", "parquet", "hub")}

@@ -69,6 +69,7 @@ def capture(
     accumulate: str = "float32",
     text_field: str = "text",
     split: str | None = None,
+    data_config: str | None = None,
     shuffle_seed: int | None = None,
     sample_max_norm: bool = False,
     image_size: int | None = None,
@@ -95,7 +96,7 @@ def capture(
     `model` is a transformers directory (text or vision) or a diffusers Stable-Diffusion-style
     pipeline directory, or a Hugging Face Hub id (at `revision`) whose snapshot is in the cache or
     can be downloaded; `data` is text for a text model (records/: a file, a folder, a dataset, a Hub
-    dataset id; its `split`, the `text_field`, the first `max_samples` or as many drawn with
+    dataset id; its `data_config` and `split`, the `text_field`, the first `max_samples` or as many drawn with
     `shuffle_seed`), a folder of images otherwise. `shard`
     ('i/N') captures only share i of N of every bucket; `merge` of all N equals one run. With
     `checkpoint_every`, the sums are saved every N batches (N blocks with `layerwise`, on the way down

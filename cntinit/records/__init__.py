@@ -74,36 +74,38 @@ def _shown(source: str | Path, path: Path | str) -> str:
     return origin["repo"] if origin and str(source) == origin["repo"] else str(source)
 
 
-def check(source: str | Path, split: str | None = None, field: str = "text") -> None:
-    """Refuse, cheaply, data that cannot be read: a missing path or id, a lying extension, a split or
-    a column a table does not have."""
+def check(source: str | Path, split: str | None = None, field: str = "text", config: str | None = None) -> None:
+    """Refuse, cheaply, data that cannot be read: a missing path or id, a lying extension, a config, a
+    split or a column a table does not have."""
     path = locate(source)
     if _is_table(path):
-        dataset, _ = tables.open_table(Path(path), split, _shown(source, path))
+        dataset, _ = tables.open_table(Path(path), split, _shown(source, path), config)
         tables.columns(dataset, field, _shown(source, path))
-    elif split is not None:
-        raise _no_splits(source)
+    elif split is not None or config is not None:
+        raise _no_splits(source, "--split" if split is not None else "--data-config")
 
 
-def _no_splits(source) -> CntinitError:
-    return CntinitError(f"--split picks a split of a dataset, and {source} is read line by line (JSONL or text): leave out --split")
+def _no_splits(source, option: str = "--split") -> CntinitError:
+    what = "a split" if option == "--split" else "a config"
+    return CntinitError(f"{option} picks {what} of a dataset, and {source} is read line by line (JSONL or text): leave out {option}")
 
 
 def read(source: str | Path, field: str = "text", split: str | None = None, max_samples: int | None = None,
-         shuffle_seed: int | None = None, images: bool = False) -> Records:
-    """The samples of `source` that a capture uses (see `draw`), and what the manifest records of it;
-    with `images`, each record's image paths (for a vision-language model)."""
+         shuffle_seed: int | None = None, images: bool = False, config: str | None = None) -> Records:
+    """The samples of `source` (of its `config` and `split`, for a dataset) that a capture uses (see
+    `draw`), and what the manifest records of it; with `images`, each record's image paths (for a
+    vision-language model)."""
     path = locate(source)
     shown = _shown(source, path)
     described = {"sources": ["-" if path == "-" else str(Path(path).absolute())]}
     if _is_table(path):
-        dataset, chosen = tables.open_table(Path(path), split, shown)
+        dataset, chosen = tables.open_table(Path(path), split, shown, config)
         base = (Path(path) if Path(path).is_dir() else Path(path).parent) if images else None
         samples = tables.samples(dataset, shown, field, draw(dataset.num_rows, max_samples, shuffle_seed), base)
-        described |= ({"split": chosen} if chosen else {}) | hub.origin(path)
+        described |= ({"split": chosen} if chosen else {}) | ({"config": config} if config else {}) | hub.origin(path)
     else:
-        if split is not None:
-            raise _no_splits(source)
+        if split is not None or config is not None:
+            raise _no_splits(source, "--split" if split is not None else "--data-config")
         samples = lines.read(path, field, max_samples if shuffle_seed is None else None, images)
         indices = draw(len(samples), max_samples, shuffle_seed)
         samples = samples if indices is None else [samples[i] for i in indices]

@@ -6,6 +6,7 @@ whole table, and each row becomes a sample as a JSONL record would (sample.py)."
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .. import hub
@@ -57,9 +58,12 @@ def _library():
     return datasets
 
 
-def open_table(path: Path, split: str | None, shown: str):
-    """(the dataset of `split`, the split's name or None for a table without splits)."""
+def open_table(path: Path, split: str | None, shown: str, config: str | None = None):
+    """(the dataset of `split` — of `config`, for a repository with several — and the split's name, or
+    None for a table without splits)."""
     datasets = _library()
+    if config is not None and (path.is_file() or any((path / name).is_file() for name in SAVED)):
+        raise CntinitError(f"--data-config {config} picks a config of a dataset repository, and {shown} is a single table: leave it out")
     try:
         if path.is_file():
             if split not in (None, DEFAULT_SPLIT):
@@ -75,9 +79,10 @@ def open_table(path: Path, split: str | None, shown: str):
                 return loaded, None
             chosen = _choose(split, list(loaded), shown)
             return loaded[chosen], chosen
-        files = datasets.load_dataset_builder(str(path)).config.data_files or {}
+        files = datasets.load_dataset_builder(str(path), name=config).config.data_files or {}
         chosen = _choose(split, list(files), shown)
-        return datasets.load_dataset(str(path), data_files={chosen: files[chosen]}, split=chosen), chosen  # only its files are prepared
+        # only the chosen split's files are prepared
+        return datasets.load_dataset(str(path), name=config, data_files={chosen: files[chosen]}, split=chosen), chosen
     except CntinitError:
         raise
     except Exception as exc:
@@ -88,9 +93,12 @@ def _unreadable(exc: Exception, path: Path, shown: str) -> str:
     text = first_line(exc)
     if path.suffix == ".parquet" and _parquet_rows(path) == 0:  # datasets (5.2) fails on a parquet file of no rows
         return f"{shown} is empty (0 rows): give a split or file with records"
-    if "Config name is missing" in text or "pick one among the available configs" in text:
-        return (f"{shown} has several configs, and cntinit reads a dataset's default one: point --data at one config's files "
-                f"(its folder or a file) instead ({text})")
+    listed = re.search(r"\[(.*?)\]", str(exc))
+    names = ", ".join(name.strip(" '\"") for name in listed[1].split(",")) if listed else "see its README"
+    if "Config name is missing" in text:
+        return f"{shown} has several configs: pick one with --data-config ({names})"
+    if "BuilderConfig" in text and "not found" in text:
+        return f"{shown} has no config {text.split(chr(39))[1]}: give one of {names} with --data-config"
     what = f"a {SUFFIXES[path.suffix]} file" if path.is_file() else "a dataset"
     return f"could not read {shown} as {what} ({text}): check that it is one, or convert it to .jsonl"
 

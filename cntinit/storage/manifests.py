@@ -50,7 +50,7 @@ MODEL = {"path": str, "class": str, "fingerprint": str, "kind?": str, "layout?":
 STORE = HEADER | {
     "model": MODEL,
     "data": {"fingerprint": str, "sources": [str], "samples": int, "sequences": int, "tokens": int, "merged_from?": [str],
-             "split?": str, "repo?": str, "revision?": str},
+             "split?": str, "config?": str, "repo?": str, "revision?": str},
     "capture": {"targets": str, "seq_len": int, "batch_size": int, "max_samples": Maybe(int), "pack": bool, "buckets": int,
                 "dtype": str, "accumulate": str, "sample_max_norm": bool, "device": str, "shard": Maybe(str),
                 "image_size?": Maybe(int), "image_processor?": bool, "prompt?": Maybe(str), "noise_timestep?": Maybe(int), "seed?": int,

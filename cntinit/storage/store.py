@@ -433,7 +433,7 @@ def merge(directories: list[str | Path], out: str | Path, overwrite: bool = Fals
         "sequences": sum(s.manifest["data"]["sequences"] for s in stores),
         "tokens": sum(s.manifest["data"]["tokens"] for s in stores),
         "merged_from": [str(s.path.absolute()) for s in stores],
-    } | {key: first["data"][key] for key in ("split", "repo", "revision")  # a dataset's, where every store read the same one
+    } | {key: first["data"][key] for key in ("split", "config", "repo", "revision")  # a dataset's, where every store read the same one
          if key in first["data"] and all(s.manifest["data"].get(key) == first["data"][key] for s in stores)}
     capture = first["capture"]
     if shards:  # shards of one data set: the result is that data set, as one run would record it

@@ -14,7 +14,7 @@ from ...records import fingerprint, read
 from . import samples
 from .feed import Batch, Feed, Shard, shard_total, share
 
-OPTIONS = ("pack", "sample_max_norm", "split", "shuffle_seed")  # the capture options only this kind of model (or few) reads
+OPTIONS = ("pack", "sample_max_norm", "split", "data_config", "shuffle_seed")  # the capture options only this kind of model (or few) reads
 
 
 def build(net, tokenizer, args, run_dtype: torch.dtype, shard: Shard = (0, 1)) -> Feed:
@@ -22,7 +22,7 @@ def build(net, tokenizer, args, run_dtype: torch.dtype, shard: Shard = (0, 1)) -
     if tokenizer is None:
         raise CntinitError("this model has no tokenizer, so it cannot read text: give --data a folder of images "
                            "(a vision model) or add the tokenizer files to its directory")
-    calibration = read(args.data, args.text_field, args.split, args.max_samples, args.shuffle_seed)
+    calibration = read(args.data, args.text_field, args.split, args.max_samples, args.shuffle_seed, config=args.data_config)
     chosen = calibration.samples
     seq_len = args.seq_len
     context = context_length(net, tokenizer)

@@ -19,13 +19,13 @@ from ...records import Sample, fingerprint, read
 from . import images
 from .feed import Batch, Feed, Shard, shard_total, share, slices
 
-OPTIONS = ("split", "shuffle_seed")  # the text options beside the shared ones; --pack would cut images apart
+OPTIONS = ("split", "data_config", "shuffle_seed")  # the text options beside the shared ones; --pack would cut images apart
 INPUTS = ("input_ids", "attention_mask")  # padded per sequence; the processor's other outputs (pixels, grids) are concatenated
 
 
 def build(net, processor, args, run_dtype: torch.dtype, shard: Shard = (0, 1)) -> Feed:
     """The records of `args.data` with their images as batches of `args.batch_size` processed sequences."""
-    chosen = read(args.data, args.text_field, args.split, args.max_samples, args.shuffle_seed, images=True)
+    chosen = read(args.data, args.text_field, args.split, args.max_samples, args.shuffle_seed, images=True, config=args.data_config)
     for sample in chosen.samples:
         for path in sample.images:
             if not Path(path).is_file():
