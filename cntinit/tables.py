@@ -38,9 +38,13 @@ def summary(store: Store) -> dict:
 def print_store(store: Store, out: Console) -> None:
     s = summary(store)
     out.print(f"[bold]{s['path']}[/]  {s['format']} v{s['format_version']}")
-    out.print(f"model  {s['model']['class']} at {s['model']['path']}  ({s['model']['fingerprint'][:19]}…)")
-    d = s["data"]
-    out.print(f"data   {d['samples']:,} samples, {d['sequences']:,} sequences, {d['tokens']:,} tokens  ({d['fingerprint'][:19]}…)")
+    model, d = s["model"], s["data"]
+    where = f"{model['repo']}@{model['revision'][:12]} ({model['path']})" if "repo" in model else model["path"]
+    out.print(f"model  {model['class']} at {where}  ({model['fingerprint'][:19]}…)")
+    source = d.get("repo") or ", ".join(d["sources"][:2]) + (" …" if len(d["sources"]) > 2 else "")
+    chosen = " ".join(f"{key} {d[key]}" for key in ("config", "split") if key in d)
+    out.print(f"data   {source}{' (' + chosen + ')' if chosen else ''}: {d['samples']:,} samples, {d['sequences']:,} sequences, "
+              f"{d['tokens']:,} tokens  ({d['fingerprint'][:19]}…)")
     c = s["capture"]
     out.print(f"capture  targets={c['targets']} seq_len={c['seq_len']} buckets={c['buckets']} dtype={c['dtype']} accumulate={c['accumulate']}")
     if "gradients" in s:

@@ -275,6 +275,8 @@ def test_the_command_line_takes_ids_splits_fields_and_draws(tiny, tmp_path, caps
     manifest = Store(tmp_path / "s").manifest
     assert manifest["data"]["samples"] == 5 and manifest["data"]["split"] == "train" and manifest["capture"]["shuffle_seed"] == 1
     assert manifest["model"]["repo"] == "org/tiny-cli"
+    code, out, _ = run(capsys, "inspect", tmp_path / "s")
+    assert code == 0 and f"at org/tiny-cli@{COMMIT_A[:12]}" in out and "data   org/calib (split train): 5 samples" in out
     code, _, err = run(capsys, "solve", "--revision", "v2", "-m", "lora")
     assert code == 2 and "--revision picks a commit of a Hub id --model: add --model org/name" in err
     code, _, err = run(capsys, "capture", tiny["llama"], "-d", "org/calib", "--split", "dev", "-o", tmp_path / "t")
