@@ -46,8 +46,7 @@ def run_step(step: str, args, scratch: Path) -> dict:
     from peft.tuners.lora.corda import preprocess_corda
     from peft.tuners.lora.eva import get_eva_state_dict
 
-    from cntinit import capture, console, embedded, solve
-    from cntinit import records
+    from cntinit import capture, console, embedded, records, solve
     from cntinit.capture.feeds import samples as data
     from cntinit.capture.recorder import exact_float32
     from cntinit.models import linears, loading, placement

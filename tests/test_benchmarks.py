@@ -231,3 +231,15 @@ def test_startup_benchmark_help_never_imports_torch(tmp_path):
     assert len(refusals) == 3 and not any(row["torch_imported"] for row in refusals)  # refused before the stages load
     assert rows[-1]["what"].startswith("import the stages") and rows[-1]["torch_imported"]
     assert all(0 < row["median_s"] <= row["max_s"] for row in rows)
+
+
+def test_breakdown_says_where_a_commands_seconds_go(tmp_path):
+    """benchmarks/breakdown.py (issue 41's first step): each stage's phases add up to no more than its time."""
+    run_script("breakdown.py", "--inits", "pissa --niter 4", "--samples", "4", "--targets", "query,value", "--rank", "2",
+               "--json", str(tmp_path / "rows.json"), cwd=tmp_path)
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [row["stage"] for row in rows] == ["solve", "export"]
+    for row in rows:
+        phases = [row[k] for k in row if k not in ("init", "stage", "seconds", "other")]
+        assert row["seconds"] > 0 and all(p >= 0 for p in phases) and sum(phases) <= row["seconds"] + 0.05
+    assert rows[0]["solve (reads its inputs)"] > 0 and rows[0]["load model"] > 0
