@@ -50,7 +50,7 @@ def phases(profile: cProfile.Profile) -> dict[str, float]:
     for phase, functions in PHASES.items():
         times = [cumulative for (file, _, name), (_, _, _, cumulative, _) in stats.items()
                  if any(file.endswith(suffix) and name == wanted for suffix, wanted in functions)]
-        out[phase] = (max if phase in NESTED else sum)(times, default=0.0)
+        out[phase] = max(times, default=0.0) if phase in NESTED else sum(times)
     return out
 
 
