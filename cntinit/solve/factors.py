@@ -58,7 +58,7 @@ def split_all(mode: Mode, batches, modules: dict, options, max_ranks: dict, worl
             if made.steps is not None:
                 row |= report.fit_errors(batch.weight[i], update, r) | {"steps": made.steps}
             if mode.reads == GRADIENTS:
-                row["kept"] = share(made.values[i], r)  # of ‖G‖², in its rank-r subspace
+                row["kept"] = share(made.values[i], r, batch.delta[i])  # of ‖G‖², in its rank-r subspace
                 if not made.values[i].any():
                     unreached.append(name)
             if options.quantize is not None:

@@ -115,8 +115,12 @@ def singular_values(m: torch.Tensor) -> torch.Tensor:
 
 def randomized_svd(m: torch.Tensor, rank: int, niter: int, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.svd_lowrank's algorithm (Halko et al. 2009, q = rank, `niter` subspace iterations) on a batch
-    (n, k, d); each matrix's Gaussian test matrix is drawn on the CPU from its generator, so every
-    device gets the same one."""
+    (n, k, d) — a wide matrix through its transpose, as torch does — with each matrix's Gaussian test
+    matrix drawn on the CPU from its generator, so every device gets the same one: given the same
+    draw, torch.svd_lowrank's result."""
+    if m.shape[-2] < m.shape[-1]:
+        u, s, vh = randomized_svd(m.mT, rank, niter, generators)
+        return vh.mT, s, u.mT
     test = torch.stack([torch.randn(m.shape[-1], rank, generator=g, dtype=m.dtype) for g in generators]).to(m.device)
     q = torch.linalg.qr(m @ test).Q
     for _ in range(niter):

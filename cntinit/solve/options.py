@@ -51,8 +51,8 @@ class Options:
     min_rank: int = 0
     max_rank: int | None = None
     precision: str = "float64"
-    seed: int = 0  # random draws: lora, pissa --niter, inilora*
-    niter: int | None = None  # pissa: randomized SVD with this many subspace iterations
+    seed: int = 0  # random draws: lora, pissa/lora-ga --niter, inilora*
+    niter: int | None = None  # pissa, lora-ga: randomized SVD with this many subspace iterations (PEFT's)
     lora_init: str | None = None  # lora: kaiming (PEFT's default) or gaussian
     rho: float | None = None  # eva: a module may get up to round(rank × rho) (PEFT's default 2)
     corda_mode: str | None = None  # corda: ipm (principal) or kpm (minor)

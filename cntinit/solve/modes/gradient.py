@@ -17,7 +17,7 @@ import torch
 
 from ...console import warn
 from .. import inputs
-from ..linalg import leading_svd, sign_of_largest, singular_values
+from ..linalg import leading_svd, randomized_svd, sign_of_largest, singular_values
 from .registry import GRADIENTS, OFFSET, RESIDUAL, Factors, Job, Mode, register
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")  # PEFT's LoraGAConfig.direction
@@ -25,18 +25,24 @@ SCALES = {"lora-ga": ("stable", "weight_svd", "gd_scale", "unit"), "lora-one": (
 STABLE_GAMMA = {"lora-ga": 16.0, "lora-one": 128.0}  # PEFT's default; the LoRA-One authors' configuration
 
 
-def components(grad: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, every singular value, Vᵀ) of each matrix with its `count` leading triplets, signs fixed
-    (each u's largest entry positive) so the result does not depend on the device."""
-    u, s, vh = leading_svd(grad, count)
+def components(grad: torch.Tensor, count: int, niter: int | None = None, generators: list[torch.Generator] | None = None):
+    """(U, singular values, Vᵀ) of each matrix with its `count` leading triplets, signs fixed (each u's
+    largest entry positive) so the result does not depend on the device: exact, or — with `niter` —
+    the randomized SVD PEFT's `lora_ga_init` takes (`torch.svd_lowrank`, q = 2·count, `niter` subspace
+    iterations; the test matrix from each module's generator)."""
+    if niter is None:
+        u, s, vh = leading_svd(grad, count)
+    else:
+        u, s, vh = randomized_svd(grad, min(2 * count, *grad.shape[-2:]), niter, generators)
+        u, vh = u[..., :count], vh[..., :count, :]
     sign = sign_of_largest(u, dim=-2)
     return u * sign.unsqueeze(-2), s, vh * sign.unsqueeze(-1)
 
 
 def lora_ga(grad: torch.Tensor, weight: torch.Tensor, rank: int, direction: str, scale: str, gamma: float, lora_scale: float,
-            generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, A, singular values of G) for a batch (n, k, d), as PEFT's `lora_ga_init`."""
-    u, s, vh = components(grad, 2 * rank)
+            generators: list[torch.Generator], niter: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, A, singular values of G) for a batch (n, k, d), as PEFT's `lora_ga_init` (exact SVD, or its randomized one with `niter`)."""
+    u, s, vh = components(grad, 2 * rank, niter, generators)
     count = grad.shape[0]
     if direction == "random":
         picks = torch.stack([torch.randperm(2 * rank, generator=g)[:rank] for g in generators]).to(grad.device)
@@ -80,16 +86,17 @@ def warn_unreached(mode: str, names: list[str]) -> None:
          f"SDXL's first text encoder's last layer is one): {mode} gives them {start}; leave them out of --targets")
 
 
-def share(values: torch.Tensor, rank: int) -> float:
-    """The share of ‖G‖² in its leading rank-r subspace."""
-    energy = values.double().square()
-    total = float(energy.sum())
-    return float(energy[:rank].sum()) / total if total > 0 else 1.0
+def share(values: torch.Tensor, rank: int, grad: torch.Tensor) -> float:
+    """The share of ‖G‖² in its leading rank-r subspace (‖G‖² itself from G: a randomized SVD finds
+    only the leading singular values)."""
+    total = float(grad.double().square().sum())
+    return float(values[:rank].double().square().sum()) / total if total > 0 else 1.0
 
 
 def lora_ga_factor(batch: inputs.Batch, job: Job) -> Factors:
     o = job.options
-    b, a, values = lora_ga(batch.delta, batch.weight, job.rank, o.direction, o.scale, o.stable_gamma, o.lora_scale, job.generators)
+    b, a, values = lora_ga(batch.delta, batch.weight, job.rank, o.direction, o.scale, o.stable_gamma, o.lora_scale, job.generators,
+                           o.niter)
     return Factors(b * o.lora_scale**0.5, a * o.lora_scale**0.5, values)
 
 
@@ -109,7 +116,7 @@ def _sizing(mode: str) -> dict:
 
 NOTES = ("‖ΔW‖ here = ‖G‖, the mean loss gradient", "kept = share of ‖G‖² in its rank-r subspace", "out Δ = tr(BA Σ (BA)ᵀ)/tr(W Σ Wᵀ)")
 register(Mode("lora-ga", reads=GRADIENTS, init=RESIDUAL, factor=lora_ga_factor, batches=inputs.gradients, picks=2, notes=NOTES,
-              options={"direction": lambda given, options: given or "ArB2r"} | _sizing("lora-ga"),
+              options={"direction": lambda given, options: given or "ArB2r", "niter": lambda given, options: given} | _sizing("lora-ga"),
               vas="its factors are sized for one rank"))
 register(Mode("lora-one", reads=GRADIENTS, init=OFFSET, factor=lora_one_factor, batches=inputs.gradients, notes=NOTES,
               options=_sizing("lora-one"), vas="its factors are sized for one rank"))
