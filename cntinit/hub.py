@@ -40,11 +40,6 @@ def offline() -> bool:
     return (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().lower() in TRUE
 
 
-def is_id(name: str | Path) -> bool:
-    """Whether `name` is not a path here and reads as a Hub id."""
-    return not Path(name).expanduser().exists() and bool(ID.match(str(name)))
-
-
 def resolve(name: str | Path, revision: str | None = None, kind: str = "model", code: bool = False) -> Path:
     """The local directory of `name`: itself when it is a path that exists (or one that does not look
     like an id: the caller says it is missing), else the Hub id's snapshot at `revision` (default main),
@@ -69,15 +64,20 @@ def resolve(name: str | Path, revision: str | None = None, kind: str = "model", 
     return snapshot
 
 
+def _snapshot(path: str | Path) -> re.Match | None:
+    """`path` as a snapshot folder of a Hugging Face cache: (models|datasets, org, name, commit), or None."""
+    return SNAPSHOT.search(Path(path).absolute().as_posix())
+
+
 def origin(path: str | Path) -> dict:
     """{"repo": id, "revision": commit} when `path` is a snapshot in a Hugging Face cache, else {}."""
-    found = SNAPSHOT.search(Path(path).absolute().as_posix())
+    found = _snapshot(path)
     return {"repo": f"{found[2]}/{found[3]}", "revision": found[4]} if found else {}
 
 
 def snapshot_kind(path: str | Path) -> str | None:
     """"model" or "dataset" when `path` is a snapshot in a Hugging Face cache, else None."""
-    found = SNAPSHOT.search(Path(path).absolute().as_posix())
+    found = _snapshot(path)
     return found[1].removesuffix("s") if found else None
 
 

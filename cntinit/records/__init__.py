@@ -29,15 +29,17 @@ class Records:
     samples: list[Sample]
     described: dict = field(default_factory=dict)  # what the store manifest's data section records of the source
 
+    def manifest(self, fingerprint: str, sequences: int) -> dict:
+        """The store manifest's data section (but the tokens, counted by the capture) for these records."""
+        return {"fingerprint": fingerprint, **self.described, "samples": len(self.samples), "sequences": sequences}
+
 
 def locate(source: str | Path) -> Path | str:
     """`source` as a local path (a Hub dataset id resolved to its cached snapshot), or "-" for stdin;
     a table file whose bytes contradict its extension is refused here already."""
     if str(source) == "-":
         return "-"
-    path = Path(source).expanduser()
-    if not path.exists() and hub.is_id(source):
-        return hub.resolve(source, kind="dataset")
+    path = hub.resolve(source, kind="dataset")
     if not path.exists():
         raise CntinitError(f"data path {path} does not exist: give a .jsonl, .txt, .parquet, .arrow, .csv or .json file, a folder of "
                            "them (of images for vision models and pipelines), a Hugging Face dataset id (org/name), or - for stdin")

@@ -31,8 +31,13 @@ def is_table(path: Path) -> bool:
         return False
     if any((path / name).is_file() for name in SAVED) or hub.snapshot_kind(path) == "dataset":
         return True
-    files = [p for p in path.rglob("*") if p.is_file() and p.name not in CARDS and not p.name.startswith(".")]
-    return bool(files) and all(p.suffix in SUFFIXES for p in files)
+    found = False
+    for file in path.rglob("*"):  # the first image or .jsonl ends the walk: the CLI asks this of every --data folder
+        if file.is_file() and file.name not in CARDS and not file.name.startswith("."):
+            if file.suffix not in SUFFIXES:
+                return False
+            found = True
+    return found
 
 
 def sniff(file: Path) -> None:

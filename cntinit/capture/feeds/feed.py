@@ -27,6 +27,12 @@ class Feed:
     unpadded: Callable[[str], bool] | None = None  # the targets whose inputs are never padding (a VLM's vision tower), by name
 
 
+def text_settings(seq_len: int, pack: bool, shuffle_seed: int | None) -> dict:
+    """The capture settings a feed of records adds to the store: the shuffle seed only when the records
+    were drawn with one (stores before it lack the key)."""
+    return {"seq_len": seq_len, "pack": pack} | ({"shuffle_seed": shuffle_seed} if shuffle_seed is not None else {})
+
+
 Shard = tuple[int, int]  # (index, count): this process's share of the data, as `--shard index/count`
 
 

@@ -12,7 +12,7 @@ from ...errors import CntinitError
 from ...models.loading import context_length
 from ...records import fingerprint, read
 from . import samples
-from .feed import Batch, Feed, Shard, shard_total, share
+from .feed import Batch, Feed, Shard, shard_total, share, text_settings
 
 OPTIONS = ("pack", "sample_max_norm", "split", "data_config", "shuffle_seed")  # the capture options only this kind of model (or few) reads
 
@@ -50,9 +50,7 @@ def build(net, tokenizer, args, run_dtype: torch.dtype, shard: Shard = (0, 1)) -
     probe = torch.tensor([sequences[0][:8]])
     unpredicted = sum(1 for part in parts for seq in part if len(seq) <= max(seq.prompt, 1))  # position j predicts token j + 1
     return Feed({"input_ids": probe, "attention_mask": torch.ones_like(probe)}, total, "tok", batches,
-                {"fingerprint": fingerprint(chosen), **calibration.described, "samples": len(chosen), "sequences": total},
-                {"seq_len": seq_len, "pack": args.pack} | ({"shuffle_seed": args.shuffle_seed} if args.shuffle_seed is not None else {}),
-                unpredicted)
+                calibration.manifest(fingerprint(chosen), total), text_settings(seq_len, args.pack, args.shuffle_seed), unpredicted)
 
 
 def _refuse_foreign_ids(net, largest: int) -> None:

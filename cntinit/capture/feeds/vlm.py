@@ -17,7 +17,7 @@ from ...console import log
 from ...errors import CntinitError, first_line
 from ...records import Sample, fingerprint, read
 from . import images
-from .feed import Batch, Feed, Shard, shard_total, share, slices
+from .feed import Batch, Feed, Shard, shard_total, share, slices, text_settings
 
 OPTIONS = ("split", "data_config", "shuffle_seed")  # the text options beside the shared ones; --pack would cut images apart
 INPUTS = ("input_ids", "attention_mask")  # padded per sequence; the processor's other outputs (pixels, grids) are concatenated
@@ -35,12 +35,11 @@ def build(net, processor, args, run_dtype: torch.dtype, shard: Shard = (0, 1)) -
             except CntinitError as exc:
                 raise CntinitError(f"{sample.origin}: {exc}") from None
     coder = Coder(processor, args.seq_len)
-    for sample in chosen.samples:
-        coder.texts(sample)  # placeholders checked against the images before any work
+    rendered = [(sample, coder.texts(sample)) for sample in chosen.samples]  # placeholders checked against the images before any work
     text_only = sum(not sample.images for sample in chosen.samples)
     if text_only:
         log(f"{text_only} of {len(chosen.samples)} records have no image: their text runs through the language model alone")
-    every = [[chosen.samples[i] for i in part] for part in slices(len(chosen.samples), args.buckets)]
+    every = [[rendered[i] for i in part] for part in slices(len(rendered), args.buckets)]
     parts = [[part[i] for i in share(range(len(part)), shard)] for part in every]
     total = shard_total([len(part) for part in every], shard)
     prefix = language_model_prefix(net)
@@ -51,11 +50,9 @@ def build(net, processor, args, run_dtype: torch.dtype, shard: Shard = (0, 1)) -
                 inputs, targets = coder.batch(part[start : start + args.batch_size], run_dtype)
                 yield bucket, inputs, inputs["attention_mask"], targets
 
-    probe, _ = coder.batch(chosen.samples[:1], run_dtype)
-    return Feed(probe, total, "tok", batches,
-                {"fingerprint": _fingerprint(chosen.samples), **chosen.described, "samples": len(chosen.samples), "sequences": total},
-                {"seq_len": args.seq_len, "pack": False} | ({"shuffle_seed": args.shuffle_seed} if args.shuffle_seed is not None else {}),
-                unpadded=lambda name: not name.startswith(prefix))
+    probe, _ = coder.batch(rendered[:1], run_dtype)
+    return Feed(probe, total, "tok", batches, chosen.manifest(_fingerprint(chosen.samples), total),
+                text_settings(args.seq_len, False, args.shuffle_seed), unpadded=lambda name: not name.startswith(prefix))
 
 
 def language_model_prefix(net) -> str:
@@ -105,16 +102,17 @@ class Coder:
             raise CntinitError(f"the processor's chat template rejected these messages ({exc}): give messages as its trainer "
                                "writes them") from None
 
-    def batch(self, chunk: list[Sample], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """(the processor's inputs for `chunk`, right-padded and cut to --seq-len; which tokens are targets)."""
-        rendered = [self.texts(sample) for sample in chunk]
-        pictures = [images.open_rgb(Path(path)) for sample in chunk for path in sample.images]
-        inputs = self._processed([whole for whole, _ in rendered], pictures, chunk)
-        inputs = self._cut(inputs, chunk)
+    def batch(self, chunk: list[tuple[Sample, tuple[str, str | None]]], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(the processor's inputs for `chunk` — records with their `texts` — right-padded and cut to --seq-len;
+        which tokens are targets)."""
+        samples = [sample for sample, _ in chunk]
+        pictures = [[images.open_rgb(Path(path)) for path in sample.images] for sample in samples]
+        inputs = self._processed([whole for _, (whole, _) in chunk], [picture for own in pictures for picture in own], samples)
+        inputs = self._cut(inputs, samples)
         targets = inputs["attention_mask"].bool() & ~torch.isin(inputs["input_ids"], self.image_ids)
-        for row, (sample, (_, prompt)) in enumerate(zip(chunk, rendered)):
+        for row, ((sample, (_, prompt)), own) in enumerate(zip(chunk, pictures)):
             if prompt is not None:  # the prompt's tokens, images expanded, are context
-                alone = self._processed([prompt], [images.open_rgb(Path(p)) for p in sample.images], [sample])
+                alone = self._processed([prompt], own, [sample])
                 targets[row, : alone["input_ids"].shape[1]] = False
         return {name: value.to(dtype) if value.is_floating_point() else value for name, value in inputs.items()}, targets
 
