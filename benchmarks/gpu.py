@@ -52,7 +52,7 @@ STEPS = {  # name: (seconds allowed on the GPU, what it measures)
     "solve": (210, "solve time per mode, Llama-2-7B shapes"),
     "primitives": (45, "eigh and SVD at Llama-2-7B widths"),
     "inilora": (150, "IniLoRA fit, Llama-2-7B q/v shapes"),
-    "speed": (210, "speed.py against PEFT, SmolLM2-135M shape"),
+    "speed": (240, "speed.py against PEFT end to end, every init PEFT also computes, SmolLM2-135M shape"),
     "capture": (150, "capture overhead, Llama-3.2-1B and Llama-3-8B shapes"),
     "offload": (180, "offloaded capture's peak memory, Llama-3.2-1B shape"),
     "layerwise": (120, "layerwise capture per block, Llama-3-70B shape"),

@@ -8,10 +8,15 @@ peak allocated on CUDA) and times the whole job as a user runs it, from files on
 the model, reading and tokenizing the data, the work, and (cntinit) writing its output; Python
 imports excluded. cntinit captures once and solves cnt-x, corda and eva from that one capture;
 PEFT runs `preprocess_corda` (one sample per forward, as it requires) and `get_eva_state_dict`
-(batches) on the same tokenized samples, and `init_lora_weights="pissa"` / `"pissa_niter_4"`
-against `solve --mode pissa` exact / `--niter 4`. On a causal LM, also LoRA-GA: `capture --gradients`
-+ `solve --mode lora-ga` against PEFT's `preprocess_loraga` (the same batches, one backward each)
-+ `init_lora_weights="lora_ga"`. Same target modules everywhere.
+(batches) on the same tokenized samples, and `init_lora_weights="pissa"`, `"pissa_niter_4"`, `"olora"`,
+`"mica"`, `"loftq"` (4 bits, 1 iteration) against `solve --mode` of the same. On a causal LM, also
+LoRA-GA: `capture --gradients` + `solve --mode lora-ga` (exact, and `--niter 4`: PEFT's own
+randomized SVD) against PEFT's `preprocess_loraga` (the same batches, one backward each) +
+`init_lora_weights="lora_ga"`. Same target modules everywhere.
+
+The "end to end" rows add `export` (a PEFT adapter, and the residual base where the init changes
+the base weights: what a trainer loads) to cntinit's capture and solve: every command a user runs,
+against PEFT's init in one process (which writes nothing: its trainer goes on in that process).
 """
 
 from __future__ import annotations
@@ -33,9 +38,13 @@ from peaks import peak_rss
 # MiniLM's linears but the pooler: PEFT's CorDA hook squeezes the batch dimension, so a 2-D input
 # (the pooler sees one token per sequence) becomes a vector and its covariance a scalar.
 EMBEDDED_TARGETS = "query,key,value,intermediate.dense,output.dense"
-STEPS = ["forward", "capture", "solve cnt-x", "solve corda", "solve eva", "solve pissa",
-         "solve pissa_niter_4", "peft corda", "peft eva", "peft pissa", "peft pissa_niter_4"]
-GRADIENT_STEPS = ["capture gradients", "solve lora-ga", "peft lora-ga"]  # causal LMs only
+PEERS = ["pissa", "pissa_niter_4", "olora", "mica", "loftq", "corda", "eva"]  # modes PEFT also computes; lora-ga below
+READS = {"cnt-x": "capture", "corda": "capture", "eva": "capture", "lora-ga": "capture gradients",
+         "lora-ga_niter_4": "capture gradients-only"}  # the store each solve reads: lora-ga --niter 4 is PEFT's own computation
+STEPS = ["forward", "capture", "solve cnt-x", *(f"{stage} {peer}" for peer in PEERS for stage in ("solve", "export", "peft"))]
+GRADIENT_STEPS = ["capture gradients", "capture gradients-only", "solve lora-ga", "export lora-ga", "solve lora-ga_niter_4", "export lora-ga_niter_4",
+                  "peft lora-ga"]  # causal LMs only
+CUDA_ONLY = {"peft loftq": "PEFT's loftq_init computes on CUDA (or XPU) only"}
 LAST = "peft eva"  # on an H100 it ran past 30 s where every other step takes seconds: it must not keep them from running
 
 
@@ -46,7 +55,7 @@ def run_step(step: str, args, scratch: Path) -> dict:
     from peft.tuners.lora.corda import preprocess_corda
     from peft.tuners.lora.eva import get_eva_state_dict
 
-    from cntinit import capture, console, embedded, records, solve
+    from cntinit import capture, console, embedded, export, records, solve
     from cntinit.capture.feeds import samples as data
     from cntinit.capture.recorder import exact_float32
     from cntinit.models import linears, loading, placement
@@ -82,10 +91,11 @@ def run_step(step: str, args, scratch: Path) -> dict:
         def work():
             capture(model_dir, args.data or embedded.data_file(), stats, targets=args.targets, seq_len=args.seq_len,
                     batch_size=args.batch_size, max_samples=args.samples, device=args.device, overwrite=True)
-    elif step == "capture gradients":
+    elif step.startswith("capture gradients"):
         def work():
-            capture(model_dir, args.data or embedded.data_file(), scratch / "gradients", targets=args.targets, seq_len=args.seq_len,
-                    batch_size=args.batch_size, max_samples=args.samples, device=args.device, gradients=True, overwrite=True)
+            capture(model_dir, args.data or embedded.data_file(), scratch / step.split()[1], targets=args.targets, seq_len=args.seq_len,
+                    batch_size=args.batch_size, max_samples=args.samples, device=args.device, gradients=True,
+                    gradients_only=step.endswith("-only"), overwrite=True)
     elif step == "peft lora-ga":
         def work():
             net, tokenizer = fresh_model()
@@ -99,13 +109,17 @@ def run_step(step: str, args, scratch: Path) -> dict:
             peft.preprocess_loraga(net, config, train_step)
             peft.get_peft_model(net, config)
     elif step.startswith("solve"):
-        mode, _, niter = step.split()[1].partition("_niter_")
-        source = (None, {"model": model_dir, "targets": args.targets}) if mode == "pissa" else \
-            (scratch / "gradients", {}) if mode == "lora-ga" else (stats, {})
+        variant = step.split()[1]
+        mode, _, niter = variant.partition("_niter_")
+        source = (scratch / READS[variant].split()[1], {}) if mode == "lora-ga" else (stats, {}) if variant in READS else \
+            (None, {"model": model_dir, "targets": args.targets})
 
         def work():
-            solve(source[0], scratch / f"solve-{mode}", mode=mode, rank=args.rank, precision=args.precision,
+            solve(source[0], scratch / f"solve-{variant}", mode=mode, rank=args.rank, precision=args.precision,
                   device=args.device, overwrite=True, niter=int(niter) if niter else None, **source[1])
+    elif step.startswith("export"):
+        def work():
+            export(scratch / f"solve-{step.split()[1]}", scratch / f"export-{step.split()[1]}", overwrite=True)
     elif step == "peft corda":
         def work():
             net, tokenizer = fresh_model()
@@ -125,9 +139,11 @@ def run_step(step: str, args, scratch: Path) -> dict:
             config = lora_config(net, init_lora_weights="eva", eva_config=peft.EvaConfig(rho=2.0))
             get_eva_state_dict(net, batches, config, show_progress_bar=False)
     else:
+        extra = {"loftq_config": peft.LoftQConfig(loftq_bits=4, loftq_iter=1)} if step == "peft loftq" else {}
+
         def work():
             net, _ = fresh_model()
-            peft.get_peft_model(net, lora_config(net, init_lora_weights=step.split()[1]))
+            peft.get_peft_model(net, lora_config(net, init_lora_weights=step.split()[1], **extra))
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
@@ -166,6 +182,11 @@ def main() -> None:
     title = (f"speed: {args.model or 'embedded MiniLM'}, {args.samples} samples × ≤{args.seq_len} tokens, "
              f"{args.targets}, rank {args.rank}, {args.device}")
     steps = [s for s in STEPS + (GRADIENT_STEPS if causal_lm(args.model) else []) if s != LAST] + [LAST]
+    from cntinit.models.placement import resolve_device
+    if resolve_device(args.device).type != "cuda":
+        for step, why in CUDA_ONLY.items():
+            steps.remove(step)
+            Console(stderr=True).print(f"{step}: not run — {why}", highlight=False)
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for step in steps:
@@ -226,17 +247,18 @@ def comparisons(results: dict) -> list[dict]:
                 "ratio": "-" if o is None or t is None else ratio(o, t), "peak MB (cntinit / other)": f"{peak(ours)} / {peak(theirs)}"}
 
     def faster(o, t):
-        return f"{t / o:.2f}× faster"
+        return f"{t / o:.2f}× faster" if t >= o else f"{t / o:.2f}× (PEFT {o / t:.2f}× faster)"
 
     rows = [row("capture vs plain forward", ["capture"], ["forward"], lambda o, t: f"{o / t:.2f}× (target ≤ 1.3× attention, ≤ 2× with MLPs)")]
     for mode in ("corda", "eva"):
         rows.append(row(f"{mode}: capture + solve vs PEFT", ["capture", "solve " + mode], ["peft " + mode], faster))
     rows.append(row("one capture + cnt-x, corda, eva vs PEFT corda + eva", ["capture", "solve cnt-x", "solve corda", "solve eva"],
                     ["peft corda", "peft eva"], lambda o, t: f"{t / o:.2f}× faster (target ≥ 2×)"))
-    for variant in ("pissa", "pissa_niter_4"):
-        rows.append(row(f"{variant} vs PEFT {variant}", ["solve " + variant], ["peft " + variant], faster))
-    if any(step in results for step in GRADIENT_STEPS):
-        rows.append(row("lora-ga: capture --gradients + solve vs PEFT", ["capture gradients", "solve lora-ga"], ["peft lora-ga"], faster))
+    for variant in PEERS + (["lora-ga", "lora-ga_niter_4"] if any(step in results for step in GRADIENT_STEPS) else []):
+        reads = [READS[variant]] if variant in READS else []
+        peer = "peft " + variant.replace("_niter_4", "") if variant.startswith("lora-ga") else "peft " + variant
+        label = " + ".join([*([" --".join(reads[0].split(" ", 1))] if reads else []), "solve", "export"])
+        rows.append(row(f"{variant} end to end: {label} vs {peer}", [*reads, "solve " + variant, "export " + variant], [peer], faster))
     return rows
 
 

@@ -129,6 +129,7 @@ def capture(
     activations_device: Optional[str] = typer.Option(None, "--activations-device", help="--layerwise: where the hidden states wait between blocks: cpu keeps them off the GPU (default: --device)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Capture only share I of N of the data (I/N, e.g. 0/4), for array jobs; `cntinit merge` of all N equals one run."),
     gradients: bool = _flag("--gradients", help="Also sum each target weight's gradient of the training loss, in the same pass, for --mode lora-ga and lora-one: a causal LM's next-token loss (padding and prompts carry no label), or a pipeline's denoising loss (latents noised as training does, at random timesteps unless --noise-timestep; the statistics are of that forward too). With --layerwise, backward runs block by block."),
+    gradients_only: bool = _flag("--gradients-only", help="--gradients without the activation statistics: the store serves --mode lora-ga and lora-one only, and the pass skips summing Σxxᵀ of every target (its cost beside backward, and its memory)."),
     gradient_checkpointing: bool = _flag("--gradient-checkpointing", help="--gradients: recompute each block's activations during backward instead of keeping them (less memory, about one more forward)."),
     overwrite: bool = _flag("--overwrite", help="Replace --out even if it is a store of another model or another cntinit output (never a folder or file of yours)."),
     trust_remote_code: bool = _flag("--trust-remote-code", help="Allow the model directory's own Python code to run."),
@@ -147,9 +148,11 @@ def capture(
 
       cntinit capture ./SmolLM2-135M --data calib.jsonl --gradients --out stats-grad/   # for --mode lora-ga, lora-one
 
+      cntinit capture ./SmolLM2-135M --data calib.jsonl --gradients-only --out grad/   # lora-ga, lora-one alone: faster
+
       cntinit capture HuggingFaceTB/SmolLM2-135M --data HuggingFaceH4/ultrachat_200k --split train_sft --samples 512 --shuffle-seed 0 --out stats/
 
-      cntinit capture llava-hf/llava-1.5-7b-hf --data captions.jsonl --targets 're:.*self_attn\.(q_proj|v_proj)' --seq-len 1024 --out stats/   # images + text
+      cntinit capture llava-hf/llava-1.5-7b-hf --data captions.jsonl --targets 're:.*self_attn\\.(q_proj|v_proj)' --seq-len 1024 --out stats/   # images + text
 
       cntinit capture ./sd15 --data dog/ --prompt "a photo of sks dog" --targets to_q,to_k,to_v,to_out.0,q_proj,k_proj,v_proj,out_proj --out stats/
 
@@ -166,7 +169,7 @@ def capture(
         image_mean=_rgb(image_mean, "--image-mean"), image_std=_rgb(image_std, "--image-std"), prompt=prompt,
         noise_timestep=noise_timestep, seed=seed, shard=shard, checkpoint_every=checkpoint_every, offload=offload,
         max_memory=max_memory, stats_device=stats_device, layerwise=layerwise, activations_device=activations_device,
-        gradients=gradients, gradient_checkpointing=gradient_checkpointing,
+        gradients=gradients, gradients_only=gradients_only, gradient_checkpointing=gradient_checkpointing,
     )
     _torchrun_needs_out(out)
     if out is None:

@@ -74,9 +74,10 @@ def add_across_ranks(world: World, stats: dict, counters: list[int], grads=None,
     else:
         everyone(world, None)
     for entry in stats.values():
-        dist.all_reduce(entry.xxt)
-        dist.all_reduce(entry.sum)
-        counts = torch.tensor(entry.count, dtype=torch.int64, device=entry.sum.device)
+        if entry.summed:
+            dist.all_reduce(entry.xxt)
+            dist.all_reduce(entry.sum)
+        counts = torch.tensor(entry.count, dtype=torch.int64, device=_device())
         dist.all_reduce(counts)
         entry.count = counts.tolist()
     if grads is not None:

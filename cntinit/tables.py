@@ -51,6 +51,8 @@ def print_store(store: Store, out: Console) -> None:
         g = s["gradients"]
         out.print(f"gradients  of every module, over {g['batches']:,} batches and {g['tokens']:,} predicted tokens "
                   f"(mean loss {g['mean_loss']:.4g}): for --mode lora-ga, lora-one")
+    if not store.has_statistics:
+        out.print("statistics  none (--gradients-only): token counts alone; the modes that read Σ need another capture")
     table = Table("statistics key", "dim", "count", "modules reading it")
     for key, entry in store.manifest["stats"].items():
         short = [name.rsplit(".", 1)[-1] for name in entry["modules"]]

@@ -421,3 +421,49 @@ def test_lora_ga_niter_is_peft_s_randomized_svd_on_the_same_draw(tiny, tmp_path,
         torch.testing.assert_close(b @ a, sb @ sa, rtol=1e-9, atol=1e-12)
         eb, ea = exact.factors()[name]
         assert float((b @ a - eb @ ea).norm() / (eb @ ea).norm()) < 1e-2, name  # 1.4e-3 at worst here (down_proj)
+
+
+def test_gradients_only_sums_the_same_gradients_without_statistics(tiny, calibration, tmp_path, capsys):
+    """--gradients-only: the gradients (and counts) of --gradients, bit for bit, whole or block by block
+    and merged from shards; no Σ in its files; lora-ga from it equals lora-ga from the full store (its
+    report without the output change, which needs Σ); the modes that read Σ, and merging it with a
+    store that has them, are refused."""
+    from safetensors import safe_open
+
+    options = dict(targets="q_proj,v_proj,down_proj", batch_size=4, max_samples=24, accumulate="float64")
+    full = Store(capture(tiny["llama"], calibration, tmp_path / "full", gradients=True, **options))
+    alone = Store(capture(tiny["llama"], calibration, tmp_path / "alone", gradients_only=True, **options))
+    blocks = Store(capture(tiny["llama"], calibration, tmp_path / "blocks", gradients_only=True, layerwise=True, **options))
+    assert alone.manifest["capture"]["statistics"] is False and "statistics" not in full.manifest["capture"]
+    assert alone.manifest["gradients"] == full.manifest["gradients"] and alone.manifest["stats"].keys() == full.manifest["stats"].keys()
+    for key, entry in full.manifest["stats"].items():
+        assert alone.manifest["stats"][key]["count"] == entry["count"] == blocks.manifest["stats"][key]["count"]
+    for name in full.manifest["modules"]:
+        assert torch.equal(alone.gradient(name), full.gradient(name)), name
+        assert _close(blocks.gradient(name), full.gradient(name).double(), 1e-6), name
+    for file in alone.manifest["files"]:
+        with safe_open(alone.path / file, framework="pt") as handle:
+            assert all(key.endswith(".grad") for key in handle.keys())
+    with pytest.raises(Exception, match="holds loss gradients only"):
+        alone.tensors(alone.keys[0])
+    one = Solution(solve(alone.path, tmp_path / "ga-alone", mode="lora-ga", rank=2))
+    two = Solution(solve(full.path, tmp_path / "ga-full", mode="lora-ga", rank=2))
+    for name, (b, a) in two.factors().items():
+        assert torch.equal(one.factors()[name][0], b) and torch.equal(one.factors()[name][1], a), name
+    rows = json.loads((tmp_path / "ga-alone" / "report.json").read_text())["modules"]
+    assert all(row["output_change"] is None for row in rows.values())
+    code, out, _ = run(capsys, "inspect", alone.path)
+    assert code == 0 and "statistics  none (--gradients-only)" in out
+    assert_refused(capsys, ["solve", alone.path, "--mode", "cnt-s"], "holds loss gradients only (--gradients-only): capture again "
+                   "without --gradients-only", tmp_path / "refused")
+    shard_options = dict(options, batch_size=1)
+    parts = [capture(tiny["llama"], calibration, tmp_path / f"s{i}", shard=f"{i}/2", gradients_only=True, **shard_options) for i in range(2)]
+    whole = Store(capture(tiny["llama"], calibration, tmp_path / "whole", gradients_only=True, **shard_options))
+    merged = Store(merge(parts, tmp_path / "merged"))
+    counts = [{key: entry["count"] for key, entry in store.manifest["stats"].items()} for store in (merged, whole)]
+    assert counts[0] == counts[1] and merged.manifest["gradients"]["batches"] == whole.manifest["gradients"]["batches"]
+    for name in whole.manifest["modules"]:
+        assert _close(merged.gradient(name), whole.gradient(name).double(), 1e-6), name
+    other = capture(tiny["llama"], calibration, tmp_path / "other", shard="1/2", gradients=True, **shard_options)
+    with pytest.raises(Exception, match="holds gradients only"):
+        merge([parts[0], other], tmp_path / "mixed")

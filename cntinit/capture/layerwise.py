@@ -82,6 +82,7 @@ class Setup:
     saved: Path | None  # the checkpoint
     checkpoint_every: int | None  # blocks between checkpoints
     ident: str  # what a checkpoint must match
+    summed: bool = True  # False (--gradients-only): count tokens, sum no statistics
 
 
 def capture(net: nn.Module, root: nn.Module, modules: dict[str, nn.Module], feed, setup: Setup,
@@ -174,7 +175,7 @@ class _Capture:
 
     def recorder(self, targets: dict, groups: list[list[str]]) -> Recorder:
         s = self.s
-        return Recorder(targets, groups, s.buckets, s.accumulate, s.dev, s.sample_max_norm, s.sums_on)
+        return Recorder(targets, groups, s.buckets, s.accumulate, s.dev, s.sample_max_norm, s.sums_on, summed=s.summed)
 
     def open(self) -> None:
         """The first batch up to block 0 shows which targets outside the blocks run before them (the

@@ -105,13 +105,13 @@ class Recorder:
     """Forward hooks that sum each unique input's statistics while batches run through the model.
 
     `groups` lists the targets that read one tensor (`shared_input_groups`); the first of each
-    names the statistic. Use as a context manager (hooks are installed inside it), calling `run`
+    names the statistic. Not `summed` (--gradients-only), the hooks count each input's rows alone. Use as a context manager (hooks are installed inside it), calling `run`
     per batch to forward it through `root`, or `begin` before forwarding a batch some other way.
     """
 
     def __init__(self, modules: dict[str, nn.Module], groups: list[list[str]], buckets: int, accumulate_dtype: torch.dtype,
                  device: torch.device, sample_max_norm: bool = False, stats_device: torch.device | None = None,
-                 root: nn.Module | None = None, unpadded=None):
+                 root: nn.Module | None = None, unpadded=None, summed: bool = True):
         self.root, self.modules, self.device = root, modules, device
         self.sample_max_norm, self.accumulate_dtype = sample_max_norm, accumulate_dtype
         self.batch = _Batch()
@@ -121,7 +121,7 @@ class Recorder:
         self.module_map: dict[str, dict] = {}
         for group in groups:
             key = group[0]
-            self.stats[key] = InputStats(in_out_features(modules[key])[0], buckets, accumulate_dtype, stats_device or device)
+            self.stats[key] = InputStats(in_out_features(modules[key])[0], buckets, accumulate_dtype, stats_device or device, summed)
             for name in group:
                 d_in, d_out = in_out_features(modules[name])
                 self.module_map[name] = {"key": key, "in_features": d_in, "out_features": d_out, "layer": type(modules[name]).__name__}
@@ -138,7 +138,7 @@ class Recorder:
                 rows, samples = _real_rows(x, self.whole if key in self.unpadded else self.batch, samples=self.sample_max_norm)
                 if self.sample_max_norm:
                     rows = _per_sample_max_norm(rows, samples, self.batch.size, self.accumulate_dtype)
-                stats.add(rows.to(stats.sum.device), self.batch.bucket)
+                stats.add(rows.to(stats.sum.device) if stats.summed else rows, self.batch.bucket)
 
             self.handles.append(self.modules[key].register_forward_pre_hook(hook, with_kwargs=True))
         return self
@@ -179,7 +179,7 @@ class Recorder:
     def check_finite(self) -> None:
         """One device sync: NaN/Inf in any input shows up in its running Σx, and a square beyond the
         sums' range on the diagonal of Σxxᵀ (which bounds every other entry)."""
-        keys = list(self.stats)
+        keys = [key for key, stats in self.stats.items() if stats.summed]
         if not keys:
             return
         totals = torch.stack([self.stats[key].sum.sum() + self.stats[key].xxt.diagonal(dim1=-2, dim2=-1).sum() for key in keys])

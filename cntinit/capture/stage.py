@@ -86,6 +86,7 @@ def capture(
     layerwise: bool = False,
     activations_device: str | None = None,
     gradients: bool = False,
+    gradients_only: bool = False,
     gradient_checkpointing: bool = False,
     overwrite: bool = False,
     trust_remote_code: bool = False,
@@ -109,7 +110,8 @@ def capture(
     and every batch's hidden states (on `activations_device`). None of these changes the statistics.
     `gradients` also sums each target weight's gradient of the training loss, in the same pass: a
     causal LM's next-token loss, or a pipeline's denoising loss (its latents then noised as training
-    does, at random timesteps, for the statistics too); `gradient_checkpointing` recomputes each
+    does, at random timesteps, for the statistics too); `gradients_only` sums the gradients and no
+    statistics (LoRA-GA and LoRA-One read nothing else); `gradient_checkpointing` recomputes each
     block's activations in backward instead of keeping them."""
     args = SimpleNamespace(**locals())  # capture's arguments, as the steps below read them
     with distributed.joined() as world, contextlib.ExitStack() as scratch:
@@ -117,6 +119,7 @@ def capture(
 
 
 def _capture(world: distributed.World, scratch: contextlib.ExitStack, a: SimpleNamespace) -> Path:
+    a.gradients = a.gradients or a.gradients_only
     _check_arguments(a, world)
     a.model = locate(a.model, a.revision, a.trust_remote_code)
     share = (world.rank, world.size) if world.size > 1 else parse_shard(a.shard)
@@ -138,7 +141,7 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, a: SimpleN
             check_gradient_targets(modules, prefix, path)
     weights = named_weights.Weights(Path(a.model), net) if a.layerwise else None
     checkpoint_dtype = named_weights.load_dtype(net, weights) if a.layerwise else net.dtype
-    model_fingerprint = fingerprints.fingerprint(modules, weights.matrix if a.layerwise else None, checkpoint_dtype)
+    model_fingerprint = fingerprints.fingerprint(modules, weights.matrix if a.layerwise else None, checkpoint_dtype, model_dir=Path(a.model))
     store.check_out(a.out, model_fingerprint, a.overwrite)
     run_dtype = net.dtype if placement is not None else resolve_dtype(a.dtype, checkpoint_dtype, dev)
     feed = feeds.build(kind, net, tokenizer, a, run_dtype, share)
@@ -153,7 +156,8 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, a: SimpleN
     grads = GradientSums({} if a.layerwise else modules, ACCUMULATE[a.accumulate], sums_on) if a.gradients else None
     if a.layerwise:
         setup = layerwise.Setup(dev, run_dtype, weights, checkpoint_dtype, a.buckets, ACCUMULATE[a.accumulate], a.sample_max_norm,
-                                sums_on, activations_on, _layerwise_work(scratch, a.out, saved), saved, a.checkpoint_every, ident)
+                                sums_on, activations_on, _layerwise_work(scratch, a.out, saved), saved, a.checkpoint_every, ident,
+                                summed=not a.gradients_only)
         payloads, written, done = layerwise.capture(net, root, modules, feed, setup, world, grads)
         module_map = {name: written.modules[name] for name in modules}
         stats = {key: written.stats[key] for key in dict.fromkeys(entry["key"] for entry in module_map.values())}
@@ -161,7 +165,7 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, a: SimpleN
     else:
         blocks = chain_of_blocks(net, root, modules) if a.gradient_checkpointing else None
         sums, module_map, done = stream.stream(root, modules, feed, net, a.buckets, ACCUMULATE[a.accumulate], dev, a.sample_max_norm,
-                                               sums_on, saved, ident, a.checkpoint_every, grads, blocks)
+                                               sums_on, saved, ident, a.checkpoint_every, grads, blocks, summed=not a.gradients_only)
         payloads = stats = None
     if world.size > 1:
         done, feed.data["sequences"] = distributed.add_across_ranks(world, sums, [done, feed.total], grads)
@@ -181,7 +185,7 @@ def _capture(world: distributed.World, scratch: contextlib.ExitStack, a: SimpleN
     with atomic_directory(a.out) as tmp:
         if payloads is None:
             payloads = store.Payloads(tmp)
-            for key, s in sums.items():  # one key's full matrices at a time on the CPU; gradients beside their key's statistics
+            for key, s in sums.items():  # one key's full matrices at a time on the CPU; gradients beside their key's statistics (or alone)
                 readers = [name for name, entry in module_map.items() if entry["key"] == key] if a.gradients else []
                 payloads.add(key, s.tensors(key) | {n: t for name in readers for n, t in grads.tensors(name).items()})
         payloads.finish(manifest, into=tmp)
@@ -274,7 +278,7 @@ def _settings(a: SimpleNamespace, run_dtype: torch.dtype, dev: torch.device, fee
         "sample_max_norm": a.sample_max_norm,
         "device": str(dev),
         "shard": a.shard,
-    } | feed.settings | ({"gradients": True} if a.gradients else {})
+    } | feed.settings | ({"gradients": True} if a.gradients else {}) | ({"statistics": False} if a.gradients_only else {})
 
 
 def _layerwise_work(scratch: contextlib.ExitStack, out, saved: Path | None) -> Path:

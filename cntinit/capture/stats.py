@@ -61,22 +61,26 @@ def symmetrize(upper: torch.Tensor, tile: int = 256, in_place: bool = False) -> 
 
 
 class InputStats:
-    """Σxxᵀ (upper blocks), Σx and token count of one unique input, split into K buckets."""
+    """Σxxᵀ (upper blocks), Σx and token count of one unique input, split into K buckets — or, not
+    `summed` (a --gradients-only capture), the token counts alone."""
 
-    def __init__(self, dim: int, buckets: int, dtype: torch.dtype, device: torch.device | str):
-        self.dim = dim
-        self.xxt = torch.zeros(buckets, dim, dim, dtype=dtype, device=device)
-        self.sum = torch.zeros(buckets, dim, dtype=dtype, device=device)
+    def __init__(self, dim: int, buckets: int, dtype: torch.dtype, device: torch.device | str, summed: bool = True):
+        self.dim, self.summed = dim, summed
+        self.xxt = torch.zeros(buckets, dim, dim, dtype=dtype, device=device) if summed else None
+        self.sum = torch.zeros(buckets, dim, dtype=dtype, device=device) if summed else None
         self.count = [0] * buckets
 
     def add(self, x: torch.Tensor, bucket: int) -> None:
         """Add the rows of `x` (n × dim), already free of padding, to bucket `bucket`."""
-        accumulate_upper(self.xxt[bucket], x)
-        self.sum[bucket].add_(x.sum(dim=0, dtype=self.sum.dtype))
+        if self.summed:
+            accumulate_upper(self.xxt[bucket], x)
+            self.sum[bucket].add_(x.sum(dim=0, dtype=self.sum.dtype))
         self.count[bucket] += x.shape[0]
 
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
-        """The store's tensors for this input: pooled, plus per-bucket ones when K > 1."""
+        """The store's tensors for this input: pooled, plus per-bucket ones when K > 1 (none when not summed)."""
+        if not self.summed:
+            return {}
         full = symmetrize(self.xxt, in_place=True).cpu()  # the sums' last use: their own memory, not another Σ's worth
         sums = self.sum.cpu()
         counts = torch.tensor(self.count, dtype=torch.int64)
@@ -87,15 +91,17 @@ class InputStats:
 
     def state(self, key: str) -> dict[str, torch.Tensor]:
         """The running sums exactly as held (upper blocks, per bucket), for a checkpoint."""
-        return {f"{key}.xxt": self.xxt.cpu(), f"{key}.sum": self.sum.cpu(), f"{key}.count": torch.tensor(self.count, dtype=torch.int64)}
+        sums = {f"{key}.xxt": self.xxt.cpu(), f"{key}.sum": self.sum.cpu()} if self.summed else {}
+        return sums | {f"{key}.count": torch.tensor(self.count, dtype=torch.int64)}
 
     def fits(self, state: dict[str, torch.Tensor], key: str) -> bool:
         """Whether a checkpoint's `state` holds this input's sums, in their shapes."""
-        return all(name in state and state[name].shape == shape for name, shape in
-                   ((f"{key}.xxt", self.xxt.shape), (f"{key}.sum", self.sum.shape), (f"{key}.count", (len(self.count),))))
+        shapes = ((f"{key}.xxt", self.xxt.shape), (f"{key}.sum", self.sum.shape)) if self.summed else ()
+        return all(name in state and state[name].shape == shape for name, shape in (*shapes, (f"{key}.count", (len(self.count),))))
 
     def restore(self, state: dict[str, torch.Tensor], key: str) -> None:
         """Continue from a checkpoint's sums (bit for bit: the resumed run adds in the same order)."""
-        self.xxt.copy_(state[f"{key}.xxt"])
-        self.sum.copy_(state[f"{key}.sum"])
+        if self.summed:
+            self.xxt.copy_(state[f"{key}.xxt"])
+            self.sum.copy_(state[f"{key}.sum"])
         self.count = state[f"{key}.count"].tolist()

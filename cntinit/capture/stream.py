@@ -26,12 +26,13 @@ clock = time.perf_counter  # of the progress bar's rate
 
 def stream(root: nn.Module, modules: dict[str, nn.Module], feed: Feed, net: nn.Module, buckets: int, accumulate: torch.dtype,
            dev: torch.device, sample_max_norm: bool, sums_on: torch.device, saved: Path | None, ident: str, checkpoint_every: int | None,
-           grads: GradientSums | None = None, blocks: nn.ModuleList | None = None):
+           grads: GradientSums | None = None, blocks: nn.ModuleList | None = None, summed: bool = True):
     """The whole model over every batch, hooks on every target: (sums by key, module map, real tokens or samples).
-    With `grads`, each batch also runs backward from the next-token loss into those sums (`blocks` checkpointed)."""
+    With `grads`, each batch also runs backward from the next-token loss into those sums (`blocks` checkpointed);
+    not `summed`, the hooks count tokens and sum no statistics."""
     probe = {name: value.to(dev) for name, value in feed.probe.items()}
     groups = shared_input_groups(modules, lambda: root(**probe))
-    recorder = Recorder(modules, groups, buckets, accumulate, dev, sample_max_norm, sums_on, root, feed.unpadded)
+    recorder = Recorder(modules, groups, buckets, accumulate, dev, sample_max_norm, sums_on, root, feed.unpadded, summed)
     resumed = checkpoint.load(saved, ident) if saved is not None and saved.exists() else None
     if resumed and not (all(stats.fits(resumed[1], key) for key, stats in recorder.stats.items())
                         and (grads is None or grads.fits(resumed[1]))):

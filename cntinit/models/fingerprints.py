@@ -7,6 +7,10 @@ the dtype the model ran in; every value must be finite. Every stage hashes every
 in its own sha256, and the fingerprint is the sha256 of those digests in name order
 (`sha256-weights:`). Stores written before 2026-11-27 hold `sha256:`, one stream over the same
 bytes in name order, which no number of cores could speed up; they are still verified in it.
+
+Given the directory the weights were read from, the fingerprint is remembered in the cache
+(`fingerprints/`) by the identities of the directory's files (storage/memo.py): capture, solve and
+export of one model hash its weights once, and any change to a file computes it again.
 """
 
 from __future__ import annotations
@@ -15,12 +19,16 @@ import hashlib
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 
+from .. import __version__
 from ..errors import CntinitError
 from ..finite import all_finite
+from ..storage import cache, memo
 from .linears import weight_values
 
 SCHEME = "sha256-weights"
@@ -30,12 +38,23 @@ MAX_THREADS = 8
 
 
 def fingerprint(modules: dict[str, nn.Module], read: Callable | None = None, loaded: torch.dtype | None = None,
-                scheme: str = SCHEME) -> str:
+                scheme: str = SCHEME, model_dir: Path | None = None) -> str:
     """The fingerprint of `modules`' weights in `scheme` (`storage.manifests.scheme_of` of a recorded one, to verify it).
 
     `read(name, module, loaded)` supplies W (out × in) where the module holds none (a layerwise
     capture reads it from the checkpoint, in the dtype `loaded` that from_pretrained would give it).
+    `model_dir`: the directory the weights were loaded from and are unchanged since — the value is
+    remembered for its files as they are.
     """
+    if model_dir is None:
+        return _computed(modules, read, loaded, scheme)
+    dtypes = sorted({str(loaded)} if read else {str(module.weight.dtype) for module in modules.values()})
+    what = repr(("fingerprint", scheme, __version__, torch.__version__, transformers.__version__, dtypes, sorted(modules)))
+    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(model_dir).parts))
+    return memo.remembered(cache.root() / "fingerprints", what, files, lambda: _computed(modules, read, loaded, scheme))
+
+
+def _computed(modules: dict[str, nn.Module], read: Callable | None, loaded: torch.dtype | None, scheme: str) -> str:
     names = sorted(modules)
 
     def weight(name: str) -> torch.Tensor:

@@ -28,7 +28,7 @@ class Batch(NamedTuple):
 
 def weights(stats: Store | None, modules: dict, options, dev: torch.device, dtype: torch.dtype,
             metric: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> Iterator[Batch]:
-    """W itself (as the delta too), in batches of equal shape. With a capture, the pooled Σ of each
+    """W itself (as the delta too), in batches of equal shape. With a capture's statistics, the pooled Σ of each
     module rides along for the report; `metric` (corda's) makes each batch's metric from the
     modules' own second moments (centered with --centered)."""
     by_shape: dict[tuple[int, int], list[str]] = {}
@@ -40,7 +40,7 @@ def weights(stats: Store | None, modules: dict, options, dev: torch.device, dtyp
             group = names[s : s + per_batch]
             w = torch.stack([weight_values(modules[n]) for n in group]).to(dev, dtype)
             sigma, made = None, None
-            if stats is not None:
+            if stats is not None and stats.has_statistics:
                 keys = [stats.manifest["modules"][n]["key"] for n in group]
                 tensors = {key: {t: v.to(dev, torch.float64) for t, v in stats.tensors(key).items()} for key in dict.fromkeys(keys)}
                 sigma = torch.stack([pooled_sigma(tensors[key]) for key in keys]).to(dev, dtype)

@@ -109,13 +109,16 @@ def _open(capture_dir, model, targets, mode: Mode, options: Options, trust_remot
         if mode.reads == GRADIENTS and not stats.has_gradients:
             raise CntinitError(f"--mode {options.mode} needs loss gradients, and {capture_dir} holds activation statistics only: "
                                "capture again with --gradients")
+        if mode.reads == STATISTICS and not stats.has_statistics:
+            raise CntinitError(f"--mode {options.mode} needs activation statistics, and {capture_dir} holds loss gradients only "
+                               "(--gradients-only): capture again without --gradients-only")
         names = list(captured["modules"]) if targets is None else select_names(list(captured["modules"]), targets, "captured module")
         source = pretrained.open_recorded(captured, model, trust_remote_code, placement)
         modules, model_path = source.modules, source.path
         record = dict(captured["model"], path=str(model_path.absolute())) | hub.origin(model_path)
         if len(names) < len(modules):  # a subset: exports check the weights of the modules solved
             modules = {name: modules[name] for name in names}
-            record["fingerprint"] = fingerprints.fingerprint(modules)
+            record["fingerprint"] = fingerprints.fingerprint(modules, model_dir=model_path)
         if options.init == "residual":
             pretrained.refuse_tied(list(modules), source)
         return stats, modules, record, f"{model_path} and the statistics of {capture_dir}"
@@ -129,7 +132,7 @@ def _open(capture_dir, model, targets, mode: Mode, options: Options, trust_remot
     source = pretrained.open_model(model, trust_remote_code, lambda net: select_targets(net, targets or ALL_LINEAR), placement)
     if options.init == "residual":
         pretrained.refuse_tied(list(source.modules), source)
-    return None, source.modules, loading.record(source.net, source.path, fingerprints.fingerprint(source.modules)), str(model)
+    return None, source.modules, loading.record(source.net, source.path, fingerprints.fingerprint(source.modules, model_dir=source.path)), str(model)
 
 
 def _max_ranks(modules: dict, mode: Mode, options: Options) -> dict[str, int]:

@@ -4,7 +4,8 @@
         captures/<key>/        a statistics store, exactly as `cntinit capture --out` writes it
         captures/<key>.json    what the key was made of, when it was made and last used
         solves/<key>/ ...      the same for solve directories
-        digests/               file content hashes, remembered by (path, size, mtime, inode)
+        digests/               file content hashes, remembered by the files' identities (storage/memo.py)
+        fingerprints/          weight fingerprints (models/fingerprints.py), remembered likewise
         locks/<key>.lock       held while an entry is looked up and computed
 
 The key is the SHA-256 of the model directory's contents, the data's contents and every
@@ -35,6 +36,7 @@ from typing import Callable, Iterator
 from .. import __version__
 from ..console import log
 from ..errors import CntinitError
+from . import memo
 from .atomic import atomic_file, remove_leftovers
 from .manifests import read_json
 from .store import read_manifest
@@ -102,19 +104,15 @@ def _in_group(uid: int, group: str) -> bool:
 
 
 def file_digest(path: Path, cache: Path) -> str:
-    """SHA-256 of a file's bytes, remembered under its (path, size, mtime, inode) so a 14 GB
+    """SHA-256 of a file's bytes, remembered under the file's identity (storage/memo.py) so a 14 GB
     checkpoint is read once, not on every run."""
-    stat = path.stat()
-    identity = f"{path.absolute()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}"
-    memo = cache / "digests" / hashlib.sha256(identity.encode()).hexdigest()
-    with contextlib.suppress(OSError):
-        return memo.read_text().strip()
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    _write_atomic(memo, digest.hexdigest())
-    return digest.hexdigest()
+    def compute() -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(HASH_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+    return memo.remembered(cache / "digests", "sha256", [path], compute)
 
 
 def tree_digest(path: str | Path, cache: Path) -> str:

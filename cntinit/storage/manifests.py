@@ -54,7 +54,7 @@ STORE = HEADER | {
     "capture": {"targets": str, "seq_len": int, "batch_size": int, "max_samples": Maybe(int), "pack": bool, "buckets": int,
                 "dtype": str, "accumulate": str, "sample_max_norm": bool, "device": str, "shard": Maybe(str),
                 "image_size?": Maybe(int), "image_processor?": bool, "prompt?": Maybe(str), "noise_timestep?": Maybe(int), "seed?": int,
-                "gradients?": bool, "shuffle_seed?": int},
+                "gradients?": bool, "statistics?": bool, "shuffle_seed?": int},
     "modules": Each({"key": str, "in_features": int, "out_features": int, "layer": str}),
     "stats": Each({"dim": int, "count": int, "modules": [str], "file": str}),
     "gradients?": {"tokens": int, "batches": int, "mean_loss": float},
@@ -114,6 +114,8 @@ def store_problem(manifest: dict) -> str | None:
             return f"stats.{key} has dim {entry['dim']} and count {entry['count']}: a captured statistic has both above 0"
         if entry["file"] not in manifest["files"]:
             return f"stats.{key} names a payload outside the statistics store's files ({entry['file']})"
+    if manifest["capture"].get("statistics", True) is False and "gradients" not in manifest:
+        return "capture.statistics says no statistics were summed, and no gradients were either"
     if "gradients" in manifest and min(manifest["gradients"]["tokens"], manifest["gradients"]["batches"]) < 1:
         return "gradients.tokens and gradients.batches must be at least 1: a gradient capture sums at least one batch"
     for name, entry in manifest["modules"].items():

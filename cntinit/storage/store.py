@@ -5,7 +5,8 @@
                                   and, when buckets K > 1, <key>.bucket_xxt (K×d×d),
                                   <key>.bucket_sum (K×d), <key>.bucket_count (K);
                                   with --gradients, <module>.grad (out×in) of every module
-                                  reading that key, in the same file
+                                  reading that key, in the same file; with --gradients-only
+                                  those alone (the manifest's capture.statistics is false)
 
 All sums are raw (never divided), float32 or float64. The README documents the format.
 """
@@ -245,6 +246,11 @@ class Store:
     def has_gradients(self) -> bool:
         return "gradients" in self.manifest
 
+    @property
+    def has_statistics(self) -> bool:
+        """False for a --gradients-only capture: its keys count tokens and hold no Σ."""
+        return self.manifest["capture"].get("statistics", True) is True
+
     def gradient(self, name: str) -> torch.Tensor:
         """Module `name`'s weight gradient summed over batches (out × in): divide by the manifest's
         gradients.batches for the mean G."""
@@ -268,6 +274,9 @@ class Store:
         entry = self.manifest["stats"].get(key)
         if entry is None:
             raise CntinitError(f"{self.path} holds no statistics key {key}")
+        if not self.has_statistics:
+            raise CntinitError(f"{self.path} holds loss gradients only (captured with --gradients-only), no statistics: capture again "
+                               "without --gradients-only")
         prefix = key + "."
         with safe_open(self.path / entry["file"], framework="pt") as handle:
             tensors = {name[len(prefix) :]: handle.get_tensor(name) for name in handle.keys()
@@ -408,6 +417,10 @@ def merge(directories: list[str | Path], out: str | Path, overwrite: bool = Fals
         if store.has_gradients != stores[0].has_gradients:
             with_them = store if store.has_gradients else stores[0]
             raise CntinitError(f"{with_them.path} holds gradients and the other stores do not: capture all with --gradients, or none")
+        if store.has_statistics != stores[0].has_statistics:
+            alone = store if not store.has_statistics else stores[0]
+            raise CntinitError(f"{alone.path} holds gradients only (--gradients-only) and the other stores hold statistics too: capture "
+                               "all alike")
         for option in ("seq_len", "pack", "dtype", "accumulate"):
             if other["capture"].get(option) != first["capture"].get(option):
                 warn(f"merging stores captured with different {option}: {first['capture'].get(option)} and {other['capture'].get(option)}")
@@ -418,13 +431,14 @@ def merge(directories: list[str | Path], out: str | Path, overwrite: bool = Fals
     tensors_by_key: dict[str, dict[str, torch.Tensor]] = {}
     stats: dict[str, dict] = {}
     for key in stores[0].keys:
-        parts = [s.tensors(key) for s in stores]
+        parts = [s.tensors(key) if stores[0].has_statistics else {} for s in stores]
         summed = {name: sum(p[name] for p in parts) for name in parts[0]}
         tensors_by_key[key] = {f"{key}.{name}": t for name, t in summed.items()}
         if stores[0].has_gradients:
             for name in first["stats"][key]["modules"]:
                 tensors_by_key[key][f"{name}.grad"] = sum(s.gradient(name) for s in stores)
-        stats[key] = dict(first["stats"][key], count=int(summed["count"]))
+        counted = int(summed["count"]) if "count" in summed else sum(s.manifest["stats"][key]["count"] for s in stores)  # gradients only: no tensors
+        stats[key] = dict(first["stats"][key], count=counted)
     digest = hashlib.sha256("\n".join(s.manifest["data"]["fingerprint"] for s in stores).encode()).hexdigest()
     data = {
         "fingerprint": "sha256:" + digest,

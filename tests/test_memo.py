@@ -1,0 +1,106 @@
+"""Values remembered by their files' identities (storage/memo.py): a repeated run reads nothing, and
+a changed file never hits — not even one rewritten at its old size with its old mtime put back."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import transformers
+
+from cntinit.models import fingerprints
+from cntinit.storage import cache, memo
+
+
+class Counted:
+    """A compute function that says how often it ran and returns the file's bytes, as read now."""
+
+    def __init__(self, file):
+        self.file, self.calls = file, 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        return self.file.read_text()
+
+
+@pytest.fixture
+def settled(monkeypatch):
+    """Files count as settled at once (their ctime is still ticks apart from any later change)."""
+    monkeypatch.setattr(memo, "SETTLED", 0.0)
+
+
+def test_a_value_is_computed_once_and_a_changed_file_never_hits(tmp_path, settled):
+    file = tmp_path / "weights.bin"
+    file.write_text("first")
+    compute = Counted(file)
+    assert memo.remembered(tmp_path / "memo", "what", [file], compute) == "first"
+    assert memo.remembered(tmp_path / "memo", "what", [file], compute) == "first" and compute.calls == 1
+    assert memo.remembered(tmp_path / "memo", "another value", [file], compute) == "first" and compute.calls == 2
+    before = file.stat()
+    time.sleep(0.05)  # past a tick of the kernel's coarse clock
+    file.write_text("again")  # same size
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime put back: only ctime tells
+    assert file.stat().st_size == before.st_size and file.stat().st_mtime_ns == before.st_mtime_ns
+    assert memo.remembered(tmp_path / "memo", "what", [file], compute) == "again" and compute.calls == 3
+
+
+def test_files_changed_within_the_last_seconds_are_not_remembered(tmp_path):
+    """A change within one tick of the clock would keep the file's ctime: a fresh file is read every time."""
+    file = tmp_path / "fresh.bin"
+    file.write_text("fresh")
+    compute = Counted(file)
+    for _ in range(2):
+        assert memo.remembered(tmp_path / "memo", "what", [file], compute) == "fresh"
+    assert compute.calls == 2 and not (tmp_path / "memo").exists()
+
+
+def test_a_value_changing_while_it_is_read_is_not_remembered(tmp_path, settled):
+    file = tmp_path / "weights.bin"
+    file.write_text("first")
+
+    def rewritten_meanwhile() -> str:
+        time.sleep(0.05)
+        file.write_text("other")
+        return "first"
+
+    memo.remembered(tmp_path / "memo", "what", [file], rewritten_meanwhile)
+    assert not (tmp_path / "memo").exists()
+
+
+def test_another_users_memo_is_not_taken_and_an_unwritable_place_remembers_nothing(tmp_path, settled, monkeypatch):
+    file = tmp_path / "weights.bin"
+    file.write_text("true value")
+    compute = Counted(file)
+    memo.remembered(tmp_path / "memo", "what", [file], compute)
+    (planted,) = (tmp_path / "memo").iterdir()
+    planted.write_text("planted value")
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(planted).st_uid + 1)  # the memo now belongs to someone else
+    assert memo.remembered(tmp_path / "memo", "what", [file], compute) == "true value" and compute.calls == 2
+    monkeypatch.undo()
+    (tmp_path / "blocked").write_text("a file where the memo folder would be")
+    assert memo.remembered(tmp_path / "blocked", "what", [file], compute) == "true value" and compute.calls == 3
+
+
+def test_a_models_fingerprint_is_remembered_for_its_files_and_recomputed_when_one_changes(tiny, tmp_path, settled, monkeypatch):
+    """Capture, solve and export each fingerprint the same weights: the second hashes none of them."""
+    import shutil
+
+    directory = tmp_path / "model"
+    shutil.copytree(tiny["llama"], directory)
+    net = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    modules = {name: m for name, m in net.named_modules() if name.endswith("q_proj")}
+    computed = []
+    real = fingerprints._computed
+    monkeypatch.setattr(fingerprints, "_computed", lambda *args: computed.append(1) or real(*args))
+    expected = fingerprints.fingerprint(modules)
+    assert fingerprints.fingerprint(modules, model_dir=directory) == expected
+    assert fingerprints.fingerprint(modules, model_dir=directory) == expected and len(computed) == 2  # the plain call, then once
+    assert list((cache.root() / "fingerprints").iterdir())
+    with torch.no_grad():
+        next(iter(modules.values())).weight[0, 0] += 1
+    time.sleep(0.05)
+    net.save_pretrained(directory)  # the weights on disk change
+    changed = fingerprints.fingerprint(modules, model_dir=directory)
+    assert changed != expected and changed == real(modules, None, None, fingerprints.SCHEME) and len(computed) == 3
