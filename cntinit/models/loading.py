@@ -46,7 +46,8 @@ def is_causal_lm(model: nn.Module) -> bool:
     return task_type(type(model).__name__) == "CAUSAL_LM"
 
 
-def load(path: str | Path, trust_remote_code: bool = False, placement: "Placement | None" = None, empty: bool = False):
+def load(path: str | Path, trust_remote_code: bool = False, placement: "Placement | None" = None, empty: bool = False,
+         tokenizer: bool = True):
     """(model, tokenizer or None) from a local directory or a Hub id (source.locate), in the checkpoint's own dtype, eval mode.
 
     The class is the one config.json names (so module paths match what trainers load),
@@ -54,7 +55,8 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
     A model without tokenizer files (a vision encoder) gets None. With a `placement`, accelerate
     spreads the weights over the device, then CPU memory, then disk, within its limits. `empty`
     builds the model without reading its weights: parameters on the meta device, buffers real
-    (a layerwise capture reads the weights itself, block by block).
+    (a layerwise capture reads the weights itself, block by block). Not `tokenizer`: None in its
+    place (solve and export read weights by name: parsing a 3 MB tokenizer.json took a third of an export).
     """
     path = locate(path, trust_remote_code=trust_remote_code)
     if pipelines.is_pipeline(path):
@@ -97,6 +99,8 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
         raise CntinitError(f"could not load the model at {path}: {first_line(exc)} — give a complete save_pretrained directory "
                            "of an architecture this transformers knows (custom code needs --trust-remote-code)") from None
     model.eval().requires_grad_(False)
+    if not tokenizer:
+        return model, None
     return model, (_processor(path, trust_remote_code) if modality(model) == "vlm" else _tokenizer(path, trust_remote_code))
 
 
