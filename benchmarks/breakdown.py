@@ -3,7 +3,7 @@ export), in-process under cProfile, split into loading the model, reading/finger
 weights, the data, the statistics (forward/backward), the solve's arithmetic, reading the store and
 writing outputs — the first step of matching PEFT on the inits that are a few calls per weight.
 
-    python benchmarks/breakdown.py --model SMOLLM2_DIR --samples 128           # pissa (exact, --niter 4) and lora-ga
+    python benchmarks/breakdown.py --model SMOLLM2_DIR --samples 128           # pissa (exact, --niter 4) and lora-ga (both captures)
     python benchmarks/breakdown.py --inits pissa --samples 16                   # the embedded MiniLM, quick
 
 A phase is the cumulative time of the functions named for it, chosen so that none runs inside
@@ -40,6 +40,7 @@ INITS = {  # init -> the commands a user runs, as (stage, arguments) for the Pyt
     "pissa": [("solve", {"mode": "pissa"}), ("export", {})],
     "pissa --niter 4": [("solve", {"mode": "pissa", "niter": 4}), ("export", {})],
     "lora-ga": [("capture", {"gradients": True}), ("solve", {"mode": "lora-ga"}), ("export", {})],
+    "lora-ga --gradients-only --niter 4": [("capture", {"gradients_only": True}), ("solve", {"mode": "lora-ga", "niter": 4}), ("export", {})],
 }
 
 
