@@ -105,8 +105,9 @@ class Recorder:
     """Forward hooks that sum each unique input's statistics while batches run through the model.
 
     `groups` lists the targets that read one tensor (`shared_input_groups`); the first of each
-    names the statistic. Not `summed` (--gradients-only), the hooks count each input's rows alone. Use as a context manager (hooks are installed inside it), calling `run`
-    per batch to forward it through `root`, or `begin` before forwarding a batch some other way.
+    names the statistic. Not `summed` (--gradients-only), the hooks count each input's rows alone.
+    Use as a context manager (hooks are installed inside it), calling `run` per batch to forward it
+    through `root`, or `begin` before forwarding a batch some other way.
     """
 
     def __init__(self, modules: dict[str, nn.Module], groups: list[list[str]], buckets: int, accumulate_dtype: torch.dtype,
