@@ -277,3 +277,30 @@ def test_a_class_that_keeps_modules_in_float32_is_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "load", lambda *a, **k: empty.append(k.get("empty", False)) or real(*a, **k))
     solve(None, tmp_path / "s", model=t5, targets="wo", mode="pissa", rank=2)
     assert empty == [True, False]
+
+
+@pytest.mark.parametrize("stored, trained", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
+def test_the_residual_is_rounded_once_and_its_rounding_measured_exactly_where_it_could_warn(stored, trained):
+    """W − B@A in one fused float64 product, rounded once to W's dtype; the rounding to the training
+    dtype is measured only where a bound says it could reach the warning — so the worst case found
+    equals the definition's (every module measured) whenever either one passes the threshold."""
+    generator = torch.Generator().manual_seed(0)
+    for scale in (1e-3, 1.0, 30.0, 3e3, 1e6):
+        w = torch.randn(48, 40, generator=generator).to(stored)
+        b, a = torch.randn(48, 4, generator=generator, dtype=torch.float64), torch.randn(4, 40, generator=generator, dtype=torch.float64)
+        b = b * (scale * float(w.double().norm()) / float((b @ a).norm()))
+        for transposed in (False, True):
+            weight, (fb, fa) = (w.T.contiguous(), (b, a)) if transposed else (w, (b, a))
+            precision = pretrained.Precision(trained)
+            got = precision.residual("m", weight, fb, fa, transposed)
+            exact = (w.double() - b @ a)
+            assert got.dtype == stored and torch.equal(got, (exact.T if transposed else exact).to(stored)) or \
+                float((got.double() - (exact.T if transposed else exact)).abs().max()) <= float(exact.abs().max()) * torch.finfo(stored).eps
+            size = w.double().norm()
+            lost = float((exact.to(trained).double() + b @ a - w.double()).norm() / size)
+            own = float((w.double().to(trained).double() - w.double()).norm() / size)
+            warns = lost - own > pretrained.RESIDUAL_PRECISION
+            assert (precision.worst > pretrained.RESIDUAL_PRECISION) == warns, (stored, trained, scale)
+            if warns:
+                assert precision.worst == pytest.approx(lost - own, rel=1e-6)
