@@ -147,3 +147,29 @@ def test_eva_and_corda_errors(tiny, captured, tmp_path, capsys):
         ([captured["llama"], "-m", "corda", "--decompose", "qr"], "splits W by svd"),
     ]:
         assert_refused(capsys, ("solve", *args), message, tmp_path / "s")
+
+
+def test_corda_batches_count_their_square_matrices_and_give_the_same_factors(captured, tmp_path, monkeypatch):
+    """A batch's memory budget counts each module's d × d matrices (Σ, and CorDA's C, C⁻¹ and their
+    temporaries): CorDA's batches hold fewer modules than the weight-only ones, and the factors do not
+    depend on how the modules are batched (one per batch here)."""
+    from cntinit.models import pretrained
+    from cntinit.models.linears import in_out_features
+    from cntinit.solve import inputs, options
+    from cntinit.solve.modes.data_baselines import corda_metric
+    from cntinit.storage.store import Store
+
+    stats = Store(captured["llama"])
+    modules = pretrained.open_recorded(stats.manifest, None, False).modules
+    chosen = options.Options(mode="corda", rank=2).resolved()
+    d, k = in_out_features(next(iter(modules.values())))
+    monkeypatch.setattr(inputs, "CHUNK_BYTES", (6 * k * d + 8 * d * d) * 8 * 2)  # two CorDA modules, or more without Σ
+    sizes = {name: [len(b.names) for b in inputs.weights(stats, modules, chosen, torch.device("cpu"), torch.float64, metric)]
+             for name, metric in (("corda", corda_metric), ("weights", None))}
+    assert max(sizes["corda"]) == 2 < max(sizes["weights"])
+    whole = solve(captured["llama"], tmp_path / "whole", Options(mode="corda", rank=2))
+    monkeypatch.setattr(inputs, "CHUNK_BYTES", 1)
+    one = solve(captured["llama"], tmp_path / "one", Options(mode="corda", rank=2))
+    for name, (b, a) in factors(whole).items():
+        got_b, got_a = factors(one)[name]
+        torch.testing.assert_close(got_b @ got_a, b @ a, rtol=1e-5, atol=1e-6)

@@ -34,13 +34,17 @@ def weights(stats: Store | None, modules: dict, options, dev: torch.device, dtyp
     by_shape: dict[tuple[int, int], list[str]] = {}
     for name, module in modules.items():
         by_shape.setdefault(in_out_features(module), []).append(name)
+    with_sigma = stats is not None and stats.has_statistics
     for (d, k), names in by_shape.items():
-        per_batch = max(1, CHUNK_BYTES // (6 * k * d * 8))
+        # per module: W and its float64 work (6kd), and with statistics its d × d matrices — Σ, and for CorDA C, C⁻¹ and their
+        # temporaries (8d²): counted, or a batch of 25 MLP down projections held 3 GB where PEFT's CorDA peaks at 2.4
+        square = (8 if metric is not None else 2) * d * d if with_sigma else 0
+        per_batch = max(1, CHUNK_BYTES // ((6 * k * d + square) * 8))
         for s in range(0, len(names), per_batch):
             group = names[s : s + per_batch]
             w = torch.stack([weight_values(modules[n]) for n in group]).to(dev, dtype)
             sigma, made = None, None
-            if stats is not None and stats.has_statistics:
+            if with_sigma:
                 keys = [stats.manifest["modules"][n]["key"] for n in group]
                 tensors = {key: {t: v.to(dev, torch.float64) for t, v in stats.tensors(key).items()} for key in dict.fromkeys(keys)}
                 sigma = torch.stack([pooled_sigma(tensors[key]) for key in keys]).to(dev, dtype)
