@@ -166,3 +166,30 @@ def test_vas_concentrated_spectra_get_small_ranks_and_clamps_apply():
     assert got == {"flat": 7, "spiky": 1}
     assert vas.allocate(singular_values, {"flat": 5, "spiky": 8}, budget=8, min_rank=2) == {"flat": 5, "spiky": 2}
     assert vas.allocate({"zero": torch.zeros(3), "one": t([1.0, 0, 0])}, {"zero": 3, "one": 3}, budget=1) == {"zero": 0, "one": 1}
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (16, 16), (24, 10)])
+def test_minor_left_is_the_svds_minor_left_vectors_and_falls_back_where_a_tall_matrix_is_nearly_singular(shape):
+    """MiCA's U of the r smallest singular triplets, from the float64 Gram matrix (wide: M Mᵀ's
+    eigenvectors; tall: M v / s) equals the SVD's up to sign, in float32 and float64; a tall matrix
+    with a singular value under MINOR_GAP·s₁ takes the SVD itself (u = M v / s would lose orthogonality)."""
+    from cntinit.solve.linalg import MINOR_GAP, minor_left
+
+    generator = torch.Generator().manual_seed(1)
+    k, d = shape
+    u0, _ = torch.linalg.qr(torch.randn(k, k, generator=generator, dtype=torch.float64))
+    v0, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    spectrum = 0.8 ** torch.arange(min(k, d), dtype=torch.float64)  # distinct singular values
+    m = u0[:, : min(k, d)] @ torch.diag(spectrum) @ v0[:, : min(k, d)].T
+    for dtype, tolerance in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
+        u, values = minor_left(m.to(dtype)[None], 3)
+        expected = torch.linalg.svd(m)[0][:, min(k, d) - 3 : min(k, d)]
+        assert u.dtype == dtype and u.shape == (1, k, 3)
+        torch.testing.assert_close((u[0].double().T @ expected).abs(), torch.eye(3, dtype=torch.float64), rtol=0, atol=tolerance)
+        torch.testing.assert_close(values[0].double(), spectrum.to(dtype).double(), rtol=0, atol=tolerance)
+    if k > d:
+        spectrum[-1] = MINOR_GAP / 10
+        m = u0[:, :d] @ torch.diag(spectrum) @ v0.T
+        u, _ = minor_left(m[None], 3)
+        torch.testing.assert_close(u[0].T @ u[0], torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close((u[0].T @ torch.linalg.svd(m)[0][:, d - 3 : d]).abs(), torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-9)

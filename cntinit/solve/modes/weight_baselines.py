@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 
 from .. import inputs
-from ..linalg import split
+from ..linalg import minor_left, sign_of_largest, split
 from .registry import OFFSET, RESIDUAL, WEIGHTS, Factors, Job, Mode, register
 
 LORA_INITS = ("kaiming", "gaussian")
@@ -46,9 +46,10 @@ def split_weight(batch: inputs.Batch, job: Job, minor: bool = False) -> Factors:
 
 
 def mica(batch: inputs.Batch, job: Job) -> Factors:
-    """B = U of W's r smallest singular triplets (p = 1 puts S on A, which MiCA zeroes), A = 0."""
+    """B = U of W's r smallest singular triplets (each u's largest entry positive), A = 0."""
     count, _, d = batch.weight.shape
-    b, _, values = split(batch.weight, job.rank, "svd", 1.0, minor=True)
+    u, values = minor_left(batch.weight, job.rank)
+    b = u * sign_of_largest(u, dim=-2).unsqueeze(-2)
     return Factors(b, torch.zeros(count, job.rank, d, device=batch.weight.device, dtype=batch.weight.dtype), values)
 
 
