@@ -99,7 +99,7 @@ def _bases(source: pretrained.Streamed | pretrained.Loaded, written: Path | None
     weights = named_weights.Weights(written, source.net) if written else source.weights  # the base: the checkpoint's files, config and dtype
     fix = "export again: the written base is damaged" if written else "save the model again with save_pretrained"
     for chunk in _chunks(names, source.modules):
-        net = loading.load(directory, trust_remote_code, empty=True, tokenizer=False)[0]
+        net = loading.load(directory, trust_remote_code, skeleton=True)[0]
         for name in chunk:
             tensors = [f"{name}.{tensor}" for tensor, _ in net.get_submodule(name).named_parameters()]
             named_weights.materialize(net, tensors, "", weights, source.dtype, torch.device("cpu"), source.dtype, "an adapted module", fix)

@@ -4,6 +4,8 @@ its config.json names) with its tokenizer, or a diffusers pipeline; and what the
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,7 +49,7 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def load(path: str | Path, trust_remote_code: bool = False, placement: "Placement | None" = None, empty: bool = False,
-         tokenizer: bool = True):
+         skeleton: bool = False):
     """(model, tokenizer or None) from a local directory or a Hub id (source.locate), in the checkpoint's own dtype, eval mode.
 
     The class is the one config.json names (so module paths match what trainers load),
@@ -55,8 +57,10 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
     A model without tokenizer files (a vision encoder) gets None. With a `placement`, accelerate
     spreads the weights over the device, then CPU memory, then disk, within its limits. `empty`
     builds the model without reading its weights: parameters on the meta device, buffers real
-    (a layerwise capture reads the weights itself, block by block). Not `tokenizer`: None in its
-    place (solve and export read weights by name: parsing a 3 MB tokenizer.json took a third of an export).
+    (a layerwise capture reads the weights itself, block by block). A `skeleton` is an empty model
+    whose modules are only named and read by name (solve, export): its weights are not initialized and
+    its tokenizer is None — parsing a 3 MB tokenizer.json took a third of an export, initializing the
+    meta weights a seventh.
     """
     path = locate(path, trust_remote_code=trust_remote_code)
     if pipelines.is_pipeline(path):
@@ -77,10 +81,10 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
         names = getattr(config, "architectures", None) or []
         model_class = getattr(transformers, names[0], None) if names else None
         model_class = model_class or transformers.AutoModel
-        if empty:
+        if empty or skeleton:
             from accelerate import init_empty_weights
 
-            with init_empty_weights(include_buffers=False):
+            with init_empty_weights(include_buffers=False), _uninitialized() if skeleton else contextlib.nullcontext():
                 model = (transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code) if model_class is transformers.AutoModel
                          else model_class._from_config(config))
             model.tie_weights()  # as from_pretrained does: a tied output layer shares the embeddings' parameter
@@ -99,9 +103,21 @@ def load(path: str | Path, trust_remote_code: bool = False, placement: "Placemen
         raise CntinitError(f"could not load the model at {path}: {first_line(exc)} — give a complete save_pretrained directory "
                            "of an architecture this transformers knows (custom code needs --trust-remote-code)") from None
     model.eval().requires_grad_(False)
-    if not tokenizer:
+    if skeleton:
         return model, None
     return model, (_processor(path, trust_remote_code) if modality(model) == "vlm" else _tokenizer(path, trust_remote_code))
+
+
+def _uninitialized():
+    """transformers' switch that leaves a new model's weights as they are created (where it has one)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _tokenizer(path: Path, trust_remote_code: bool):

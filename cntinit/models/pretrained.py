@@ -123,7 +123,7 @@ class Streamed:
         builds from several tensors, a class that keeps some modules in float32, as T5 its `wo`)."""
         if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
             return None
-        net, _ = loading.load(path, trust_remote_code, empty=True, tokenizer=False)
+        net, _ = loading.load(path, trust_remote_code, skeleton=True)
         if getattr(net, "_keep_in_fp32_modules", None) or getattr(net, "_keep_in_fp32_modules_strict", None):
             return None
         modules = pick(net)
