@@ -50,8 +50,8 @@ def fingerprint(modules: dict[str, nn.Module], read: Callable | None = None, loa
         return _computed(modules, read, loaded, scheme)
     dtypes = sorted({str(loaded)} if read else {str(module.weight.dtype) for module in modules.values()})
     what = repr(("fingerprint", scheme, __version__, torch.__version__, transformers.__version__, dtypes, sorted(modules)))
-    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(model_dir).parts))
-    return memo.remembered(cache.root() / "fingerprints", what, files, lambda: _computed(modules, read, loaded, scheme))
+    return memo.remembered(cache.root() / "fingerprints", what, cache.tree_files(Path(model_dir)),
+                           lambda: _computed(modules, read, loaded, scheme))
 
 
 def _computed(modules: dict[str, nn.Module], read: Callable | None, loaded: torch.dtype | None, scheme: str) -> str:

@@ -5,7 +5,6 @@ its config.json names) with its tokenizer, or a diffusers pipeline; and what the
 from __future__ import annotations
 
 import contextlib
-
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING

@@ -124,9 +124,14 @@ def tree_digest(path: str | Path, cache: Path) -> str:
     if path.is_file():
         return file_digest(path, cache)
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)):
+    for file in tree_files(path):
         digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file, cache)}\n".encode())
     return digest.hexdigest()
+
+
+def tree_files(path: Path) -> list[Path]:
+    """The files under the directory `path` that make up its contents, sorted: hidden files and folders left out."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 
 def key(kind: str, inputs: dict) -> str:
