@@ -97,7 +97,7 @@ def _finish(path: Path, as_json: bool) -> None:
 
 @app.command(cls=_Command)
 def capture(
-    model: str = typer.Argument(..., metavar="MODEL", help="A model directory — transformers (text or vision: config.json, weights) or a diffusers Stable-Diffusion-style pipeline (model_index.json, unet, text_encoder, vae, tokenizer, scheduler; SDXL also text_encoder_2, tokenizer_2) — or a Hugging Face Hub id (org/name) from the Hugging Face cache, downloaded there (only the files read) when missing unless HF_HUB_OFFLINE=1."),
+    model: str = typer.Argument(..., metavar="MODEL", help="A model directory — transformers (text or vision: config.json, weights) or a diffusers pipeline directory (model_index.json and its components: SD 1.x/2.x and SDXL with a UNet, Flux and SD3 with a transformer) — or a Hugging Face Hub id (org/name) from the Hugging Face cache, downloaded there (only the files read) when missing unless HF_HUB_OFFLINE=1."),
     data: str = typer.Option(..., "--data", "-d", help="Text models: a .jsonl (field `text`, chat `messages`, or prompt + completion; for vision-language models each with `image`/`images` paths), a .txt (one sample per line), a directory of them, - for JSONL on stdin; with `pip install 'cntinit[datasets]'` also .parquet, .arrow, .csv, .json (a list of records), a save_to_disk folder, or a Hub dataset id (org/name, with --split). Vision models and pipelines: a folder of .jpg/.png/.webp images (recursive); a pipeline's captions come from metadata.jsonl/captions.jsonl there ({\"file_name\", \"text\"} per line) or --prompt."),
     revision: Optional[str] = typer.Option(None, "--revision", help="A Hub id MODEL's branch, tag or commit (default: main)."),
     split: Optional[str] = typer.Option(None, "--split", help="Datasets: the split to read (default: train, or the only one), e.g. train_sft."),
@@ -119,7 +119,7 @@ def capture(
     image_mean: str = typer.Option("0.5,0.5,0.5", "--image-mean", help="Vision models with --image-size or without a preprocessor config: per-channel mean."),
     image_std: str = typer.Option("0.5,0.5,0.5", "--image-std", help="Vision models with --image-size or without a preprocessor config: per-channel std."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Pipelines: this prompt for every image instead of captions, e.g. \"a photo of sks dog\"."),
-    noise_timestep: Optional[int] = typer.Option(None, "--noise-timestep", help="Pipelines: feed the UNet latents noised to timestep t by the pipeline's scheduler (default: clean latents, t = 0)."),
+    noise_timestep: Optional[int] = typer.Option(None, "--noise-timestep", help="Pipelines: feed the UNet or transformer latents noised to timestep t by the pipeline's scheduler (flow matching: σ = the training schedule's sigmas[N − 1 − t]; default: clean latents)."),
     seed: int = typer.Option(0, "--seed", help="Pipelines: seed of the noise (--noise-timestep) and, with --gradients, of the random timesteps."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save the running sums every N batches (N blocks with --layerwise; with --gradients too, on the way down), and on Ctrl-C/SIGTERM, beside --out; the same command run again resumes from them."),
     offload: bool = _flag("--offload", help="For models larger than the device: accelerate places the weights on the device, then CPU memory, then disk (beside --out), and streams them in layer by layer."),
@@ -378,7 +378,7 @@ def export(
     module_prefix: str = typer.Option("", "--module-prefix", help="Prepend this to every module path, e.g. bert. when the capture ran BertModel and training loads BertForSequenceClassification."),
     task_type: str = typer.Option("auto", "--task-type", help="PEFT's task_type in adapter_config.json (it picks the PeftModel class a trainer gets; axolotl's LoRA kernels need CAUSAL_LM): auto reads it from the model class (LlamaForCausalLM → CAUSAL_LM, BertModel → FEATURE_EXTRACTION; none for vision encoders and with --module-prefix), or CAUSAL_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM, FEATURE_EXTRACTION, none."),
     train_dtype: str = typer.Option("auto", "--train-dtype", help="Residual inits: the dtype training will run the base in (auto: the model's own; bfloat16, float16, float32), for the warning when W − BA loses W in it."),
-    unet_only: bool = _flag("--unet-only", help="Pipelines: leave the text-encoder modules out, for training the UNet alone (sd-scripts' --network_train_unet_only); refused for a residual solve that adapts the text encoder."),
+    unet_only: bool = _flag("--unet-only", help="Pipelines: leave the text-encoder modules out, for training the UNet or transformer alone (sd-scripts' --network_train_unet_only); refused for a residual solve that adapts the text encoder."),
     model: Optional[str] = typer.Option(None, "--model", help="Read the weights (for --dora or a residual base) from here (a directory or a Hub id) instead of the recorded path."),
     revision: Optional[str] = typer.Option(None, "--revision", help="A Hub id --model's branch, tag or commit (default: main)."),
     overwrite: bool = _flag("--overwrite", help="Replace --out even if it is an export of another model or another cntinit output (never a folder or file of yours)."),

@@ -113,3 +113,76 @@ def build_sdxl(directory: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(directory)
     return directory
+
+
+def t5_tokenizer():
+    """A T5 tokenizer built here (no spiece.model ships offline): a Unigram model over single characters
+    with T5's specials (pad 0, eos 1, unk 2) and its "▁" word marks, saved as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    characters = [chr(c) for c in range(32, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(c, -3.0) for c in characters] + [("▁" + c, -2.5) for c in characters]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return transformers.T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
+
+
+def _t5(tokenizer, width: int):
+    return transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+
+def _flow_vae():
+    import diffusers
+
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+        shift_factor=0.1, scaling_factor=0.5)
+
+
+def _clip(tokenizer, cls=None, **extra):
+    return (cls or transformers.CLIPTextModel)(transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, bos_token_id=512, eos_token_id=513, pad_token_id=513, **extra))
+
+
+def build_flux(directory: Path, seed: int = 0, guidance: bool = True) -> Path:
+    """A seeded tiny FluxPipeline (dev with `guidance`, else schnell): one double and one single block of
+    width 16, latents of 4 channels packed 2×2 into 16, CLIP (pooled) and T5 text encoders, the
+    flow-matching scheduler with Flux's dynamic shifting."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    tokenizer, t5_tok = clip_tokenizer(), t5_tokenizer()
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
+    pipe = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae=_flow_vae(),
+        text_encoder=_clip(tokenizer), tokenizer=tokenizer, text_encoder_2=_t5(t5_tok, 32), tokenizer_2=t5_tok, transformer=transformer)
+    pipe.save_pretrained(directory)
+    return directory
+
+
+def build_sd3(directory: Path, seed: int = 0) -> Path:
+    """A seeded tiny StableDiffusion3Pipeline: two joint blocks of width 16 (the last context-pre-only,
+    the first with SD3.5's second attention), CLIP-L and CLIP-G with projections, T5 of width 64
+    (wider than the two CLIPs side by side, as in SD3), static shift 3."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    tokenizer, t5_tok = clip_tokenizer(), t5_tokenizer()
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+        caption_projection_dim=16, pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16, dual_attention_layers=(0,))
+    pipe = diffusers.StableDiffusion3Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(),
+        text_encoder=_clip(tokenizer, transformers.CLIPTextModelWithProjection, projection_dim=32), tokenizer=tokenizer,
+        text_encoder_2=_clip(tokenizer, transformers.CLIPTextModelWithProjection, projection_dim=32), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5(t5_tok, 64), tokenizer_3=t5_tok, transformer=transformer)
+    pipe.save_pretrained(directory)
+    return directory

@@ -365,7 +365,7 @@ def test_unet_only_export_leaves_the_text_encoder_out_and_refuses_a_residual_one
     assert keys and all(key.startswith("lora_unet_") for key in keys)
     residual = solve(sd["stats"], tmp_path / "residual", mode="cnt-x", rank=4, init="residual")
     capsys.readouterr()
-    assert_refused(capsys, ["export", residual, "--format", "kohya", "--unet-only"], "solve the UNet alone", tmp_path / "r")
+    assert_refused(capsys, ["export", residual, "--format", "kohya", "--unet-only"], "solve the UNet or transformer alone", tmp_path / "r")
     unet = solve(sd["stats"], tmp_path / "unet", mode="pissa", rank=4, targets=r"re:unet\..*")  # residual, the UNet alone
     code, _, err = run(capsys, "export", unet, "--format", "diffusers", "--unet-only", "--check", "-o", tmp_path / "u")
     assert code == 0 and "left out" not in err, err
@@ -415,10 +415,10 @@ def test_kohya_refuses_a_layout_it_has_no_names_for(sd, tmp_path, capsys):
     the way out, not named as SD 1.x's modules are."""
     solved = solve(sd["stats"], tmp_path / "solve", mode="cnt-s", rank=2)
     manifest = json.loads((solved / "manifest.json").read_text())
-    manifest["model"]["layout"] = "flux"
+    manifest["model"]["layout"] = "wan"
     (solved / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
-    assert_refused(capsys, ["export", solved, "--format", "kohya"], "this solve is of a flux pipeline, whose module names sd-scripts' "
+    assert_refused(capsys, ["export", solved, "--format", "kohya"], "this solve is of a wan pipeline, whose module names sd-scripts' "
                    "format has no map for here: export --format diffusers", tmp_path / "k")
     assert export(solved, tmp_path / "d", format="diffusers").exists()
 

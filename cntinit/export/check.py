@@ -1,6 +1,8 @@
 """`export --check`: load the written adapter in its real client — PEFT, or diffusers' load_lora_weights
 for the pipeline formats — and compare every adapted module's output with (W + B@A) x computed
-independently from the solve directory.
+independently from the solve directory. A kohya file of a Flux or SD3 pipeline is read as sd-scripts
+reads it (α/dim · up @ down on each original, fused layer): diffusers has no kohya-SD3 reader, and its
+kohya-Flux reader assumes FLUX.1's widths and no T5 modules.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import peft
 import torch
+from safetensors.torch import load_file
 
 from .. import console
 from ..console import log
@@ -22,8 +25,9 @@ from ..solve import modes, quant
 from ..solve.solution import Solution
 from ..storage import store
 from . import formats
-from .formats import BASE_DIR, FORMAT
+from .formats import BASE_DIR, FORMAT, kohya_names
 
+FUSED_LAYOUTS = ("flux", "sd3")  # kohya files of these are checked by check_kohya_layers
 CHECK_TOLERANCE = 1e-4  # largest relative output difference `verify` accepts
 CHECK_CHUNK_BYTES = 4 << 30  # adapted weights a check of a model read by name holds at a time (a PEFT load each)
 
@@ -36,8 +40,13 @@ def verify(out: str | Path, solve_dir: str | Path, model: str | Path | None = No
     `source`: the pretrained model the export read by name, for `check_peft`)."""
     exported = _exported(out)
     client = formats.get(exported["adapter_format"]).client
-    error = check_peft(out, solve_dir, model, trust_remote_code, source) if client == "PEFT" else \
-        check_pipeline(out, solve_dir, model, trust_remote_code)
+    layout = Solution(solve_dir).manifest["model"].get("layout")
+    if client == "PEFT":
+        error = check_peft(out, solve_dir, model, trust_remote_code, source)
+    elif exported["adapter_format"] == "kohya" and layout in FUSED_LAYOUTS:
+        error, client = check_kohya_layers(out, solve_dir, model, trust_remote_code), "sd-scripts' arithmetic"
+    else:
+        error = check_pipeline(out, solve_dir, model, trust_remote_code)
     shown = shown or out
     if not math.isfinite(error):
         raise CntinitError(f"the adapter loaded from {shown} computes NaN or Inf: its files or its base hold non-finite values; "
@@ -45,7 +54,7 @@ def verify(out: str | Path, solve_dir: str | Path, model: str | Path | None = No
     if error > CHECK_TOLERANCE:
         raise CntinitError(f"the adapter loaded from {shown} differs from the initial layers by {error:.2e} (relative), above "
                            f"{CHECK_TOLERANCE:g}; see the warnings above")
-    log(f"check: {client} loads {shown}; every adapted module computes the initial layer "
+    log(f"check: {client} {'reads' if client.startswith('sd-scripts') else 'loads'} {shown}; every adapted module computes the initial layer "
         f"(W + BA; for a residual init, the written base + BA) to {error:.1e} (relative)"
         + ("; bitsandbytes quantizes the base to the solve's NF4 codes and block maxima" if exported.get("quantized") else ""))
     return error
@@ -189,6 +198,46 @@ def check_pipeline(out: str | Path, solve_dir: str | Path, model: str | Path | N
                for n, m in getattr(pipe, part).named_modules()}
     factors = {name: pair for name, pair in sol.factors().items() if name not in exported.get("left_out", [])}
     return worst_error(adapted, reference.layer, factors, bool(exported["residual_base"]))
+
+
+def check_kohya_layers(out: str | Path, solve_dir: str | Path, model: str | Path | None = None, trust_remote_code: bool = False) -> float:
+    """Read a kohya file as sd-scripts does — each layer's update α/dim · up @ down, on the original
+    model's (fused) layer — take each adapted module's rows of it, and return the largest relative
+    difference between (W + those rows) x and (W + B@A) x; rows of a fused layer that belong to no
+    adapted module must be zero, and every layer in the file must be one the solve adapts. (For a
+    residual init sd-scripts' base is W minus that same update, so the initial layer is W whatever
+    the file holds: what is checked is that the file's update is B@A.)"""
+    sol = Solution(solve_dir)
+    exported = _exported(out)
+    layout = sol.manifest["model"]["layout"]
+    file = load_file(Path(out) / exported["adapter_file"])
+    updates = {key.removesuffix(".lora_down.weight"): None for key in file if key.endswith(".lora_down.weight")}
+    for layer in updates:
+        down, up = file[f"{layer}.lora_down.weight"].double(), file[f"{layer}.lora_up.weight"].double()
+        updates[layer] = float(file[f"{layer}.alpha"]) / down.shape[0] * up @ down
+    reference = pretrained.open_recorded(sol.manifest, model, trust_remote_code)
+    factors = {name: pair for name, pair in sol.factors().items() if name not in exported.get("left_out", [])}
+    adapted, claimed = {}, {}
+    for name, (b, a) in factors.items():
+        layer, part, swapped = kohya_names.parsed(kohya_names.kohya_name(name, layout))
+        if layer not in updates:
+            raise CntinitError(f"{Path(out) / exported['adapter_file']} lacks {layer}, the layer of {name}: export again")
+        rows = kohya_names.fused_rows(layer, a.shape[1]) if part is not None else [updates[layer].shape[0]]
+        start = sum(rows[:part or 0])
+        claimed.setdefault(layer, []).append(range(start, start + rows[part or 0]))
+        w, bias = reference.layer(name)
+        update = updates[layer][start:start + rows[part or 0]]
+        update = kohya_names.reordered(kohya_names.SWAPPED, update, a)[1] if swapped else update
+        initial = w.double() + update
+        adapted[name] = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=torch.float64)
+        adapted[name].weight.data, adapted[name].bias = initial, None if bias is None else torch.nn.Parameter(bias.double())
+    for layer, update in updates.items():
+        kept = torch.zeros(update.shape[0], dtype=torch.bool)
+        for rows in claimed.get(layer, []):
+            kept[rows.start:rows.stop] = True
+        if not kept.any() or bool((update[~kept] != 0).any()):
+            raise CntinitError(f"{layer} in {Path(out) / exported['adapter_file']} changes rows that no adapted module owns: export again")
+    return worst_error(adapted, reference.layer, factors, residual=False)
 
 
 def _exported(out: str | Path) -> dict:

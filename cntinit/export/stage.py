@@ -84,7 +84,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
         log(f"left out the {len(left_out)} text-encoder modules (--unet-only): the text encoder stays as it is")
     how = (f"load {Path(out) / BASE_DIR} in 4-bit — BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4') — as the base "
            "model; it quantizes to exactly the NF4 base the adapter was fitted to") if plan.quantized else \
-        fmt.how_to_load(residual, Path(out), unet_only)
+        fmt.how_to_load(residual, Path(out), unet_only, manifest["model"].get("layout"))
     log(f"wrote a {fmt.name} adapter for {len(adapter.ranks)} modules to {out} ({manifest['init']} init: {how})")
     return Path(out)
 
@@ -158,18 +158,18 @@ def _adapter(plan: _Plan, out: Path, factors: dict, source, bases: dict, residua
 
 
 def _unet_only(sol: Solution, fmt: Format, residual: bool) -> list[str]:
-    """The text-encoder modules a UNet-only export leaves out. A residual init cannot leave them out:
+    """The text-encoder modules a denoiser-only export leaves out. A residual init cannot leave them out:
     its base (written, or kohya's --base_weights −1) holds W − BA there, which without the adapter
     starts the text encoder off the pretrained one."""
     if not fmt.pipelines:
         raise CntinitError("--unet-only is for diffusion pipelines (--format kohya or diffusers), whose text encoder may stay frozen")
-    encoder = [name for name in sol.modules if not name.startswith("unet.")]
+    encoder = [name for name in sol.modules if name.startswith("text_encoder")]
     if encoder and residual:
         raise CntinitError(f"--unet-only: this residual solve adapts {len(encoder)} text-encoder modules, whose base W − BA would then "
-                           "train without its adapter (as with sd-scripts' --network_train_unet_only): solve the UNet alone "
-                           "(--targets 're:unet\\..*'), or use --init offset")
+                           "train without its adapter (as with sd-scripts' --network_train_unet_only): solve the UNet or transformer "
+                           "alone (--targets 're:(unet|transformer)\\..*'), or use --init offset")
     if len(encoder) == len(sol.modules):
-        raise CntinitError("--unet-only: this solve adapts no UNet module: solve with UNet targets")
+        raise CntinitError("--unet-only: this solve adapts no UNet or transformer module: solve with its targets")
     return encoder
 
 

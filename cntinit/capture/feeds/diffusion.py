@@ -1,6 +1,6 @@
-"""The feed of a diffusion pipeline: images (resized and center-cropped to the UNet's resolution,
-scaled to [−1, 1] as the pipelines do) and their captions, padded to each tokenizer's length; every
-prompt position counts (see models/pipelines.py)."""
+"""The feed of a diffusion pipeline: images (resized and center-cropped to the pipeline's resolution,
+scaled to [−1, 1] as the pipelines do) and their captions, tokenized for each text encoder and padded
+to the length its pipeline pads to; every prompt position counts (see models/pipelines.py)."""
 
 from __future__ import annotations
 
@@ -23,19 +23,20 @@ def build(net: DiffusionParts, tokenizer, args, run_dtype: torch.dtype, shard: S
         raise CntinitError(f"--noise-timestep must be in [0, {steps}) for this scheduler, got {args.noise_timestep}")
     net.noise_timestep = args.noise_timestep
     size = args.image_size or net.resolution
+    multiple = net.family.multiple(net)
+    if size % multiple:
+        raise CntinitError(f"--image-size {size} is not a multiple of {multiple}, which a {net.family.label} pipeline's latents need: "
+                           f"give --image-size {max(multiple, size // multiple * multiple)}")
     pixels = images.Pixels(None, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     pictures = images.read_pictures(args.data, args.max_samples, args.prompt, need_captions=True)
-    encoders = [("input_ids", net.text_encoder, tokenizer)]
-    if net.text_encoder_2 is not None:  # SDXL: each encoder reads its own tokenizer's ids (they pad differently)
-        encoders.append(("input_ids_2", net.text_encoder_2, net.helpers["tokenizer_2"]))
-    # each tokenizer's limit, else its encoder's position table
-    lengths = {key: context_length(encoder, encoder_tokenizer) for key, encoder, encoder_tokenizer in encoders}
+    # each encoder reads its own tokenizer's ids (they pad differently), as long as its pipeline pads them
+    lengths = {name: net.family.length(net, name, tokenizer) or context_length(getattr(net, name), tokenizer) for name, tokenizer in net.encoders}
 
     def inputs(chunk):
         captions = [p.caption for p in chunk]
         return {"pixel_values": pixels([p.path for p in chunk])} | {
-            key: encoder_tokenizer(captions, padding="max_length", max_length=lengths[key], truncation=True, return_tensors="pt")["input_ids"]
-            for key, _, encoder_tokenizer in encoders}
+            name: tokenizer(captions, padding="max_length", max_length=lengths[name], truncation=True, return_tensors="pt")["input_ids"]
+            for name, tokenizer in net.encoders}
 
     feed = images.feed(pictures, args.data, args.batch_size, args.buckets, inputs,
                        {"image_size": size, "prompt": args.prompt, "noise_timestep": args.noise_timestep, "seed": args.seed}, shard)

@@ -88,7 +88,7 @@ def tensors(key: str, b: torch.Tensor, a: torch.Tensor, alpha: float) -> dict[st
     return {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
 
 
-def how_to_load(residual: bool, out: Path, unet_only: bool = False) -> str:
+def how_to_load(residual: bool, out: Path, unet_only: bool = False, layout: str | None = None) -> str:
     """How a trainer starts from the adapter (PEFT's and diffusers' formats: a residual base is written beside it)."""
     if residual:
         return f"load {out / BASE_DIR} as the base model; it is the pretrained model minus B@A"

@@ -44,7 +44,7 @@ class Format:
     key: Callable[[str, dict, str], str]  # (module, solve manifest, module prefix) -> the module's key in the file
     tensors: Callable[[str, torch.Tensor, torch.Tensor, float], dict[str, torch.Tensor]]  # (key, B, A, α) -> its tensors
     write: Callable[[Path, Adapter], None]  # the adapter's files into a directory
-    how_to_load: Callable[[bool, Path, bool], str]  # (residual, out, UNet only) -> how a trainer loads it, in words
+    how_to_load: Callable[[bool, Path, bool, str | None], str]  # (residual, out, UNet only, layout) -> how a trainer loads it, in words
     lacks: tuple[str, ...] = ()  # export options it has no field for (refused)
     fixed_scale: bool = False  # its client loads every module at α = r (scale 1): --alpha and --fixed-alpha are refused
     writes_base: bool = True  # a residual init's base is written beside it (else the trainer subtracts BA itself)
