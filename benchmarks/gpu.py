@@ -58,6 +58,7 @@ STEPS = {  # name: (seconds allowed on the GPU, what it measures)
     "layerwise": (120, "layerwise capture per block, Llama-3-70B shape"),
     "gradients": (160, "layerwise --gradients per block, Llama-3-70B shape"),
     "vlm": (90, "VLM capture against the plain forward, LLaVA-1.5-7B widths (vision tower + 2 language blocks)"),
+    "flux": (120, "Flux capture and --gradients against the plain forward, FLUX.1 widths (2 double + 4 single blocks)"),
 }
 MIN_START = 20  # seconds: a step is not started with less left
 STARTED = time.time()  # the budget counts from here: the first imports on a fresh machine take 20 s or more
@@ -412,6 +413,15 @@ def step_vlm(args) -> None:
     result = script("vlm.py", "--device", args.device, *extra, timeout=args.deadline - time.time())
     for row in result["rows"]:
         emit(args.out, "vlm", result["title"], row)
+    stopped(result)
+
+
+def step_flux(args) -> None:
+    """A Flux pipeline's capture of its transformer blocks, with and without --gradients, against the plain forward."""
+    extra = ["--shape", "tiny", "--samples", "4"] if args.dry_run else ["--shape", "flux1", "--double", "2", "--single", "4", "--samples", "16"]
+    result = script("flux.py", "--device", args.device, *extra, timeout=args.deadline - time.time())
+    for row in result["rows"]:
+        emit(args.out, "flux", result["title"], row)
     stopped(result)
 
 

@@ -120,6 +120,7 @@ def capture(
     image_std: str = typer.Option("0.5,0.5,0.5", "--image-std", help="Vision models with --image-size or without a preprocessor config: per-channel std."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Pipelines: this prompt for every image instead of captions, e.g. \"a photo of sks dog\"."),
     noise_timestep: Optional[int] = typer.Option(None, "--noise-timestep", help="Pipelines: feed the UNet or transformer latents noised to timestep t by the pipeline's scheduler (flow matching: σ = the training schedule's sigmas[N − 1 − t]; default: clean latents)."),
+    t5_tokens: Optional[int] = typer.Option(None, "--t5-tokens", help="Flux and SD3 pipelines: pad T5 prompts to N tokens, as sd-scripts' --t5xxl_max_token_length (default: 512 for Flux dev, 256 for schnell and SD3)."),
     seed: int = typer.Option(0, "--seed", help="Pipelines: seed of the noise (--noise-timestep) and, with --gradients, of the random timesteps."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save the running sums every N batches (N blocks with --layerwise; with --gradients too, on the way down), and on Ctrl-C/SIGTERM, beside --out; the same command run again resumes from them."),
     offload: bool = _flag("--offload", help="For models larger than the device: accelerate places the weights on the device, then CPU memory, then disk (beside --out), and streams them in layer by layer."),
@@ -167,7 +168,7 @@ def capture(
         seq_len=seq_len, batch_size=batch_size, max_samples=max_samples, dtype=dtype, buckets=buckets, pack=pack,
         accumulate=accumulate, text_field=text_field, split=split, data_config=data_config, shuffle_seed=shuffle_seed, sample_max_norm=sample_max_norm, image_size=image_size,
         image_mean=_rgb(image_mean, "--image-mean"), image_std=_rgb(image_std, "--image-std"), prompt=prompt,
-        noise_timestep=noise_timestep, seed=seed, shard=shard, checkpoint_every=checkpoint_every, offload=offload,
+        noise_timestep=noise_timestep, t5_tokens=t5_tokens, seed=seed, shard=shard, checkpoint_every=checkpoint_every, offload=offload,
         max_memory=max_memory, stats_device=stats_device, layerwise=layerwise, activations_device=activations_device,
         gradients=gradients, gradients_only=gradients_only, gradient_checkpointing=gradient_checkpointing,
     )

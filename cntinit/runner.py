@@ -42,7 +42,7 @@ CAPTURE_DEFAULTS = _defaults(capture, recipe.schemas()["capture"])
 PLACEMENT = ("offload", "max_memory", "stats_device", "layerwise", "activations_device", "gradient_checkpointing")  # how the work runs, not what it computes: not in cache keys
 PLOT = "report.png"  # beside each solve's report.json under the recipe's out
 MAX_REPORT_BYTES = 1 << 30  # a report.json larger than this is not one a solve wrote (a 70B model's is tens of MB)
-ONLY_WHEN_SET = ("gradients", "gradients_only", "unet_only", "split", "data_config", "shuffle_seed")  # options newer than cache entries and exports: recorded only when set, so older ones still match
+ONLY_WHEN_SET = ("gradients", "gradients_only", "unet_only", "split", "data_config", "shuffle_seed", "t5_tokens")  # options newer than cache entries and exports: recorded only when set, so older ones still match
 EXPORT_DEFAULTS = _defaults(export, set(recipe.schemas()["exports"]) - {"check"})  # what an export manifest's "options" records
 
 

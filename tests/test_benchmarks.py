@@ -124,12 +124,13 @@ def test_gpu_run_dry_run_measures_every_step(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert {name: step["status"] for name, step in results["steps"].items()} == {
         "tests": "ok", "solve": "ok", "primitives": "ok", "inilora": "ok", "speed": "ok", "capture": "ok", "offload": "ok",
-        "layerwise": "ok", "gradients": "ok", "vlm": "ok"}
+        "layerwise": "ok", "gradients": "ok", "vlm": "ok", "flux": "ok"}
     tables = {name: table["rows"] for name, table in results["tables"].items()}
     markdown = (out / "results.md").read_text()
     assert all(table["title"] in markdown for table in results["tables"].values())
 
     assert [row["what"] for row in tables["vlm"]] == ["plain forward", "cntinit capture (all-linear)"]
+    assert [row["what"] for row in tables["flux"]] == ["plain forward", "cntinit capture", "cntinit capture --gradients"]
     [tests] = tables["tests"]
     assert tests["failed"] == 0 and tests["passed"] + tests["skipped"] == 8  # the CUDA-only tests: skipped on a CPU
 

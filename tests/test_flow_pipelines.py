@@ -16,7 +16,7 @@ from cntinit import capture, export, solve
 from cntinit.export.formats import kohya
 from cntinit.storage import store
 from conftest import assert_refused
-from imaging import build_flux, build_sd3, write_images
+from imaging import build_flux, build_sd, build_sd3, write_images
 from test_diffusion import captions_of, pixels_of, summing_linear_inputs
 from test_export import factors
 
@@ -258,6 +258,48 @@ def test_flux_sd3_errors(pipelines, tmp_path, capsys):
                    "does not load", tmp_path / "e")
     assert_refused(capsys, ["export", solved, "--format", "kohya"], "transformer.time_text_embed.timestep_embedder.linear_1 lies outside "
                    "Flux's double and single blocks", tmp_path / "f")
+    assert_refused(capsys, ["capture", build_sd(tmp_path / "sd"), "-d", pipelines["images"], "--t5-tokens", 64],
+                   "--t5-tokens sets the prompt length of a T5 text encoder, and a Stable Diffusion pipeline has none", tmp_path / "g")
+    assert_refused(capsys, ["capture", flux, "-d", pipelines["images"], "--image-size", SIZE, "--layerwise"],
+                   "is a diffusers pipeline, whose text encoders and transformer are not one", tmp_path / "i")
+    assert_refused(capsys, ["capture", flux, "-d", pipelines["images"], "--image-size", SIZE, "--t5-tokens", 0],
+                   "--t5-tokens must be a positive number of tokens, got 0", tmp_path / "h")
     offset = solve(pipelines["stats"]["flux"], tmp_path / "offset", mode="lora", rank=2, targets=BLOCK_TARGETS)
     only = export(offset, tmp_path / "only", format="kohya", unet_only=True)
     assert all(k.startswith("lora_unet_") for k in load_file(only / kohya.FILE))
+
+
+def t5_rows(stats, encoder):
+    opened = store.Store(stats)
+    entry = opened.manifest["modules"][f"{encoder}.encoder.block.0.layer.0.SelfAttention.q"]
+    return opened.manifest["stats"][entry["key"]]["count"], opened.manifest["capture"].get("t5_tokens")
+
+
+def test_t5_prompts_are_padded_as_sd_scripts_pads_them(pipelines, tmp_path):
+    """Flux dev 512 T5 tokens, schnell (no guidance embedding) 256, SD3 256; --t5-tokens sets it; the
+    store records it. Every position counts (no mask), so a T5 layer sees 5 × that many rows."""
+    images = pipelines["images"]
+    schnell = build_flux(tmp_path / "schnell", guidance=False)
+    assert t5_rows(pipelines["stats"]["flux"], "text_encoder_2") == (5 * 512, 512)
+    assert t5_rows(pipelines["stats"]["sd3"], "text_encoder_3") == (5 * 256, 256)
+    assert t5_rows(capture(schnell, images, tmp_path / "s", targets="all-linear", image_size=SIZE), "text_encoder_2") == (5 * 256, 256)
+    assert t5_rows(capture(schnell, images, tmp_path / "t", targets="all-linear", image_size=SIZE, t5_tokens=64),
+                   "text_encoder_2") == (5 * 64, 64)
+
+
+def test_sd3_saved_without_t5_conditions_with_zeros_as_its_pipeline(pipelines, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diffusers.StableDiffusion3Pipeline.from_pretrained(pipelines["models"]["sd3"], text_encoder_3=None,
+                                                           tokenizer_3=None).save_pretrained(tmp_path / "model")
+    images = pipelines["images"]
+    stats = store.Store(capture(tmp_path / "model", images, tmp_path / "stats", targets="all-linear", batch_size=8, image_size=SIZE))
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(tmp_path / "model", text_encoder_3=None, tokenizer_3=None)
+    sums = summing_linear_inputs(pipe, ("transformer",))
+    with torch.no_grad():
+        denoise("sd3", pipe, clean_latents(pipe, images), torch.zeros(5), conditioning("sd3", pipe, captions_of(images)))
+    assert {n.split(".")[0] for n in stats.manifest["modules"]} == {"transformer", "text_encoder", "text_encoder_2"}
+    for name, entry in stats.manifest["modules"].items():
+        if name.startswith("transformer."):
+            torch.testing.assert_close(stats.tensors(entry["key"])["xxt"].double(), sums[name], rtol=1e-4,
+                                       atol=1e-4 * float(sums[name].abs().max()), msg=name)

@@ -77,6 +77,7 @@ def capture(
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5),
     prompt: str | None = None,
     noise_timestep: int | None = None,
+    t5_tokens: int | None = None,
     seed: int = 0,
     shard: str | None = None,
     checkpoint_every: int | None = None,
@@ -94,8 +95,8 @@ def capture(
 ) -> Path:
     """Capture input statistics of `targets` in `model` over `data`; write a store at `out`.
 
-    `model` is a transformers directory (text or vision) or a diffusers Stable-Diffusion-style
-    pipeline directory, or a Hugging Face Hub id (at `revision`) whose snapshot is in the cache or
+    `model` is a transformers directory (text or vision) or a diffusers pipeline directory (SD, SDXL,
+    Flux, SD3: `t5_tokens` sets the length of the latter two's T5 prompts), or a Hugging Face Hub id (at `revision`) whose snapshot is in the cache or
     can be downloaded; `data` is text for a text model (records/: a file, a folder, a dataset, a Hub
     dataset id; its `data_config` and `split`, the `text_field`, the first `max_samples` or as many drawn with
     `shuffle_seed`), a folder of images otherwise. `shard`
@@ -243,13 +244,18 @@ def _check_model(net, kind: str, a: SimpleNamespace) -> None:
         raise CntinitError(f"--layerwise runs one chain of repeated blocks, and {a.model} is a vision-language model with two (the "
                            "vision tower's, the language model's): use --offload for a model larger than the device")
     if a.layerwise and (kind == "diffusion" or getattr(net.config, "is_encoder_decoder", False)):
-        what = "a diffusers pipeline, whose UNet" if kind == "diffusion" else "an encoder-decoder model, whose decoder"
-        raise CntinitError(f"--layerwise runs one chain of repeated blocks; {a.model} is {what} is not one: capture without --layerwise")
+        what = f"a diffusers pipeline, whose {_denoiser_words(net)}" if kind == "diffusion" else "an encoder-decoder model, whose decoder is"
+        raise CntinitError(f"--layerwise runs one chain of repeated blocks; {a.model} is {what} not one: capture without --layerwise")
     if a.gradients:
         gradients.check_model(net, kind, a.model)
     if a.gradient_checkpointing and kind == "diffusion":
-        raise CntinitError("--gradient-checkpointing recomputes one chain of repeated blocks, and a diffusers pipeline's UNet is not "
-                           "one: leave it out (a smaller --batch-size saves memory)")
+        raise CntinitError(f"--gradient-checkpointing recomputes one chain of repeated blocks, and a diffusers pipeline's {_denoiser_words(net)} "
+                           "not one: leave it out (a smaller --batch-size saves memory)")
+
+
+def _denoiser_words(net) -> str:
+    """What of a pipeline is not one chain of blocks, for the refusals above."""
+    return "UNet is" if net.family.denoiser == "unet" else "text encoders and transformer are"
 
 
 def _placed(net, layerwise_run: bool, placement, dev: torch.device, run_dtype: torch.dtype) -> str:

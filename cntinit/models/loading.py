@@ -143,8 +143,8 @@ def _processor(path: Path, trust_remote_code: bool):
 
 def record(net: nn.Module, path: str | Path, fingerprint: str) -> dict:
     """The model as the manifests record it: where it is (and, for a snapshot in the Hugging Face cache,
-    its Hub id and commit, which export names as the base model); a pipeline with two text encoders
-    records its family as its layout (sdxl, flux, sd3; SD 1.x/2.x none), which export's kohya names follow."""
+    its Hub id and commit, which export names as the base model); a pipeline records its family
+    as its layout (sdxl, flux, sd3; SD 1.x/2.x none), which export's kohya names follow."""
     entry = {"path": str(Path(path).absolute()), "class": type(net).__name__, "fingerprint": fingerprint, "kind": modality(net)}
     entry |= hub.origin(path)
     if isinstance(net, pipelines.DiffusionParts) and net.family.name != "sd":

@@ -26,7 +26,6 @@ from .families import Family, of_pipeline
 INDEX = "model_index.json"
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")  # every family's adaptable parts
 HELPERS = ("vae", "scheduler")  # every family's other parts: the VAE only encodes images
-SDXL = "sdxl"  # the model record's layout for SDXL (Flux's is "flux", SD3's "sd3"; SD 1.x/2.x records none)
 
 
 def is_pipeline(path: str | Path) -> bool:
@@ -45,6 +44,7 @@ class DiffusionParts(nn.Module):
             setattr(self, name, parts.get(name))
         self.helpers = {"vae": vae, "scheduler": scheduler, "tokenizers": tokenizers}
         self.noise_timestep: int | None = None
+        self.t5_tokens: int | None = None  # the length T5 prompts are padded to (set by the feed)
         self.generator: torch.Generator | None = None
         self.training_noise = None  # --gradients: the schedule that noises latents as training does
 

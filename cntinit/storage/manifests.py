@@ -53,7 +53,7 @@ STORE = HEADER | {
              "split?": str, "config?": str, "repo?": str, "revision?": str},
     "capture": {"targets": str, "seq_len": int, "batch_size": int, "max_samples": Maybe(int), "pack": bool, "buckets": int,
                 "dtype": str, "accumulate": str, "sample_max_norm": bool, "device": str, "shard": Maybe(str),
-                "image_size?": Maybe(int), "image_processor?": bool, "prompt?": Maybe(str), "noise_timestep?": Maybe(int), "seed?": int,
+                "image_size?": Maybe(int), "image_processor?": bool, "prompt?": Maybe(str), "noise_timestep?": Maybe(int), "t5_tokens?": int, "seed?": int,
                 "gradients?": bool, "statistics?": bool, "shuffle_seed?": int},
     "modules": Each({"key": str, "in_features": int, "out_features": int, "layer": str}),
     "stats": Each({"dim": int, "count": int, "modules": [str], "file": str}),

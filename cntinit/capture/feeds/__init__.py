@@ -14,7 +14,7 @@ from .feed import Feed
 
 FEEDS = {"text": text, "vision": vision, "diffusion": diffusion, "vlm": vlm}  # model kind -> its feed module
 # the options some kinds take, as the command line names them, in the order a refusal names the first
-KIND_OPTIONS = {"prompt": "--prompt", "noise_timestep": "--noise-timestep", "image_size": "--image-size", "pack": "--pack",
+KIND_OPTIONS = {"prompt": "--prompt", "noise_timestep": "--noise-timestep", "t5_tokens": "--t5-tokens", "image_size": "--image-size", "pack": "--pack",
                 "sample_max_norm": "--sample-max-norm", "split": "--split", "data_config": "--data-config",
                 "shuffle_seed": "--shuffle-seed"}
 

@@ -14,7 +14,7 @@ from ...models.pipelines import DiffusionParts
 from . import images
 from .feed import Batch, Feed, Shard
 
-OPTIONS = ("prompt", "noise_timestep", "image_size")
+OPTIONS = ("prompt", "noise_timestep", "image_size", "t5_tokens")
 
 
 def build(net: DiffusionParts, tokenizer, args, run_dtype: torch.dtype, shard: Shard = (0, 1)) -> Feed:
@@ -29,8 +29,7 @@ def build(net: DiffusionParts, tokenizer, args, run_dtype: torch.dtype, shard: S
                            f"give --image-size {max(multiple, size // multiple * multiple)}")
     pixels = images.Pixels(None, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     pictures = images.read_pictures(args.data, args.max_samples, args.prompt, need_captions=True)
-    # each encoder reads its own tokenizer's ids (they pad differently), as long as its pipeline pads them
-    lengths = {name: net.family.length(net, name, tokenizer) or context_length(getattr(net, name), tokenizer) for name, tokenizer in net.encoders}
+    lengths = _lengths(net, args.t5_tokens)
 
     def inputs(chunk):
         captions = [p.caption for p in chunk]
@@ -39,7 +38,8 @@ def build(net: DiffusionParts, tokenizer, args, run_dtype: torch.dtype, shard: S
             for name, tokenizer in net.encoders}
 
     feed = images.feed(pictures, args.data, args.batch_size, args.buckets, inputs,
-                       {"image_size": size, "prompt": args.prompt, "noise_timestep": args.noise_timestep, "seed": args.seed}, shard)
+                       {"image_size": size, "prompt": args.prompt, "noise_timestep": args.noise_timestep, "seed": args.seed}
+                       | ({"t5_tokens": net.t5_tokens} if net.t5_tokens is not None else {}), shard)
     batches = feed.batches
 
     def seeded() -> Iterator[Batch]:
@@ -48,3 +48,19 @@ def build(net: DiffusionParts, tokenizer, args, run_dtype: torch.dtype, shard: S
 
     feed.batches = seeded
     return feed
+
+
+def _lengths(net: DiffusionParts, t5_tokens: int | None) -> dict[str, int | None]:
+    """The tokens each text encoder's prompts are padded to: its pipeline's (T5's: `t5_tokens` when
+    given), else its tokenizer's limit or its position table. Each encoder reads its own tokenizer's
+    ids (they pad differently)."""
+    family = net.family
+    if t5_tokens is not None:
+        if family.t5 is None:
+            raise CntinitError(f"--t5-tokens sets the prompt length of a T5 text encoder, and a {family.label} pipeline has none: leave it out")
+        if t5_tokens < 1:
+            raise CntinitError(f"--t5-tokens must be a positive number of tokens, got {t5_tokens}")
+    if family.t5 is not None:
+        net.t5_tokens = t5_tokens or family.length(net, family.t5)
+    return {name: (net.t5_tokens if name == family.t5 else family.length(net, name)) or context_length(getattr(net, name), tokenizer)
+            for name, tokenizer in net.encoders}

@@ -18,10 +18,11 @@ class Family:
     denoiser: str  # its denoiser component: "unet" or "transformer"
     encoders: tuple[tuple[str, str], ...]  # (text encoder, its tokenizer), in the pipeline's order
     optional: tuple[str, ...]  # encoders a pipeline may be saved without (SD3's T5): model_index.json says null
+    t5: str | None  # its T5 text encoder, whose prompt length --t5-tokens sets (None: it has none)
     forward: Callable  # (parts, pixel_values, ids by encoder) -> None, or (prediction, target) with training noise
     training: Callable  # (parts) -> the schedule that noises latents as training does (refusing one it has no loss for)
     resolution: Callable  # (parts) -> the pixel size it generates by default
-    length: Callable  # (parts, encoder, tokenizer) -> the tokens the pipeline pads that encoder's prompts to (None: the tokenizer's limit)
+    length: Callable  # (parts, encoder) -> the tokens the pipeline pads that encoder's prompts to (None: the tokenizer's limit)
     multiple: Callable  # (parts) -> what an image side must be a multiple of (latent packing, patches)
 
     @property

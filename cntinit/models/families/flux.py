@@ -1,7 +1,7 @@
 """FLUX.1 (dev and schnell): a diffusion transformer trained by flow matching (flow_matching.py),
 conditioned as FluxPipeline.encode_prompt conditions it — CLIP's pooled output (its prompt padded
 to CLIP's 77 tokens) and T5's last hidden states (padded to 512 tokens for dev, 256 for schnell, as
-sd-scripts pads them; no attention mask, as the pipeline and sd-scripts' default run T5), text ids
+sd-scripts pads them, or to --t5-tokens; no attention mask, as the pipeline and sd-scripts' default run T5), text ids
 all zero.
 
 Latents (the VAE's posterior mean, shifted and scaled) are packed into 2×2 patches with their
@@ -57,11 +57,11 @@ def resolution(parts) -> int:
     return 128 * parts.vae_factor
 
 
-def length(parts, encoder: str, tokenizer) -> int | None:
+def length(parts, encoder: str) -> int | None:
     return T5_TOKENS[bool(parts.transformer.config.guidance_embeds)] if encoder == "text_encoder_2" else None
 
 
 register(Family("flux", "Flux", ("FluxPipeline",), denoiser="transformer",
-                encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")), optional=(),
+                encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")), optional=(), t5="text_encoder_2",
                 forward=forward, training=flow_matching.training, resolution=resolution, length=length,
                 multiple=lambda parts: 2 * parts.vae_factor))

@@ -2,7 +2,7 @@
 (flow_matching.py), conditioned as StableDiffusion3Pipeline.encode_prompt conditions it: CLIP-L's
 and CLIP-G's penultimate hidden states side by side (each prompt padded to 77 tokens), zero-padded
 to T5's width and followed by T5's last hidden states (256 tokens, the pipeline's and sd-scripts'
-default; zeros where the pipeline was saved without T5), and the two CLIPs' pooled projections side
+default, or --t5-tokens; zeros of that length where the pipeline was saved without T5), and the two CLIPs' pooled projections side
 by side. Latents are the VAE's posterior mean, shifted and scaled; the transformer reads the
 timestep σ·N as the pipeline gives it.
 """
@@ -29,7 +29,7 @@ def forward(parts, pixel_values: torch.Tensor, ids: dict[str, torch.Tensor]):
     if parts.text_encoder_3 is not None:
         t5 = parts.text_encoder_3(ids["text_encoder_3"])[0]
     else:
-        t5 = torch.zeros(clip.shape[0], T5_TOKENS, transformer.config.joint_attention_dim, dtype=clip.dtype, device=clip.device)
+        t5 = torch.zeros(clip.shape[0], parts.t5_tokens, transformer.config.joint_attention_dim, dtype=clip.dtype, device=clip.device)
     states = torch.cat([torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5.to(clip.dtype)], dim=-2)
     noised = flow_matching.noised(parts, flow_matching.latents(parts, pixel_values))
     prediction = transformer(hidden_states=noised.latents.to(dtype), timestep=noised.timestep.to(dtype),
@@ -42,11 +42,11 @@ def resolution(parts) -> int:
     return parts.transformer.config.sample_size * parts.vae_factor
 
 
-def length(parts, encoder: str, tokenizer) -> int | None:
+def length(parts, encoder: str) -> int | None:
     return T5_TOKENS if encoder == "text_encoder_3" else None
 
 
 register(Family("sd3", "Stable Diffusion 3", ("StableDiffusion3Pipeline",), denoiser="transformer",
                 encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")),
-                optional=("text_encoder_3",), forward=forward, training=flow_matching.training, resolution=resolution, length=length,
+                optional=("text_encoder_3",), t5="text_encoder_3", forward=forward, training=flow_matching.training, resolution=resolution, length=length,
                 multiple=lambda parts: parts.vae_factor * parts.transformer.config.patch_size))

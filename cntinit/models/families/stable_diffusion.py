@@ -73,7 +73,7 @@ def resolution(parts) -> int:
     return parts.unet.config.sample_size * parts.vae_factor
 
 
-def length(parts, encoder: str, tokenizer) -> None:
+def length(parts, encoder: str) -> None:
     """Each tokenizer's limit, else its encoder's position table (the feed's default)."""
     return None
 
@@ -82,7 +82,7 @@ def multiple(parts) -> int:
     return parts.vae_factor
 
 
-COMMON = dict(denoiser="unet", optional=(), forward=forward, training=training, resolution=resolution, length=length, multiple=multiple)
+COMMON = dict(denoiser="unet", optional=(), t5=None, forward=forward, training=training, resolution=resolution, length=length, multiple=multiple)
 register(Family("sd", "Stable Diffusion", ("StableDiffusionPipeline",), encoders=(("text_encoder", "tokenizer"),), **COMMON))
 register(Family("sdxl", "Stable Diffusion XL", ("StableDiffusionXLPipeline",),
                 encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")), **COMMON))
