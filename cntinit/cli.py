@@ -296,6 +296,7 @@ def solve(
     rslora: bool = _flag("--rslora", help="lora-ga, lora-one: the trainer's scale is α/√r (rsLoRA)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4: for a QLoRA trainer (load_in_4bit), ship the base as NF4(W − BA) — exactly what bitsandbytes loads — instead of W − BA (residual inits; QPiSSA with pissa). The report adds the quantization error next to plain QLoRA's."),
     bits: Optional[int] = typer.Option(None, "--bits", help="loftq: bits of the quantized base (4: NF4, PEFT's LoftQConfig default and the only one offered)."),
+    out_delta: Optional[float] = typer.Option(None, "--out-delta", help="cnt-x, cnt-s, cnt-sh: multiply every update BA by one factor so that the median out Δ (the report's output change on the calibration data) is this, e.g. 0.02: the paper's directions at a size that keeps an offset init near the pretrained model."),
     loftq_iter: Optional[int] = typer.Option(None, "--loftq-iter", help="loftq: alternations of quantizing W − BA and refitting BA to W − Q (default 1, as PEFT)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random draws (lora, pissa and lora-ga --niter, inilora*, lora-ga --direction random)."),
     model: Optional[str] = typer.Option(None, "--model", help="Read the weights from here (a directory or a Hub id) instead of the path the capture recorded (they must be the same weights); without a capture, the model to solve."),
@@ -345,7 +346,7 @@ def solve(
         split_p=split_p, init=init, vas=vas, budget=budget, min_rank=min_rank, max_rank=max_rank, precision=precision,
         seed=seed, niter=niter, lora_init=lora_init, rho=rho, corda_mode=corda_mode, steps=steps,
         direction=direction, scale=scale, stable_gamma=stable_gamma, alpha=alpha, rslora=rslora or None,
-        quantize=quantize, bits=bits, loftq_iter=loftq_iter,
+        quantize=quantize, bits=bits, loftq_iter=loftq_iter, out_delta=out_delta,
     )
     _torchrun_needs_out(out)
     if out is None:

@@ -1,6 +1,7 @@
 """`cntinit solve` on tiny models against an independent NumPy computation of METHODS.md."""
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from cntinit.solve import linalg
 from cntinit.solve import Options, solve
 from cntinit.solve.modes import cnt
 from cntinit.solve.solution import Solution
-from conftest import leftovers, run
+from conftest import assert_refused, leftovers, run
 
 
 def weights(model_dir):
@@ -356,3 +357,32 @@ def test_an_offset_init_that_moves_the_outputs_far_warns_with_the_fix(captured, 
             fired.append(mode)
     assert fired == ["cnt-x"]  # the tiny model's offset cnt-x moves its outputs far
     assert (tmp_path / "cnt-x-offset" / "report.json").exists()  # the solve is written all the same
+
+
+@pytest.mark.parametrize("mode", ["cnt-x", "cnt-sh"])
+def test_out_delta_scales_every_update_by_one_factor_to_the_median_asked(captured, tmp_path, mode):
+    """--out-delta T: the paper's factors, each BA times one c = √(T / median out Δ), so the report's
+    median out Δ is T; the report says c; the manifest records T (and leaves it out when not set)."""
+    plain = solve(captured["llama"], tmp_path / "plain", mode=mode, rank=2)
+    scaled = solve(captured["llama"], tmp_path / "scaled", mode=mode, rank=2, out_delta=0.02)
+    before, after = (json.loads((d / "report.json").read_text()) for d in (plain, scaled))
+    median = float(np.median([m["output_change"] for m in before["modules"].values()]))
+    c = math.sqrt(0.02 / median)
+    assert after["out_delta_scale"] == pytest.approx(c, rel=1e-9) and "out_delta_scale" not in before
+    assert float(np.median([m["output_change"] for m in after["modules"].values()])) == pytest.approx(0.02, rel=1e-9)
+    for name, (b, a) in Solution(plain).factors().items():
+        b2, a2 = Solution(scaled).factors()[name]
+        want = c * (b.double() @ a.double())
+        torch.testing.assert_close(b2.double() @ a2.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+        assert after["modules"][name]["kept"] == before["modules"][name]["kept"]  # of ΔW's split, unscaled
+    assert json.loads((scaled / "manifest.json").read_text())["params"]["out_delta"] == 0.02
+    assert "out_delta" not in json.loads((plain / "manifest.json").read_text())["params"]  # older manifests stay as they were
+
+
+def test_out_delta_refusals(captured, tmp_path, capsys):
+    for args, message in [(["-m", "pissa", "--out-delta", "0.02"], "--out-delta applies to --mode cnt-x or cnt-s or cnt-sh, not pissa"),
+                          (["-m", "cnt-s", "--out-delta", "nan"], "--out-delta must be a positive finite number up to 1e6"),
+                          (["-m", "cnt-s", "--out-delta", "0"], "--out-delta must be a positive finite number up to 1e6"),
+                          (["-m", "cnt-s", "--init", "residual", "--quantize", "nf4", "--out-delta", "0.02"],
+                           "--out-delta rescales BA after the split, and --quantize fits the NF4 base to the split itself")]:
+        assert_refused(capsys, ["solve", captured["llama"], "-r", "2", *args], message, tmp_path / "out")

@@ -5,12 +5,15 @@ singular values, from every process), then each batch split by its mode's factor
 from __future__ import annotations
 
 import hashlib
+import math
+import statistics
 from dataclasses import replace
 
 import torch
 from transformers.pytorch_utils import Conv1D
 
 from .. import distributed
+from ..errors import CntinitError
 from . import quant, report, vas
 from .linalg import singular_values
 from .modes import GRADIENTS, Job, Mode
@@ -74,3 +77,22 @@ def split_all(mode: Mode, batches, modules: dict, options, max_ranks: dict, worl
     if unreached:
         warn_unreached(options.mode, unreached)
     return options, ranks, factors, rows
+
+
+def scale_to_out_delta(target: float, factors: dict, rows: dict) -> float:
+    """--out-delta: every update BA times one factor c, so that the median out Δ over the modules is
+    `target` — the paper's directions, at a size fixed from the calibration data. out Δ grows as c²,
+    so c = √(target / median); B and A each take √c. Returns c; each report row's out Δ becomes the
+    scaled update's (its update norm and kept stay those of the split of ΔW)."""
+    changes = [rows[name]["output_change"] for name in factors if rows[name]["output_change"] is not None]
+    median = statistics.median(changes) if changes else 0.0
+    if not median > 0:
+        raise CntinitError("--out-delta scales the updates to a median out Δ, and these change no adapted layer's output on the "
+                           "calibration data (median out Δ 0): leave out --out-delta")
+    scale = math.sqrt(target / median)
+    for name, (b, a, *rest) in factors.items():
+        factors[name] = (b * math.sqrt(scale), a * math.sqrt(scale), *rest)
+    for row in rows.values():
+        if row["output_change"] is not None:
+            row["output_change"] *= scale * scale
+    return scale

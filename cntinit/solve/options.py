@@ -24,7 +24,8 @@ from .modes.weight_baselines import LORA_INITS
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 INITS = (modes.OFFSET, modes.RESIDUAL)
-NEWER_OPTIONS = ("direction", "scale", "stable_gamma", "alpha", "rslora", "quantize", "bits", "loftq_iter")  # None unless used; older manifests lack them
+NEWER_OPTIONS = ("direction", "scale", "stable_gamma", "alpha", "rslora", "quantize", "bits", "loftq_iter", "out_delta")  # None unless used; older manifests lack them
+RECORDED_WHEN_SET = ("out_delta",)  # newer than the pinned formats: a solve manifest's params hold them only when set
 QUANTIZE = ("nf4",)
 GAMMAS = (1e-6, 1e12)  # --stable-gamma: B and A shrink by √γ (16 and 128 by default)
 SCALES_OF_ALPHA = (1e-4, 1e4)  # α/r of --alpha: the scale export folds into the factors (export/stage.py takes the same)
@@ -65,6 +66,7 @@ class Options:
     quantize: str | None = None  # nf4: the shipped base is NF4(W − BA), as a 4-bit trainer loads it (loftq: always)
     bits: int | None = None  # loftq: 4 (PEFT's LoftQConfig default; NF4)
     loftq_iter: int | None = None  # loftq: alternations of quantizing and the rank-r SVD (PEFT's default 1)
+    out_delta: float | None = None  # cnt-*: every update scaled by one factor so that the median out Δ is this
 
     @property
     def lora_scale(self) -> float:
@@ -99,6 +101,9 @@ class Options:
             why = "BA = 0 leaves the base W" if mode.zero_update else "an offset init's base is W itself"
             raise CntinitError(f"--quantize {options.quantize} makes the shipped base the 4-bit NF4(W − BA); {why}: quantize W in the "
                                "trainer (plain QLoRA), or use --init residual")
+        if options.out_delta is not None and options.quantize is not None:
+            raise CntinitError("--out-delta rescales BA after the split, and --quantize fits the NF4 base to the split itself: "
+                               "use one of them")
         options.check()
         return options
 
@@ -139,6 +144,9 @@ class Options:
             raise CntinitError(f"--niter must be at least 0, got {self.niter}")
         if self.rho is not None and not (math.isfinite(self.rho) and 1 <= self.rho <= 1e6):
             raise CntinitError(f"--rho must be at least 1 and finite, at most 1e6 (1 = no redistribution), got {self.rho}")
+        if self.out_delta is not None and not (math.isfinite(self.out_delta) and 0 < self.out_delta <= 1e6):
+            raise CntinitError(f"--out-delta must be a positive finite number up to 1e6 (the median out Δ the updates are scaled to), "
+                               f"got {self.out_delta}")
         if not (math.isfinite(self.shift_c) and 0 < self.shift_c <= 1e6):
             raise CntinitError(f"--shift-c must be a positive finite number up to 1e6 (C = c·I scales the target), got {self.shift_c}")
         if self.bucket_weights is not None:

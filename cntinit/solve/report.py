@@ -56,7 +56,8 @@ def spectrum(values: torch.Tensor) -> list[float]:
     return [float(f"{v:.6g}") for v in values[:SPECTRUM_LENGTH].tolist()]
 
 
-def report(mode: Mode, options, rows: dict, ranks: dict, seconds: float, loaded: float) -> dict:
+def report(mode: Mode, options, rows: dict, ranks: dict, seconds: float, loaded: float, scaled_by: float | None = None) -> dict:
+    """The solve's report.json; `scaled_by`: the factor --out-delta multiplied every update by."""
     delta_sq = sum(r["delta_norm"] ** 2 for r in rows.values())
     update_sq = sum(r["update_norm"] ** 2 for r in rows.values())
     return {
@@ -71,8 +72,7 @@ def report(mode: Mode, options, rows: dict, ranks: dict, seconds: float, loaded:
         "floored_modules": sum(1 for r in rows.values() if r["floored"]),
         "solve_seconds": round(seconds, 3),
         "load_seconds": round(loaded, 3),
-        "modules": rows,
-    }
+    } | ({"out_delta_scale": scaled_by} if scaled_by is not None else {}) | {"modules": rows}
 
 
 def warn_if_far(options, report: dict) -> None:

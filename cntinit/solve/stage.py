@@ -30,9 +30,9 @@ from ..models.source import locate
 from ..storage import store
 from ..storage.atomic import atomic_directory
 from . import inputs, modes, report, solution
-from .factors import split_all
+from .factors import scale_to_out_delta, split_all
 from .modes import GRADIENTS, STATISTICS, Mode
-from .options import PRECISIONS, Options
+from .options import PRECISIONS, RECORDED_WHEN_SET, Options
 
 
 def solve(capture_dir: str | Path | None, out: str | Path, options: Options | None = None, *, model: str | Path | None = None,
@@ -93,7 +93,8 @@ def _solve(world: distributed.World, capture_dir, out, options: Options, model, 
     if overflow:
         raise CntinitError(f"the factors of {overflow} come out NaN or Inf (beyond float32, which the solve directory stores): "
                            "these options make the target too large; use smaller --bucket-weights or --shift-c, or a larger --rcond")
-    made = report.report(mode, options, {name: rows[name] for name in modules}, ranks, seconds, loaded)  # model order
+    scaled_by = scale_to_out_delta(options.out_delta, factors, rows) if options.out_delta is not None else None
+    made = report.report(mode, options, {name: rows[name] for name in modules}, ranks, seconds, loaded, scaled_by)  # model order
     report.warn_if_far(options, made)
     _write(out, capture_dir, stats, options, modules, model_info, str(dev), ranks, factors, made)
     log(f"solved {options.mode} for {len(factors)} modules (total rank {sum(ranks.values())}) in {seconds:.1f}s after {loaded:.1f}s of loading")
@@ -180,7 +181,7 @@ def _write(out, capture_dir, stats: store.Store | None, options: Options, module
     manifest = solution.new_manifest(
         mode=options.mode,
         init=options.init,
-        params={k: v for k, v in asdict(options).items() if k not in ("mode", "init")},
+        params={k: v for k, v in asdict(options).items() if k not in ("mode", "init") and not (k in RECORDED_WHEN_SET and v is None)},
         capture=None if captured is None else {
             "path": str(Path(capture_dir).absolute()),
             "manifest_sha256": store.sha256_file(Path(capture_dir) / store.MANIFEST),

@@ -135,7 +135,8 @@ def split_delta(batch: Batch, job: Job) -> Factors:
 
 def _register(name: str, target: Target, eigendecompose: bool) -> None:
     register(Mode(name, reads=STATISTICS, init=OFFSET, factor=split_delta, batches=functools.partial(deltas, target, eigendecompose),
-                  decompose="svd", any_decompose=True, buckets=True, by_key=True, floors=True))
+                  decompose="svd", any_decompose=True, buckets=True, by_key=True, floors=True,
+                  options={"out_delta": lambda given, options: given}))
 
 
 _register("cnt-x", cross_target, eigendecompose=True)
