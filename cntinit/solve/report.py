@@ -84,7 +84,8 @@ def warn_if_far(options, report: dict) -> None:
         return
     warn(f"{options.mode}'s offset init changes the adapted layers' outputs on the calibration data by a median out Δ of "
          f"{typical:.3g}; every offset init above {FAR_OUT_DELTA:g} failed to train in the fine-tuning "
-         "benchmarks (benchmarks/RESULTS.md): solve with --init residual, which starts at the pretrained model")
+         "benchmarks (benchmarks/RESULTS.md): solve with --init residual, which starts at the pretrained model, or fix the "
+         "offset's size with --out-delta 1e-4")
 
 
 def _kept(mode: Mode, rows: dict, update_sq: float, delta_sq: float) -> float:
