@@ -241,6 +241,8 @@ def test_flux_sd3_errors(pipelines, tmp_path, capsys):
     shutil.rmtree(broken / "transformer")
     assert_refused(capsys, ["capture", broken, "-d", pipelines["images"], "--image-size", SIZE],
                    "lacks the pipeline component folder transformer: give a complete Flux pipeline directory", tmp_path / "a")
+    (broken / "model_index.json").write_text("[1, 2]")
+    assert_refused(capsys, ["capture", broken, "-d", pipelines["images"]], "model_index.json is not a JSON object of components", tmp_path / "j")
     tokenizer = shutil.copytree(flux, tmp_path / "bad_t5")
     (tokenizer / "tokenizer_2" / "tokenizer.json").write_text("{not json")
     assert_refused(capsys, ["capture", tokenizer, "-d", pipelines["images"], "--image-size", SIZE],

@@ -107,6 +107,8 @@ def family_of(path: Path) -> tuple[Family, dict]:
         index = json.loads((path / INDEX).read_text())
     except (OSError, ValueError) as exc:
         raise CntinitError(f"could not read {path / INDEX}: {first_line(exc)} — give a directory DiffusionPipeline.save_pretrained wrote") from None
+    if not isinstance(index, dict):
+        raise CntinitError(f"{path / INDEX} is not a JSON object of components: give a directory DiffusionPipeline.save_pretrained wrote")
     present = {name for name, entry in index.items() if isinstance(entry, list) and entry and entry[0] is not None}
     return of_pipeline(index.get("_class_name"), "text_encoder_2" in present), index
 
