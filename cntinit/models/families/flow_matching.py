@@ -1,6 +1,5 @@
 """Flow matching, as Flux and Stable Diffusion 3 are trained (diffusers' train_dreambooth_lora_flux/
-_sd3 with weighting scheme "none", sd-scripts' flux/sd3 training with uniform timestep sampling):
-latents x₀ and noise n mixed as x_σ = (1 − σ)·x₀ + σ·n, the denoiser predicting the velocity
+_sd3 with weighting scheme "none"; sd-scripts' defaults draw σ from another distribution): latents x₀ and noise n mixed as x_σ = (1 − σ)·x₀ + σ·n, the denoiser predicting the velocity
 n − x₀, its squared error unweighted.
 
 σ comes from the training schedule — the pipeline's FlowMatchEulerDiscreteScheduler config as

@@ -6,7 +6,7 @@ all zero.
 
 Latents (the VAE's posterior mean, shifted and scaled) are packed into 2×2 patches with their
 image ids as FluxPipeline packs them; dev (a transformer with a guidance embedding) is told
-guidance 3.5, the pipeline's and the training scripts' default; the transformer reads the timestep
+guidance 3.5, the pipeline's and sd-scripts' default; the transformer reads the timestep
 σ·N/1000. Training's target, the velocity n − x₀, is packed alike.
 """
 
@@ -17,7 +17,7 @@ import torch
 from . import flow_matching
 from .family import Family, register
 
-GUIDANCE = 3.5  # FluxPipeline's guidance_scale and diffusers'/sd-scripts' training default
+GUIDANCE = 3.5  # FluxPipeline's guidance_scale and sd-scripts' --guidance_scale default
 T5_TOKENS = {True: 512, False: 256}  # by whether the transformer embeds guidance (dev) or not (schnell), as sd-scripts pads T5
 
 
