@@ -227,7 +227,7 @@ def check_kohya_layers(out: str | Path, solve_dir: str | Path, model: str | Path
         claimed.setdefault(layer, []).append(range(start, start + rows[part or 0]))
         w, bias = reference.layer(name)
         update = updates[layer][start:start + rows[part or 0]]
-        update = kohya_names.reordered(kohya_names.SWAPPED, update, a)[1] if swapped else update
+        update = kohya_names.swap_halves(update, a.shape[1]) if swapped else update
         initial = w.double() + update
         adapted[name] = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=torch.float64)
         adapted[name].weight.data, adapted[name].bias = initial, None if bias is None else torch.nn.Parameter(bias.double())

@@ -132,12 +132,14 @@ def fused_rows(layer: str, width: int) -> list[int]:
 
 
 def reordered(key: str, b: torch.Tensor, a: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """(the key without its mark, B in the original's row order): SD3's last block stores its context
-    modulation (2 × the width) with shift and scale swapped; the other blocks' agree."""
-    if not key.endswith(SWAPPED):
-        return key, b
-    key = key.removesuffix(SWAPPED)
-    if b.shape[0] != 2 * a.shape[1]:
-        return key, b
-    first, second = b.chunk(2, dim=0)
-    return key, torch.cat([second, first]).contiguous()
+    """(the key without its mark, B in the original's row order)."""
+    return (key.removesuffix(SWAPPED), swap_halves(b, a.shape[1])) if key.endswith(SWAPPED) else (key, b)
+
+
+def swap_halves(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """A marked module's rows in the other order: SD3's last block stores its context modulation
+    (2 × the width: shift, scale) swapped relative to diffusers; the other blocks' (6 × the width) agree."""
+    if rows.shape[0] != 2 * width:
+        return rows
+    first, second = rows.chunk(2, dim=0)
+    return torch.cat([second, first]).contiguous()
