@@ -16,11 +16,11 @@ fixed part plus 19 + 38 blocks' share: the table says how many blocks it measure
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import diffusers
@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from imaging import clip_tokenizer, t5_tokenizer  # noqa: E402
 
 from cntinit import capture, embedded, records  # noqa: E402
+from peaks import measured  # noqa: E402
 
 SHAPES = {  # transformer, CLIP, T5, VAE block widths, image side
     "tiny": ({"attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32,
@@ -84,9 +85,8 @@ def write_images(folder: Path, samples: int) -> Path:
     return folder
 
 
-def plain_forward(model_dir: Path, images: Path, side: int, batch_size: int, device: str, dtype: torch.dtype) -> float:
-    """The same images and captions through the pipeline's own encode_prompt, VAE and transformer: seconds, loading included."""
-    started = time.perf_counter()
+def plain_forward(model_dir: Path, images: Path, side: int, batch_size: int, device: str, dtype: torch.dtype) -> None:
+    """The same images and captions through the pipeline's own encode_prompt, VAE and transformer (loading included, as in the capture)."""
     pipe = diffusers.FluxPipeline.from_pretrained(model_dir, torch_dtype=dtype).to(device)
     pipe.vae.to(torch.float32)
     lines = [json.loads(line) for line in (images / "metadata.jsonl").read_text().splitlines()]
@@ -101,15 +101,6 @@ def plain_forward(model_dir: Path, images: Path, side: int, batch_size: int, dev
             pipe.transformer(hidden_states=pipe._pack_latents(latents, b, c, h, w).to(dtype), timestep=torch.zeros(b, device=device, dtype=dtype),
                              guidance=torch.full((b,), 3.5, device=device), pooled_projections=pooled, encoder_hidden_states=states,
                              txt_ids=text_ids, img_ids=pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    spent = time.perf_counter() - started
-    del pipe
-    return spent
-
-
-def peak(device: str) -> str:
-    return f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device == "cuda" else "-"
 
 
 def main() -> None:
@@ -132,19 +123,16 @@ def main() -> None:
     try:
         model_dir = build(scratch / "model", args.shape, args.double, args.single, args.t5_layers, args.device, dtype)
         images = write_images(scratch / "images", args.samples)
+
+        def run(what: str) -> None:
+            if what == "plain forward":
+                return plain_forward(model_dir, images, side, args.batch_size, args.device, dtype)
+            capture(model_dir, images, scratch / "stats", targets=TARGETS, batch_size=args.batch_size, image_size=side, device=args.device,
+                    dtype="bfloat16" if args.device == "cuda" else "float32", gradients=what.endswith("--gradients"), overwrite=True)
+
         rows = []
         for what in ("plain forward", "cntinit capture", "cntinit capture --gradients"):
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            started = time.perf_counter()
-            if what == "plain forward":
-                seconds = plain_forward(model_dir, images, side, args.batch_size, args.device, dtype)
-            else:
-                capture(model_dir, images, scratch / "stats", targets=TARGETS, batch_size=args.batch_size, image_size=side, device=args.device,
-                        dtype="bfloat16" if args.device == "cuda" else "float32", gradients=what.endswith("--gradients"), overwrite=True)
-                seconds = time.perf_counter() - started
-            rows.append({"what": what, "seconds": f"{seconds:.2f}", "peak GiB": peak(args.device)})
+            rows.append(measured(what, args.device, functools.partial(run, what)))
             print(json.dumps(rows[-1]), flush=True)
             if args.json:
                 args.json.write_text(json.dumps({"title": title, "rows": rows}))

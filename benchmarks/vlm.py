@@ -17,7 +17,6 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import transformers
 from PIL import Image
 
 from cntinit import capture, embedded, records
+from peaks import measured
 
 SHAPES = {  # vision tower, language model (per block), image side, patch
     "tiny": ({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
@@ -66,9 +66,8 @@ def write_records(folder: Path, samples: int) -> Path:
     return folder / "calib.jsonl"
 
 
-def plain_forward(model_dir: Path, data: Path, batch_size: int, device: str, dtype: torch.dtype) -> float:
-    """The same records through the processor and the model, nothing recorded: seconds, loading included (as the capture's)."""
-    started = time.perf_counter()
+def plain_forward(model_dir: Path, data: Path, batch_size: int, device: str, dtype: torch.dtype) -> None:
+    """The same records through the processor and the model, nothing recorded (loading included, as in the capture)."""
     net = transformers.LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     processor = transformers.AutoProcessor.from_pretrained(model_dir)
     lines = [json.loads(line) for line in data.read_text().splitlines()]
@@ -78,15 +77,6 @@ def plain_forward(model_dir: Path, data: Path, batch_size: int, device: str, dty
             inputs = processor(text=["<image>\n" + line["text"] for line in chunk], padding=True, return_tensors="pt",
                                images=[Image.open(data.parent / line["image"]).convert("RGB") for line in chunk])
             net(**{k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()})
-    if device == "cuda":
-        torch.cuda.synchronize()
-    spent = time.perf_counter() - started
-    del net
-    return spent
-
-
-def peak(device: str) -> str:
-    return f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device == "cuda" else "-"
 
 
 def main() -> None:
@@ -102,20 +92,12 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="vlm-bench-"))
     try:
         model_dir, data = build(scratch / "model", args.shape, args.blocks, args.device, dtype), write_records(scratch, args.samples)
-        rows = []
-        for what in ("plain forward", "cntinit capture (all-linear)"):
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            started = time.perf_counter()
-            if what == "plain forward":
-                seconds = plain_forward(model_dir, data, args.batch_size, args.device, dtype)
-            else:
-                capture(model_dir, data, scratch / "stats", batch_size=args.batch_size, seq_len=1024, device=args.device,
-                        dtype="bfloat16" if args.device == "cuda" else "float32", overwrite=True)
-                seconds = time.perf_counter() - started
-            rows.append({"what": what, "seconds": f"{seconds:.2f}", "peak GiB": peak(args.device)})
-            print(json.dumps(rows[-1]), flush=True)
+        rows = [measured("plain forward", args.device, lambda: plain_forward(model_dir, data, args.batch_size, args.device, dtype))]
+        print(json.dumps(rows[-1]), flush=True)
+        rows.append(measured("cntinit capture (all-linear)", args.device, lambda: capture(
+            model_dir, data, scratch / "stats", batch_size=args.batch_size, seq_len=1024, device=args.device,
+            dtype="bfloat16" if args.device == "cuda" else "float32", overwrite=True)))
+        print(json.dumps(rows[-1]), flush=True)
         title = (f"VLM capture: synthetic LLaVA-1.5-7B widths ({args.shape}, {args.blocks} language blocks), {args.samples} records of "
                  f"one 640×480 image + a verse, batch {args.batch_size}, {dtype}")
         if args.json:

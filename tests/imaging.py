@@ -62,15 +62,9 @@ def build_sd(directory: Path, seed: int = 0) -> Path:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
     )
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-    )
+    vae = _vae()
     tokenizer = clip_tokenizer()
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, bos_token_id=512, eos_token_id=513, pad_token_id=513,
-    ))
+    text_encoder = _clip(tokenizer)
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=diffusers.DDPMScheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -95,20 +89,11 @@ def build_sdxl(directory: Path, seed: int = 0) -> Path:
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
         norm_num_groups=32,
     )
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-    )
+    vae = _vae()
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer()
     tokenizer_2.pad_token = "!"  # SDXL's second tokenizer pads with "!", the first with its end token
-
-    def clip(cls, **extra):
-        return cls(transformers.CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=16, bos_token_id=512, eos_token_id=513, pad_token_id=513, **extra))
-
     pipe = diffusers.StableDiffusionXLPipeline(
-        vae=vae, text_encoder=clip(transformers.CLIPTextModel), text_encoder_2=clip(transformers.CLIPTextModelWithProjection, projection_dim=32),
+        vae=vae, text_encoder=_clip(tokenizer), text_encoder_2=_clip(tokenizer, transformers.CLIPTextModelWithProjection, projection_dim=32),
         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=diffusers.EulerDiscreteScheduler(),
     )
     pipe.save_pretrained(directory)
@@ -135,13 +120,14 @@ def _t5(tokenizer, width: int):
         relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
 
 
-def _flow_vae():
+def _vae(**factors):
+    """The tiny VAE every pipeline here has: 2× downsampling, 4 latent channels (`factors`: Flux's and
+    SD3's shift and scaling factors)."""
     import diffusers
 
     return diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-        shift_factor=0.1, scaling_factor=0.5)
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16, **factors)
 
 
 def _clip(tokenizer, cls=None, **extra):
@@ -162,7 +148,7 @@ def build_flux(directory: Path, seed: int = 0, guidance: bool = True) -> Path:
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
     pipe = diffusers.FluxPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae=_flow_vae(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae=_vae(shift_factor=0.1, scaling_factor=0.5),
         text_encoder=_clip(tokenizer), tokenizer=tokenizer, text_encoder_2=_t5(t5_tok, 32), tokenizer_2=t5_tok, transformer=transformer)
     pipe.save_pretrained(directory)
     return directory
@@ -180,7 +166,7 @@ def build_sd3(directory: Path, seed: int = 0) -> Path:
         sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
         caption_projection_dim=16, pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16, dual_attention_layers=(0,))
     pipe = diffusers.StableDiffusion3Pipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(shift_factor=0.1, scaling_factor=0.5),
         text_encoder=_clip(tokenizer, transformers.CLIPTextModelWithProjection, projection_dim=32), tokenizer=tokenizer,
         text_encoder_2=_clip(tokenizer, transformers.CLIPTextModelWithProjection, projection_dim=32), tokenizer_2=clip_tokenizer(),
         text_encoder_3=_t5(t5_tok, 64), tokenizer_3=t5_tok, transformer=transformer)

@@ -184,7 +184,8 @@ def test_mica_to_a_pipeline_format_says_b_must_be_frozen_by_the_trainer(sd, tmp_
 
 
 def adapted_modules(pipe):
-    return {f"{part}.{n}": m for part in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, part, None) is not None
+    return {f"{part}.{n}": m for part in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+            if getattr(pipe, part, None) is not None
             for n, m in getattr(pipe, part).named_modules()}
 
 

@@ -17,7 +17,7 @@ from cntinit.export.formats import kohya
 from cntinit.storage import store
 from conftest import assert_refused
 from imaging import build_flux, build_sd, build_sd3, write_images
-from test_diffusion import captions_of, pixels_of, summing_linear_inputs
+from test_diffusion import assert_pipeline_computes, captions_of, pixels_of, summing_linear_inputs
 from test_export import factors
 
 SIZE = 16  # pixels: 8×8 latents, 4×4 packed Flux patches
@@ -127,26 +127,6 @@ def test_gradients_are_of_the_flow_matching_loss(pipelines, tmp_path, kind):
     assert reached > len(names) // 2
 
 
-def adapted(pipe, kind):
-    return {f"{part}.{n}": m for part in ("transformer", *ENCODERS[kind]) if getattr(pipe, part, None) is not None
-            for n, m in getattr(pipe, part).named_modules()}
-
-
-def assert_computes(pipe, pretrained, kind, solved, residual):
-    """Every adapted module of `pipe` computes (W + BA) x, or W x when `residual`."""
-    now, original = adapted(pipe, kind), adapted(pretrained, kind)
-    generator = torch.Generator().manual_seed(0)
-    for name, (b, a) in solved.items():
-        w = original[name].weight.detach().double()
-        x = torch.randn(3, w.shape[1], generator=generator, dtype=torch.float64)
-        bias = original[name].bias.detach().double() if original[name].bias is not None else 0
-        want = x @ (w if residual else w + b @ a).T + bias
-        with torch.no_grad():
-            got = now[name](x.float()).double()
-        scale = (x.norm(dim=1, keepdim=True) * (w.norm() + (b @ a).norm())).max()
-        assert (got - want).abs().max() <= 2e-6 * scale, (name, float((got - want).abs().max() / scale))
-
-
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
 @pytest.mark.parametrize("mode", ["cnt-s", "lora-one"])
 def test_diffusers_exports_load_with_load_lora_weights(pipelines, tmp_path, kind, mode):
@@ -164,7 +144,7 @@ def test_diffusers_exports_load_with_load_lora_weights(pipelines, tmp_path, kind
     assert residual == (mode == "cnt-s") and exported["check"]["max_relative_error"] < 1e-6
     pipe = load(kind, out / "base" if residual else pipelines["models"][kind])
     pipe.load_lora_weights(str(out), weight_name=exported["adapter_file"])
-    assert_computes(pipe, load(kind, pipelines["models"][kind]), kind, factors(solved), residual=residual)
+    assert_pipeline_computes(pipe, load(kind, pipelines["models"][kind]), factors(solved), residual=residual)
 
 
 def test_flux_kohya_loads_through_diffusers_kohya_flux_converter(pipelines, tmp_path):
@@ -183,7 +163,7 @@ def test_flux_kohya_loads_through_diffusers_kohya_flux_converter(pipelines, tmp_
     assert qkv.shape == (48, 6) and not qkv[:16, 2:].any() and not qkv[16:32, [0, 1, 4, 5]].any()  # block-diagonal
     pipe = load("flux", pipelines["models"]["flux"])
     pipe.load_lora_weights(str(out), weight_name=kohya.FILE)
-    assert_computes(pipe, load("flux", pipelines["models"]["flux"]), "flux", factors(solved), residual=False)
+    assert_pipeline_computes(pipe, load("flux", pipelines["models"]["flux"]), factors(solved), residual=False)
 
 
 def test_fused_layers_at_flux_widths_split_back_in_diffusers_converter():

@@ -40,7 +40,7 @@ def verify(out: str | Path, solve_dir: str | Path, model: str | Path | None = No
     `source`: the pretrained model the export read by name, for `check_peft`)."""
     exported = _exported(out)
     client = formats.get(exported["adapter_format"]).client
-    layout = Solution(solve_dir).manifest["model"].get("layout")
+    layout = exported["model"].get("layout")  # the export records the solve's model
     if client == "PEFT":
         error = check_peft(out, solve_dir, model, trust_remote_code, source)
     elif exported["adapter_format"] == "kohya" and layout in FUSED_LAYOUTS:
