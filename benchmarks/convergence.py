@@ -89,25 +89,33 @@ def batch(tokenizer, texts: list[str], seq_len: int, device):
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
 
-def finetune(spec: str, seed: int, stats: Path, scratch: Path, args, train, held_out) -> dict:
-    """Solve, export, load in PEFT, train: the loss of every step, held-out accuracy and loss."""
-    import peft
-
+def prepared(spec: str, seed: int, stats: Path, scratch: Path, args) -> Path:
+    """The init's adapter directory: solved and exported once (per seed where the mode draws), shared across rates."""
     from cntinit import export, solve
-    from cntinit.models import loading, placement
 
     mode, options = parse_init(spec)
-    lr = float(options.pop("lr", args.lr))  # the adapter's (the head keeps --lr); the solve is shared across lrs
+    options.pop("lr", None)
     solve_seed = seed if mode == "lora" or mode.startswith("inilora") else 0  # the others draw nothing: solve once
     run = scratch / "_".join([mode, *(f"{k}-{v}" for k, v in sorted(options.items())), str(solve_seed)])
     if not (run / "adapter").exists():
         solve(stats, run / "solve", mode=mode, rank=args.rank, seed=solve_seed, device=args.device, **options)
         export(run / "solve", run / "adapter", alpha=args.alpha)
-    exported = json.loads((run / "adapter" / "manifest.json").read_text())
-    base_dir = run / "adapter" / exported["residual_base"] if exported["residual_base"] else args.model
+    return run / "adapter"
+
+
+def finetune(spec: str, seed: int, stats: Path, scratch: Path, args, train, held_out) -> dict:
+    """Solve, export, load in PEFT, train: the loss of every step, held-out accuracy and loss."""
+    import peft
+
+    from cntinit.models import loading, placement
+
+    lr = float(parse_init(spec)[1].get("lr", args.lr))  # the adapter's (the head keeps --lr); the solve is shared across lrs
+    adapter = prepared(spec, seed, stats, scratch, args)
+    exported = json.loads((adapter / "manifest.json").read_text())
+    base_dir = adapter / exported["residual_base"] if exported["residual_base"] else args.model
     device = placement.resolve_device(args.device)
     base, tokenizer = loading.load(base_dir)
-    encoder = peft.PeftModel.from_pretrained(base, run / "adapter", is_trainable=True)
+    encoder = peft.PeftModel.from_pretrained(base, adapter, is_trainable=True)
     initial = starting_size(encoder)
     generator = torch.Generator().manual_seed(seed)  # head draw and batch order
     torch.manual_seed(seed)  # the encoder's dropout
@@ -136,6 +144,38 @@ def finetune(spec: str, seed: int, stats: Path, scratch: Path, args, train, held
             total_loss += float(torch.nn.functional.cross_entropy(logits, truth, reduction="sum"))
     count = len(held_out[0])
     return {"losses": losses, "accuracy": correct / count, "eval_loss": total_loss / count, "start": initial}
+
+
+RULE_EXPONENT = 0.75  # chosen on the reviews task (benchmarks/RESULTS.md), evaluated unchanged on the verses
+
+
+def step_ratio(b: torch.Tensor, a: torch.Tensor) -> float:
+    """How far one Adam step moves plain LoRA's update over how far it moves this one's. Adam moves every entry of B
+    and A by about lr, so a step moves s·BA by about lr·s·(√k‖A‖ + √d‖B‖) for a k × d layer (random signs); plain
+    LoRA's (B = 0, Kaiming-uniform A, ‖A‖² ≈ r/3) by lr·s·√k·√(r/3)."""
+    k, r, d = b.shape[0], a.shape[0], a.shape[1]
+    init = math.sqrt(k) * float(a.double().norm()) + math.sqrt(d) * float(b.double().norm())
+    return math.sqrt(k) * math.sqrt(r / 3) / init if init > 0 else 1.0
+
+
+def rule_factor(adapter: Path) -> float:
+    """The step-size rule: the median over modules of step_ratio, to the power RULE_EXPONENT, at most 1 — the rate
+    that keeps an init's Adam step near plain LoRA's, as a share of LoRA's."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    ratios = [step_ratio(tensors[key.replace("lora_A", "lora_B")], value) for key, value in tensors.items() if ".lora_A." in key]
+    return min(1.0, statistics.median(ratios) ** RULE_EXPONENT)
+
+
+def ruled(spec: str, adapter_of, lora_rate: float) -> str:
+    """`spec` at the step-size rule's rate — rule_factor of the adapter `adapter_of(spec)` exports, times plain LoRA's
+    best rate, to 2 significant digits as one sets a rate — unless it names its own."""
+    mode, options = parse_init(spec)
+    if "lr" in options:
+        return spec
+    factor = 1.0 if mode == "lora" else rule_factor(adapter_of(spec))  # LoRA's own, by definition
+    return f"{spec}:lr={float(f'{factor * lora_rate:.2g}'):g}"
 
 
 def starting_size(model) -> dict:
@@ -239,6 +279,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--plot", default="convergence.png", help="PNG of the loss curves")
     parser.add_argument("--json", default="convergence.json", help="every run's losses and metrics")
+    parser.add_argument("--lr-rule", type=float, metavar="LORA_RATE",
+                        help="train each init's adapter (without its own lr=) at the step-size rule's rate: rule_factor × LORA_RATE")
     parser.add_argument("--quick", action="store_true", help="a tiny setting that runs in a minute (CI)")
     args = parser.parse_args()
     if args.quick:
@@ -258,6 +300,8 @@ def main() -> None:
         calibration.write_text("".join(json.dumps({"text": t}) + "\n" for t in train[0][: args.calib_samples]))
         stats = Path(scratch) / "stats"
         capture(args.model, calibration, stats, targets=args.targets, seq_len=args.seq_len, device=args.device)
+        if args.lr_rule:
+            specs = [ruled(spec, lambda spec: prepared(spec, 0, stats, Path(scratch), args), args.lr_rule) for spec in specs]
         for spec in specs:
             for seed in range(args.seeds):
                 began = time.perf_counter()

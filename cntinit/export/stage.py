@@ -24,7 +24,7 @@ from ..models.linears import weight_values
 from ..models.pipelines import DiffusionParts
 from ..models.placement import DTYPES
 from ..models.source import locate
-from ..solve import modes
+from ..solve import learning_rate, modes
 from ..solve.options import SCALES_OF_ALPHA
 from ..solve.solution import Solution
 from ..storage import store
@@ -37,14 +37,19 @@ from .formats import BASE_DIR, FORMAT, FORMAT_VERSION, Adapter, Format
 def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alpha: float | None = None,
            rslora: bool = False, dora: bool = False, fixed_alpha: bool = False, module_prefix: str = "",
            task_type: str = "auto", train_dtype: str = "auto", unet_only: bool = False, model: str | Path | None = None,
-           overwrite: bool = False, trust_remote_code: bool = False, check: bool = False, revision: str | None = None) -> Path:
+           overwrite: bool = False, trust_remote_code: bool = False, check: bool = False, revision: str | None = None,
+           lora_lr: float | None = None) -> Path:
     """Write the adapter of the solve at `solve_dir` to `out` (and the residual base when the init needs one).
     `model` (a directory, or a Hub id at `revision`) stands in for the recorded model, the same weights elsewhere.
     With `check`, the export is loaded in its real client and verified (`verify`) before it replaces
-    what `out` held, and the manifest records the largest error."""
+    what `out` held, and the manifest records the largest error. `lora_lr`, the rate plain LoRA would train at, turns
+    the learning rates the benchmarks found for this init (shares of LoRA's) into rates, recorded and printed."""
     options = {"format": format, "alpha": alpha, "rslora": rslora, "dora": dora, "fixed_alpha": fixed_alpha, "module_prefix": module_prefix,
                "task_type": task_type, "train_dtype": train_dtype} | ({"unet_only": True} if unet_only else {})
     plan = _plan(solve_dir, options)
+    learning_rate.check_lora_lr(lora_lr)
+    found = learning_rate.record(learning_rate.measured(plan.sol.manifest["mode"], plan.sol.manifest["init"],
+                                                        plan.sol.manifest["params"].get("out_delta")))
     model = locate(model, revision, trust_remote_code) if model is not None else None
     sol, manifest, fmt = plan.sol, plan.sol.manifest, plan.format
     store.check_out(out, manifest["model"]["fingerprint"], overwrite, FORMAT, "an export")
@@ -74,6 +79,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
             "residual_base": BASE_DIR if writes_base else None,
             "quantized": manifest["params"].get("quantize"),
             "left_out": left_out,
+            "learning_rate": {"measured": found, "lora_lr": lora_lr, "rates": learning_rate.rates(found, lora_lr)},
         }
         (tmp / store.MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
         if check:  # before the swap: a failed check leaves what `out` held
@@ -85,7 +91,8 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
     how = (f"load {Path(out) / BASE_DIR} in 4-bit — BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4') — as the base "
            "model; it quantizes to exactly the NF4 base the adapter was fitted to") if plan.quantized else \
         fmt.how_to_load(residual, Path(out), unet_only, manifest["model"].get("layout"))
-    log(f"wrote a {fmt.name} adapter for {len(adapter.ranks)} modules to {out} ({manifest['init']} init: {how})")
+    log(f"wrote a {fmt.name} adapter for {len(adapter.ranks)} modules to {out} ({manifest['init']} init: {how}); "
+        f"{learning_rate.advice(found, lora_lr, manifest['mode'], manifest['init'])}")
     return Path(out)
 
 

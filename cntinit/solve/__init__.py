@@ -7,6 +7,7 @@ solve directory.
     inputs.py    what a mode reads, in batches of equal shape (W, Σ, G)
     factors.py   every batch split by its mode, and the report's rows (vas.py: variable ranks)
     report.py    report.json
+    learning_rate.py  the learning rate the benchmarks measured for each init, as a share of plain LoRA's
     solution.py  the solve directory's format (quant.py: its NF4 bases)
     linalg.py    the eigendecompositions and rank-r splits the modes share
 """

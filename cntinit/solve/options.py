@@ -17,15 +17,15 @@ import torch
 from ..errors import CntinitError, not_one_of
 from . import modes
 from .linalg import DECOMPOSE
-from .modes.cnt import SELF_FORMS
+from .modes.cnt import NORMALIZE, SELF_FORMS
 from .modes.data_baselines import CORDA_MODES
 from .modes.gradient import DIRECTIONS, SCALES
 from .modes.weight_baselines import LORA_INITS
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 INITS = (modes.OFFSET, modes.RESIDUAL)
-NEWER_OPTIONS = ("direction", "scale", "stable_gamma", "alpha", "rslora", "quantize", "bits", "loftq_iter", "out_delta")  # None unless used; older manifests lack them
-RECORDED_WHEN_SET = ("out_delta",)  # newer than the pinned formats: a solve manifest's params hold them only when set
+NEWER_OPTIONS = ("direction", "scale", "stable_gamma", "alpha", "rslora", "quantize", "bits", "loftq_iter", "out_delta", "normalize", "damping")  # None unless used; older manifests lack them
+RECORDED_WHEN_SET = ("out_delta", "normalize", "damping")  # newer than the pinned formats: a solve manifest's params hold them only when set
 QUANTIZE = ("nf4",)
 GAMMAS = (1e-6, 1e12)  # --stable-gamma: B and A shrink by √γ (16 and 128 by default)
 SCALES_OF_ALPHA = (1e-4, 1e4)  # α/r of --alpha: the scale export folds into the factors (export/stage.py takes the same)
@@ -67,6 +67,8 @@ class Options:
     bits: int | None = None  # loftq: 4 (PEFT's LoftQConfig default; NF4)
     loftq_iter: int | None = None  # loftq: alternations of quantizing and the rank-r SVD (PEFT's default 1)
     out_delta: float | None = None  # cnt-*: every update scaled by one factor so that the median out Δ is this
+    normalize: str | None = None  # cnt-*: trace — Σ divided by its mean eigenvalue before the target (the paper's: as captured)
+    damping: float | None = None  # cnt-x, cnt-s: δ·(tr Σ / d)·I added to Σ before its inverse
 
     @property
     def lora_scale(self) -> float:
@@ -123,6 +125,8 @@ class Options:
             choices["--scale"] = (self.scale, SCALES.get(self.mode, SCALES["lora-ga"]))
         if self.quantize is not None:
             choices["--quantize"] = (self.quantize, QUANTIZE)
+        if self.normalize is not None:
+            choices["--normalize"] = (self.normalize, NORMALIZE)
         for option, (value, allowed) in choices.items():
             if value not in allowed:
                 raise not_one_of(option, value, allowed)
@@ -147,6 +151,8 @@ class Options:
         if self.out_delta is not None and not (math.isfinite(self.out_delta) and 0 < self.out_delta <= 1e6):
             raise CntinitError(f"--out-delta must be a positive finite number up to 1e6 (the median out Δ the updates are scaled to), "
                                f"got {self.out_delta}")
+        if self.damping is not None and not (math.isfinite(self.damping) and 0 < self.damping <= 1e6):
+            raise CntinitError(f"--damping must be a positive finite number up to 1e6 (δ of Σ + δ·(tr Σ / d)·I), got {self.damping}")
         if not (math.isfinite(self.shift_c) and 0 < self.shift_c <= 1e6):
             raise CntinitError(f"--shift-c must be a positive finite number up to 1e6 (C = c·I scales the target), got {self.shift_c}")
         if self.bucket_weights is not None:

@@ -1,7 +1,7 @@
 """The solve's report (report.json): per module, its rank, how large the update is next to the
 weight, how much of the wanted change it keeps and how much it changes the layer's output on the
-calibration data; and the warning when an offset init changes the outputs as much as the inits that
-failed to train did.
+calibration data; the learning rate the benchmarks found for the init; and the warning when an offset
+init changes the outputs as much as the inits that failed to train did.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import statistics
 import torch
 
 from ..console import warn
+from . import learning_rate
 from .linalg import singular_values
 from .modes import GRADIENTS, Mode
 
@@ -57,7 +58,8 @@ def spectrum(values: torch.Tensor) -> list[float]:
 
 
 def report(mode: Mode, options, rows: dict, ranks: dict, seconds: float, loaded: float, scaled_by: float | None = None) -> dict:
-    """The solve's report.json; `scaled_by`: the factor --out-delta multiplied every update by."""
+    """The solve's report.json; `scaled_by`: the factor --out-delta multiplied every update by; `lr_advice`: the learning rate
+    the benchmarks found best for this init, as shares of plain LoRA's best (learning_rate.py)."""
     delta_sq = sum(r["delta_norm"] ** 2 for r in rows.values())
     update_sq = sum(r["update_norm"] ** 2 for r in rows.values())
     return {
@@ -72,6 +74,7 @@ def report(mode: Mode, options, rows: dict, ranks: dict, seconds: float, loaded:
         "floored_modules": sum(1 for r in rows.values() if r["floored"]),
         "solve_seconds": round(seconds, 3),
         "load_seconds": round(loaded, 3),
+        "lr_advice": learning_rate.record(learning_rate.measured(options.mode, options.init, options.out_delta)),
     } | ({"out_delta_scale": scaled_by} if scaled_by is not None else {}) | {"modules": rows}
 
 

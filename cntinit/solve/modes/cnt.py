@@ -17,6 +17,7 @@ from ..linalg import Eigen, eigen, floor, kept, split
 from .registry import OFFSET, STATISTICS, Factors, Job, Mode, register
 
 SELF_FORMS = ("paper", "zca")
+NORMALIZE = ("trace",)  # --normalize: Σ divided by its mean eigenvalue before the target
 
 
 def _inverse(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -63,6 +64,18 @@ def robust_estimate(w: torch.Tensor, targets: list[torch.Tensor], weights: list[
     return total / (len(targets) + 1)
 
 
+def conditioned(sigma: torch.Tensor, normalize: str | None, damping: float | None) -> torch.Tensor:
+    """Σ as the target reads it (B, d, d): the paper's assumes whitened inputs and leaves Σ's scale open.
+    --normalize trace divides Σ by its mean eigenvalue m = tr Σ / d (so its eigenvalues average 1);
+    --damping δ adds δ·m·I, a floor relative to the average variance instead of the largest one."""
+    if normalize is None and damping is None:
+        return sigma
+    mean = (torch.diagonal(sigma, dim1=-2, dim2=-1).sum(-1) / sigma.shape[-1]).clamp(min=torch.finfo(sigma.dtype).tiny)
+    if damping is not None:
+        sigma = sigma + damping * mean[..., None, None] * torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
+    return sigma / mean[..., None, None] if normalize == "trace" else sigma
+
+
 # Each mode's target of one bucket: (W_tar, singular values floored per matrix, or None where the eigenvalues say)
 Target = Callable[[torch.Tensor, torch.Tensor, Eigen, object], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -96,7 +109,8 @@ def deltas(target: Target, eigendecompose: bool, stats, modules: dict, options, 
             sigma = torch.empty(len(chunk), count, dim, dim, device=dev, dtype=dtype)  # (keys, B, d, d)
             pooled = torch.empty(len(chunk), dim, dim, device=dev, dtype=dtype)
             for i, key in enumerate(chunk):  # one key's float64 temporaries at a time
-                sigma[i], pooled[i] = sigmas(stats.tensors(key), key, options, stats.buckets, dev)
+                each, pooled[i] = sigmas(stats.tensors(key), key, options, stats.buckets, dev)
+                sigma[i] = conditioned(each, options.normalize, options.damping)
             eig, floored = None, None
             if eigendecompose:
                 eig = eigen(sigma)
@@ -133,10 +147,16 @@ def split_delta(batch: Batch, job: Job) -> Factors:
     return Factors(b, a, values)
 
 
+def _given(given, options):
+    return given
+
+
 def _register(name: str, target: Target, eigendecompose: bool) -> None:
+    own = {"out_delta": _given, "normalize": _given}
+    if eigendecompose:  # damping shifts the eigenvalues an inverse reads; cnt-sh inverts (I − Σ)Wᵀ instead
+        own["damping"] = _given
     register(Mode(name, reads=STATISTICS, init=OFFSET, factor=split_delta, batches=functools.partial(deltas, target, eigendecompose),
-                  decompose="svd", any_decompose=True, buckets=True, by_key=True, floors=True,
-                  options={"out_delta": lambda given, options: given}))
+                  decompose="svd", any_decompose=True, buckets=True, by_key=True, floors=True, options=own))
 
 
 _register("cnt-x", cross_target, eigendecompose=True)
