@@ -58,8 +58,8 @@ def spectrum(values: torch.Tensor) -> list[float]:
 
 
 def report(mode: Mode, options, rows: dict, ranks: dict, seconds: float, loaded: float, scaled_by: float | None = None) -> dict:
-    """The solve's report.json; `scaled_by`: the factor --out-delta multiplied every update by; `lr_advice`: the learning rate
-    the benchmarks found best for this init, as shares of plain LoRA's best (learning_rate.py)."""
+    """The solve's report.json; `scaled_by`: the factor --out-delta multiplied every update by. Its `lr_advice` is the
+    learning rate the benchmarks found best for this init, as shares of plain LoRA's best (learning_rate.py)."""
     delta_sq = sum(r["delta_norm"] ** 2 for r in rows.values())
     update_sq = sum(r["update_norm"] ** 2 for r in rows.values())
     return {
