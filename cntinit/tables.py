@@ -124,9 +124,10 @@ def print_report(report: dict, out: Console, lora_lr: float | None = None) -> No
     out.print(f"{report['modules_with_adapter']}/{len(rows)} modules get an adapter, total rank {report['total_rank']}{budget}; "
               f"{kept}{floored}solved in {report['solve_seconds']:.1f}s{steps}", highlight=False)
     if "lr_advice" in report:  # reports before the advice lack it
-        from .solve.learning_rate import advice
+        from .solve.learning_rate import advice, form
 
-        out.print(advice(report["lr_advice"], lora_lr, report["mode"], report["init"]), highlight=False)
+        init_form = form(report["init"], report.get("out_delta_scale"))  # the scale is there exactly when --out-delta was set
+        out.print(advice(report["lr_advice"], lora_lr, report["mode"], init_form), highlight=False)
 
 
 

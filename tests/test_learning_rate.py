@@ -32,6 +32,8 @@ def test_cli_prints_the_rates_and_the_inits_never_swept_get_no_advice(captured, 
     code, out, err = run(capsys, "solve", captured["llama"], "-m", "cnt-x", "-r", "2", "--lr", "2e-3", "--json", "-o", tmp_path / "x")
     assert code == 0 and json.loads(out)["lr_advice"] is None and "lr_range" not in json.loads(out)
     assert "learning rate: no advice for cnt-x (offset): its offset form moved the model too far to train at any rate" in err
+    code, out, err = run(capsys, "solve", captured["llama"], "-m", "cnt-x", "-r", "2", "--out-delta", "1e-4", "-o", tmp_path / "xd")
+    assert code == 0 and "learning rate: no advice for cnt-x (out-delta): with --out-delta 1e-4 it ended far behind plain LoRA" in err
     code, out, err = run(capsys, "solve", captured["llama"], "-m", "inilora-alpha", "-r", "2", "-o", tmp_path / "ia")
     assert code == 0 and "learning rate: no advice for inilora-alpha (residual): not measured in the benchmarks" in err
 

@@ -48,8 +48,9 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
                "task_type": task_type, "train_dtype": train_dtype} | ({"unet_only": True} if unet_only else {})
     plan = _plan(solve_dir, options)
     learning_rate.check_lora_lr(lora_lr)
-    found = learning_rate.record(learning_rate.measured(plan.sol.manifest["mode"], plan.sol.manifest["init"],
-                                                        plan.sol.manifest["params"].get("out_delta")))
+    solved = plan.sol.manifest
+    init_form = learning_rate.form(solved["init"], solved["params"].get("out_delta"))
+    found = learning_rate.measured_range(solved["mode"], solved["init"], solved["params"].get("out_delta"))
     model = locate(model, revision, trust_remote_code) if model is not None else None
     sol, manifest, fmt = plan.sol, plan.sol.manifest, plan.format
     store.check_out(out, manifest["model"]["fingerprint"], overwrite, FORMAT, "an export")
@@ -92,7 +93,7 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
            "model; it quantizes to exactly the NF4 base the adapter was fitted to") if plan.quantized else \
         fmt.how_to_load(residual, Path(out), unet_only, manifest["model"].get("layout"))
     log(f"wrote a {fmt.name} adapter for {len(adapter.ranks)} modules to {out} ({manifest['init']} init: {how}); "
-        f"{learning_rate.advice(found, lora_lr, manifest['mode'], manifest['init'])}")
+        f"{learning_rate.advice(found, lora_lr, manifest['mode'], init_form)}")
     return Path(out)
 
 

@@ -49,16 +49,14 @@ MEASURED = {
 
 
 def form(init: str, out_delta: float | None) -> str:
+    """The init form MEASURED is keyed by: "out-delta" for an offset init scaled with --out-delta."""
     return "out-delta" if out_delta is not None and init == "offset" else init
 
 
-def measured(mode: str, init: str, out_delta: float | None) -> Measured | None:
-    """What the benchmarks measured for this init, or None where it was not swept."""
-    return MEASURED.get((mode, form(init, out_delta)))
-
-
-def record(found: Measured | None) -> dict | None:
-    """The advice as report.json and the export's manifest hold it."""
+def measured_range(mode: str, init: str, out_delta: float | None) -> dict | None:
+    """What the benchmarks measured for this init, as report.json's lr_advice and the export's manifest hold it;
+    None where it was not swept."""
+    found = MEASURED.get((mode, form(init, out_delta)))
     return None if found is None else {"low": found.low, "high": found.high, "settings": found.settings}
 
 
@@ -76,12 +74,16 @@ def _share(low: float, high: float) -> str:
     return f"{low:.2g}" if math.isclose(low, high) else f"{low:.2g}–{high:.2g}"
 
 
-def advice(found: dict | None, lora_lr: float | None, mode: str, init: str) -> str:
-    """One line: the learning rate to train this init at, as measured (as rates, given plain LoRA's)."""
+NO_ADVICE = {"offset": "its offset form moved the model too far to train at any rate",  # the CNT modes' (the rest have advice)
+             "out-delta": "with --out-delta 1e-4 it ended far behind plain LoRA at every rate measured"}  # cnt-x's
+
+
+def advice(found: dict | None, lora_lr: float | None, mode: str, init_form: str) -> str:
+    """One line: the learning rate to train this init (`init_form`, as form() gives it) at, as measured (as rates,
+    given plain LoRA's)."""
     if found is None:
-        why = "its offset form moved the model too far to train at any rate" if init == "offset" and mode.startswith("cnt-") \
-            else "not measured in the benchmarks"
-        return f"learning rate: no advice for {mode} ({init}): {why}"
+        why = NO_ADVICE.get(init_form, "not measured in the benchmarks") if mode.startswith("cnt-") else "not measured in the benchmarks"
+        return f"learning rate: no advice for {mode} ({init_form}): {why}"
     given = rates(found, lora_lr)
     rate = f" = {_share(*given)} for plain LoRA's {lora_lr:g}" if given else " (--lr gives the rates)"
     return (f"learning rate: {_share(found['low'], found['high'])} × plain LoRA's best{rate}, as measured ({found['settings']}); "

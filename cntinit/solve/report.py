@@ -74,7 +74,7 @@ def report(mode: Mode, options, rows: dict, ranks: dict, seconds: float, loaded:
         "floored_modules": sum(1 for r in rows.values() if r["floored"]),
         "solve_seconds": round(seconds, 3),
         "load_seconds": round(loaded, 3),
-        "lr_advice": learning_rate.record(learning_rate.measured(options.mode, options.init, options.out_delta)),
+        "lr_advice": learning_rate.measured_range(options.mode, options.init, options.out_delta),
     } | ({"out_delta_scale": scaled_by} if scaled_by is not None else {}) | {"modules": rows}
 
 

@@ -1,6 +1,7 @@
 """Flow matching, as Flux and Stable Diffusion 3 are trained (diffusers' train_dreambooth_lora_flux/
-_sd3 with weighting scheme "none"; sd-scripts' defaults draw σ from another distribution): latents x₀ and noise n mixed as x_σ = (1 − σ)·x₀ + σ·n, the denoiser predicting the velocity
-n − x₀, its squared error unweighted.
+_sd3 with weighting scheme "none"; sd-scripts' defaults draw σ from another distribution): latents
+x₀ and noise n mixed as x_σ = (1 − σ)·x₀ + σ·n, the denoiser predicting the velocity n − x₀, its
+squared error unweighted.
 
 σ comes from the training schedule — the pipeline's FlowMatchEulerDiscreteScheduler config as
 built, its `num_train_timesteps` N steps with their shift where it is static (SD3's), unshifted where
