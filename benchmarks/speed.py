@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                                   # embedded MiniLM, 256 KJV verses, CPU or GPU
     python benchmarks/speed.py --model DIR --data calib.jsonl --device cuda --targets q_proj,v_proj
+    python benchmarks/speed.py --model DIR --inits pissa_niter_4,lora-ga_niter_4 --rounds 3   # the close rows, median of 3
 
 Every step runs in its own fresh process (so each has its own peak memory: max RSS on CPU,
 peak allocated on CUDA) and times the whole job as a user runs it, from files on disk: loading
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,7 @@ LAST = "peft eva"  # on an H100 it ran past 30 s where every other step takes se
 def run_step(step: str, args, scratch: Path) -> dict:
     """One step, timed in this process: {seconds, peak_mb}."""
     import peft
+    import transformers
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
     from peft.tuners.lora.eva import get_eva_state_dict
@@ -65,8 +68,14 @@ def run_step(step: str, args, scratch: Path) -> dict:
     model_dir = args.model or embedded.model_dir()
     stats = scratch / "stats"
 
-    def fresh_model():
-        net, tokenizer = loading.load(model_dir)
+    def fresh_model(tokenizer=True):
+        """The model (and its tokenizer): PEFT's inits that read no data load the model alone, as a script would for them."""
+        if tokenizer:
+            net, tokenizer = loading.load(model_dir)
+        else:
+            config = transformers.AutoConfig.from_pretrained(model_dir)
+            model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0], transformers.AutoModel)
+            net, tokenizer = model_class.from_pretrained(model_dir, dtype="auto").eval(), None
         return net.to(device, placement.resolve_dtype(args.dtype, net.dtype, device)), tokenizer
 
     def tokenized(tokenizer):
@@ -142,7 +151,7 @@ def run_step(step: str, args, scratch: Path) -> dict:
         extra = {"loftq_config": peft.LoftQConfig(loftq_bits=4, loftq_iter=1)} if step == "peft loftq" else {}
 
         def work():
-            net, _ = fresh_model()
+            net, _ = fresh_model(tokenizer=False)
             peft.get_peft_model(net, lora_config(net, init_lora_weights=step.split()[1], **extra))
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -171,6 +180,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the table's rows and each step's measurements to this JSON file")
     parser.add_argument("--in-process", action="store_true",
                         help="run every step in this process: no minute of imports and CUDA start-ups; GPU peaks stay per step, CPU peaks do not")
+    parser.add_argument("--inits", help=f"only these end-to-end rows (comma-separated, of {', '.join(PEERS)}, lora-ga, lora-ga_niter_4)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every step this many times, in turn, and take each step's median: this machine's times swing by a third")
     parser.add_argument("--step", choices=STEPS + GRADIENT_STEPS, help=argparse.SUPPRESS)  # internal: run one step, print JSON
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,45 +190,72 @@ def main() -> None:
     if args.step:
         print(json.dumps(run_step(args.step, args, Path(args.scratch))))
         return
-    passthrough = sys.argv[1:]  # a step ignores --json
+    passthrough = sys.argv[1:]  # a step ignores --json, --inits and --rounds
     title = (f"speed: {args.model or 'embedded MiniLM'}, {args.samples} samples × ≤{args.seq_len} tokens, "
              f"{args.targets}, rank {args.rank}, {args.device}")
     steps = [s for s in STEPS + (GRADIENT_STEPS if causal_lm(args.model) else []) if s != LAST] + [LAST]
+    if args.inits:
+        steps = [step for step in steps if step in steps_of(args.inits.split(","))]
     from cntinit.models.placement import resolve_device
     if resolve_device(args.device).type != "cuda":
         for step, why in CUDA_ONLY.items():
-            steps.remove(step)
-            Console(stderr=True).print(f"{step}: not run — {why}", highlight=False)
+            if step in steps:
+                steps.remove(step)
+                Console(stderr=True).print(f"{step}: not run — {why}", highlight=False)
+    rounds: dict[str, list] = {step: [] for step in steps}
     results = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for step in steps:
-            if args.json:  # rewritten before every step: a run stopped from outside keeps the comparisons it completed
-                Path(args.json).write_text(json.dumps({"title": title, "rows": comparisons(results), "steps": results}, indent=1))
-            if args.in_process:
-                try:
-                    results[step] = run_step(step, args, Path(scratch))
-                except Exception as exc:  # noqa: BLE001 — the other comparisons still run, as with processes
-                    results[step] = None
-                    Console(stderr=True).print(f"{step} failed: {exc!r}", highlight=False, markup=False)
-                    continue
-            else:
-                done = subprocess.run([sys.executable, __file__, *passthrough, "--step", step, "--scratch", scratch],
-                                      capture_output=True, text=True)
-                if done.returncode:  # the other comparisons still run; this one's rows say "failed"
-                    results[step] = None
-                    Console(stderr=True).print(f"{step} failed:\n{done.stderr[-2000:]}", highlight=False, markup=False)
-                    continue
-                results[step] = json.loads(done.stdout.strip().splitlines()[-1])
-            Console(stderr=True).print(f"{step}: {results[step]['seconds']:.2f} s, peak {results[step]['peak_mb']:.0f} MB", highlight=False)
-    rows = comparisons(results)
+    for _ in range(args.rounds):
+        with tempfile.TemporaryDirectory() as scratch:  # each round its own: writes into fresh folders, as the first did
+            for step in steps:
+                if args.json:  # rewritten before every step: a run stopped from outside keeps the comparisons it completed
+                    Path(args.json).write_text(json.dumps({"title": title, "rows": comparisons(results), "steps": results, "rounds": rounds}, indent=1))
+                rounds[step].append(measured(step, args, passthrough, Path(scratch)))
+                results[step] = median(rounds[step])
+                if rounds[step][-1] is not None:
+                    Console(stderr=True).print(f"{step}: {rounds[step][-1]['seconds']:.2f} s, peak {rounds[step][-1]['peak_mb']:.0f} MB",
+                                               highlight=False)
+    rows = [row for row in comparisons(results) if not args.inits or "not run" not in row.values()]
     table = Table(*rows[0], title=title)
     for row in rows:
         table.add_row(*row.values())
     Console(width=160).print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"title": title, "rows": rows, "steps": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"title": title, "rows": rows, "steps": results, "rounds": rounds}, indent=1))
     if None in results.values():
         raise SystemExit(f"failed: {', '.join(step for step, r in results.items() if r is None)}")
+
+
+def measured(step: str, args, passthrough: list[str], scratch: Path) -> dict | None:
+    """One run of `step` — in its own process unless --in-process — or None where it failed (the others still run)."""
+    if args.in_process:
+        try:
+            return run_step(step, args, scratch)
+        except Exception as exc:  # noqa: BLE001 — the other comparisons still run, as with processes
+            Console(stderr=True).print(f"{step} failed: {exc!r}", highlight=False, markup=False)
+            return None
+    done = subprocess.run([sys.executable, __file__, *passthrough, "--step", step, "--scratch", str(scratch)], capture_output=True, text=True)
+    if done.returncode:  # this one's rows say "failed"
+        Console(stderr=True).print(f"{step} failed:\n{done.stderr[-2000:]}", highlight=False, markup=False)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median(runs: list[dict | None]) -> dict | None:
+    """A step's median seconds over its rounds, and its highest peak; None where any round failed."""
+    if any(run is None for run in runs):
+        return None
+    return {"seconds": statistics.median(run["seconds"] for run in runs), "peak_mb": max(run["peak_mb"] for run in runs)}
+
+
+def steps_of(variants: list[str]) -> set[str]:
+    """The steps the end-to-end rows of `variants` compare: the store each reads, its solve and export, PEFT's init."""
+    wanted = set()
+    for variant in variants:
+        if variant not in PEERS + ["lora-ga", "lora-ga_niter_4"]:
+            raise SystemExit(f"--inits: {variant} is none of {', '.join(PEERS)}, lora-ga, lora-ga_niter_4")
+        wanted |= {f"solve {variant}", f"export {variant}", "peft " + variant.replace("_niter_4", "") if variant.startswith("lora-ga")
+                   else "peft " + variant} | ({READS[variant]} if variant in READS else set())
+    return wanted
 
 
 def causal_lm(model_dir: str | None) -> bool:

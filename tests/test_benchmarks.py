@@ -277,3 +277,23 @@ def test_breakdown_says_where_a_commands_seconds_go(tmp_path):
         phases = [row[k] for k in row if k not in ("init", "stage", "seconds", "other")]
         assert row["seconds"] > 0 and all(p >= 0 for p in phases) and sum(phases) <= row["seconds"] + 0.05
     assert rows[0]["solve (reads its inputs)"] > 0 and rows[0]["load model"] > 0
+
+
+def test_speed_rounds_take_each_steps_median_and_inits_pick_their_rows(tmp_path, monkeypatch):
+    """speed.py --inits runs only the steps its rows compare; --rounds runs each that many times, in turn, and takes the median."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import speed
+
+    assert speed.steps_of(["pissa_niter_4", "lora-ga_niter_4", "eva"]) == {
+        "solve pissa_niter_4", "export pissa_niter_4", "peft pissa_niter_4", "capture gradients-only", "solve lora-ga_niter_4",
+        "export lora-ga_niter_4", "peft lora-ga", "capture", "solve eva", "export eva", "peft eva"}
+    with pytest.raises(SystemExit, match="pisa is none of"):
+        speed.steps_of(["pisa"])
+    runs = [{"seconds": 3.0, "peak_mb": 10.0}, {"seconds": 1.0, "peak_mb": 30.0}, {"seconds": 2.0, "peak_mb": 20.0}]
+    assert speed.median(runs) == {"seconds": 2.0, "peak_mb": 30.0} and speed.median([*runs, None]) is None
+    run_script("speed.py", "--inits", "olora", "--rounds", "2", "--samples", "4", "--in-process", "--json", str(tmp_path / "s.json"), cwd=tmp_path)
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert [row["what"] for row in result["rows"]] == ["olora end to end: solve + export vs peft olora"]
+    assert sorted(result["rounds"]) == ["export olora", "peft olora", "solve olora"] and all(len(r) == 2 for r in result["rounds"].values())
+    for step, rounds in result["rounds"].items():
+        assert result["steps"][step]["seconds"] == pytest.approx(sorted(r["seconds"] for r in rounds)[0] / 2 + sorted(r["seconds"] for r in rounds)[1] / 2)

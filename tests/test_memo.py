@@ -104,3 +104,28 @@ def test_a_models_fingerprint_is_remembered_for_its_files_and_recomputed_when_on
     net.save_pretrained(directory)  # the weights on disk change
     changed = fingerprints.fingerprint(modules, model_dir=directory)
     assert changed != expected and changed == real(modules, None, None, fingerprints.SCHEME) and len(computed) == 3
+
+
+def test_a_stores_checksums_are_remembered_and_a_damaged_payload_is_still_refused(captured, tmp_path, settled, monkeypatch):
+    """Every solve verified every payload's sha256: a capture solved for many modes and ranks is now
+    hashed once while its files stay as they are, and a payload changed since is hashed and refused."""
+    import shutil
+
+    from cntinit.errors import CntinitError
+    from cntinit.storage import store
+
+    copied = tmp_path / "store"
+    shutil.copytree(captured["llama"], copied)
+    hashed, real = [], memo.sha256
+    monkeypatch.setattr(memo, "sha256", lambda path: hashed.append(path.name) or real(path))
+    payloads = sorted(store.Store(copied).manifest["files"])
+    assert sorted(hashed) == payloads
+    store.Store(copied)
+    assert sorted(hashed) == payloads  # the second open read none of them
+    time.sleep(0.05)
+    payload = copied / payloads[0]
+    data = bytearray(payload.read_bytes())
+    data[-1] ^= 1  # one bit flipped, the size and name kept
+    payload.write_bytes(bytes(data))
+    with pytest.raises(CntinitError, match="does not match its checksum"):
+        store.Store(copied)

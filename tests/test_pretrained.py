@@ -316,3 +316,41 @@ def test_a_checkpoint_in_the_models_own_names_is_read_as_transformers_converts_i
     keys = list(weight_files.safetensors_files(tiny[kind]))
     fast = named_weights._model_keys(net, keys)
     assert fast == named_weights._converted_keys(net, keys, net.state_dict()) and fast[1] == set() and len(fast[0]) == len(keys)
+
+
+def test_a_rewritten_file_holds_the_replaced_tensors_and_every_other_byte_as_stored(tmp_path):
+    """The residual base's writer (models/rewrite.py): replaced tensors in the dtype declared for them,
+    every other tensor and the metadata as stored, a file without metadata given safetensors' "pt"."""
+    from safetensors import safe_open
+
+    from cntinit.models import rewrite
+
+    tensors = {"a.weight": torch.randn(3, 5), "b.weight": torch.randn(4, 2).bfloat16(), "ids": torch.arange(7),
+               "scale": torch.tensor(0.5, dtype=torch.float16)}
+    for metadata, expected in (({"format": "pt", "note": "kept"}, {"format": "pt", "note": "kept"}), (None, {"format": "pt"})):
+        source, out = tmp_path / "source.safetensors", tmp_path / "out.safetensors"
+        save_file(tensors, source, metadata=metadata)
+        read = []
+        rewrite.rewrite(source, out, {"a.weight": torch.bfloat16, "b.weight": torch.bfloat16},
+                        lambda key, stored: read.append(key) or (stored * 2).bfloat16())
+        assert sorted(read) == ["a.weight", "b.weight"]  # only the replaced tensors were read as tensors
+        written = load_file(out)
+        assert torch.equal(written["a.weight"], (tensors["a.weight"] * 2).bfloat16())
+        assert torch.equal(written["b.weight"], (tensors["b.weight"] * 2).bfloat16())
+        assert all(torch.equal(written[k], tensors[k]) and written[k].dtype == tensors[k].dtype for k in ("ids", "scale"))
+        with safe_open(out, framework="pt") as handle:
+            assert handle.metadata() == expected
+
+
+def test_the_residual_base_reads_only_the_adapted_weights_as_tensors(tiny, tmp_path, monkeypatch):
+    """Every other tensor goes from file to file as bytes: the export holds one weight, not the file."""
+    from cntinit.models import rewrite
+
+    solve(None, tmp_path / "s", model=tiny["llama"], targets="q_proj,down_proj", mode="pissa", rank=4)
+    replaced, real = [], rewrite.rewrite
+    monkeypatch.setattr(pretrained, "rewrite", lambda source, out, keys, compute: replaced.extend(keys) or real(source, out, keys, compute))
+    export(tmp_path / "s", tmp_path / "e")
+    adapted = {f"{m}.weight" for m in json.loads((tmp_path / "s" / "manifest.json").read_text())["modules"]}
+    assert set(replaced) == adapted and len(replaced) == len(adapted)
+    assert torch.equal(load_file(tmp_path / "e" / "base" / "model.safetensors")["model.embed_tokens.weight"],
+                       load_file(tiny["llama"] / "model.safetensors")["model.embed_tokens.weight"])

@@ -5,7 +5,7 @@ A transformers model stored in safetensors is never loaded whole: it is built wi
 each target's W is read when it is needed, by the model's own names (as a layerwise capture
 reads them), and the residual base is written file by file — each of the checkpoint's files
 copied with W − BA in place of every adapted W — so a 70B model takes the memory of a batch of
-weights in solve, of one file in export and of a chunk of modules in `export --check` (which
+weights in solve, of one weight in export and of a chunk of modules in `export --check` (which
 reads the written base the same way), not of the model. Diffusers pipelines, checkpoints
 whose tensors transformers converts on load, classes that keep modules in float32, and `--offload`
 placements load the model.
@@ -19,15 +19,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .. import console, hub
 from ..console import warn
 from ..errors import CntinitError
 from ..storage.manifests import scheme_of
-from . import fingerprints, linears, loading, named_weights, pipelines, weight_files
+from . import fingerprints, linears, loading, named_weights, pipelines
 from .placement import Placement
+from .rewrite import rewrite
 from .source import locate
 
 RESIDUAL_PRECISION = 1e-2  # warn when rounding W − BA moves base + BA this much further (relative) from W than rounding W does
@@ -135,7 +135,7 @@ class Streamed:
     def write_base(self, directory: Path, factors: dict, fan_in_fan_out: dict[str, bool], bases: dict[str, torch.Tensor],
                    precision: Precision) -> None:
         """The checkpoint's files with W − BA (or the NF4 base in `bases`) for each adapted weight,
-        one file in memory at a time; its other files (config, tokenizer, index) copied as they are."""
+        one weight in memory at a time; its other files (config, tokenizer, index) copied as they are."""
         refuse_tied(list(factors), self)
         adapted = {self.weights.key(name + ".weight"): name for name in factors}
         files = sorted(set(self.weights.files.values()))
@@ -143,14 +143,9 @@ class Streamed:
         with console.progress() as bar:
             task = bar.add_task(f"residual base, {len(files)} file{'s' if len(files) > 1 else ''}", total=len(files))
             for file in files:
-                with weight_files.opened(file) as handle:
-                    metadata = handle.metadata() or {"format": "pt"}
-                    tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-                for key, name in adapted.items():
-                    if key in tensors:
-                        tensors[key] = _base_weight(name, tensors[key].to(self.dtype), factors, fan_in_fan_out, bases, precision).contiguous()
-                save_file(tensors, directory / file.name, metadata=metadata)
-                del tensors
+                replaced = {key: self.dtype for key, stored in self.weights.files.items() if stored == file and key in adapted}
+                rewrite(file, directory / file.name, replaced, lambda key, stored: _base_weight(
+                    adapted[key], stored.to(self.dtype), factors, fan_in_fan_out, bases, precision))
                 bar.advance(task)
         written = {file.name for file in files}
         for item in self.path.iterdir():  # config, tokenizer, the shards' index; no other weights, nor another index

@@ -119,5 +119,9 @@ def opened(file: Path):
         with safe_open(file, framework="pt") as handle:
             yield handle
     except (OSError, SafetensorError) as exc:
-        raise CntinitError(f"{file} cannot be read as safetensors ({first_line(exc)}): the checkpoint is damaged (a download cut "
-                           "short?); use an intact copy") from None
+        raise damaged(file, exc) from None
+
+
+def damaged(file: Path, exc: Exception) -> CntinitError:
+    return CntinitError(f"{file} cannot be read as safetensors ({first_line(exc)}): the checkpoint is damaged (a download cut "
+                        "short?); use an intact copy")

@@ -38,21 +38,12 @@ from ..console import log
 from ..errors import CntinitError
 from . import memo
 from .atomic import atomic_file, remove_leftovers
+from .location import root
 from .manifests import read_json
 from .store import read_manifest
 
 KINDS = {"capture": ("captures", "cntinit.stats"), "solve": ("solves", "cntinit.solve")}
 TRUST = "CNTINIT_CACHE_TRUST"  # users and groups whose cache entries (and cache) this user takes as results
-HASH_CHUNK = 1 << 24
-
-
-def root() -> Path:
-    """$CNTINIT_CACHE, else $XDG_CACHE_HOME/cntinit, else ~/.cache/cntinit."""
-    explicit = os.environ.get("CNTINIT_CACHE")
-    if explicit:
-        return Path(explicit).expanduser().absolute()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser().absolute() / "cntinit"
 
 
 def ready(cache: Path | None = None) -> Path:
@@ -106,13 +97,7 @@ def _in_group(uid: int, group: str) -> bool:
 def file_digest(path: Path, cache: Path) -> str:
     """SHA-256 of a file's bytes, remembered under the file's identity (storage/memo.py) so a 14 GB
     checkpoint is read once, not on every run."""
-    def compute() -> str:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while chunk := handle.read(HASH_CHUNK):
-                digest.update(chunk)
-        return digest.hexdigest()
-    return memo.remembered(cache / "digests", "sha256", [path], compute)
+    return memo.remembered_sha256(path, cache / "digests")
 
 
 def tree_digest(path: str | Path, cache: Path) -> str:

@@ -50,3 +50,20 @@ def remembered(directory: Path, what: str, files: list[Path], compute: Callable[
         with contextlib.suppress(OSError, CntinitError), atomic_file(memo) as tmp:
             tmp.write_text(value)
     return value
+
+
+HASH_CHUNK = 1 << 24
+
+
+def sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remembered_sha256(path: Path, directory: Path) -> str:
+    """`sha256(path)`, remembered in `directory` for the file as it is now."""
+    return remembered(directory, "sha256", [path], lambda: sha256(path))

@@ -1,0 +1,88 @@
+"""A safetensors file copied with some of its tensors replaced, one tensor in memory at a time: how
+export writes the residual base. Loading the whole file to save it again held all of its tensors
+at once (a 70B model's 5 GB shard: 5 GB and more; SmolLM2-135M's export peaked at 1.5–1.6 GB, now
+0.9 GB); here the tensors kept as they are go from file to file as bytes (in the kernel, with
+copy_file_range, where it can), and each replaced one is computed as it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import CntinitError
+from . import weight_files
+
+SAFETENSORS_NAMES = {dtype: name for name, dtype in weight_files.STORED_FLOATS.items()}
+COPY_CHUNK = 1 << 24
+
+
+def header(file: Path) -> tuple[int, dict]:
+    """(where the data starts, the header's JSON) of a safetensors file."""
+    try:
+        with open(file, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            parsed = json.loads(handle.read(size))
+        if not isinstance(parsed, dict):
+            raise ValueError("the header is not a JSON object")
+    except (OSError, ValueError, struct.error) as exc:
+        raise weight_files.damaged(file, exc) from None
+    return 8 + size, parsed
+
+
+def rewrite(source: Path, out: Path, replaced: dict[str, torch.dtype], compute: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    """`source` written to `out` with each tensor named in `replaced` (key -> the dtype it becomes) taken
+    from `compute(key, stored tensor)`, of the same shape; every other tensor, and the metadata, as stored
+    (metadata naming the format "pt" where there was none)."""
+    start, entries = header(source)
+    metadata = entries.pop("__metadata__", None) or {"format": "pt"}  # as save_pretrained writes: some loaders want the format
+    order = sorted(entries, key=lambda key: entries[key]["data_offsets"][0])
+    written, offset = {"__metadata__": metadata}, 0
+    for key in order:
+        entry = dict(entries[key])
+        begin, end = entry["data_offsets"]
+        size = end - begin
+        if key in replaced:
+            entry["dtype"] = SAFETENSORS_NAMES[replaced[key]]
+            size = torch.Size(entry["shape"]).numel() * replaced[key].itemsize
+        entry["data_offsets"] = [offset, offset + size]
+        written[key], offset = entry, offset + size
+    text = json.dumps(written, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-aligned, as safetensors' own writer leaves it
+    try:  # a damaged source is refused as one; a full disk while writing stays the write error it is
+        handle = safe_open(source, framework="pt")
+    except (OSError, SafetensorError) as exc:
+        raise weight_files.damaged(source, exc) from None
+    with handle, open(source, "rb") as reading, open(out, "wb", buffering=0) as writing:
+        writing.write(struct.pack("<Q", len(text)) + text)
+        for key in order:
+            begin, end = entries[key]["data_offsets"]
+            if key not in replaced:
+                _copy(reading.fileno(), writing.fileno(), start + begin, end - begin, source)
+                continue
+            value = compute(key, handle.get_tensor(key))
+            if value.dtype != replaced[key] or list(value.shape) != entries[key]["shape"]:
+                raise AssertionError(f"{key}: computed {value.dtype} {list(value.shape)}, declared {replaced[key]} {entries[key]['shape']}")
+            view = memoryview(value.cpu().contiguous().view(torch.uint8).numpy()) if value.numel() else memoryview(b"")
+            while view:
+                view = view[os.write(writing.fileno(), view):]
+
+
+def _copy(reading: int, writing: int, offset: int, count: int, source: Path) -> None:
+    """`count` bytes of `reading` from `offset` to `writing`'s position: in the kernel where it can (copy_file_range)."""
+    while count:
+        try:
+            moved = os.copy_file_range(reading, writing, min(count, COPY_CHUNK), offset)
+        except (AttributeError, OSError):  # not Linux, another filesystem, or a kernel without it
+            moved = os.write(writing, os.pread(reading, min(count, COPY_CHUNK), offset))
+        if not moved:
+            raise CntinitError(f"{source} ends before its header says it does: the checkpoint is damaged (a download cut short?); "
+                               "use an intact copy")
+        offset, count = offset + moved, count - moved
+
