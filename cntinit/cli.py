@@ -233,7 +233,7 @@ def merge(
 def inspect(
     directory: Path = typer.Argument(..., metavar="DIRECTORY", help="A statistics store or a solve directory."),
     as_json: bool = _flag("--json", help="Print the whole manifest as JSON."),
-    verify: bool = _flag("--verify/--no-verify", default=True, help="Check payload checksums (stores; solve directories are always checked)."),
+    verify: bool = _flag("--verify/--no-verify", default=True, help="Check payload checksums, reading every payload again (stores; solve directories are always checked). `solve` takes a payload verified before, and unchanged since, as verified."),
 ) -> None:
     """Show what a store holds (model, data, options, statistics) or a solve's report.
 
@@ -249,7 +249,7 @@ def inspect(
         else:
             tables.print_report(sol.report, console.stdout())
         return
-    store = Store(directory, verify=verify)
+    store = Store(directory, verify=verify, reread=verify)
     if as_json:
         typer.echo(json.dumps(store.manifest, indent=2))
         return

@@ -4,14 +4,17 @@ a changed file never hits — not even one rewritten at its old size with its ol
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import pytest
 import torch
 import transformers
 
+from cntinit.errors import CntinitError
 from cntinit.models import fingerprints
-from cntinit.storage import cache, memo
+from cntinit.storage import cache, memo, store
+from conftest import run
 
 
 class Counted:
@@ -85,8 +88,6 @@ def test_another_users_memo_is_not_taken_and_an_unwritable_place_remembers_nothi
 
 def test_a_models_fingerprint_is_remembered_for_its_files_and_recomputed_when_one_changes(tiny, tmp_path, settled, monkeypatch):
     """Capture, solve and export each fingerprint the same weights: the second hashes none of them."""
-    import shutil
-
     directory = tmp_path / "model"
     shutil.copytree(tiny["llama"], directory)
     net = transformers.AutoModelForCausalLM.from_pretrained(directory)
@@ -106,26 +107,39 @@ def test_a_models_fingerprint_is_remembered_for_its_files_and_recomputed_when_on
     assert changed != expected and changed == real(modules, None, None, fingerprints.SCHEME) and len(computed) == 3
 
 
-def test_a_stores_checksums_are_remembered_and_a_damaged_payload_is_still_refused(captured, tmp_path, settled, monkeypatch):
-    """Every solve verified every payload's sha256: a capture solved for many modes and ranks is now
-    hashed once while its files stay as they are, and a payload changed since is hashed and refused."""
-    import shutil
-
-    from cntinit.errors import CntinitError
-    from cntinit.storage import store
-
+@pytest.fixture
+def store_copy(captured, tmp_path):
+    """A statistics store of the tiny Llama that this test may change."""
     copied = tmp_path / "store"
     shutil.copytree(captured["llama"], copied)
+    return copied
+
+
+def test_a_stores_checksums_are_remembered_and_a_damaged_payload_is_still_refused(store_copy, settled, monkeypatch):
+    """Every solve verified every payload's sha256: a capture solved for many modes and ranks is now
+    hashed once while its files stay as they are, and a payload changed since is hashed and refused."""
     hashed, real = [], memo.sha256
     monkeypatch.setattr(memo, "sha256", lambda path: hashed.append(path.name) or real(path))
-    payloads = sorted(store.Store(copied).manifest["files"])
+    payloads = sorted(store.Store(store_copy).manifest["files"])
     assert sorted(hashed) == payloads
-    store.Store(copied)
+    store.Store(store_copy)
     assert sorted(hashed) == payloads  # the second open read none of them
     time.sleep(0.05)
-    payload = copied / payloads[0]
+    payload = store_copy / payloads[0]
     data = bytearray(payload.read_bytes())
     data[-1] ^= 1  # one bit flipped, the size and name kept
     payload.write_bytes(bytes(data))
     with pytest.raises(CntinitError, match="does not match its checksum"):
-        store.Store(copied)
+        store.Store(store_copy)
+
+
+def test_inspect_verify_reads_every_payload_again(store_copy, settled, monkeypatch, capsys):
+    """What a remembered checksum cannot see — bytes changed under the filesystem, metadata untouched
+    — `cntinit inspect --verify` still can: it reads every payload again."""
+    store.Store(store_copy)  # verified, and remembered
+    hashed, real = [], memo.sha256
+    monkeypatch.setattr(memo, "sha256", lambda path: hashed.append(path.name) or real(path))
+    store.Store(store_copy)
+    assert hashed == []
+    assert run(capsys, "inspect", store_copy)[0] == 0
+    assert sorted(hashed) == sorted(store.Store(store_copy, verify=False).manifest["files"])

@@ -354,3 +354,16 @@ def test_the_residual_base_reads_only_the_adapted_weights_as_tensors(tiny, tmp_p
     assert set(replaced) == adapted and len(replaced) == len(adapted)
     assert torch.equal(load_file(tmp_path / "e" / "base" / "model.safetensors")["model.embed_tokens.weight"],
                        load_file(tiny["llama"] / "model.safetensors")["model.embed_tokens.weight"])
+
+
+def test_a_file_cut_short_while_it_is_copied_is_refused(tmp_path, monkeypatch):
+    """Between the check of the header and the copy, the file lost its tail: refused, not written short."""
+    import os
+
+    from cntinit.models import rewrite
+
+    source = tmp_path / "source.safetensors"
+    save_file({"a.weight": torch.randn(3, 5), "b.weight": torch.randn(4, 2)}, source)
+    monkeypatch.setattr(os, "copy_file_range", lambda *args: 0)  # what the kernel answers at the end of the file
+    with pytest.raises(CntinitError, match=f"^{source} ends before its header says it does: the checkpoint is damaged"):
+        rewrite.rewrite(source, tmp_path / "out.safetensors", {"a.weight": torch.float32}, lambda key, stored: stored)

@@ -193,10 +193,13 @@ def what_it_is(path: Path) -> str:
     return f"a directory without {MANIFEST}"
 
 
-def open_manifest(path: Path, format: str, version: int, noun: str, command: str, checksums: bool = True, problem=None) -> dict:
+def open_manifest(path: Path, format: str, version: int, noun: str, command: str, checksums: bool = True, problem=None,
+                  reread: bool = False) -> dict:
     """The manifest of the `format` directory `path` that `cntinit {command}` wrote, after checking its
     version, its shape (`problem(manifest)` says what is wrong, if anything), and that every payload
-    is a file inside, exists, and (with `checksums`) matches its sha256."""
+    is a file inside, exists, and (with `checksums`) matches its sha256 — remembered by the file's
+    identity (memo.py) unless `reread`: bytes that changed under the filesystem, with no metadata
+    changed (a disk fault), show only when the file is read again."""
     if not path.is_dir():
         raise CntinitError(f"{path} is not a directory: give the directory `cntinit {command}` wrote")
     manifest = read_manifest(path, format)
@@ -217,19 +220,23 @@ def open_manifest(path: Path, format: str, version: int, noun: str, command: str
         file = path / name
         if not file.is_file():
             raise CntinitError(f"{file} is missing: the {noun} is incomplete, {command} again")
-        # remembered by the file's identity (memo.py): a capture solved for many modes and ranks is read once, not hashed per solve
-        if checksums and "sha256:" + memo.remembered_sha256(file, location.root() / "digests") != entry["sha256"]:
+        if not checksums:
+            continue
+        # remembered: a capture solved for many modes and ranks is read once, not hashed per solve
+        digest = memo.sha256(file) if reread else memo.remembered_sha256(file, location.root() / "digests")
+        if "sha256:" + digest != entry["sha256"]:
             raise CntinitError(f"{file} does not match its checksum in {MANIFEST}: the {noun} is corrupt, {command} again")
     return manifest
 
 
 class Store:
-    """A statistics store opened for reading; payload checksums are verified on open."""
+    """A statistics store opened for reading; payload checksums are verified on open (`reread`: every
+    payload read again, not taken as verified while its file is unchanged)."""
 
-    def __init__(self, path: str | Path, verify: bool = True):
+    def __init__(self, path: str | Path, verify: bool = True, reread: bool = False):
         self.path = Path(path)
         self.manifest = open_manifest(self.path, FORMAT, FORMAT_VERSION, "statistics store", "capture", checksums=verify,
-                                      problem=manifests.store_problem)
+                                      problem=manifests.store_problem, reread=reread)
 
     @property
     def keys(self) -> list[str]:
