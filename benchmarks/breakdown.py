@@ -32,7 +32,8 @@ PHASES = {  # phase -> (module file suffix, function name) whose cumulative time
     "data": [("records/__init__.py", "read"), ("feeds/samples.py", "tokenize")],
     "statistics": [("capture/stream.py", "stream")],
     "solve (reads its inputs)": [("solve/factors.py", "split_all")],
-    "write": [("storage/store.py", "finish"), ("solve/stage.py", "_write"), ("export/formats/peft.py", "write")],
+    "write": [("storage/store.py", "finish"), ("solve/stage.py", "_write"), ("export/formats/peft.py", "write"),
+              ("models/rewrite.py", "rewrite")],  # the residual base, W − BA computed as each weight is written
 }
 NESTED = {"load model"}  # open_model calls loading.load where it does not read the weights by name: the outer one counts
 
