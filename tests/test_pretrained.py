@@ -367,3 +367,17 @@ def test_a_file_cut_short_while_it_is_copied_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "copy_file_range", lambda *args: 0)  # what the kernel answers at the end of the file
     with pytest.raises(CntinitError, match=f"^{source} ends before its header says it does: the checkpoint is damaged"):
         rewrite.rewrite(source, tmp_path / "out.safetensors", {"a.weight": torch.float32}, lambda key, stored: stored)
+
+
+def test_a_malformed_header_is_refused_before_anything_is_written(tmp_path):
+    """A header whose entry is not what safetensors writes is refused by safetensors' own check, not a KeyError."""
+    import struct
+
+    from cntinit.models import rewrite
+
+    source = tmp_path / "source.safetensors"
+    text = json.dumps({"a.weight": {"dtype": "F32", "shape": [2, 2]}}).encode()  # no data_offsets
+    source.write_bytes(struct.pack("<Q", len(text)) + text + bytes(16))
+    with pytest.raises(CntinitError, match=f"^{source} cannot be read as safetensors"):
+        rewrite.rewrite(source, tmp_path / "out.safetensors", {}, lambda key, stored: stored)
+    assert not (tmp_path / "out.safetensors").exists()

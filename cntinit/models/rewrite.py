@@ -40,7 +40,30 @@ def rewrite(source: Path, out: Path, replaced: dict[str, torch.dtype], compute: 
     """`source` written to `out` with each tensor named in `replaced` (key -> the dtype it becomes) taken
     from `compute(key, stored tensor)`, of the same shape; every other tensor, and the metadata, as stored
     (metadata naming the format "pt" where there was none)."""
-    start, entries = header(source)
+    try:  # safetensors checks the whole header first; a full disk while writing stays the write error it is
+        handle = safe_open(source, framework="pt")
+    except (OSError, SafetensorError) as exc:
+        raise weight_files.damaged(source, exc) from None
+    with handle, open(source, "rb") as reading, open(out, "wb", buffering=0) as writing:
+        start, entries = header(source)
+        order, text = _written_header(entries, replaced)
+        writing.write(text)
+        for key in order:
+            begin, end = entries[key]["data_offsets"]
+            if key not in replaced:
+                _copy(reading.fileno(), writing.fileno(), start + begin, end - begin, source)
+                continue
+            value = compute(key, handle.get_tensor(key))
+            if value.dtype != replaced[key] or list(value.shape) != entries[key]["shape"]:
+                raise AssertionError(f"{key}: computed {value.dtype} {list(value.shape)}, declared {replaced[key]} {entries[key]['shape']}")
+            view = memoryview(value.cpu().contiguous().view(torch.uint8).numpy()) if value.numel() else memoryview(b"")
+            while view:
+                view = view[os.write(writing.fileno(), view):]
+
+
+def _written_header(entries: dict, replaced: dict[str, torch.dtype]) -> tuple[list[str], bytes]:
+    """(the tensors in the order of their data, the new file's length-prefixed header): each replaced one in
+    its new dtype, the offsets laid out again."""
     metadata = entries.pop("__metadata__", None) or {"format": "pt"}  # as save_pretrained writes: some loaders want the format
     order = sorted(entries, key=lambda key: entries[key]["data_offsets"][0])
     written, offset = {"__metadata__": metadata}, 0
@@ -55,23 +78,7 @@ def rewrite(source: Path, out: Path, replaced: dict[str, torch.dtype], compute: 
         written[key], offset = entry, offset + size
     text = json.dumps(written, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-aligned, as safetensors' own writer leaves it
-    try:  # a damaged source is refused as one; a full disk while writing stays the write error it is
-        handle = safe_open(source, framework="pt")
-    except (OSError, SafetensorError) as exc:
-        raise weight_files.damaged(source, exc) from None
-    with handle, open(source, "rb") as reading, open(out, "wb", buffering=0) as writing:
-        writing.write(struct.pack("<Q", len(text)) + text)
-        for key in order:
-            begin, end = entries[key]["data_offsets"]
-            if key not in replaced:
-                _copy(reading.fileno(), writing.fileno(), start + begin, end - begin, source)
-                continue
-            value = compute(key, handle.get_tensor(key))
-            if value.dtype != replaced[key] or list(value.shape) != entries[key]["shape"]:
-                raise AssertionError(f"{key}: computed {value.dtype} {list(value.shape)}, declared {replaced[key]} {entries[key]['shape']}")
-            view = memoryview(value.cpu().contiguous().view(torch.uint8).numpy()) if value.numel() else memoryview(b"")
-            while view:
-                view = view[os.write(writing.fileno(), view):]
+    return order, struct.pack("<Q", len(text)) + text
 
 
 def _copy(reading: int, writing: int, offset: int, count: int, source: Path) -> None:
