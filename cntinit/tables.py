@@ -130,7 +130,6 @@ def print_report(report: dict, out: Console, lora_lr: float | None = None) -> No
         out.print(advice(report["lr_advice"], lora_lr, report["mode"], init_form), highlight=False)
 
 
-
 def _fit_ratio(row: dict) -> float:
     return row["fit_error"] / row["optimal_error"] if row["optimal_error"] > 0 else 1.0
 

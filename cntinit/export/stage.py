@@ -48,11 +48,10 @@ def export(solve_dir: str | Path, out: str | Path, *, format: str = "peft", alph
                "task_type": task_type, "train_dtype": train_dtype} | ({"unet_only": True} if unet_only else {})
     plan = _plan(solve_dir, options)
     learning_rate.check_lora_lr(lora_lr)
-    solved = plan.sol.manifest
-    init_form = learning_rate.form(solved["init"], solved["params"].get("out_delta"))
-    found = learning_rate.measured_range(solved["mode"], solved["init"], solved["params"].get("out_delta"))
     model = locate(model, revision, trust_remote_code) if model is not None else None
     sol, manifest, fmt = plan.sol, plan.sol.manifest, plan.format
+    init_form = learning_rate.form(manifest["init"], manifest["params"].get("out_delta"))
+    found = learning_rate.measured_range(manifest["mode"], manifest["init"], manifest["params"].get("out_delta"))
     store.check_out(out, manifest["model"]["fingerprint"], overwrite, FORMAT, "an export")
     residual = manifest["init"] == "residual"
     left_out = _unet_only(sol, fmt, residual) if unet_only else []

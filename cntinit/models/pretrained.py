@@ -143,7 +143,7 @@ class Streamed:
         with console.progress() as bar:
             task = bar.add_task(f"residual base, {len(files)} file{'s' if len(files) > 1 else ''}", total=len(files))
             for file in files:
-                replaced = {key: self.dtype for key, stored in self.weights.files.items() if stored == file and key in adapted}
+                replaced = {key: self.dtype for key in adapted if self.weights.files[key] == file}
                 rewrite(file, directory / file.name, replaced, lambda key, stored: _base_weight(
                     adapted[key], stored.to(self.dtype), factors, fan_in_fan_out, bases, precision))
                 bar.advance(task)

@@ -11,7 +11,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,12 +23,12 @@ SAFETENSORS_NAMES = {dtype: name for name, dtype in weight_files.STORED_FLOATS.i
 COPY_CHUNK = 1 << 24
 
 
-def header(file: Path) -> tuple[int, dict]:
-    """(where the data starts, the header's JSON) of a safetensors file."""
+def header(reading: BinaryIO, file: Path) -> tuple[int, dict]:
+    """(where the data starts, the header's JSON) of the safetensors `file`, open for `reading`."""
     try:
-        with open(file, "rb") as handle:
-            size = struct.unpack("<Q", handle.read(8))[0]
-            parsed = json.loads(handle.read(size))
+        reading.seek(0)
+        size = struct.unpack("<Q", reading.read(8))[0]
+        parsed = json.loads(reading.read(size))
         if not isinstance(parsed, dict):
             raise ValueError("the header is not a JSON object")
     except (OSError, ValueError, struct.error) as exc:
@@ -45,7 +45,7 @@ def rewrite(source: Path, out: Path, replaced: dict[str, torch.dtype], compute: 
     except (OSError, SafetensorError) as exc:
         raise weight_files.damaged(source, exc) from None
     with handle, open(source, "rb") as reading, open(out, "wb", buffering=0) as writing:
-        start, entries = header(source)
+        start, entries = header(reading, source)
         order, text = _written_header(entries, replaced)
         writing.write(text)
         for key in order:
