@@ -6,7 +6,8 @@
 Every capture, solve and export fingerprints every target weight (sha256 over float32 values)
 and checks it finite; a capture turns each Σxxᵀ's upper triangle into the full matrix and checks
 it finite before writing it. At 70B widths one block holds 3.4 GB of float32 weights and a
-28672² Σ of 3.3 GB, so these costs, nothing at small widths, add up over 80 blocks. Each row
+28672² Σ of 3.3 GB, so these costs, nothing at small widths, add up over 80 blocks; the first solve
+after a capture checks the sha256 of every statistics payload. Each row
 times the naive way (cntinit's code until 2026-11-27) and cntinit's on the same tensors, in one
 process, and reads the peak memory each adds (VmHWM, reset before each call).
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from rich.table import Table
 from cntinit.capture.stats import symmetrize
 from cntinit.finite import all_finite
 from cntinit.models import fingerprints
+from cntinit.storage import memo
 
 
 def rss() -> int:
@@ -63,11 +65,25 @@ def naive_fingerprint(modules: dict[str, torch.nn.Module]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def payloads(directory: Path, sizes: list[int]) -> list[Path]:
+    """Files of these sizes, as a capture's store holds them: one block's three hidden-width Σ (q/k/v,
+    o and gate/up inputs) share a file, the MLP-width Σ has its own (over the 2 GiB a file holds)."""
+    chunk = torch.randn(2**22).numpy().tobytes()  # 16 MiB; sha256 runs at one speed whatever the bytes
+    files = []
+    for number, size in enumerate(sizes):
+        files.append(directory / f"stats-{number + 1:05d}.safetensors")
+        with open(files[-1], "wb") as handle:
+            for start in range(0, size, len(chunk)):
+                handle.write(chunk[: size - start])
+    return files
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=8192)
     parser.add_argument("--mlp", type=int, default=28672)
     parser.add_argument("--kv", type=int, default=1024, help="k/v projection width (Llama-3-70B: 8 heads × 128)")
+    parser.add_argument("--store-blocks", type=int, default=2, help="blocks of statistics payloads to checksum (4.1 GB a block at 70B widths)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     h, m = args.hidden, args.mlp
@@ -90,7 +106,7 @@ def main() -> None:
 
     compare(f"fingerprint of one block's 7 weights (bf16, {gigabytes:.1f} GB as float32), one stream (stores before 2026-11-27)",
             lambda: naive_fingerprint(block), lambda: fingerprints.fingerprint(block, scheme=fingerprints.LEGACY), str.__eq__)
-    compare(f"fingerprint of the same weights, a sha256 per weight ({min(fingerprints.MAX_THREADS, len(os.sched_getaffinity(0)))} threads)",
+    compare(f"fingerprint of the same weights, a sha256 per weight ({memo.threads()} threads)",
             lambda: naive_fingerprint(block), lambda: fingerprints.fingerprint(block), None)
     weight = block["down_proj"].weight.detach().float()
     compare(f"finite check of a {h}×{m} float32 weight", lambda: bool(torch.isfinite(weight).all()), lambda: all_finite(weight),
@@ -99,6 +115,12 @@ def main() -> None:
     upper = torch.randn(m, m)
     compare(f"Σ of {m}² from its upper triangle ({upper.numel() * 4 / 1e9:.1f} GB; cntinit's in place, as capture does)",
             lambda: naive_symmetrize(upper), lambda: symmetrize(upper, in_place=True), torch.equal)
+    with tempfile.TemporaryDirectory() as scratch:  # what the first solve after a capture verifies
+        files = payloads(Path(scratch), [3 * h * h * 4, m * m * 4] * args.store_blocks)
+        size = sum(f.stat().st_size for f in files) / 1e9
+        compare(f"checksums of {args.store_blocks} blocks' statistics payloads ({len(files)} files, {size:.1f} GB, in the page cache): "
+                f"one stream (until 2026-12-07), side by side ({memo.threads()} threads)",
+                lambda: [memo.sha256(f) for f in files], lambda: memo.sha256_each(files, None), list.__eq__)
     title = f"fixed costs per block at widths {h}/{m} (k/v {args.kv}), CPU ({torch.get_num_threads()} threads)"
     table = Table(*rows[0], title=title)
     for row in rows:

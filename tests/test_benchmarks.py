@@ -242,7 +242,8 @@ def test_fixed_costs_benchmark_compares_equal_results(tmp_path):
     """fixed_costs.py asserts each pair of ways gives the same result before it reports their times."""
     run_script("fixed_costs.py", "--hidden", "64", "--mlp", "96", "--kv", "32", "--json", str(tmp_path / "rows.json"), cwd=tmp_path)
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
-    assert [row["what"].split()[0] for row in rows] == ["fingerprint", "fingerprint", "finite", "Σ"]
+    assert [row["what"].split()[0] for row in rows] == ["fingerprint", "fingerprint", "finite", "Σ", "checksums"]
+    assert "(4 files" in rows[-1]["what"]  # two blocks: their hidden-width Σ in one file each, the MLP-width Σ in another
     assert all(float(row["naive s"]) >= 0 and float(row["cntinit s"]) >= 0 for row in rows)
 
 

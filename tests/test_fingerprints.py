@@ -13,6 +13,7 @@ import transformers
 
 from cntinit import CntinitError, capture, merge, solve
 from cntinit.models import fingerprints
+from cntinit.storage import memo
 from cntinit.storage.store import Store
 
 from conftest import run
@@ -39,7 +40,7 @@ def _expected(modules, scheme: str) -> str:
 @pytest.mark.parametrize("chunk_bytes, threads", [(64 * 2**20, 8), (100, 1), (100, 3)])
 def test_fingerprint_equals_its_definition_whatever_the_chunks_and_threads(tiny, monkeypatch, chunk_bytes, threads):
     monkeypatch.setattr(fingerprints, "CHUNK_BYTES", chunk_bytes)  # 100 B: one row at a time
-    monkeypatch.setattr(fingerprints, "MAX_THREADS", threads)
+    monkeypatch.setattr(memo, "MAX_THREADS", threads)
     modules = _weights(tiny["llama"], torch.bfloat16)  # converted to float32 as hashed
     for scheme in ("sha256-weights", "sha256"):
         assert fingerprints.fingerprint(modules, scheme=scheme) == _expected(modules, scheme)

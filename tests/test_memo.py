@@ -143,3 +143,74 @@ def test_inspect_verify_reads_every_payload_again(store_copy, settled, monkeypat
     assert hashed == []
     assert run(capsys, "inspect", store_copy)[0] == 0
     assert sorted(hashed) == sorted(store.Store(store_copy, verify=False).manifest["files"])
+
+
+def _split_into_files(store_dir, parts: int) -> None:
+    """Rewrite a store's payload as `parts` files (a 7B all-linear store is a dozen 2 GB shards)."""
+    from safetensors.torch import load_file, save_file
+    import json
+
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    [only] = manifest["files"]
+    tensors = load_file(store_dir / only)
+    keys = sorted(manifest["stats"])
+    (store_dir / only).unlink()
+    manifest["files"] = {}
+    for part in range(parts):
+        name = f"stats-{part + 1:05d}.safetensors"
+        mine = keys[part::parts]
+        save_file({n: t for n, t in tensors.items() if any(n.startswith(k + ".") for k in mine)}, store_dir / name, metadata={"format": "pt"})
+        manifest["files"][name] = store.file_entry(store_dir / name)
+        for k in mine:
+            manifest["stats"][k]["file"] = name
+    (store_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def test_a_stores_payloads_are_hashed_side_by_side_and_a_damaged_one_is_named(store_copy, monkeypatch):
+    """A 7B all-linear store is a dozen 2 GB payloads and a 70B one 160: one stream of sha256 (1.8 GB/s
+    on this project's CPU) took a minute and more of every first solve; they are hashed on as many cores
+    as the process has (at most memo.MAX_THREADS). The first two hashes here each wait for the other to start."""
+    import threading
+
+    _split_into_files(store_copy, 3)
+    monkeypatch.setattr(memo, "threads", lambda: 2)
+    both = threading.Barrier(2, timeout=10)
+    real = memo.sha256
+
+    def side_by_side(path):
+        if path.name != "stats-00003.safetensors":
+            both.wait()  # the first two at once, or a BrokenBarrierError
+        return real(path)
+
+    monkeypatch.setattr(memo, "sha256", side_by_side)
+    payloads = sorted(store.Store(store_copy, reread=True).manifest["files"])
+    assert len(payloads) == 3
+    monkeypatch.setattr(memo, "sha256", real)
+    payload = store_copy / payloads[1]
+    data = bytearray(payload.read_bytes())
+    data[-1] ^= 1
+    payload.write_bytes(bytes(data))
+    with pytest.raises(CntinitError, match=f"{payloads[1]} does not match its checksum"):
+        store.Store(store_copy, reread=True)
+
+
+def test_hashing_side_by_side_leaves_the_umask_as_it_was(tmp_path, settled, monkeypatch):
+    """Each remembered checksum is written through atomic_file, which reads the umask by setting it and
+    putting it back: from threads at once, one could read the other's 0 and leave it set (every later
+    file world-writable). The umask calls here yield to the other threads between them."""
+    from cntinit.storage import atomic
+
+    real = os.umask
+    monkeypatch.setattr(atomic.os, "umask", lambda mask: (real(mask), time.sleep(0.002))[0])
+    files = []
+    for i in range(16):
+        files.append(tmp_path / f"f{i}")
+        files[-1].write_bytes(bytes([i]) * 10)
+    previous = real(0o027)
+    try:
+        assert memo.sha256_each(files, tmp_path / "digests") == [memo.sha256(f) for f in files]
+        assert real(0o027) == 0o027
+    finally:
+        real(previous)
+    remembered = list((tmp_path / "digests").iterdir())
+    assert len(remembered) == len(files) and {oct(f.stat().st_mode & 0o777) for f in remembered} == {oct(0o640)}

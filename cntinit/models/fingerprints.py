@@ -16,7 +16,6 @@ export of one model hash its weights once, and any change to a file computes it 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +33,6 @@ from .linears import weight_values
 SCHEME = "sha256-weights"
 LEGACY = "sha256"  # one stream over every weight in turn
 CHUNK_BYTES = 64 * 2**20  # float32 rows converted and hashed at a time: a weight is never copied whole
-MAX_THREADS = 8
 
 
 def fingerprint(modules: dict[str, nn.Module], read: Callable | None = None, loaded: torch.dtype | None = None,
@@ -73,18 +71,10 @@ def _computed(modules: dict[str, nn.Module], read: Callable | None, loaded: torc
         raise CntinitError(f"a fingerprint of kind {scheme!r} was recorded, which this cntinit does not know: use the cntinit that "
                            "wrote it, or capture again")
     # an offloaded model moves each weight in and out through its hooks: one at a time
-    threads = 1 if any(getattr(m, "_hf_hook", None) is not None for m in modules.values()) else min(MAX_THREADS, _cores())
+    threads = 1 if any(getattr(m, "_hf_hook", None) is not None for m in modules.values()) else memo.threads()
     with ThreadPoolExecutor(threads) as pool:  # hashlib and torch release the GIL: the weights are hashed side by side
         digests = list(pool.map(lambda name: _hash(hashlib.sha256(), name, weight(name)).hexdigest(), names))
     return f"{SCHEME}:{hashlib.sha256(''.join(d + chr(10) for d in digests).encode()).hexdigest()}"
-
-
-def _cores() -> int:
-    """The cores this process may run on (a container's share, where os.cpu_count() says the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _hash(digest, name: str, weight: torch.Tensor):

@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -99,9 +100,13 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
         raise
 
 
+_UMASK = threading.Lock()  # the umask is read by setting it and putting it back: two threads at once could leave it 0
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    with _UMASK:
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
 
 

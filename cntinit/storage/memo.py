@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -53,6 +54,7 @@ def remembered(directory: Path, what: str, files: list[Path], compute: Callable[
 
 
 HASH_CHUNK = 1 << 24
+MAX_THREADS = 8  # files (or weights) hashed side by side: hashlib releases the GIL; past this the disk is the limit
 
 
 def sha256(path: Path) -> str:
@@ -67,3 +69,26 @@ def sha256(path: Path) -> str:
 def remembered_sha256(path: Path, directory: Path) -> str:
     """`sha256(path)`, remembered in `directory` for the file as it is now."""
     return remembered(directory, "sha256", [path], lambda: sha256(path))
+
+
+def sha256_each(files: list[Path], directory: Path | None) -> list[str]:
+    """`sha256` of each file, side by side on up to `threads()` cores (one stream of sha256 runs at about
+    1.8 GB/s: a 70B model's 140 GB or its 320 GB store took minutes): remembered in `directory` for the
+    files as they are, or read again where it is None."""
+    def one(file: Path) -> str:
+        return sha256(file) if directory is None else remembered_sha256(file, directory)
+
+    if len(files) < 2:
+        return [one(file) for file in files]
+    with ThreadPoolExecutor(min(threads(), len(files))) as pool:
+        return list(pool.map(one, files))
+
+
+def threads() -> int:
+    """Threads to hash with: the cores this process may run on (a container's share, where
+    os.cpu_count() says the host's), at most MAX_THREADS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return min(MAX_THREADS, cores)

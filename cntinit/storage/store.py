@@ -216,16 +216,16 @@ def open_manifest(path: Path, format: str, version: int, noun: str, command: str
     wrong = problem(manifest) if problem else None
     if wrong:
         raise CntinitError(f"{path}/{MANIFEST} is corrupt: {wrong}: {command} again")
-    for name, entry in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise CntinitError(f"{file} is missing: the {noun} is incomplete, {command} again")
-        if not checksums:
-            continue
+    for name in manifest["files"]:
+        if not (path / name).is_file():
+            raise CntinitError(f"{path / name} is missing: the {noun} is incomplete, {command} again")
+    if checksums:
         # remembered: a capture solved for many modes and ranks is read once, not hashed per solve
-        digest = memo.sha256(file) if reread else memo.remembered_sha256(file, location.root() / "digests")
-        if "sha256:" + digest != entry["sha256"]:
-            raise CntinitError(f"{file} does not match its checksum in {MANIFEST}: the {noun} is corrupt, {command} again")
+        names = list(manifest["files"])
+        digests = memo.sha256_each([path / name for name in names], None if reread else location.root() / "digests")
+        for name, digest in zip(names, digests):
+            if "sha256:" + digest != manifest["files"][name]["sha256"]:
+                raise CntinitError(f"{path / name} does not match its checksum in {MANIFEST}: the {noun} is corrupt, {command} again")
     return manifest
 
 
