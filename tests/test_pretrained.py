@@ -281,10 +281,12 @@ def test_a_class_that_keeps_modules_in_float32_is_loaded(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("stored, trained", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                              (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
-def test_the_residual_is_rounded_once_and_its_rounding_measured_exactly_where_it_could_warn(stored, trained):
-    """W − B@A in one fused float64 product, rounded once to W's dtype; the rounding to the training
-    dtype is measured only where a bound says it could reach the warning — so the worst case found
-    equals the definition's (every module measured) whenever either one passes the threshold."""
+@pytest.mark.parametrize("row_bytes", [1 << 20, 8 * 48 * 5])  # the whole weight in one block; 5 rows (and a short last block)
+def test_the_residual_is_rounded_once_and_its_rounding_measured_exactly_where_it_could_warn(stored, trained, row_bytes, monkeypatch):
+    """W − B@A in one fused float64 product, rounded once to W's dtype, block of rows by block; the rounding
+    to the training dtype is measured only where a bound says it could reach the warning — so the worst
+    case found equals the definition's (every module measured) whenever either one passes the threshold."""
+    monkeypatch.setattr(pretrained, "ROW_BYTES", row_bytes)
     generator = torch.Generator().manual_seed(0)
     for scale in (1e-3, 1.0, 30.0, 3e3, 1e6):
         w = torch.randn(48, 40, generator=generator).to(stored)
@@ -293,7 +295,7 @@ def test_the_residual_is_rounded_once_and_its_rounding_measured_exactly_where_it
         for transposed in (False, True):
             weight, (fb, fa) = (w.T.contiguous(), (b, a)) if transposed else (w, (b, a))
             precision = pretrained.Precision(trained)
-            got = precision.residual("m", weight, fb, fa, transposed)
+            got = torch.cat([block.clone() for block in precision.residual("m", weight, fb, fa, transposed, stored)])
             exact = (w.double() - b @ a)
             assert got.dtype == stored and torch.equal(got, (exact.T if transposed else exact).to(stored)) or \
                 float((got.double() - (exact.T if transposed else exact)).abs().max()) <= float(exact.abs().max()) * torch.finfo(stored).eps
@@ -332,7 +334,7 @@ def test_a_rewritten_file_holds_the_replaced_tensors_and_every_other_byte_as_sto
         save_file(tensors, source, metadata=metadata)
         read = []
         rewrite.rewrite(source, out, {"a.weight": torch.bfloat16, "b.weight": torch.bfloat16},
-                        lambda key, stored: read.append(key) or (stored * 2).bfloat16())
+                        lambda key, rows: read.append(key) or [(rows[0:3] * 2).bfloat16(), (rows[3:] * 2).bfloat16()])
         assert sorted(read) == ["a.weight", "b.weight"]  # only the replaced tensors were read as tensors
         written = load_file(out)
         assert torch.equal(written["a.weight"], (tensors["a.weight"] * 2).bfloat16())
@@ -366,7 +368,7 @@ def test_a_file_cut_short_while_it_is_copied_is_refused(tmp_path, monkeypatch):
     save_file({"a.weight": torch.randn(3, 5), "b.weight": torch.randn(4, 2)}, source)
     monkeypatch.setattr(os, "copy_file_range", lambda *args: 0)  # what the kernel answers at the end of the file
     with pytest.raises(CntinitError, match=f"^{source} ends before its header says it does: the checkpoint is damaged"):
-        rewrite.rewrite(source, tmp_path / "out.safetensors", {"a.weight": torch.float32}, lambda key, stored: stored)
+        rewrite.rewrite(source, tmp_path / "out.safetensors", {"a.weight": torch.float32}, lambda key, rows: [rows[0:3]])
 
 
 def test_a_malformed_header_is_refused_before_anything_is_written(tmp_path):
@@ -379,5 +381,6 @@ def test_a_malformed_header_is_refused_before_anything_is_written(tmp_path):
     text = json.dumps({"a.weight": {"dtype": "F32", "shape": [2, 2]}}).encode()  # no data_offsets
     source.write_bytes(struct.pack("<Q", len(text)) + text + bytes(16))
     with pytest.raises(CntinitError, match=f"^{source} cannot be read as safetensors"):
-        rewrite.rewrite(source, tmp_path / "out.safetensors", {}, lambda key, stored: stored)
+        rewrite.rewrite(source, tmp_path / "out.safetensors", {}, lambda key, rows: [rows[0:3]])
     assert not (tmp_path / "out.safetensors").exists()
+

@@ -2,7 +2,7 @@
 export writes the residual base. Loading the whole file to save it again held all of its tensors
 at once (a 70B model's 5 GB shard: 5 GB and more; SmolLM2-135M's export peaked at 1.5–1.6 GB, now
 0.9 GB); here the tensors kept as they are go from file to file as bytes (in the kernel, with
-copy_file_range, where it can), and each replaced one is computed as it is written.
+copy_file_range, where it can), and each replaced one is computed as it is written, block of rows by block.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,10 +36,11 @@ def header(reading: BinaryIO, file: Path) -> tuple[int, dict]:
     return 8 + size, parsed
 
 
-def rewrite(source: Path, out: Path, replaced: dict[str, torch.dtype], compute: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+def rewrite(source: Path, out: Path, replaced: dict[str, torch.dtype], compute: Callable[[str, object], Iterable[torch.Tensor]]) -> None:
     """`source` written to `out` with each tensor named in `replaced` (key -> the dtype it becomes) taken
-    from `compute(key, stored tensor)`, of the same shape; every other tensor, and the metadata, as stored
-    (metadata naming the format "pt" where there was none)."""
+    from `compute(key, rows)` — `rows[start:end]` reads those rows of the stored tensor — which gives the
+    new tensor's rows in blocks, in order, each written before the next is asked for; every other tensor,
+    and the metadata, as stored (metadata naming the format "pt" where there was none)."""
     try:  # safetensors checks the whole header first; a full disk while writing stays the write error it is
         handle = safe_open(source, framework="pt")
     except (OSError, SafetensorError) as exc:
@@ -53,12 +54,16 @@ def rewrite(source: Path, out: Path, replaced: dict[str, torch.dtype], compute: 
             if key not in replaced:
                 _copy(reading.fileno(), writing.fileno(), start + begin, end - begin, source)
                 continue
-            value = compute(key, handle.get_tensor(key))
-            if value.dtype != replaced[key] or list(value.shape) != entries[key]["shape"]:
-                raise AssertionError(f"{key}: computed {value.dtype} {list(value.shape)}, declared {replaced[key]} {entries[key]['shape']}")
-            view = memoryview(value.cpu().contiguous().view(torch.uint8).numpy()) if value.numel() else memoryview(b"")
-            while view:
-                view = view[os.write(writing.fileno(), view):]
+            shape, rows = entries[key]["shape"], 0
+            for block in compute(key, handle.get_slice(key)):
+                if block.dtype != replaced[key] or list(block.shape[1:]) != shape[1:]:
+                    raise AssertionError(f"{key}: computed {block.dtype} {list(block.shape)}, declared {replaced[key]} {shape}")
+                rows += block.shape[0] if block.dim() else 1
+                view = memoryview(block.cpu().contiguous().view(torch.uint8).reshape(-1).numpy()) if block.numel() else memoryview(b"")
+                while view:
+                    view = view[os.write(writing.fileno(), view):]
+            if rows != (shape[0] if shape else 1):
+                raise AssertionError(f"{key}: computed {rows} rows, declared {shape}")
 
 
 def _written_header(entries: dict, replaced: dict[str, torch.dtype]) -> tuple[list[str], bytes]:

@@ -42,7 +42,7 @@ def weights(stats: Store | None, modules: dict, options, dev: torch.device, dtyp
         per_batch = max(1, CHUNK_BYTES // ((6 * k * d + square) * 8))
         for s in range(0, len(names), per_batch):
             group = names[s : s + per_batch]
-            w = torch.stack([weight_values(modules[n]) for n in group]).to(dev, dtype)
+            w = stacked_weights(modules, group, dev, dtype)
             sigma, made = None, None
             if with_sigma:
                 keys = [stats.manifest["modules"][n]["key"] for n in group]
@@ -59,8 +59,21 @@ def gradients(stats: Store, modules: dict, options, dev: torch.device, dtype: to
     and the pooled Σ (for the report), in batches of equal shape."""
     count = stats.manifest["gradients"]["batches"]
     for batch in weights(stats, modules, options, dev, dtype):
-        grad = torch.stack([stats.gradient(name) for name in batch.names]).to(dev, dtype) / count
-        yield batch._replace(delta=grad)
+        grad = torch.empty(batch.weight.shape, dtype=dtype)
+        for i, name in enumerate(batch.names):
+            grad[i] = stats.gradient(name)
+        yield batch._replace(delta=grad.to(dev).div_(count))
+
+
+def stacked_weights(modules: dict, names: list[str], dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The W of `names` (equal shapes) as one (n, k, d) batch in `dtype` on `dev`, each converted as it is copied
+    into its place (stacking, then converting, passed over the batch twice); for a GPU, gathered in the
+    model's own dtype (the fewest bytes to move) and converted there."""
+    d, k = in_out_features(modules[names[0]])
+    batch = torch.empty(len(names), k, d, dtype=dtype if dev.type == "cpu" else modules[names[0]].weight.dtype)
+    for i, name in enumerate(names):
+        batch[i] = weight_values(modules[name])
+    return batch.to(dev, dtype)
 
 
 def pooled_sigma(tensors: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -11,8 +11,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ...models.linears import in_out_features, weight_values
-from ..inputs import CHUNK_BYTES, Batch, sigmas
+from ...models.linears import in_out_features
+from ..inputs import CHUNK_BYTES, Batch, sigmas, stacked_weights
 from ..linalg import Eigen, eigen, floor, kept, pseudo_inverse, reciprocal, split
 from .registry import OFFSET, STATISTICS, Factors, Job, Mode, register
 
@@ -121,7 +121,7 @@ def deltas(target: Target, eigendecompose: bool, stats, modules: dict, options, 
 
 
 def _group(target: Target, names, modules, options, sigma, pooled, eig, floored, index, dev, dtype) -> Batch:
-    w = torch.stack([weight_values(modules[n]) for n in names]).to(dev, dtype)
+    w = stacked_weights(modules, names, dev, dtype)
     targets, target_floored = [], []
     for j in range(len(options.bucket_weights)):
         bucket_eig = Eigen(eig.values[index, j], eig.vectors[index, j]) if eig is not None else None
