@@ -401,3 +401,17 @@ def test_out_delta_normalize_and_damping_refusals(captured, tmp_path, capsys):
                           (["-m", "cnt-s", "--normalize", "max"], "--normalize"),
                           (["-m", "eva", "--normalize", "trace"], "--normalize applies to --mode cnt-x or cnt-s or cnt-sh, not eva")]:
         assert_refused(capsys, ["solve", captured["llama"], "-r", "2", *args], message, tmp_path / "out")
+
+
+def test_a_batch_of_weights_is_each_weight_converted_once_in_its_place():
+    """The solve's batches: each W copied into its place in the solve's dtype (a model may keep some modules
+    in float32 beside bfloat16 ones); the same values as stacking them and converting the stack."""
+    from cntinit.solve.inputs import stacked_weights
+
+    torch.manual_seed(0)
+    modules = {"a": torch.nn.Linear(6, 4).bfloat16(), "b": torch.nn.Linear(6, 4), "c": torch.nn.Linear(6, 4).double()}
+    for dtype in (torch.float32, torch.float64):
+        batch = stacked_weights(modules, list(modules), torch.device("cpu"), dtype)
+        assert batch.dtype == dtype and batch.shape == (3, 4, 6)
+        for i, module in enumerate(modules.values()):
+            assert torch.equal(batch[i], module.weight.detach().to(dtype))

@@ -5,6 +5,7 @@ pooled Σ for the report, the mean loss gradient G (gradient modes) and each sta
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -68,9 +69,11 @@ def gradients(stats: Store, modules: dict, options, dev: torch.device, dtype: to
 def stacked_weights(modules: dict, names: list[str], dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The W of `names` (equal shapes) as one (n, k, d) batch in `dtype` on `dev`, each converted as it is copied
     into its place (stacking, then converting, passed over the batch twice); for a GPU, gathered in the
-    model's own dtype (the fewest bytes to move) and converted there."""
+    model's own dtype (the fewest bytes to move; the widest, where a model keeps some modules in float32) and
+    converted there."""
     d, k = in_out_features(modules[names[0]])
-    batch = torch.empty(len(names), k, d, dtype=dtype if dev.type == "cpu" else modules[names[0]].weight.dtype)
+    held = dtype if dev.type == "cpu" else functools.reduce(torch.promote_types, (modules[n].weight.dtype for n in names))
+    batch = torch.empty(len(names), k, d, dtype=held)
     for i, name in enumerate(names):
         batch[i] = weight_values(modules[name])
     return batch.to(dev, dtype)
