@@ -384,3 +384,21 @@ def test_a_malformed_header_is_refused_before_anything_is_written(tmp_path):
         rewrite.rewrite(source, tmp_path / "out.safetensors", {}, lambda key, rows: [rows[0:3]])
     assert not (tmp_path / "out.safetensors").exists()
 
+
+
+def test_a_write_the_kernel_cuts_short_goes_on_from_the_byte_it_stopped_at(tmp_path, monkeypatch):
+    """os.write may write less than it was given (a signal, a pipe, some filesystems): the rest follows from
+    that byte — a block's 2-D view was sliced by rows, not bytes, and the header's write was not retried."""
+    import os
+
+    from cntinit.models import rewrite
+
+    source = tmp_path / "source.safetensors"
+    tensors = {"a.weight": torch.randn(5, 3), "b.weight": torch.randn(4, 6)}
+    save_file(tensors, source)
+    real = os.write
+    monkeypatch.setattr(rewrite.os, "write", lambda fd, data: real(fd, bytes(memoryview(data).cast("B")[:7])))
+    rewrite.rewrite(source, tmp_path / "out.safetensors", {"a.weight": torch.float32, "b.weight": torch.float32},
+                    lambda key, rows: [rows[0:2] * 2, rows[2:] * 2])
+    written = load_file(tmp_path / "out.safetensors")
+    assert all(torch.equal(written[key], tensors[key] * 2) for key in tensors)

@@ -48,7 +48,7 @@ def rewrite(source: Path, out: Path, replaced: dict[str, torch.dtype], compute: 
     with handle, open(source, "rb") as reading, open(out, "wb", buffering=0) as writing:
         start, entries = header(reading, source)
         order, text = _written_header(entries, replaced)
-        writing.write(text)
+        _write_all(writing.fileno(), memoryview(text))
         for key in order:
             begin, end = entries[key]["data_offsets"]
             if key not in replaced:
@@ -59,11 +59,15 @@ def rewrite(source: Path, out: Path, replaced: dict[str, torch.dtype], compute: 
                 if block.dtype != replaced[key] or list(block.shape[1:]) != shape[1:]:
                     raise AssertionError(f"{key}: computed {block.dtype} {list(block.shape)}, declared {replaced[key]} {shape}")
                 rows += block.shape[0] if block.dim() else 1
-                view = memoryview(block.cpu().contiguous().view(torch.uint8).reshape(-1).numpy()) if block.numel() else memoryview(b"")
-                while view:
-                    view = view[os.write(writing.fileno(), view):]
+                _write_all(writing.fileno(), memoryview(block.cpu().contiguous().view(torch.uint8).reshape(-1).numpy()))
             if rows != (shape[0] if shape else 1):
                 raise AssertionError(f"{key}: computed {rows} rows, declared {shape}")
+
+
+def _write_all(writing: int, data: memoryview) -> None:
+    """Every byte of `data` (one-dimensional): os.write may write fewer than it is given."""
+    while data:
+        data = data[os.write(writing, data):]
 
 
 def _written_header(entries: dict, replaced: dict[str, torch.dtype]) -> tuple[list[str], bytes]:
