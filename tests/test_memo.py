@@ -3,6 +3,7 @@ a changed file never hits — not even one rewritten at its old size with its ol
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -10,6 +11,7 @@ import time
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from cntinit.errors import CntinitError
 from cntinit.models import fingerprints
@@ -147,9 +149,6 @@ def test_inspect_verify_reads_every_payload_again(store_copy, settled, monkeypat
 
 def _split_into_files(store_dir, parts: int) -> None:
     """Rewrite a store's payload as `parts` files (a 7B all-linear store is a dozen 2 GB shards)."""
-    from safetensors.torch import load_file, save_file
-    import json
-
     manifest = json.loads((store_dir / "manifest.json").read_text())
     [only] = manifest["files"]
     tensors = load_file(store_dir / only)
@@ -168,8 +167,8 @@ def _split_into_files(store_dir, parts: int) -> None:
 
 def test_a_stores_payloads_are_hashed_side_by_side_and_a_damaged_one_is_named(store_copy, monkeypatch):
     """A 7B all-linear store is a dozen 2 GB payloads and a 70B one 160: one stream of sha256 (1.8 GB/s
-    on this project's CPU) took a minute and more of every first solve; they are hashed on as many cores
-    as the process has (at most memo.MAX_THREADS). The first two hashes here each wait for the other to start."""
+    on this project's CPU) took 12 s (7B) to three minutes (70B) of every first solve; they are hashed on as
+    many cores as the process has (at most memo.MAX_THREADS). The first two hashes here each wait for the other."""
     import threading
 
     _split_into_files(store_copy, 3)
