@@ -402,3 +402,19 @@ def test_a_write_the_kernel_cuts_short_goes_on_from_the_byte_it_stopped_at(tmp_p
                     lambda key, rows: [rows[0:2] * 2, rows[2:] * 2])
     written = load_file(tmp_path / "out.safetensors")
     assert all(torch.equal(written[key], tensors[key] * 2) for key in tensors)
+
+
+def test_a_bfloat16_base_whose_rounding_cannot_warn_is_not_measured(monkeypatch):
+    """Rounding W − BA to bfloat16 moves base + BA off W by at most u·‖W − BA‖ (u = 2⁻⁸): under the 1% warning
+    wherever ‖W − BA‖ < 2.56‖W‖. The bound kept a 4× slack, which no bfloat16 base passed, so every adapted weight
+    of a bfloat16 model was read again whole and measured in float64 (1 s a 4096 × 11008 weight on 2 cores)."""
+    measured = []
+    monkeypatch.setattr(pretrained.Precision, "_measure", lambda self, name, *rest: measured.append(name))
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 48, generator=generator).bfloat16()
+    b, a = torch.randn(64, 4, generator=generator, dtype=torch.float64), torch.randn(4, 48, generator=generator, dtype=torch.float64)
+    for scale, expected in ((0.1, []), (1.0, []), (3.0, ["m"])):  # ‖BA‖ relative to ‖W‖
+        measured.clear()
+        factor = scale * float(w.double().norm()) / float((b @ a).norm())
+        list(pretrained.Precision(torch.bfloat16).residual("m", w, b * factor, a, False, torch.bfloat16))
+        assert measured == expected, scale
