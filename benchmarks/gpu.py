@@ -257,11 +257,14 @@ def step_primitives(args) -> None:
         f"svd_lowrank {k}², q 16, niter 4": ((k, k), lambda m: torch.svd_lowrank(m, q=16, niter=4)),
         f"svd {k}×{d}": ((k, d), lambda m: torch.linalg.svd(m, full_matrices=False)),
         f"eigh {d}²": ((d, d), lambda m: torch.linalg.eigh(m @ m.mT)),
+        f"eigh {k}² with MAGMA": ((k, k), lambda m: with_magma(device, lambda: torch.linalg.eigh(m @ m.mT))),
+        f"eigh {d}² with MAGMA": ((d, d), lambda m: with_magma(device, lambda: torch.linalg.eigh(m @ m.mT))),
     }
     title = f"Linear algebra at Llama-2-7B widths, one call each after a warm-up, {args.device}"
     for precision in (torch.float32, torch.float64):
         torch.linalg.svd(torch.randn(64, 64, device=device, dtype=precision))  # library start-up
         torch.linalg.eigh(torch.eye(64, device=device, dtype=precision))
+        with_magma(device, lambda: torch.linalg.eigh(torch.eye(64, device=device, dtype=precision)))
         for label, (shape, fn) in calls.items():
             m = torch.randn(*shape, device=device, dtype=precision) / shape[-1] ** 0.5
             if device.type == "cuda":
@@ -272,6 +275,21 @@ def step_primitives(args) -> None:
                 torch.cuda.synchronize()
             emit(args.out, "primitives", title, {"call": label, "precision": str(precision).removeprefix("torch."),
                                                  "seconds": f"{time.perf_counter() - started:.3f}"})
+
+
+def with_magma(device, call):
+    """`call` with torch's CUDA linear algebra preferring MAGMA over cuSOLVER (the all-linear 7B solve's
+    floor is the Σ eigendecompositions: is the other library faster at 11008²?); on the CPU, `call` as is."""
+    import torch
+
+    if device.type != "cuda":
+        return call()
+    before = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library("magma")
+    try:
+        return call()
+    finally:
+        torch.backends.cuda.preferred_linalg_library(before)
 
 
 def step_inilora(args) -> None:

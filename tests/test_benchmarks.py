@@ -171,7 +171,7 @@ def test_gpu_run_dry_run_measures_every_step(tmp_path):
         assert row["target"].startswith({"cnt-x": "< 60 s: ", "cnt-s": "< 60 s: ", "cnt-sh": "< 120 s: "}.get(row["mode"], ""))
         assert bool(row["target"]) == row["mode"].startswith("cnt")
 
-    assert len(tables["primitives"]) == 14 and all(float(r["seconds"]) >= 0 for r in tables["primitives"])
+    assert len(tables["primitives"]) == 18 and all(float(r["seconds"]) >= 0 for r in tables["primitives"])
 
     fixed, compared, early = tables["inilora"]
     assert fixed["steps"] == 20 and float(fixed["seconds"]) >= 0

@@ -342,6 +342,26 @@ def test_without_matplotlib_the_run_says_once_how_to_get_plots(tmp_path, tiny, c
     assert not list((tmp_path / "out").rglob("report.png")) and (tmp_path / "out" / "cnt-s-r4" / "report.json").is_file()
 
 
+def test_the_report_plot_draws_each_modules_rank_and_its_spectrum_cut_there():
+    """One bar per module at its rank, in model order; one line per spectrum over its largest value; a dot where
+    each rank cuts (a rank-0 module has a bar of 0 and no dot; a module without a spectrum has no line)."""
+    import numpy as np
+
+    spectra = {"m.0.q_proj": [4.0, 2.0, 1.0], "m.0.v_proj": [9.0, 3.0, 1.0, 0.5], "m.1.q_proj": [2.0, 1.0], "m.1.v_proj": None}
+    ranks = {"m.0.q_proj": 2, "m.0.v_proj": 3, "m.1.q_proj": 0, "m.1.v_proj": 4}
+    report = {"mode": "cnt-s", "total_rank": 9, "budget": 9,
+              "modules": {name: {"rank": ranks[name], "spectrum": spectra[name]} for name in ranks}}
+    fig = plots.report_figure(report)
+    bars, decay = fig.axes[0], fig.axes[1]
+    heights = [path.vertices[:, 1].max() for path in bars.collections[0].get_paths()]
+    assert heights == [2, 3, 0, 4] and "total 9, budget 9" in bars.get_title()
+    lines = decay.collections[0].get_segments()
+    assert len(lines) == 3 and np.allclose(lines[1], [[1, 1], [2, 1 / 3], [3, 1 / 9], [4, 0.5 / 9]]) and decay.get_yscale() == "log"
+    assert np.allclose(decay.collections[1].get_offsets(), [[2, 0.5], [3, 1 / 9]])
+    colours = bars.collections[0].get_facecolors()
+    assert (colours[0] == colours[2]).all() and not (colours[0] == colours[1]).all()  # coloured by module kind
+
+
 def test_a_corrupted_entry_of_the_right_size_is_computed_again(tiny, calibration, cache_dir, capsys):
     """A flipped byte kept the payload's size, so the entry stayed a hit that every solve refused."""
     path, _ = runner.cached_capture(tiny["llama"], calibration, targets="q_proj", seq_len=32, cache_dir=cache_dir)
