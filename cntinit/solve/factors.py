@@ -54,7 +54,9 @@ def split_all(mode: Mode, batches, modules: dict, options, max_ranks: dict, worl
             keep = slice(top - r, top) if minor else slice(0, r)  # the r smallest of the top kept, for MiLoRA/kpm
             b_kept, a_kept = made.b[i, :, keep], made.a[i, keep]
             sigma = batch.sigma[i] if batch.sigma is not None else None
-            rows[name] = row = report.diagnostics(batch.weight[i], batch.delta[i], b_kept, a_kept, sigma, r, batch.floored[i])
+            weight = batch.weight[i]
+            delta = weight if batch.delta is batch.weight else batch.delta[i]  # the residual modes split W itself
+            rows[name] = row = report.diagnostics(weight, delta, b_kept, a_kept, sigma, r, batch.floored[i])
             if mode.zero_update:
                 row["kept"] = None  # BA = 0: no change wanted, none kept
             update = b_kept @ a_kept if made.steps is not None or options.quantize is not None else None  # for the errors that need BA itself

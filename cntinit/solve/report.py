@@ -25,8 +25,10 @@ FAR_OUT_DELTA = 0.1
 def diagnostics(w, delta, b, a, sigma, rank, floored) -> dict:
     """What the report shows for one module; output change is on the pooled uncentered Σ. The
     update BA's terms come from its factors: ‖BA‖² = tr(BᵀB·AAᵀ), tr(BAΣAᵀBᵀ) = tr(BᵀB·AΣAᵀ),
-    r·in² work where forming BA and BAΣ took out·in²."""
-    delta_sq = float(delta.square().sum())
+    r·in² work where forming BA and BAΣ took out·in². The norms take no weight-sized temporary, and W's is
+    not taken twice where the delta is W itself (the residual modes)."""
+    weight_norm = float(torch.linalg.vector_norm(w))
+    delta_sq = weight_norm**2 if delta is w else float(torch.linalg.vector_norm(delta)) ** 2
     gram = b.T @ b
     update_sq = float((gram * (a @ a.T)).sum())
     output_change = None
@@ -35,7 +37,7 @@ def diagnostics(w, delta, b, a, sigma, rank, floored) -> dict:
         output_change = float((gram * (a @ sigma @ a.T)).sum()) / base_energy if base_energy > 0 else 0.0
     return {
         "rank": rank,
-        "weight_norm": float(w.norm()),
+        "weight_norm": weight_norm,
         "delta_norm": delta_sq**0.5,
         "update_norm": update_sq**0.5,
         "kept": update_sq / delta_sq if delta_sq > 0 else 1.0,
