@@ -307,7 +307,7 @@ def solve(
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, or cuda."),
     offload: bool = _flag("--offload", help="Load the model within --max-memory (accelerate: CPU memory, then disk). A transformers model in safetensors needs none: its weights are read by name, a batch at a time; this is for pipelines and checkpoints transformers converts on load."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="--offload: limits per place, e.g. cuda=20GiB,cpu=64GiB (default: what accelerate finds free)."),
-    precision: str = typer.Option("float64", "--precision", help="Precision of the eigen/SVD work: float64 or float32 (IniLoRA's Adam always runs in float32, as the authors' code)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Precision of the eigen/SVD work: float64 or float32 (default float64; float32 with --niter, whose randomized SVD is approximate anyway and which PEFT computes in float32: randomized PiSSA's solve of SmolLM2-135M about 3× faster on 2 CPU cores). IniLoRA's Adam always runs in float32, as the authors' code."),
     overwrite: bool = _flag("--overwrite", help="Replace --out even if it is a solve directory of another model or another cntinit output (never a folder or file of yours)."),
     trust_remote_code: bool = _flag("--trust-remote-code", help="Allow the model directory's own Python code to run."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the rank per module and each split's singular values into this PNG (needs matplotlib)."),

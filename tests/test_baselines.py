@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from cntinit.errors import CntinitError
 from cntinit.export import export
 from cntinit.solve import Options, solve
 from conftest import assert_refused, leftovers, run
@@ -153,7 +154,7 @@ def test_pissa_niter_agrees_with_peft_randomized_pissa(tiny, tmp_path):
     model = spectral_model(tiny["llama"], tmp_path / "m", decay=0.2)
     solve(None, tmp_path / "s", Options(mode="pissa", rank=4, niter=4), model=model, targets="q_proj,v_proj")
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["params"]["niter"] == 4 and manifest["params"]["seed"] == 0
+    assert manifest["params"]["niter"] == 4 and manifest["params"]["seed"] == 0 and manifest["params"]["precision"] == "float32"  # PEFT's
     torch.manual_seed(0)
     reference = peft.get_peft_model(load(model), peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
                                                                  init_lora_weights="pissa_niter_4"))
@@ -165,6 +166,18 @@ def test_pissa_niter_agrees_with_peft_randomized_pissa(tiny, tmp_path):
         torch.testing.assert_close(b @ a, peft_update, rtol=0, atol=1e-6)
         u, s, vh = torch.linalg.svd(linear_weight(weights[name]))
         torch.testing.assert_close(b @ a, (u[:, :4] * s[:4]) @ vh[:4], rtol=0, atol=1e-7)
+
+
+def test_niter_solves_in_float32_unless_told_and_every_exact_split_in_float64():
+    """A randomized SVD's own error dwarfs float32's rounding and PEFT computes it in float32: --niter defaults to
+    float32; exact splits keep float64; a precision given is kept either way, and a wrong one is refused by name."""
+    assert Options(mode="pissa", niter=4).resolved().precision == "float32"
+    assert Options(mode="lora-ga", niter=4).resolved().precision == "float32"
+    assert Options(mode="pissa").resolved().precision == "float64" and Options(mode="cnt-s").resolved().precision == "float64"
+    assert Options(mode="pissa", niter=4, precision="float64").resolved().precision == "float64"
+    assert Options(mode="cnt-s", precision="float32").resolved().precision == "float32"
+    with pytest.raises(CntinitError, match="--precision float16 is not one of"):
+        Options(mode="pissa", niter=4, precision="float16").resolved()
 
 
 def test_lora_draws_a_as_peft_does_and_export_keeps_it(tiny, tmp_path):

@@ -51,7 +51,7 @@ class Options:
     budget: int | None = None
     min_rank: int = 0
     max_rank: int | None = None
-    precision: str = "float64"
+    precision: str | None = None  # float64; float32 with --niter (a randomized SVD's own error dwarfs float32's rounding; PEFT computes it in float32)
     seed: int = 0  # random draws: lora, pissa/lora-ga --niter, inilora*
     niter: int | None = None  # pissa, lora-ga: randomized SVD with this many subspace iterations (PEFT's)
     lora_init: str | None = None  # lora: kaiming (PEFT's default) or gaussian
@@ -98,7 +98,8 @@ class Options:
         if self.vas and mode.vas is not None:
             raise CntinitError(f"--vas does not apply to --mode {mode.name}: {mode.vas}")
         settings = {name: resolve(getattr(self, name), self) for name, resolve in {**mode.options, **mode.defaults}.items()}
-        options = replace(self, decompose=self.decompose or mode.decompose, init=self.init or mode.init, **settings)
+        options = replace(self, decompose=self.decompose or mode.decompose, init=self.init or mode.init,
+                          precision=self.precision or ("float32" if settings.get("niter") is not None else "float64"), **settings)
         if options.quantize is not None and (options.init != modes.RESIDUAL or mode.zero_update):
             why = "BA = 0 leaves the base W" if mode.zero_update else "an offset init's base is W itself"
             raise CntinitError(f"--quantize {options.quantize} makes the shipped base the 4-bit NF4(W − BA); {why}: quantize W in the "
@@ -111,8 +112,9 @@ class Options:
 
     def check(self) -> None:
         """Every value in its domain (resolved or not: a solve manifest's params are checked with it)."""
-        choices = {"--self-form": (self.self_form, SELF_FORMS), "--init": (self.init, INITS),
-                   "--precision": (self.precision, tuple(PRECISIONS))}
+        choices = {"--self-form": (self.self_form, SELF_FORMS), "--init": (self.init, INITS)}
+        if self.precision is not None:
+            choices["--precision"] = (self.precision, tuple(PRECISIONS))
         if self.decompose is not None:
             choices["--decompose"] = (self.decompose, DECOMPOSE)
         if self.lora_init is not None:
