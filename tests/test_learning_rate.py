@@ -2,6 +2,8 @@
 solve's report, the export's manifest and the lines both print."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +47,18 @@ def test_a_bad_lora_rate_is_refused(value, captured, tmp_path, capsys):
     solved = solve(captured["llama"], tmp_path / "ok", mode="pissa", rank=2)
     capsys.readouterr()  # the solve's own lines
     assert_refused(capsys, ["export", solved, "--lr", value], message, tmp_path / "e")
+
+
+def test_the_advice_is_the_range_benchmarks_results_md_lists_for_each_init():
+    """learning_rate.MEASURED and RESULTS.md's advice table say the same: one row per measured init, its range."""
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md").read_text()
+    table = text.split("| init | best rate over LoRA's best, per setting | advice |\n")[1].split("\n\n")[0].splitlines()[1:]
+    advice = {cells[0]: cells[2] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table)}
+    for (mode, form), found in learning_rate.MEASURED.items():
+        if mode == "lora":
+            continue  # 1 × by definition
+        rows = [label for label in advice if mode in re.split(r"[ ,()`]+", label)
+                and ("--out-delta" in label if form == "out-delta" else ("residual" in label) == mode.startswith("cnt"))]
+        share = f"{found.low:.2g}" if found.low == found.high else f"{found.low:.2g}–{found.high:.2g}"
+        assert len(rows) == 1 and advice[rows[0]] == f"{share} ×", (mode, form, rows, share)
+    assert len(advice) == len(learning_rate.MEASURED) - 2  # lora has no row; milora and lora-one share one

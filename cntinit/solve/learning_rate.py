@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from ..errors import CntinitError
 
-REVIEWS = "SmolLM2-135M on reviews (rank 8, 40 steps)"
 BOTH = "SmolLM2-135M on reviews and verses (rank 8, 40 steps)"
 MINILM = "MiniLM classification"
 WIDER = "SmolLM2-135M on reviews (rank 8 and 32; 40 and 160 steps) and verses"
@@ -39,9 +38,9 @@ MEASURED = {
     ("cnt-sh", "residual"): Measured(0.3, 1 / 3, BOTH),
     ("eva", "offset"): Measured(0.3, 1.0, f"{WIDER}, {MINILM}"),
     ("lora-ga", "residual"): Measured(0.3, 1.0, WIDER),
-    ("milora", "residual"): Measured(0.3, 0.3, REVIEWS),
-    ("lora-one", "offset"): Measured(0.3, 0.3, REVIEWS),
-    ("inilora", "residual"): Measured(0.3, 0.3, REVIEWS),
+    ("milora", "residual"): Measured(0.3, 1.0, BOTH),
+    ("lora-one", "offset"): Measured(0.3, 1.0, BOTH),
+    ("inilora", "residual"): Measured(0.3, 1 / 3, f"{BOTH}, 100 Adam steps"),
     ("cnt-s", "out-delta"): Measured(0.3, 1.0, f"{BOTH}, --out-delta 1e-4"),
     ("cnt-sh", "out-delta"): Measured(1.0, 1.0, f"{BOTH}, --out-delta 1e-4"),
     ("mica", "offset"): Measured(10 / 3, 10 / 3, "SmolLM2-135M on verses (rank 8, 40 steps)"),
