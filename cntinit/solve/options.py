@@ -99,7 +99,8 @@ class Options:
             raise CntinitError(f"--vas does not apply to --mode {mode.name}: {mode.vas}")
         settings = {name: resolve(getattr(self, name), self) for name, resolve in {**mode.options, **mode.defaults}.items()}
         options = replace(self, decompose=self.decompose or mode.decompose, init=self.init or mode.init,
-                          precision=self.precision or ("float32" if settings.get("niter") is not None else "float64"), **settings)
+                          precision=self.precision if self.precision is not None else "float32" if settings.get("niter") is not None else "float64",
+                          **settings)
         if options.quantize is not None and (options.init != modes.RESIDUAL or mode.zero_update):
             why = "BA = 0 leaves the base W" if mode.zero_update else "an offset init's base is W itself"
             raise CntinitError(f"--quantize {options.quantize} makes the shipped base the 4-bit NF4(W − BA); {why}: quantize W in the "
