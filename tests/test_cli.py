@@ -209,3 +209,15 @@ def test_inspect_names_what_an_export_is(captured, tmp_path, capsys):
     run(capsys, "export", tmp_path / "s", "-o", tmp_path / "e", "-q")
     code, _, err = run(capsys, "inspect", tmp_path / "e")
     assert code == 2 and "is an export (from `cntinit export`; a trainer loads it), not a cntinit statistics store" in err
+
+
+def test_solve_imports_neither_peft_nor_bitsandbytes(tiny, tmp_path):
+    """They took 1.3–4.6 s of every `cntinit solve` (bitsandbytes brings torch's inductor); a PEFT-format export and
+    `export --check` import them when they need them."""
+    probe = ("import sys, runpy; sys.argv = ['cntinit'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_module('cntinit', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+             "print(code, 'peft' in sys.modules, 'bitsandbytes' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe, "solve", "--model", str(tiny["llama"]), "--mode", "pissa", "--niter", "2", "-r", "2",
+                           "--targets", "q_proj", "-o", str(tmp_path / "s"), "-q"], capture_output=True, text=True, timeout=300)
+    assert done.stderr.splitlines()[-1] == "0 False False", done.stderr[-2000:]
+    assert (tmp_path / "s" / "manifest.json").is_file()

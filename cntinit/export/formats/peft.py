@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import peft
 import torch
 from safetensors.torch import save_file
 
@@ -16,6 +16,9 @@ from ...errors import not_one_of
 from ...models import loading
 from ...solve import modes
 from .registry import BASE_DIR, Adapter, Format, register
+
+if TYPE_CHECKING:
+    import peft
 
 FILE = "adapter_model.safetensors"
 TASK_TYPE_NAMES = tuple(dict.fromkeys([*loading.TASK_TYPES.values(), "FEATURE_EXTRACTION"]))
@@ -40,6 +43,10 @@ def task_type(requested: str, model: dict, prefix: str) -> str | None:
 
 
 def _config(adapter: Adapter, base_path: str, revision: str | None = None) -> peft.LoraConfig:
+    """PEFT's own LoraConfig, so adapter_config.json holds every key the installed PEFT writes. Imported here: peft
+    (and bitsandbytes with it) is paid by PEFT-format exports alone, not by every command that imports export."""
+    import peft
+
     sol, base_rank, alpha = adapter.sol, adapter.sol.manifest["params"]["rank"], adapter.alpha
     return peft.LoraConfig(
         task_type=adapter.settings,
