@@ -212,7 +212,7 @@ def test_inspect_names_what_an_export_is(captured, tmp_path, capsys):
 
 
 def test_solve_imports_neither_peft_nor_bitsandbytes(tiny, tmp_path):
-    """They took 1.3–4.6 s of every `cntinit solve` (bitsandbytes brings torch's inductor); a PEFT-format export and
+    """They took 1.3 s of every `cntinit solve` on 2 cores (bitsandbytes brings torch's inductor); a PEFT-format export and
     `export --check` import them when they need them."""
     probe = ("import sys, runpy; sys.argv = ['cntinit'] + sys.argv[1:]\n"
              "try:\n    runpy.run_module('cntinit', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"

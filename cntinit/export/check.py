@@ -76,7 +76,7 @@ def check_peft(out: str | Path, solve_dir: str | Path, model: str | Path | None 
         raise CntinitError("the check loads the captured model class, which has no module prefix: export without --module-prefix to check")
     source = source or pretrained.open_recorded(sol.manifest, model, trust_remote_code)
     residual = bool(exported["residual_base"])
-    import peft  # here, not at the top: importing it (with bitsandbytes, where installed) took 1.3–4.6 s of every solve and export
+    import peft  # here: at the top, every command that imports the export stage paid for it and bitsandbytes (1.3 s of a solve)
 
     factors, nf4 = sol.factors(), sol.quantized_bases()
     bases = sol.dequantized_bases(source.dtype, nf4)
