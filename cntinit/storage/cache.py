@@ -38,7 +38,7 @@ from ..console import log
 from ..errors import CntinitError
 from . import memo
 from .atomic import atomic_file, remove_leftovers
-from .location import root
+from .location import DIGESTS, root
 from .manifests import read_json
 from .store import read_manifest
 
@@ -94,10 +94,10 @@ def _in_group(uid: int, group: str) -> bool:
     return user.pw_gid == found.gr_gid or user.pw_name in found.gr_mem
 
 
-def file_digest(path: Path, cache: Path) -> str:
-    """SHA-256 of a file's bytes, remembered under the file's identity (storage/memo.py) so a 14 GB
-    checkpoint is read once, not on every run."""
-    return memo.remembered_sha256(path, cache / "digests")
+def file_digests(files: list[Path], cache: Path) -> list[str]:
+    """SHA-256 of each file's bytes, side by side, remembered under the file's identity (storage/memo.py)
+    so a 14 GB checkpoint is read once, not on every run."""
+    return memo.sha256_each(files, cache / DIGESTS)
 
 
 def tree_digest(path: str | Path, cache: Path) -> str:
@@ -107,10 +107,10 @@ def tree_digest(path: str | Path, cache: Path) -> str:
     if not path.exists():
         raise CntinitError(f"{path} does not exist: check the path")
     if path.is_file():
-        return file_digest(path, cache)
+        return file_digests([path], cache)[0]
     digest = hashlib.sha256()
     files = tree_files(path)
-    for file, each in zip(files, memo.sha256_each(files, cache / "digests")):  # a sharded checkpoint's files side by side
+    for file, each in zip(files, file_digests(files, cache)):  # a sharded checkpoint's files side by side
         digest.update(f"{file.relative_to(path).as_posix()}\0{each}\n".encode())
     return digest.hexdigest()
 
@@ -216,7 +216,7 @@ def _intact(path: Path, format: str, cache: Path) -> bool:
     if not all(file.is_file() and file.stat().st_size == recorded[file.name].get("bytes") for file in files):
         return False
     return all("sha256:" + digest == recorded[file.name].get("sha256")  # a cached 7B store's dozen payloads side by side
-               for file, digest in zip(files, memo.sha256_each(files, cache / "digests")))
+               for file, digest in zip(files, file_digests(files, cache)))
 
 
 def entries(cache: Path | None = None) -> list[Entry]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+DIGESTS = "digests"  # under the root: the file checksums memo.py remembers (the cache's and a store's payloads')
+
 
 def root() -> Path:
     """$CNTINIT_CACHE, else $XDG_CACHE_HOME/cntinit, else ~/.cache/cntinit."""

@@ -222,7 +222,7 @@ def open_manifest(path: Path, format: str, version: int, noun: str, command: str
     if checksums:
         # remembered: a capture solved for many modes and ranks is read once, not hashed per solve
         names = list(manifest["files"])
-        digests = memo.sha256_each([path / name for name in names], None if reread else location.root() / "digests")
+        digests = memo.sha256_each([path / name for name in names], None if reread else location.root() / location.DIGESTS)
         for name, digest in zip(names, digests):
             if "sha256:" + digest != manifest["files"][name]["sha256"]:
                 raise CntinitError(f"{path / name} does not match its checksum in {MANIFEST}: the {noun} is corrupt, {command} again")
