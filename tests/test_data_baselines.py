@@ -149,6 +149,26 @@ def test_eva_and_corda_errors(tiny, captured, tmp_path, capsys):
         assert_refused(capsys, ("solve", *args), message, tmp_path / "s")
 
 
+def test_cpu_batches_of_weights_stay_small_enough_for_the_heap_to_reuse(captured, monkeypatch):
+    """On the CPU a batch of W stays within CPU_BATCH_BYTES (below glibc's mmap threshold, a freed batch's memory
+    serves the next: a fresh mapping page-faults every page); on an accelerator the memory budget alone sets it."""
+    from cntinit.models import pretrained
+    from cntinit.models.linears import in_out_features
+    from cntinit.solve import inputs, options
+    from cntinit.storage.store import Store
+
+    stats = Store(captured["llama"])
+    modules = pretrained.open_recorded(stats.manifest, None, False).modules
+    chosen = options.Options(mode="pissa", rank=2).resolved()
+    d, k = in_out_features(next(iter(modules.values())))
+    budget = 2 * k * d * 8  # two float64 matrices of the first shape
+    monkeypatch.setattr(inputs, "CPU_BATCH_BYTES", budget)
+    batches = {device: [(len(b.names), b.weight.numel() * 8) for b in inputs.weights(stats, modules, chosen, torch.device(device), torch.float64)]
+               for device in ("cpu", "meta")}
+    assert all(size <= budget or count == 1 for count, size in batches["cpu"]) and max(size for _, size in batches["meta"]) > budget
+    assert sum(count for count, _ in batches["cpu"]) == sum(count for count, _ in batches["meta"]) == len(modules)
+
+
 def test_corda_batches_count_their_square_matrices_and_give_the_same_factors(captured, tmp_path, monkeypatch):
     """A batch's memory budget counts each module's d × d matrices (Σ, and CorDA's C, C⁻¹ and their
     temporaries): CorDA's batches hold fewer modules than the weight-only ones, and the factors do not
