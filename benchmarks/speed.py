@@ -23,7 +23,10 @@ against PEFT's init in one process (which writes nothing: its trainer goes on in
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,6 +50,9 @@ STEPS = ["forward", "capture", "solve cnt-x", *(f"{stage} {peer}" for peer in PE
 GRADIENT_STEPS = ["capture gradients", "capture gradients-only", "solve lora-ga", "export lora-ga", "solve lora-ga_niter_4", "export lora-ga_niter_4",
                   "peft lora-ga"]  # causal LMs only
 CUDA_ONLY = {"peft loftq": "PEFT's loftq_init computes on CUDA (or XPU) only"}
+# modules a step imports inside its work, imported before the clock as every other import is: peft 0.22 imports its
+# bitsandbytes layers inside get_peft_model, and with them bitsandbytes and torch's inductor (0.3–1 s on the CPU)
+LAZY_IMPORTS = ["peft.tuners.lora.bnb", "peft.utils.transformers_weight_conversion", "multiprocessing.synchronize"]
 LAST = "peft eva"  # on an H100 it ran past 30 s where every other step takes seconds: it must not keep them from running
 
 
@@ -153,8 +159,10 @@ def run_step(step: str, args, scratch: Path) -> dict:
         def work():
             net, _ = fresh_model(tokenizer=False)
             peft.get_peft_model(net, lora_config(net, init_lora_weights=step.split()[1], **extra))
+    import_ahead(model_dir)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    before = set(sys.modules)
     started = time.perf_counter()
     work()
     if device.type == "cuda":
@@ -162,7 +170,20 @@ def run_step(step: str, args, scratch: Path) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = peak_rss() / 2**20
-    return {"seconds": time.perf_counter() - started, "peak_mb": peak}
+    return {"seconds": time.perf_counter() - started, "peak_mb": peak, "imported": sorted(set(sys.modules) - before)}
+
+
+def import_ahead(model_dir) -> None:
+    """Import what a step would import inside the clock — the model's transformers class (both sides build it),
+    LAZY_IMPORTS — so the rows compare work, not imports (a user's wall clock with imports is
+    a separate measurement)."""
+    import transformers
+
+    for architecture in transformers.AutoConfig.from_pretrained(model_dir).architectures or []:
+        getattr(transformers, architecture, None)
+    for name in LAZY_IMPORTS:
+        with contextlib.suppress(ImportError):  # another PEFT version, or no bitsandbytes
+            importlib.import_module(name)
 
 
 def main() -> None:
@@ -219,6 +240,10 @@ def main() -> None:
     for row in rows:
         table.add_row(*row.values())
     Console(width=160).print(table)
+    for step, result in results.items():  # a row that counts imports says so
+        if result and result["imported"]:
+            Console(stderr=True).print(f"{step}: imported {len(result['imported'])} modules inside the clock "
+                                       f"({', '.join(result['imported'][:3])}, …): its seconds include them", highlight=False)
     if args.json:
         Path(args.json).write_text(json.dumps({"title": title, "rows": rows, "steps": results, "rounds": rounds}, indent=1))
     if None in results.values():
@@ -226,7 +251,10 @@ def main() -> None:
 
 
 def measured(step: str, args, passthrough: list[str], scratch: Path) -> dict | None:
-    """One run of `step` — in its own process unless --in-process — or None where it failed (the others still run)."""
+    """One run of `step` — in its own process unless --in-process — or None where it failed (the others still run).
+    The disk's dirty pages are flushed first, outside every clock: the kernel writes an export's 540 MB base back while
+    the next step runs, and PEFT's init, run right after it, took 2.2–2.3 s where it takes 1.2–1.6 s alone."""
+    os.sync()
     if args.in_process:
         try:
             return run_step(step, args, scratch)
@@ -244,7 +272,8 @@ def median(runs: list[dict | None]) -> dict | None:
     """A step's median seconds over its rounds, and its highest peak; None where any round failed."""
     if any(run is None for run in runs):
         return None
-    return {"seconds": statistics.median(run["seconds"] for run in runs), "peak_mb": max(run["peak_mb"] for run in runs)}
+    return {"seconds": statistics.median(run["seconds"] for run in runs), "peak_mb": max(run["peak_mb"] for run in runs),
+            "imported": sorted({name for run in runs for name in run.get("imported", [])})}
 
 
 def steps_of(variants: list[str]) -> set[str]:

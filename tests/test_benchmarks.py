@@ -292,11 +292,13 @@ def test_speed_rounds_take_each_steps_median_and_inits_pick_their_rows(tmp_path,
         "export lora-ga_niter_4", "peft lora-ga", "capture", "solve eva", "export eva", "peft eva"}
     with pytest.raises(SystemExit, match="pisa is none of"):
         speed.steps_of(["pisa"])
-    runs = [{"seconds": 3.0, "peak_mb": 10.0}, {"seconds": 1.0, "peak_mb": 30.0}, {"seconds": 2.0, "peak_mb": 20.0}]
-    assert speed.median(runs) == {"seconds": 2.0, "peak_mb": 30.0} and speed.median([*runs, None]) is None
+    runs = [{"seconds": 3.0, "peak_mb": 10.0, "imported": ["b"]}, {"seconds": 1.0, "peak_mb": 30.0, "imported": []},
+            {"seconds": 2.0, "peak_mb": 20.0, "imported": ["a", "b"]}]
+    assert speed.median(runs) == {"seconds": 2.0, "peak_mb": 30.0, "imported": ["a", "b"]} and speed.median([*runs, None]) is None
     run_script("speed.py", "--inits", "olora", "--rounds", "2", "--samples", "4", "--in-process", "--json", str(tmp_path / "s.json"), cwd=tmp_path)
     result = json.loads((tmp_path / "s.json").read_text())
     assert [row["what"] for row in result["rows"]] == ["olora end to end: solve + export vs peft olora"]
     assert sorted(result["rounds"]) == ["export olora", "peft olora", "solve olora"] and all(len(r) == 2 for r in result["rounds"].values())
+    assert {step: r["imported"] for step, r in result["steps"].items() if r["imported"]} == {}  # the clock times work, not imports
     for step, rounds in result["rounds"].items():
         assert result["steps"][step]["seconds"] == pytest.approx(sorted(r["seconds"] for r in rounds)[0] / 2 + sorted(r["seconds"] for r in rounds)[1] / 2)
