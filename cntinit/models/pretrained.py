@@ -197,8 +197,11 @@ class Loaded:
         with torch.no_grad():
             for name in factors:
                 weight = self.modules[name].weight
-                blocks = _base_blocks(name, weight, factors, fan_in_fan_out, bases, precision, weight.dtype)
-                weight.copy_(torch.cat([block.clone() for block in blocks]))  # whole before W changes: the warning may read it
+                base, start = torch.empty_like(weight), 0
+                for block in _base_blocks(name, weight, factors, fan_in_fan_out, bases, precision, weight.dtype):
+                    base[start : start + block.shape[0]] = block  # whole before W changes: the warning may read it
+                    start += block.shape[0]
+                weight.copy_(base)
         if isinstance(self.net, pipelines.DiffusionParts):
             self.net.save_pretrained(directory, self.path)
             return
