@@ -151,10 +151,15 @@ def test_eva_and_corda_errors(tiny, captured, tmp_path, capsys):
 
 def test_cpu_batches_of_weights_stay_small_enough_for_the_heap_to_reuse(captured, monkeypatch):
     """On the CPU a batch of W stays within CPU_BATCH_BYTES (below glibc's mmap threshold, a freed batch's memory
-    serves the next: a fresh mapping page-faults every page); on an accelerator the memory budget alone sets it."""
+    serves the next: a fresh mapping page-faults every page) — the weight modes' batches and the CNT modes' alike; on an
+    accelerator the memory budget alone sets it."""
+    import functools
+    from dataclasses import replace
+
     from cntinit.models import pretrained
     from cntinit.models.linears import in_out_features
     from cntinit.solve import inputs, options
+    from cntinit.solve.modes.registry import MODES
     from cntinit.storage.store import Store
 
     stats = Store(captured["llama"])
@@ -162,11 +167,17 @@ def test_cpu_batches_of_weights_stay_small_enough_for_the_heap_to_reuse(captured
     chosen = options.Options(mode="pissa", rank=2).resolved()
     d, k = in_out_features(next(iter(modules.values())))
     budget = 2 * k * d * 8  # two float64 matrices of the first shape
+    cnt = options.Options(mode="cnt-x", rank=2).resolved()
+    cnt = replace(cnt, bucket_weights=inputs.bucket_weights(cnt, stats.buckets))
+    for made in (functools.partial(inputs.weights, stats, modules, chosen), functools.partial(MODES.named("cnt-x").batches, stats, modules, cnt)):
+        batches = {}
+        for bound in (budget, 1 << 40):
+            monkeypatch.setattr(inputs, "CPU_BATCH_BYTES", bound)
+            batches[bound] = [(len(b.names), b.weight.numel() * 8) for b in made(torch.device("cpu"), torch.float64)]
+        assert all(size <= budget or count == 1 for count, size in batches[budget]) and max(size for _, size in batches[1 << 40]) > budget
+        assert sum(count for count, _ in batches[budget]) == sum(count for count, _ in batches[1 << 40]) == len(modules)
     monkeypatch.setattr(inputs, "CPU_BATCH_BYTES", budget)
-    batches = {device: [(len(b.names), b.weight.numel() * 8) for b in inputs.weights(stats, modules, chosen, torch.device(device), torch.float64)]
-               for device in ("cpu", "meta")}
-    assert all(size <= budget or count == 1 for count, size in batches["cpu"]) and max(size for _, size in batches["meta"]) > budget
-    assert sum(count for count, _ in batches["cpu"]) == sum(count for count, _ in batches["meta"]) == len(modules)
+    assert inputs.batch_size(k, d, 0, torch.device("meta"), torch.float64) > inputs.batch_size(k, d, 0, torch.device("cpu"), torch.float64) == 2
 
 
 def test_corda_batches_count_their_square_matrices_and_give_the_same_factors(captured, tmp_path, monkeypatch):

@@ -42,9 +42,7 @@ def weights(stats: Store | None, modules: dict, options, dev: torch.device, dtyp
         # per module: W and its float64 work (6kd), and with statistics its d × d matrices — Σ, and for CorDA C, C⁻¹ and their
         # temporaries (8d²): counted, or a batch of 25 MLP down projections held 3 GB where PEFT's CorDA peaks at 2.4
         square = (8 if metric is not None else 2) * d * d if with_sigma else 0
-        per_batch = max(1, CHUNK_BYTES // ((6 * k * d + square) * 8))
-        if dev.type == "cpu":
-            per_batch = min(per_batch, max(1, CPU_BATCH_BYTES // (k * d * dtype.itemsize)))
+        per_batch = batch_size(k, d, square, dev, dtype)
         for s in range(0, len(names), per_batch):
             group = names[s : s + per_batch]
             w = stacked_weights(modules, group, dev, dtype)
@@ -68,6 +66,15 @@ def gradients(stats: Store, modules: dict, options, dev: torch.device, dtype: to
         for i, name in enumerate(batch.names):
             grad[i] = stats.gradient(name)
         yield batch._replace(delta=grad.to(dev).div_(count))
+
+
+def batch_size(k: int, d: int, square: int, dev: torch.device, dtype: torch.dtype) -> int:
+    """How many k × d modules a batch holds: CHUNK_BYTES of float64 work for each one's W (6kd) and `square`
+    entries of its d × d matrices; on the CPU also W's batch within CPU_BATCH_BYTES. At least one."""
+    count = CHUNK_BYTES // ((6 * k * d + square) * 8)
+    if dev.type == "cpu":
+        count = min(count, CPU_BATCH_BYTES // (k * d * dtype.itemsize))
+    return max(1, count)
 
 
 def stacked_weights(modules: dict, names: list[str], dev: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from ...models.linears import in_out_features
-from ..inputs import CHUNK_BYTES, Batch, sigmas, stacked_weights
+from ..inputs import CHUNK_BYTES, Batch, batch_size, sigmas, stacked_weights
 from ..linalg import Eigen, eigen, floor, kept, pseudo_inverse, reciprocal, split
 from .registry import OFFSET, STATISTICS, Factors, Job, Mode, register
 
@@ -113,7 +113,7 @@ def deltas(target: Target, eigendecompose: bool, stats, modules: dict, options, 
                 for name in readers[key]:
                     by_out.setdefault(in_out_features(modules[name])[1], []).append(name)
             for k, names in by_out.items():
-                per_batch = max(1, CHUNK_BYTES // (6 * k * dim * 8))
+                per_batch = batch_size(k, dim, 0, dev, dtype)
                 for s in range(0, len(names), per_batch):
                     group = names[s : s + per_batch]
                     index = torch.tensor([chunk.index(stats.manifest["modules"][n]["key"]) for n in group], device=dev)
